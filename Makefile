@@ -1,0 +1,50 @@
+# scalelab — every command a newcomer needs. `.venv` is created on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STUDY  ?= examples/quickstart.toml
+OUT    ?= runs/quickstart
+
+.PHONY: demo test test-fast bench lint format clean venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Installs are stamped so that repeated `make` calls take seconds.
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/scalelab study run $(STUDY) --out $(OUT)
+	$(BIN)/scalelab fit $(OUT)
+	$(BIN)/scalelab report $(OUT)
+	@echo "Report: $(OUT)/report/index.html"
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(VENV)/.installed-dev
+	@for b in benchmarks/bench_*.py; do echo "== $$b" >&2; $(BIN)/python $$b || exit 1; done
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Data beyond RAM: corpora, tokenizers, checksummed token shards, a deterministic loader, statistics."""

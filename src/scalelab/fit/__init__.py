@@ -1,0 +1,1 @@
+"""Scaling-law fitting: law forms as estimators, robust estimation, bootstrap, validation, optima."""

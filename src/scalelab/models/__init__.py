@@ -1,0 +1,1 @@
+"""The GPT model family, its parametrizations (SP, μP, depth-μP) and its FLOP/parameter accounting."""

@@ -1,0 +1,1 @@
+"""Reports: figures, a self-contained HTML report and a Markdown summary."""

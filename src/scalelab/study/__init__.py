@@ -1,0 +1,1 @@
+"""Scaling studies: planning, the SQLite run registry, provenance and executors."""

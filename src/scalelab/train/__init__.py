@@ -1,0 +1,1 @@
+"""The training engine: loop, schedules, checkpoints, precision, batching, observability, distribution."""
