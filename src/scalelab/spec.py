@@ -79,7 +79,9 @@ class DataSpec(_Spec):
     bpe_vocab_size: int = Field(4096, ge=260, le=1 << 20)
     heldout_fraction: float = Field(0.02, gt=0, lt=0.5, description="share of documents held out for eval")
     shard_tokens: int = Field(1 << 22, ge=1024, description="tokens per shard file")
-    store: str | None = Field(None, description="path of a prebuilt token store; default: content-keyed cache")
+    store: str | None = Field(
+        None, description="path of a prebuilt token store; default: content-keyed cache"
+    )
 
 
 class TrainSpec(_Spec):
@@ -87,7 +89,9 @@ class TrainSpec(_Spec):
 
     tokens: int = Field(1_000_000, ge=1, description="training token budget D")
     global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step, over all ranks")
-    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward; None: no accumulation")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="sequences per forward; None: no accumulation"
+    )
     lr: float = Field(3e-3, gt=0, le=10)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
@@ -327,7 +331,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str], root: str | None = None) -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: Iterable[str], root: str | None = None
+) -> dict[str, Any]:
     """Apply `--set` overrides to raw spec data (before validation, so they are validated like the file)."""
     data = copy.deepcopy(data)
     for item in overrides:
@@ -353,6 +359,8 @@ def study_from_dict(data: Any, source: str = "<study>") -> StudySpec:
     if extra:
         raise SpecError(f"{source}: {extra[0]}: unknown top-level table (everything lives under [study])")
     study = _validate(StudySpec, data["study"], source, "study")
+    base = {k: getattr(study, k).model_dump(mode="json") for k in ("model", "data", "train", "debug")}
+    _validate(RunSpec, base, source, "study")
     # Every run the design makes must itself be valid: check now, before anything runs.
     from scalelab.study.plan import expand_runs
 

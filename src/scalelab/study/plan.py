@@ -98,15 +98,22 @@ def _expand_isoflop(
         centre = min(range(len(candidates)), key=ratios.__getitem__)
         k = design.models_per_budget
         lo = min(max(0, centre - k // 2), len(candidates) - k)
-        for n, spec, tokens in candidates[lo : lo + k]:
+        for _n, spec, tokens in candidates[lo : lo + k]:
             if tokens < step_tokens:
                 continue
             for seed in design.seeds:
                 s = set_path(spec, "train.tokens", int(tokens), source=f"{source}: study.design")
                 s = set_path(s, "train.seed", seed, source=f"{source}: study.design.seeds")
                 out.append(
-                    (s, {"budget_flops": budget, "model.width": s.model.width, "model.depth": s.model.depth,
-                         "train.seed": seed})
+                    (
+                        s,
+                        {
+                            "budget_flops": budget,
+                            "model.width": s.model.width,
+                            "model.depth": s.model.depth,
+                            "train.seed": seed,
+                        },
+                    )
                 )
     return out
 

@@ -1,0 +1,322 @@
+"""The `scalelab` command: thin wrappers that parse, call the library and render the result with rich.
+
+Every command that takes a spec accepts `--set dotted.path=value` overrides, validated like the file.
+Errors scalelab expects (bad specs, missing files, corrupt data) print as one paragraph and exit 2;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from scalelab import __version__
+from scalelab.errors import ScalelabError
+
+console = Console()
+err_console = Console(stderr=True)
+_state: dict[str, Any] = {"debug": False}
+
+app = typer.Typer(
+    name="scalelab",
+    help=(
+        "From small pilot runs to production-scale training without surprises.\n\n"
+        "Typical flow: `scalelab study plan STUDY.toml` (what will run and what it costs) → "
+        "`scalelab study run STUDY.toml --out DIR` → `scalelab fit DIR` → `scalelab report DIR`."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+study_app = typer.Typer(
+    help="Plan, run and inspect scaling studies (grids and IsoFLOP designs).", no_args_is_help=True
+)
+app.add_typer(study_app, name="study")
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a spec field: `--set model.width=128` (repeatable)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"scalelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fmt_int(x: Any) -> str:
+    if x is None:
+        return "—"
+    x = float(x)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+def _fmt_float(x: Any, spec: str = ".4f") -> str:
+    return "—" if x is None else format(float(x), spec)
+
+
+def _is_tty() -> bool:
+    return console.is_terminal
+
+
+# ------------------------------------------------------------------------------------------ study
+@study_app.command("plan")
+def study_plan(
+    spec: Annotated[Path, typer.Argument(help="Study spec (TOML).")],
+    set_: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show every run the study will make — id, shape, N, D, FLOPs — and the totals, before anything runs."""
+    from scalelab.spec import load_study
+    from scalelab.study.plan import expand_runs
+
+    study = load_study(spec, set_ or ())
+    runs = expand_runs(study, source=spec.name)
+    rows = [
+        {
+            "run_id": r.run_id,
+            "point": r.point,
+            "width": r.spec.model.width,
+            "depth": r.spec.model.depth,
+            "n_params": r.n_params,
+            "n_params_total": r.n_params_total,
+            "tokens": r.tokens,
+            "flops": r.flops,
+        }
+        for r in runs
+    ]
+    total = {
+        "runs": len(rows),
+        "flops": sum(r["flops"] for r in rows),
+        "tokens": sum(r["tokens"] for r in rows),
+    }
+    if as_json:
+        print(json.dumps({"study": study.name, "runs": rows, "total": total}, indent=2))
+        return
+    table = Table(title=f"study '{study.name}': {len(rows)} runs")
+    for col in ("run id", "width", "depth", "N (non-emb)", "N (total)", "D (tokens)", "FLOPs", "seed"):
+        table.add_column(col, justify="right" if col != "run id" else "left")
+    for r, p in zip(rows, runs, strict=True):
+        table.add_row(
+            r["run_id"],
+            str(r["width"]),
+            str(r["depth"]),
+            _fmt_int(r["n_params"]),
+            _fmt_int(r["n_params_total"]),
+            _fmt_int(r["tokens"]),
+            f"{r['flops']:.3g}",
+            str(p.spec.train.seed),
+        )
+    console.print(table)
+    console.print(
+        f"total: {total['runs']} runs, {_fmt_int(total['tokens'])} tokens, {total['flops']:.3g} FLOPs"
+    )
+
+
+@study_app.command("run")
+def study_run(
+    spec: Annotated[Path, typer.Argument(help="Study spec (TOML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Study directory (registry, runs/, report/).")],
+    set_: SetOption = None,
+    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1, help="Runs at once.")] = 1,
+    timeout: Annotated[float | None, typer.Option(help="Per-run timeout in seconds.")] = None,
+    retries: Annotated[int, typer.Option(min=0, help="Retries of a run whose process crashed.")] = 0,
+) -> None:
+    """Run (or continue) a study: finished runs are skipped, interrupted ones resume from checkpoints."""
+    from scalelab.spec import load_study
+    from scalelab.study.executors import LocalExecutor, RunOutcome, run_study
+
+    study = load_study(spec, set_ or ())
+    executor = LocalExecutor(parallel=parallel, timeout_seconds=timeout, retries=retries)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not _is_tty(),
+    )
+    task: list[Any] = []
+
+    def on_plan(runs: list[Any], todo: int) -> None:
+        skipped = len(runs) - todo
+        console.print(f"study '{study.name}': {len(runs)} runs, {skipped} already done, {todo} to run")
+        task.append(progress.add_task("training", total=todo))
+
+    def on_done(o: RunOutcome) -> None:
+        progress.advance(task[0])
+        line = f"{o.run_id}: {o.status} in {o.seconds:.1f} s"
+        if o.error:
+            line += f" — {o.error.splitlines()[0][:160]}"
+        progress.console.print(line) if _is_tty() else console.print(line)
+
+    with progress:
+        result = run_study(
+            study,
+            out,
+            executor=executor,
+            source_text=spec.read_text(encoding="utf-8"),
+            overrides=tuple(set_ or ()),
+            progress=on_done,
+            on_plan=on_plan,
+        )
+    n_fail = len(result.outcomes) - result.count("done") - result.count("skipped")
+    console.print(
+        f"done: {result.count('done')} trained, {result.count('skipped')} skipped, {n_fail} not done → {out}"
+    )
+    if n_fail:
+        console.print("see `scalelab study status " + str(out) + "` for the failures")
+
+
+@study_app.command("status")
+def study_status(
+    study_dir: Annotated[Path, typer.Argument(help="Study directory.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Each run's status, size, losses and time from the registry; failures with their reason."""
+    from scalelab.study.registry import Registry
+
+    with Registry(study_dir / "registry.sqlite", create=False) as reg:
+        rows = reg.runs()
+    if as_json:
+        keep = (
+            "run_id",
+            "status",
+            "point",
+            "n_params",
+            "tokens",
+            "flops",
+            "eval_loss",
+            "final_train_loss",
+            "wall_seconds",
+            "forecast_seconds",
+            "attempts",
+            "error",
+            "run_dir",
+        )
+        print(json.dumps([{k: r.get(k) for k in keep} for r in rows], indent=2))
+        return
+    table = Table(title=f"{study_dir}: {len(rows)} runs")
+    for col in ("run id", "status", "N", "D", "FLOPs", "eval loss", "train loss", "wall s", "note"):
+        table.add_column(col, justify="left" if col in ("run id", "status", "note") else "right")
+    colors = {"done": "green", "failed": "red", "diverged": "magenta", "timeout": "yellow", "running": "cyan"}
+    for r in rows:
+        st = r["status"]
+        table.add_row(
+            r["run_id"],
+            f"[{colors.get(st, 'white')}]{st}[/]",
+            _fmt_int(r["n_params"]),
+            _fmt_int(r["tokens"] or (r["point"] or {}).get("train.tokens")),
+            "—" if r["flops"] is None else f"{r['flops']:.3g}",
+            _fmt_float(r["eval_loss"]),
+            _fmt_float(r["final_train_loss"]),
+            _fmt_float(r["wall_seconds"], ".1f"),
+            (r["error"] or "").splitlines()[0][:60] if r["error"] else "",
+        )
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------------ train
+@app.command("train")
+def train(
+    config: Annotated[
+        Path, typer.Argument(help="Run config: TOML with [model], [data], [train], or config.json.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
+    set_: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from the last good checkpoint in --out.")
+    ] = True,
+) -> None:
+    """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json."""
+    from scalelab.spec import load_run
+    from scalelab.train.run import exit_code, run_training
+
+    spec = load_run(config, set_ or ())
+    record = run_training(spec, out, resume=resume)
+    console.print(
+        f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "
+        f"eval loss {_fmt_float(record.get('eval_loss'))}, {_fmt_float(record.get('wall_seconds'), '.1f')} s"
+        + (f"\n{record['error']}" if record.get("error") else "")
+    )
+    raise typer.Exit(exit_code(record))
+
+
+# ----------------------------------------------------------------------------------------- report
+@app.command("report")
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="Study directory (after `scalelab fit`).")],
+    open_: Annotated[bool, typer.Option("--open", help="Open the report in a browser.")] = False,
+) -> None:
+    """Write DIR/report/index.html: summary, loss curves, the fit and its intervals (self-contained)."""
+    from scalelab.report.html import build_report
+
+    path = build_report(study_dir)
+    console.print(f"report: {path}")
+    if open_:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+# -------------------------------------------------------------------------------- mounted modules
+def _mount_optional() -> None:
+    """Sub-commands owned by other modules (data, fit); each module registers its own."""
+    try:
+        from scalelab.data.commands import app as data_app
+
+        app.add_typer(data_app, name="data")
+    except ImportError as err:  # pragma: no cover - only while a module is being built
+        logging.getLogger(__name__).debug("data commands unavailable: %s", err)
+    try:
+        from scalelab.fit.commands import register as register_fit
+
+        register_fit(app)
+    except ImportError as err:  # pragma: no cover
+        logging.getLogger(__name__).debug("fit commands unavailable: %s", err)
+
+
+_mount_optional()
+
+
+def main() -> None:
+    """Entry point: run the app; expected errors become one paragraph and exit code 2."""
+    try:
+        app()
+    except ScalelabError as err:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; re-run the same command to continue where it stopped")
+        sys.exit(130)

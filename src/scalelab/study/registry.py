@@ -1,0 +1,248 @@
+"""The study's run registry: one SQLite file (WAL mode) that many processes may write at once.
+
+One row per run with its status (pending, running, done, failed, diverged, timeout), config hash, N, D,
+FLOPs, losses, times, memory, energy and run directory; an append-only `events` table keeps every status
+change. Writers take short `BEGIN IMMEDIATE` transactions with a generous busy timeout and retry on
+contention, so concurrent writers never fail with "database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from scalelab.errors import RegistryError
+from scalelab.study.provenance import utc_now
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUSES = ("pending", "running", "done", "failed", "diverged", "timeout")
+FINISHED = ("done",)
+
+#: numeric/text columns copied from record.json into the row (the rest stays in record_json).
+RECORD_COLUMNS = (
+    "n_params",
+    "n_params_total",
+    "tokens",
+    "flops",
+    "steps",
+    "final_train_loss",
+    "eval_loss",
+    "wall_seconds",
+    "tokens_per_second",
+    "peak_memory_bytes",
+    "energy_joules",
+    "started_at",
+    "finished_at",
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in STATUSES)})),
+    config_hash TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    point_json TEXT NOT NULL DEFAULT '{{}}',
+    seed INTEGER,
+    run_dir TEXT,
+    n_params INTEGER, n_params_total INTEGER, tokens INTEGER, flops REAL, steps INTEGER,
+    final_train_loss REAL, eval_loss REAL, wall_seconds REAL, tokens_per_second REAL,
+    peak_memory_bytes INTEGER, energy_joules REAL,
+    forecast_seconds REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    host TEXT,
+    record_json TEXT,
+    provenance_json TEXT,
+    started_at TEXT, finished_at TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL, at TEXT NOT NULL, status TEXT NOT NULL, message TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+"""
+
+
+class Registry:
+    """A handle on `registry.sqlite`; cheap to create, safe to use from many processes."""
+
+    def __init__(self, path: str | Path, *, create: bool = True, busy_timeout_seconds: float = 60.0):
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise RegistryError(f"{self.path}: no registry here (run `scalelab study run` first)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._busy_ms = int(busy_timeout_seconds * 1000)
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=busy_timeout_seconds, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            self._retry(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._init_schema()
+        except sqlite3.DatabaseError as err:
+            raise RegistryError(f"{self.path}: cannot open the run registry ({err})") from None
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retry(self, fn: Any, attempts: int = 50) -> Any:
+        for i in range(attempts):
+            try:
+                return fn()
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err) or i == attempts - 1:
+                    raise
+                time.sleep(min(1.0, 0.01 * 2**i) * random.random())
+        return None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A short exclusive-for-writers transaction, retried on lock contention."""
+        self._retry(lambda: self._conn.execute("BEGIN IMMEDIATE"))
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._retry(lambda: self._conn.execute("COMMIT"))
+
+    def _init_schema(self) -> None:
+        with self._write() as c:
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+            row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) != SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.path}: registry schema version {row['value']}, this scalelab reads version "
+                    f"{SCHEMA_VERSION}; use the scalelab version that wrote it or start a new study directory"
+                )
+
+    # ------------------------------------------------------------------ writes
+    def add_planned(
+        self,
+        run_id: str,
+        config_json: str,
+        config_hash: str,
+        *,
+        point: dict[str, Any] | None = None,
+        seed: int | None = None,
+        run_dir: str | None = None,
+        forecast_seconds: float | None = None,
+    ) -> bool:
+        """Register a planned run as pending; an existing row keeps its status. True if newly added."""
+        now = utc_now()
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO runs (run_id, status, config_hash, config_json, point_json, seed, run_dir,"
+                " forecast_seconds, created_at, updated_at) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    config_hash,
+                    config_json,
+                    json.dumps(point or {}),
+                    seed,
+                    run_dir,
+                    forecast_seconds,
+                    now,
+                    now,
+                ),
+            )
+            if cur.rowcount:
+                self._event(c, run_id, "pending", None)
+            elif forecast_seconds is not None:
+                c.execute("UPDATE runs SET forecast_seconds = ? WHERE run_id = ?", (forecast_seconds, run_id))
+            return bool(cur.rowcount)
+
+    def set_status(self, run_id: str, status: str, message: str | None = None, **fields: Any) -> None:
+        """Move a run to `status`, optionally setting other columns (error, host, started_at, ...)."""
+        if status not in STATUSES:
+            raise RegistryError(f"unknown run status {status!r}; expected one of {STATUSES}")
+        cols = {"status": status, "updated_at": utc_now(), **fields}
+        if status == "running":
+            cols.setdefault("error", None)
+        sets = ", ".join(f"{k} = ?" for k in cols)
+        with self._write() as c:
+            extra = ", attempts = attempts + 1" if status == "running" else ""
+            cur = c.execute(f"UPDATE runs SET {sets}{extra} WHERE run_id = ?", (*cols.values(), run_id))
+            if not cur.rowcount:
+                raise RegistryError(f"{self.path}: run {run_id} is not registered")
+            self._event(c, run_id, status, message)
+
+    def record_result(
+        self, run_id: str, record: dict[str, Any], provenance: dict[str, Any] | None = None
+    ) -> None:
+        """Store a finished run's record.json (status taken from it) and its provenance."""
+        status = record.get("status", "failed")
+        if status not in STATUSES:
+            status = "failed"
+        fields = {k: record.get(k) for k in RECORD_COLUMNS}
+        fields["error"] = record.get("error")
+        fields["record_json"] = json.dumps(record, sort_keys=True)
+        if provenance is not None:
+            fields["provenance_json"] = json.dumps(provenance, sort_keys=True)
+        self.set_status(run_id, status, record.get("error"), **fields)
+
+    @staticmethod
+    def _event(c: sqlite3.Connection, run_id: str, status: str, message: str | None) -> None:
+        c.execute(
+            "INSERT INTO events (run_id, at, status, message) VALUES (?, ?, ?, ?)",
+            (run_id, utc_now(), status, message),
+        )
+
+    # ------------------------------------------------------------------ reads
+    @staticmethod
+    def _row(row: sqlite3.Row) -> dict[str, Any]:
+        d = dict(row)
+        d["point"] = json.loads(d.pop("point_json") or "{}")
+        return d
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return self._row(row) if row else None
+
+    def runs(self, status: str | tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Rows as dicts (the record.json keys plus run_dir, point, seed), oldest first."""
+        if status is None:
+            rows = self._conn.execute("SELECT * FROM runs ORDER BY created_at, run_id").fetchall()
+        else:
+            wanted = (status,) if isinstance(status, str) else tuple(status)
+            marks = ", ".join("?" for _ in wanted)
+            rows = self._conn.execute(
+                f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY created_at, run_id", wanted
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status").fetchall()
+        return {r["status"]: r["n"] for r in rows}
+
+    def events(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            rows = self._conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+        else:
+            rows = self._conn.execute(
+                "SELECT * FROM events WHERE run_id = ? ORDER BY id", (run_id,)
+            ).fetchall()
+        return [dict(r) for r in rows]
