@@ -1,0 +1,171 @@
+"""Observability as callbacks: the metrics.jsonl sink, MFU and memory, optional TensorBoard/MLflow sinks.
+
+metrics.jsonl holds one JSON object per logged step —
+  {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second", "step_seconds", "mfu",
+   "peak_memory_bytes"}
+— and one per evaluation — {"step", "tokens", "eval_loss"}. The file is line buffered and flushed after
+every line, so a killed run loses at most the line being written. On resume, lines after the checkpoint's
+step (written by the run that was killed) are dropped, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from scalelab.hw import peak_memory_bytes
+from scalelab.train.trainer import Callback, Trainer, TrainState
+
+log = logging.getLogger(__name__)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+class MetricsLogger(Callback):
+    """Writes metrics.jsonl and fills `state.extra` with mfu and peak_memory_bytes every step."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        flops_per_token: float,
+        peak_flops: float | None,
+        device: torch.device | str = "cpu",
+        log_interval_steps: int = 1,
+    ) -> None:
+        self.path = Path(path)
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.device = torch.device(device)
+        self.log_interval_steps = log_interval_steps
+        self._file: IO[str] | None = None
+        self.max_peak_memory_bytes = 0
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines with a step beyond `step` (and a torn last line): the resumed run rewrites them."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and int(obj.get("step", 0)) <= step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(self.path)
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 — closed in on_fit_end
+        self._file.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
+        self._file.flush()
+
+    def on_step_end(self, state: TrainState) -> None:
+        mem = peak_memory_bytes(self.device)
+        self.max_peak_memory_bytes = max(self.max_peak_memory_bytes, mem)
+        mfu = None
+        if self.peak_flops:
+            mfu = self.flops_per_token * state.tokens_per_second / self.peak_flops
+        state.extra["mfu"] = mfu
+        state.extra["peak_memory_bytes"] = mem
+        if state.step % self.log_interval_steps and state.step < state.total_steps and not state.stop:
+            return
+        self._write(
+            {
+                "step": state.step,
+                "tokens": state.tokens,
+                "loss": _finite_or_none(state.loss),
+                "lr": state.lr,
+                "grad_norm": _finite_or_none(state.grad_norm),
+                "tokens_per_second": state.tokens_per_second,
+                "step_seconds": state.step_seconds,
+                "mfu": mfu,
+                "peak_memory_bytes": mem,
+                "global_batch_size": state.global_batch_size,
+            }
+        )
+
+    def on_eval_end(self, state: TrainState) -> None:
+        self._write(
+            {"step": state.step, "tokens": state.tokens, "eval_loss": _finite_or_none(state.eval_loss)}
+        )
+
+    def on_fit_end(self, state: TrainState) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardSink(Callback):
+    """Scalars to TensorBoard (needs the `tensorboard` extra; imported when the run starts)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self._writer: Any = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        super().on_fit_start(trainer)
+        from torch.utils.tensorboard import SummaryWriter  # lazy: optional dependency
+
+        self._writer = SummaryWriter(str(self.log_dir))
+
+    def on_step_end(self, state: TrainState) -> None:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_second"):
+            value = getattr(state, key)
+            if math.isfinite(value):
+                self._writer.add_scalar(f"train/{key}", value, state.step)
+        if state.extra.get("mfu") is not None:
+            self._writer.add_scalar("train/mfu", state.extra["mfu"], state.step)
+
+    def on_eval_end(self, state: TrainState) -> None:
+        if state.eval_loss is not None:
+            self._writer.add_scalar("eval/loss", state.eval_loss, state.step)
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class MLflowSink(Callback):
+    """Metrics to the active/new MLflow run (needs the `mlflow` extra; imported when the run starts)."""
+
+    def __init__(self, run_name: str | None = None, params: dict[str, Any] | None = None) -> None:
+        self.run_name = run_name
+        self.params = params or {}
+        self._mlflow: Any = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        super().on_fit_start(trainer)
+        import mlflow  # lazy: optional dependency
+
+        self._mlflow = mlflow
+        if mlflow.active_run() is None:
+            mlflow.start_run(run_name=self.run_name)
+        if self.params:
+            mlflow.log_params(self.params)
+
+    def on_step_end(self, state: TrainState) -> None:
+        metrics = {k: getattr(state, k) for k in ("loss", "lr", "grad_norm", "tokens_per_second")}
+        self._mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=state.step)
+
+    def on_eval_end(self, state: TrainState) -> None:
+        if state.eval_loss is not None:
+            self._mlflow.log_metric("eval_loss", state.eval_loss, step=state.step)
+
+    def on_fit_end(self, state: TrainState) -> None:
+        if self._mlflow is not None:
+            self._mlflow.end_run()

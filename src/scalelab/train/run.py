@@ -1,0 +1,313 @@
+"""One training run, end to end: `run_training(spec, out_dir)` → record.json (see docs/contracts.md).
+
+The run directory:
+  config.json      canonical RunSpec (the run id is its hash)
+  provenance.json  code, packages, hardware, data fingerprint, seeds
+  metrics.jsonl    one JSON object per step / eval (train/observe.py)
+  checkpoint/      step-NNNNNN/ directories, written atomically (train/checkpoint.py)
+  record.json      the result, written atomically — also when the run fails or diverges
+
+With `resume=True` a run continues from its newest valid checkpoint and ends bitwise identical to an
+uninterrupted run (same weights, optimizer, loader position and RNG); with `resume=False` previous
+checkpoints and metrics in `out_dir` are discarded.
+
+Failures never escape: an exception ends the run with status "failed" and `error` = "Type: message";
+a diverged loss ends it with status "diverged". `exit_code(record)` maps the status to the CLI's exit
+code (done 0, diverged 3, failed 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scalelab.errors import TrainingError
+from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
+from scalelab.models.flops import ModelShape
+from scalelab.models.gpt import build_model
+from scalelab.models.parametrization import apply_parametrization
+from scalelab.spec import RunSpec, config_hash
+from scalelab.train.checkpoint import clean_stale, load_latest, save_checkpoint
+from scalelab.train.observe import MetricsLogger
+from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {"done": 0, "diverged": 3, "failed": 1}
+
+#: builds a loader: (store, split, block_tokens, global_batch_size, seed) → iterable of LongTensor batches
+LoaderFactory = Callable[[Any, str, int, int, int], Any]
+
+
+def exit_code(record: dict[str, Any]) -> int:
+    """The `scalelab train` exit code of a record: done 0, diverged 3, anything else 1."""
+    return EXIT_CODES.get(str(record.get("status")), 1)
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file next to `path`, fsync, rename over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _torch_settings(threads: int | None, deterministic: bool) -> Iterator[None]:
+    """Set torch threads / deterministic algorithms for the run and restore them afterwards."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def default_loader_factory(
+    store: Any, split: str, block_tokens: int, global_batch_size: int, seed: int
+) -> Any:
+    from scalelab.data.loader import BlockLoader
+
+    return BlockLoader(
+        store,
+        split=split,
+        block_tokens=block_tokens,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        prefetch=2,
+    )
+
+
+def _eval_batches(loader_factory: LoaderFactory, store: Any, spec: RunSpec, seed: int) -> list[torch.Tensor]:
+    """The fixed held-out set: ceil(eval_tokens / context) sequences, read once."""
+    t = spec.model.context_tokens
+    n_seqs = max(1, math.ceil(spec.train.eval_tokens / t))
+    bs = min(n_seqs, spec.train.micro_batch_size or spec.train.global_batch_size)
+    loader = loader_factory(store, "heldout", t + 1, bs, seed)
+    batches, have = [], 0
+    try:
+        for batch in loader:
+            batches.append(batch[: n_seqs - have].clone())
+            have += batches[-1].shape[0]
+            if have >= n_seqs:
+                break
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
+    return batches
+
+
+def _capture_provenance(spec: RunSpec, store: Any) -> dict[str, Any]:
+    try:
+        from scalelab.study.provenance import capture_provenance
+
+        return capture_provenance(spec, store=store)
+    except Exception as err:  # noqa: BLE001 — provenance is best effort; it must not fail the run
+        log.warning("provenance capture failed: %s", err)
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _finite(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def run_training(
+    spec: RunSpec,
+    out_dir: Path | str,
+    resume: bool = True,
+    *,
+    store: Any = None,
+    loader_factory: LoaderFactory | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Train `spec` in `out_dir` and return the record (also written to out_dir/record.json).
+
+    `store` (default: `ensure_store(spec.data)`), `loader_factory` (default: `BlockLoader`) and extra
+    `callbacks` are for tests and embedding; the contract is `run_training(spec, out_dir, resume)`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    chash = config_hash(spec)
+    record: dict[str, Any] = {
+        "run_id": spec.run_id,
+        "config_hash": chash,
+        "status": "failed",
+        "error": None,
+        "n_params": None,
+        "n_params_total": None,
+        "tokens": 0,
+        "flops": 0.0,
+        "steps": 0,
+        "final_train_loss": None,
+        "eval_loss": None,
+        "wall_seconds": 0.0,
+        "tokens_per_second": None,
+        "peak_memory_bytes": None,
+        "energy_joules": None,
+        "energy_note": None,
+        "started_at": _utc_now(),
+        "finished_at": None,
+    }
+    (out / "record.json").unlink(missing_ok=True)
+    (out / "config.json").write_text(spec.canonical_json() + "\n")
+    device = torch.device("cpu")
+    trainer: Trainer | None = None
+    shape: ModelShape | None = None
+    prior_wall = 0.0
+    energy = EnergyMeter("cpu")
+    metrics: MetricsLogger | None = None
+    try:
+        with _torch_settings(spec.train.threads, deterministic=True):
+            device = resolve_device(spec.train.device)
+            if device.type == "cuda":
+                torch.use_deterministic_algorithms(False)  # costly on GPU; CPU runs stay bitwise exact
+            energy = EnergyMeter(device)
+            if store is None:
+                from scalelab.data.store import ensure_store
+
+                store = ensure_store(spec.data)
+            loader_factory = loader_factory or default_loader_factory
+            atomic_write_json(out / "provenance.json", _capture_provenance(spec, store))
+
+            vocab = spec.model.vocab_size or int(store.vocab_size)
+            if vocab < int(store.vocab_size):
+                raise TrainingError(
+                    f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+                    f"({store.vocab_size}); leave it unset to use the tokenizer's"
+                )
+            shape = ModelShape.from_spec(spec.model, vocab)
+            record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
+            total_steps = spec.train.tokens // (spec.train.global_batch_size * spec.model.context_tokens)
+            data_seed = spec.train.data_seed if spec.train.data_seed is not None else spec.train.seed
+
+            seed_everything(spec.train.seed)
+            raw_model = build_model(spec.model, vocab)
+            groups = apply_parametrization(raw_model, spec.model)
+            raw_model.to(device)
+            model = torch.compile(raw_model) if spec.train.compile else raw_model
+
+            t = spec.model.context_tokens
+            train_loader = loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed)
+            eval_batches = _eval_batches(loader_factory, store, spec, data_seed)
+            peak, peak_source = peak_flops(device, spec.train.precision)
+            log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
+            metrics = MetricsLogger(
+                out / "metrics.jsonl",
+                flops_per_token=shape.training_flops_per_token,
+                peak_flops=peak,
+                device=device,
+                log_interval_steps=spec.train.log_interval_steps,
+            )
+            ckpt_dir = out / "checkpoint"
+
+            def save(tr: Trainer) -> Path:
+                js = tr.json_state()
+                js["wall_seconds"] = prior_wall + (time.time() - t_start)
+                return save_checkpoint(
+                    ckpt_dir,
+                    step=tr.state.step,
+                    model=raw_model,
+                    tensor_state=tr.tensor_state(),
+                    json_state=js,
+                    config_hash=chash,
+                    keep=spec.train.keep_checkpoints,
+                )
+
+            trainer = Trainer(
+                model,
+                groups,
+                spec.train,
+                train_loader=train_loader,
+                total_steps=total_steps,
+                context_tokens=t,
+                device=device,
+                eval_batches=eval_batches,
+                debug=spec.debug,
+                callbacks=[DivergenceGuard(spec.train.divergence_factor), metrics, *callbacks],
+                checkpoint_fn=save,
+                raw_model=raw_model,
+            )
+
+            resumed_step = 0
+            if resume:
+                clean_stale(ckpt_dir)
+                ckpt = load_latest(ckpt_dir, chash, map_location=device)
+                if ckpt is not None:
+                    ckpt.restore(raw_model)
+                    trainer.load_state(ckpt.tensor_state, ckpt.json_state)
+                    prior_wall = float(ckpt.json_state.get("wall_seconds", 0.0))
+                    resumed_step = ckpt.step
+                    log.info("resumed from %s", ckpt.path)
+            else:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            metrics.truncate_after(resumed_step)
+
+            energy.start()
+            state = trainer.fit()
+            record["status"] = state.status
+            record["error"] = state.message if state.status != "done" else None
+    except Exception as err:  # noqa: BLE001 — every failure becomes a record
+        log.exception("run %s failed", spec.run_id)
+        record["status"] = "failed"
+        record["error"] = f"{type(err).__name__}: {err}"
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if trainer is not None:
+        st = trainer.state
+        record["steps"] = st.step
+        record["tokens"] = st.tokens
+        record["final_train_loss"] = _finite(st.loss)
+        record["eval_loss"] = _finite(st.eval_loss)
+        record["tokens_per_second"] = st.tokens / st.train_seconds if st.train_seconds > 0 else None
+    if shape is not None:
+        record["flops"] = shape.training_flops(record["tokens"])
+    record["peak_memory_bytes"] = peak_memory_bytes(device)
+    record["energy_joules"] = energy.joules()
+    record["energy_note"] = energy.note
+    record["wall_seconds"] = prior_wall + (time.time() - t_start)
+    record["finished_at"] = _utc_now()
+    atomic_write_json(out / "record.json", record)
+    return record
