@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 venv: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/scalelab study run $(STUDY) --out $(OUT)
+	$(BIN)/scalelab study run $(STUDY) --out $(OUT) --parallel 2
 	$(BIN)/scalelab fit $(OUT)
 	$(BIN)/scalelab report $(OUT)
 	@echo "Report: $(OUT)/report/index.html"

@@ -150,13 +150,35 @@ def study_run(
     parallel: Annotated[int, typer.Option("--parallel", "-j", min=1, help="Runs at once.")] = 1,
     timeout: Annotated[float | None, typer.Option(help="Per-run timeout in seconds.")] = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a run whose process crashed.")] = 0,
+    executor_kind: Annotated[
+        str, typer.Option("--executor", help="`local` (subprocesses here) or `ray`.")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: a local Ray instance.")
+    ] = None,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs requested per run.")] = 0.0,
 ) -> None:
     """Run (or continue) a study: finished runs are skipped, interrupted ones resume from checkpoints."""
+    from scalelab.errors import SpecError
     from scalelab.spec import load_study
-    from scalelab.study.executors import LocalExecutor, RunOutcome, run_study
+    from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
 
     study = load_study(spec, set_ or ())
-    executor = LocalExecutor(parallel=parallel, timeout_seconds=timeout, retries=retries)
+    if executor_kind == "local":
+        executor: LocalExecutor | RayExecutor = LocalExecutor(
+            parallel=parallel, timeout_seconds=timeout, retries=retries
+        )
+    elif executor_kind == "ray":
+        executor = RayExecutor(
+            address=address,
+            cpus_per_run=study.train.threads or 1,
+            gpus_per_run=gpus_per_run,
+            timeout_seconds=timeout,
+            retries=retries,
+            local_cpus=None if address else parallel * (study.train.threads or 1),
+        )
+    else:
+        raise SpecError(f"--executor: expected 'local' or 'ray', got {executor_kind!r}")
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -81,6 +81,106 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def train_command(run_dir: Path) -> list[str]:
+    """The command that trains (or resumes) one run in its directory."""
+    return [
+        sys.executable,
+        "-m",
+        "scalelab",
+        "train",
+        str(run_dir / "config.json"),
+        "--out",
+        str(run_dir),
+        "--resume",
+    ]
+
+
+def run_env(threads: int | None) -> dict[str, str]:
+    """Environment of a training subprocess: BLAS/OpenMP pinned to the run's thread count."""
+    env = dict(os.environ)
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def attempt_run(
+    run_dir: Path,
+    env: dict[str, str],
+    timeout_seconds: float | None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[str, str | None]:
+    """Train one run once in a subprocess. Returns (status, error) with status one of
+    done / failed / diverged (from record.json), timeout, or crashed (no record: killed, OOM, ...)."""
+    record_path = run_dir / "record.json"
+    record_path.unlink(missing_ok=True)
+    with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
+        proc = subprocess.Popen(
+            train_command(run_dir), stdout=out, stderr=err, env=env, start_new_session=True
+        )
+        if on_start:
+            on_start(proc)
+        try:
+            proc.wait(timeout=timeout_seconds)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return "timeout", f"timed out after {timeout_seconds:g} s"
+    record = _read_json(record_path)
+    if record is not None and record.get("status") in ("done", "failed", "diverged"):
+        return record["status"], record.get("error")
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    return (
+        "crashed",
+        f"training process ended without a record ({how}); stderr tail:\n{_tail(run_dir / 'stderr.log')}",
+    )
+
+
+def attempt_with_retries(
+    run_dir: Path,
+    env: dict[str, str],
+    timeout_seconds: float | None,
+    retries: int,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    stopping: threading.Event | None = None,
+) -> tuple[str, str | None, int]:
+    """`attempt_run` again while the process crashed without a record, at most `retries` more times."""
+    attempts, status, error = 0, "crashed", None
+    while attempts <= retries and not (stopping and stopping.is_set()):
+        attempts += 1
+        status, error = attempt_run(run_dir, env, timeout_seconds, on_start)
+        if status != "crashed":
+            break
+        if attempts <= retries:
+            log.warning("run in %s crashed (attempt %d), retrying: %s", run_dir, attempts, error)
+    return status, error, attempts
+
+
+def record_outcome(
+    registry: Registry,
+    run_id: str,
+    run_dir: Path,
+    status: str,
+    error: str | None,
+    attempts: int,
+    seconds: float,
+) -> RunOutcome:
+    """Write one attempt's result into the registry (the same for every executor)."""
+    if status == "interrupted":
+        registry.set_status(run_id, "pending", error)
+    elif status in ("done", "failed", "diverged") and (run_dir / "record.json").exists():
+        record = _read_json(run_dir / "record.json") or {
+            "status": "failed",
+            "error": "unreadable record.json",
+        }
+        registry.record_result(run_id, record, _read_json(run_dir / "provenance.json"))
+        status = record.get("status", status)
+    else:
+        status = "timeout" if status == "timeout" else "failed"
+        registry.set_status(run_id, status, error, error=error)
+    return RunOutcome(run_id, status, seconds, error, attempts)
+
+
 class LocalExecutor:
     """Bounded parallel subprocesses on this machine, one run directory each."""
 
@@ -94,78 +194,29 @@ class LocalExecutor:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
-    def command(self, run_dir: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "scalelab",
-            "train",
-            str(run_dir / "config.json"),
-            "--out",
-            str(run_dir),
-            "--resume",
-        ]
-
-    def _env(self, planned: PlannedRun) -> dict[str, str]:
-        env = dict(os.environ)
-        threads = planned.spec.train.threads
-        if threads:
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-                env[var] = str(threads)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
-
-    def _launch_once(self, planned: PlannedRun, run_dir: Path) -> tuple[str, str | None]:
-        """One attempt. Returns (status, error); status is done/failed/diverged/timeout/interrupted/crashed."""
-        record_path = run_dir / "record.json"
-        record_path.unlink(missing_ok=True)
-        with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
-            proc = subprocess.Popen(
-                self.command(run_dir), stdout=out, stderr=err, env=self._env(planned), start_new_session=True
-            )
-            with self._lock:
-                self._procs[planned.run_id] = proc
-            try:
-                proc.wait(timeout=self.timeout_seconds)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return "timeout", f"timed out after {self.timeout_seconds:g} s"
-            finally:
-                with self._lock:
-                    self._procs.pop(planned.run_id, None)
-        if self._stopping.is_set():
-            return "interrupted", "stopped by the study driver (Ctrl-C)"
-        record = _read_json(record_path)
-        if record is not None and record.get("status") in ("done", "failed", "diverged"):
-            return record["status"], record.get("error")
-        tail = _tail(run_dir / "stderr.log")
-        how = (
-            f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        )
-        return "crashed", f"training process ended without a record ({how}); stderr tail:\n{tail}"
-
     def run_one(self, planned: PlannedRun, run_dir: Path, registry: Registry) -> RunOutcome:
         t0 = time.perf_counter()
-        attempts = 0
-        status, error = "failed", None
-        while attempts <= self.retries and not self._stopping.is_set():
-            attempts += 1
-            registry.set_status(planned.run_id, "running", f"attempt {attempts}", host=os.uname().nodename)
-            status, error = self._launch_once(planned, run_dir)
-            if status == "crashed" and attempts <= self.retries:
-                log.warning("run %s crashed (attempt %d), retrying: %s", planned.run_id, attempts, error)
-                continue
-            break
-        seconds = time.perf_counter() - t0
-        if status == "interrupted":
-            registry.set_status(planned.run_id, "pending", error)
-        elif status in ("done", "failed", "diverged") and (run_dir / "record.json").exists():
-            record = _read_json(run_dir / "record.json") or {"status": "failed", "error": "unreadable record"}
-            registry.record_result(planned.run_id, record, _read_json(run_dir / "provenance.json"))
-        else:
-            status = "timeout" if status == "timeout" else "failed"
-            registry.set_status(planned.run_id, status, error, error=error)
-        return RunOutcome(planned.run_id, status, seconds, error, attempts)
+        registry.set_status(planned.run_id, "running", host=os.uname().nodename)
+
+        def started(proc: subprocess.Popen[bytes]) -> None:
+            with self._lock:
+                self._procs[planned.run_id] = proc
+
+        status, error, attempts = attempt_with_retries(
+            run_dir,
+            run_env(planned.spec.train.threads),
+            self.timeout_seconds,
+            self.retries,
+            started,
+            self._stopping,
+        )
+        with self._lock:
+            self._procs.pop(planned.run_id, None)
+        if self._stopping.is_set() and status not in ("done", "diverged"):
+            status, error = "interrupted", "stopped by the study driver (Ctrl-C); re-run to resume"
+        return record_outcome(
+            registry, planned.run_id, run_dir, status, error, attempts, time.perf_counter() - t0
+        )
 
     def stop(self) -> None:
         """Stop gracefully: running trainings are killed; they resume from checkpoints next time."""
@@ -189,11 +240,105 @@ class LocalExecutor:
                     progress(outcome)
         except KeyboardInterrupt:
             self.stop()
-            pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return outcomes
+
+
+class RayExecutor:
+    """Each run a Ray task (on an existing cluster, or a local Ray instance when no address is given).
+
+    Tasks run the same training command as `LocalExecutor` on whichever node Ray places them, so the
+    study directory must be on a file system every node sees. The driver alone writes the registry.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        cpus_per_run: float = 1,
+        gpus_per_run: float = 0,
+        timeout_seconds: float | None = None,
+        retries: int = 0,
+        local_cpus: int | None = None,
+    ):
+        self.address = address
+        self.cpus_per_run = cpus_per_run
+        self.gpus_per_run = gpus_per_run
+        self.timeout_seconds = timeout_seconds
+        self.retries = retries
+        self.local_cpus = local_cpus
+
+    def _init(self) -> Any:
+        try:
+            import ray
+        except ImportError as err:
+            from scalelab.errors import ScalelabError
+
+            raise ScalelabError("the Ray executor needs Ray: pip install 'scalelab[ray]'") from err
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=self.local_cpus, include_dashboard=False, log_to_driver=False)
+        return ray
+
+    def execute(
+        self, todo: list[tuple[PlannedRun, Path]], registry: Registry, progress: ProgressFn | None = None
+    ) -> list[RunOutcome]:
+        if not todo:
+            return []
+        ray = self._init()
+        task = ray.remote(_ray_train_task).options(
+            num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0
+        )
+        pending = {}
+        for planned, run_dir in todo:
+            registry.set_status(planned.run_id, "running", "submitted to Ray")
+            env = run_env(planned.spec.train.threads)
+            ref = task.remote(str(run_dir), env, self.timeout_seconds, self.retries)
+            pending[ref] = (planned, run_dir, time.perf_counter())
+        outcomes: list[RunOutcome] = []
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    planned, run_dir, t0 = pending.pop(ref)
+                    try:
+                        status, error, attempts = ray.get(ref)
+                    except Exception as err:  # noqa: BLE001 - a lost task is one failed run
+                        status, error, attempts = "crashed", f"Ray task failed: {err}", 1
+                    outcome = record_outcome(
+                        registry, planned.run_id, run_dir, status, error, attempts, time.perf_counter() - t0
+                    )
+                    outcomes.append(outcome)
+                    if progress:
+                        progress(outcome)
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            for planned, run_dir, t0 in pending.values():
+                record_outcome(
+                    registry,
+                    planned.run_id,
+                    run_dir,
+                    "interrupted",
+                    "stopped (Ctrl-C)",
+                    0,
+                    time.perf_counter() - t0,
+                )
+            raise
+        return outcomes
+
+
+def _ray_train_task(
+    run_dir: str, env: dict[str, str], timeout_seconds: float | None, retries: int
+) -> tuple[str, str | None, int]:
+    """Body of the Ray task: the same attempt-with-retries as a local run, on the node Ray chose."""
+    return attempt_with_retries(Path(run_dir), env, timeout_seconds, retries)
+
+
+Executor = LocalExecutor | RayExecutor
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace_seconds: float = 5.0) -> None:
@@ -263,7 +408,7 @@ def run_study(
     study: StudySpec,
     study_dir: str | Path,
     *,
-    executor: LocalExecutor | None = None,
+    executor: Executor | None = None,
     source_text: str | None = None,
     overrides: tuple[str, ...] = (),
     progress: ProgressFn | None = None,
