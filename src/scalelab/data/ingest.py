@@ -1,0 +1,354 @@
+"""Parallel, resumable ingest: documents → tokens → checksummed shards + index.
+
+How it stays deterministic and resumable:
+
+- The main process reads documents in source order and groups them into chunks of about
+  `chunk_bytes` of text. Chunk boundaries depend only on the data, never on the number of workers.
+- Worker processes tokenize chunks; results are consumed strictly in chunk order (a bounded window
+  of in-flight chunks), so the token stream — and every shard byte — is independent of `workers`.
+- A document goes to ``heldout`` when a hash of its id falls below `heldout_fraction`.
+- Each split's tokens are cut into shards of exactly `shard_tokens` (the last may be shorter). A
+  shard is written atomically as soon as it is full. After a chunk that completed a shard, the
+  unfinished tails and a small state file (next chunk, finished shards) are saved atomically.
+- A re-run after a crash loads that state, skips the chunks already done without tokenizing them
+  again, and continues; finished shards are kept. ``index.json`` is written last, so a store that
+  looks complete is complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalelab.data.corpus import Document, Source, combined_fingerprint, iter_documents
+from scalelab.data.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    SPLITS,
+    TOKENIZER_FILE,
+    ShardInfo,
+    atomic_write_bytes,
+    atomic_write_json,
+    shard_dicts,
+    shard_name,
+)
+from scalelab.data.tokenize import BPETokenizer, Tokenizer, tokenizer_from_definition
+from scalelab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = ".ingest-state.json"
+DEFAULT_CHUNK_BYTES = 1 << 20
+_HELDOUT_SALT = b"scalelab-heldout-v1:"
+
+
+def is_heldout(doc_id: str, heldout_fraction: float) -> bool:
+    """Deterministic split: hash of the doc id, as a number in [0, 1), below the fraction."""
+    digest = hashlib.blake2b(_HELDOUT_SALT + doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < heldout_fraction
+
+
+# --------------------------------------------------------------------------------------- workers
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(definition: dict[str, Any]) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; parallelism is ours
+    _worker_tokenizer = tokenizer_from_definition(definition)
+
+
+def _tokenize_chunk(
+    chunk: list[Document], heldout_fraction: float, tokenizer: Tokenizer | None = None
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(train tokens, heldout tokens, train docs, heldout docs) of one chunk; each doc ends with EOD."""
+    tok = tokenizer if tokenizer is not None else _worker_tokenizer
+    assert tok is not None
+    train_texts: list[str] = []
+    heldout_texts: list[str] = []
+    for doc in chunk:
+        (heldout_texts if is_heldout(doc.doc_id, heldout_fraction) else train_texts).append(doc.text)
+    return (
+        tok.encode_documents(train_texts),
+        tok.encode_documents(heldout_texts),
+        len(train_texts),
+        len(heldout_texts),
+    )
+
+
+def _chunks(docs: Iterator[Document], chunk_bytes: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc.text) + 1
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------- split writer
+class _SplitWriter:
+    """Accumulates one split's tokens and writes full shards atomically."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, dtype: np.dtype) -> None:
+        self.out, self.split, self.shard_tokens, self.dtype = out, split, shard_tokens, dtype
+        self.shards: list[ShardInfo] = []
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.documents = 0
+
+    @property
+    def tail_path(self) -> Path:
+        return self.out / f".{self.split}.tail.bin"
+
+    def add(self, tokens: np.ndarray) -> bool:
+        """Append tokens; write every shard that became full. True when at least one was written."""
+        if tokens.size == 0:
+            return False
+        self.pending.append(tokens)
+        self.pending_tokens += tokens.size
+        wrote = False
+        while self.pending_tokens >= self.shard_tokens:
+            buf = np.concatenate(self.pending)
+            self._write_shard(buf[: self.shard_tokens])
+            rest = buf[self.shard_tokens :]
+            self.pending = [rest] if rest.size else []
+            self.pending_tokens = rest.size
+            wrote = True
+        return wrote
+
+    def tail(self) -> np.ndarray:
+        return np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=self.dtype)
+
+    def finish(self) -> None:
+        if self.pending_tokens:
+            self._write_shard(self.tail())
+            self.pending, self.pending_tokens = [], 0
+
+    def _write_shard(self, tokens: np.ndarray) -> None:
+        data = np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<"))
+        name = shard_name(self.split, len(self.shards))
+        atomic_write_bytes(self.out / name, memoryview(data).cast("B"))
+        self.shards.append(ShardInfo(name, int(data.size), hashlib.sha256(data).hexdigest()))
+        log.debug("wrote %s (%d tokens)", name, data.size)
+
+    # -- resume
+    def state(self) -> dict[str, Any]:
+        return {
+            "shards": shard_dicts(self.shards),
+            "tail_tokens": int(self.pending_tokens),
+            "documents": self.documents,
+        }
+
+    def save_tail(self) -> None:
+        atomic_write_bytes(self.tail_path, memoryview(np.ascontiguousarray(self.tail())).cast("B"))
+
+    def restore(self, state: dict[str, Any]) -> bool:
+        """Load finished shards and the tail from a checkpoint; False when files do not match it."""
+        shards = [ShardInfo(**s) for s in state["shards"]]
+        for s in shards:
+            p = self.out / s.file
+            if not p.is_file() or p.stat().st_size != s.tokens * self.dtype.itemsize:
+                return False
+        try:
+            tail = np.fromfile(self.tail_path, dtype=self.dtype)
+        except OSError:
+            return False
+        if tail.size != state["tail_tokens"]:
+            return False
+        self.shards = shards
+        self.pending = [tail] if tail.size else []
+        self.pending_tokens = int(tail.size)
+        self.documents = int(state["documents"])
+        return True
+
+
+# ---------------------------------------------------------------------------------------- ingest
+def _ordered_map(
+    fn: Callable[..., Any], items: Iterator[Any], workers: int, initargs: tuple[Any, ...], extra: tuple
+) -> Iterator[Any]:
+    """Like Pool.imap but with a bounded window of in-flight items (imap reads its input eagerly)."""
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold threads (torch, tokenizers)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+        window: collections.deque = collections.deque()
+        for item in items:
+            window.append(pool.apply_async(fn, (item, *extra)))
+            if len(window) >= 2 * workers:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
+
+
+def _job_key(
+    sources: Sequence[Source], tokenizer: Tokenizer, heldout_fraction: float, shard_tokens: int, chunk: int
+) -> str:
+    blob = json.dumps(
+        {
+            "format_version": FORMAT_VERSION,
+            "sources": [s.fingerprint() for s in sources],
+            "tokenizer": tokenizer.hash,
+            "heldout_fraction": heldout_fraction,
+            "shard_tokens": shard_tokens,
+            "chunk_bytes": chunk,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _clean_partial(out: Path) -> None:
+    for p in out.iterdir():
+        n = p.name
+        if n.endswith(".bin") and n.split("-")[0] in SPLITS or n.endswith(".tmp") or n.endswith(".tail.bin"):
+            p.unlink()
+
+
+def ingest(
+    sources: Sequence[Source],
+    out: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    heldout_fraction: float = 0.02,
+    shard_tokens: int = 1 << 22,
+    workers: int = 1,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Tokenize `sources` into a token store at `out`; returns `out`.
+
+    `workers` > 1 tokenizes in that many processes; the result is byte-identical for any value.
+    Re-running after an interruption resumes from the last checkpoint. `progress` (if given) is
+    called with the number of text characters handled after each chunk.
+    """
+    out = Path(out)
+    if not 0 < heldout_fraction < 1:
+        raise DataError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
+    if workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
+    if (out / INDEX_NAME).exists():
+        raise DataError(f"{out}: already contains a complete token store; remove it or choose another path")
+    if not sources:
+        raise DataError("no sources given (empty corpus)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{out}: cannot create the store directory ({err.strerror or err})") from None
+
+    job = _job_key(sources, tokenizer, heldout_fraction, shard_tokens, chunk_bytes)  # also fingerprints
+    dtype = tokenizer.dtype
+    writers = {s: _SplitWriter(out, s, shard_tokens, dtype) for s in SPLITS}
+    state_path = out / STATE_NAME
+    next_chunk = _load_state(state_path, job, writers)
+    if next_chunk == 0:
+        _clean_partial(out)
+    else:
+        log.info("%s: resuming ingest at chunk %d", out, next_chunk)
+
+    chunks = (c for i, c in enumerate(_chunks(iter_documents(sources), chunk_bytes)) if i >= next_chunk)
+    if workers == 1:
+        results: Iterator[Any] = (_tokenize_chunk(c, heldout_fraction, tokenizer) for c in chunks)
+    else:
+        results = _ordered_map(
+            _tokenize_chunk, chunks, workers, (tokenizer.definition(),), (heldout_fraction,)
+        )
+
+    chunk_index = next_chunk
+    for train, heldout, n_train, n_heldout in results:
+        writers["train"].documents += n_train
+        writers["heldout"].documents += n_heldout
+        wrote = writers["train"].add(train)
+        wrote = writers["heldout"].add(heldout) or wrote
+        chunk_index += 1
+        if wrote:
+            _save_state(state_path, job, chunk_index, writers)
+        if progress is not None:
+            progress(int(train.size + heldout.size))
+
+    total_docs = sum(w.documents for w in writers.values())
+    if total_docs == 0:
+        raise DataError("the sources contain no documents (empty corpus)")
+    for w in writers.values():
+        w.finish()
+
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.save(out / TOKENIZER_FILE)
+    index = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {
+            "name": tokenizer.name,
+            "hash": tokenizer.hash,
+            "vocab_size": tokenizer.vocab_size,
+            "eod_id": tokenizer.eod_id,
+        },
+        "dtype": dtype.name,
+        "source_fingerprint": combined_fingerprint(sources),
+        "sources": [{**s.describe(), "fingerprint": s.fingerprint()} for s in sources],
+        "fingerprint": store_fingerprint(combined_fingerprint(sources), tokenizer.hash),
+        "heldout_fraction": heldout_fraction,
+        "shard_tokens": shard_tokens,
+        "splits": {
+            s: {
+                "documents": w.documents,
+                "tokens": sum(x.tokens for x in w.shards),
+                "shards": shard_dicts(w.shards),
+            }
+            for s, w in writers.items()
+        },
+    }
+    atomic_write_json(out / INDEX_NAME, index)
+    for p in [state_path, *(w.tail_path for w in writers.values())]:
+        p.unlink(missing_ok=True)
+    log.info(
+        "%s: %d train / %d heldout tokens",
+        out,
+        index["splits"]["train"]["tokens"],
+        index["splits"]["heldout"]["tokens"],
+    )
+    return out
+
+
+def store_fingerprint(source_fingerprint: str, tokenizer_hash: str) -> str:
+    """sha256 of the sources' content fingerprint and the tokenizer hash."""
+    return hashlib.sha256(f"{source_fingerprint}:{tokenizer_hash}".encode()).hexdigest()
+
+
+def _save_state(path: Path, job: str, next_chunk: int, writers: dict[str, _SplitWriter]) -> None:
+    for w in writers.values():
+        w.save_tail()
+    atomic_write_json(
+        path, {"job": job, "next_chunk": next_chunk, "splits": {s: w.state() for s, w in writers.items()}}
+    )
+
+
+def _load_state(path: Path, job: str, writers: dict[str, _SplitWriter]) -> int:
+    """Restore writers from a checkpoint of the same job; the chunk to continue from (0: start over)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    if state.get("job") != job:
+        log.warning("%s: ingest state belongs to other sources/settings; starting over", path)
+        return 0
+    for split, w in writers.items():
+        if not w.restore(state["splits"][split]):
+            log.warning("%s: shard files do not match the ingest state; starting over", path)
+            for w2 in writers.values():
+                w2.__init__(w2.out, w2.split, w2.shard_tokens, w2.dtype)  # type: ignore[misc]
+            return 0
+    return int(state["next_chunk"])

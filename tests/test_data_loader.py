@@ -1,0 +1,137 @@
+"""BlockLoader: one global order for every world size and worker count; exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scalelab.data.corpus import TextSource
+from scalelab.data.ingest import ingest
+from scalelab.data.loader import BlockLoader
+from scalelab.data.store import TokenStore
+from scalelab.data.tokenize import ByteTokenizer
+from scalelab.errors import DataError
+
+torch.set_num_threads(1)
+
+T = 257  # block tokens
+B = 8  # global batch
+STEPS = 40  # > one epoch (the store holds ~31 global batches)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    rng = np.random.default_rng(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"d{i:02d}.txt").write_text(
+            "".join(rng.choice(list("abcdefgh \n"), size=int(rng.integers(100, 2500))))
+        )
+    out = ingest(
+        [TextSource(corpus)], root / "store", ByteTokenizer(), heldout_fraction=0.1, shard_tokens=4096
+    )
+    return TokenStore.open(out)
+
+
+def collect(loaders: list[BlockLoader], steps: int) -> np.ndarray:
+    """Global batches rebuilt from all ranks: shape (steps, B, T)."""
+    iters = [iter(ld) for ld in loaders]
+    out = []
+    for _ in range(steps):
+        out.append(torch.cat([next(it) for it in iters]).numpy())
+    for it in iters:
+        it.close()
+    return np.stack(out)
+
+
+def ranks(store, world, **kw):
+    return [
+        BlockLoader(store, block_tokens=T, global_batch_size=B, seed=3, rank=r, world_size=world, **kw)
+        for r in range(world)
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(store):
+    return collect(ranks(store, 1, prefetch=0), STEPS)
+
+
+def test_reference_matches_definition(store, reference):
+    loader = BlockLoader(store, block_tokens=T, global_batch_size=B, seed=3)
+    per_shard = [s.tokens // T for s in store.shards("train")]
+    starts = np.cumsum([0, *per_shard])
+    bpe = loader.batches_per_epoch
+    assert bpe == sum(per_shard) // B and STEPS > bpe
+    for step in (0, 5, bpe - 1, bpe, STEPS - 1):
+        epoch, j = divmod(step, bpe)
+        perm = np.random.Generator(np.random.PCG64([3, epoch])).permutation(sum(per_shard))
+        for row, block in enumerate(perm[j * B : (j + 1) * B]):
+            shard = int(np.searchsorted(starts, block, side="right") - 1)
+            off = (block - starts[shard]) * T
+            expect = np.asarray(store.shard_array("train", shard)[off : off + T])
+            np.testing.assert_array_equal(reference[step, row], expect)
+    assert reference.dtype == np.int64 and reference.max() <= 256
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_global_batches_for_any_world_size_and_workers(store, reference, world, workers):
+    got = collect(ranks(store, world, num_workers=workers, prefetch=2), STEPS)
+    np.testing.assert_array_equal(got, reference)
+
+
+@pytest.mark.parametrize(("save_world", "resume_world"), [(1, 1), (2, 1), (2, 4), (4, 2)])
+def test_resume_mid_epoch_across_world_sizes(store, reference, save_world, resume_world):
+    first = ranks(store, save_world, prefetch=2)
+    head = collect(first, 13)
+    states = [ld.state_dict() for ld in first]
+    assert all(s == states[0] for s in states)
+    assert (states[0]["epoch"], states[0]["batch"]) == (0, 13)
+    resumed = ranks(store, resume_world)
+    for ld in resumed:
+        ld.load_state_dict(states[0])
+    tail = collect(resumed, STEPS - 13)
+    np.testing.assert_array_equal(np.concatenate([head, tail]), reference)
+
+
+def test_resume_after_epoch_boundary_with_workers(store, reference):
+    loader = ranks(store, 1, num_workers=2)[0]
+    bpe = loader.batches_per_epoch
+    head = collect([loader], bpe + 2)
+    state = loader.state_dict()
+    assert (state["epoch"], state["batch"]) == (1, 2)
+    again = ranks(store, 2)
+    for ld in again:
+        ld.load_state_dict(state)
+    tail = collect(again, STEPS - bpe - 2)
+    np.testing.assert_array_equal(np.concatenate([head, tail]), reference)
+
+
+def test_blocks_do_not_cross_shards_and_heldout_split(store):
+    loader = BlockLoader(
+        store, split="heldout", block_tokens=64, global_batch_size=2, shuffle=False, prefetch=0
+    )
+    first = next(iter(loader))
+    np.testing.assert_array_equal(first[0].numpy(), np.asarray(store.shard_array("heldout", 0)[:64]))
+    assert loader.state_dict()["batch"] == 1
+
+
+def test_bad_arguments(store):
+    with pytest.raises(DataError, match="world_size=3 must divide global_batch_size=8"):
+        BlockLoader(store, block_tokens=T, global_batch_size=8, world_size=3)
+    with pytest.raises(DataError, match="fewer than global_batch_size"):
+        BlockLoader(store, block_tokens=4000, global_batch_size=64)
+    loader = BlockLoader(store, block_tokens=T, global_batch_size=B, seed=3)
+    other = BlockLoader(store, block_tokens=T, global_batch_size=B, seed=4)
+    with pytest.raises(DataError, match="seed"):
+        other.load_state_dict(loader.state_dict())
+    with pytest.raises(DataError, match="global_batch_size"):
+        BlockLoader(store, block_tokens=T, global_batch_size=16, seed=3).load_state_dict(loader.state_dict())

@@ -1,0 +1,242 @@
+"""Token store: deterministic parallel ingest, checksums, crash-safe resume, content-keyed cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scalelab.data.corpus import JsonlSource, TextSource
+from scalelab.data.ingest import STATE_NAME, ingest, is_heldout
+from scalelab.data.loader import BlockLoader
+from scalelab.data.store import TokenStore, ensure_store
+from scalelab.data.tokenize import BPETokenizer, ByteTokenizer
+from scalelab.errors import DataError, ShardChecksumError
+from scalelab.spec import DataSpec, SourceSpec
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return import".split()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def make_corpus(root: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        n = int(rng.integers(50, 600))
+        words = rng.choice(WORDS, size=n)
+        (root / f"doc{i:03d}.txt").write_text(" ".join(words) + f"\n# {i} ✓\n")
+    return root
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_ingest_is_deterministic_across_workers(tmp_path):
+    corpus = make_corpus(tmp_path / "c")
+    kw = dict(heldout_fraction=0.2, shard_tokens=4096, chunk_bytes=3000)
+    a = ingest([TextSource(corpus)], tmp_path / "a", ByteTokenizer(), workers=1, **kw)
+    b = ingest([TextSource(corpus)], tmp_path / "b", ByteTokenizer(), workers=2, **kw)
+    assert store_bytes(a) == store_bytes(b)
+    store = TokenStore.open(a)
+    assert store.verify() == []
+    assert store.dtype == np.uint16 and store.vocab_size == 257 and store.eod_id == 256
+    train = store.shards("train")
+    assert all(s.tokens == 4096 for s in train[:-1]) and len(train) > 3
+    assert train[0].file == "train-00000.bin"
+    total_chars = sum(len(p.read_bytes()) for p in corpus.iterdir())
+    assert store.num_tokens("train") + store.num_tokens("heldout") == total_chars + 60  # + one EOD each
+    n_held = sum(is_heldout(f"0:doc{i:03d}.txt", 0.2) for i in range(60))
+    assert store.num_documents("heldout") == n_held and 0 < n_held < 60
+    mm = np.memmap(a / train[0].file, dtype=np.uint16, mode="r")
+    assert mm.shape == (4096,)
+    index = json.loads((a / "index.json").read_text())
+    assert index["format_version"] == 1 and index["tokenizer"]["name"] == "byte"
+    assert set(index["splits"]) == {"train", "heldout"}
+
+
+def test_bpe_store(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=20)
+    tok = BPETokenizer.train((p.read_text() for p in sorted(corpus.iterdir())), vocab_size=300)
+    out = ingest(
+        [TextSource(corpus)], tmp_path / "s", tok, heldout_fraction=0.2, shard_tokens=2048, workers=2
+    )
+    store = TokenStore.open(out)
+    assert store.tokenizer_name == "bpe" and store.tokenizer.hash == tok.hash
+    ids = np.concatenate(
+        [np.asarray(store.shard_array("train", i)) for i in range(len(store.shards("train")))]
+    )
+    text = store.tokenizer.decode(ids)
+    assert "alpha" in text and (ids == tok.eod_id).sum() == store.num_documents("train")
+
+
+def test_flipped_byte_caught_by_verify_and_loader(tmp_path):
+    corpus = make_corpus(tmp_path / "c")
+    out = ingest(
+        [TextSource(corpus)], tmp_path / "s", ByteTokenizer(), heldout_fraction=0.1, shard_tokens=4096
+    )
+    shard = out / "train-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    store = TokenStore.open(out)
+    problems = store.verify()
+    assert len(problems) == 1 and "train-00001.bin" in problems[0]
+    for workers in (0, 2):
+        loader = BlockLoader(TokenStore.open(out), block_tokens=256, global_batch_size=4, num_workers=workers)
+        with pytest.raises(ShardChecksumError) as info:
+            for _, _ in zip(range(loader.batches_per_epoch), loader, strict=False):
+                pass
+        msg = str(info.value)
+        assert "train-00001.bin" in msg
+        index = json.loads((out / "index.json").read_text())
+        expected = index["splits"]["train"]["shards"][1]["sha256"]
+        assert expected in msg and hashlib.sha256(bytes(data)).hexdigest() in msg
+
+
+def test_truncated_and_missing_shard(tmp_path):
+    out = ingest(
+        [TextSource(make_corpus(tmp_path / "c"))], tmp_path / "s", ByteTokenizer(), shard_tokens=4096
+    )
+    (out / "train-00000.bin").write_bytes(b"\0" * 10)
+    (out / "train-00002.bin").unlink()
+    problems = TokenStore.open(out).verify()
+    assert any("train-00000.bin" in p and "bytes" in p for p in problems)
+    assert any("train-00002.bin" in p and "missing" in p for p in problems)
+    with pytest.raises(ShardChecksumError, match="train-00000.bin"):
+        TokenStore.open(out).shard_array("train", 0)
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(DataError, match="no index.json"):
+        TokenStore.open(tmp_path)
+    (tmp_path / "index.json").write_text('{"format": "other"}')
+    with pytest.raises(DataError, match="not a scalelab token store"):
+        TokenStore.open(tmp_path)
+
+
+def test_ingest_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        ingest([JsonlSource(bad, "text")], tmp_path / "s", ByteTokenizer())
+    with pytest.raises(DataError, match="missing_dir"):
+        ingest([TextSource(tmp_path / "missing_dir")], tmp_path / "s2", ByteTokenizer())
+    out = ingest([JsonlSource(bad, "text", skip_bad=True)], tmp_path / "s3", ByteTokenizer())
+    with pytest.raises(DataError, match="already contains"):
+        ingest([JsonlSource(bad, "text", skip_bad=True)], out, ByteTokenizer())
+
+
+SLOW_INGEST = """
+import sys, time
+from scalelab.data.corpus import TextSource
+from scalelab.data.ingest import ingest
+from scalelab.data.tokenize import ByteTokenizer
+
+class SlowBytes(ByteTokenizer):  # same definition and hash as ByteTokenizer, just slow
+    def encode_documents(self, texts, dtype=None):
+        time.sleep(0.05)
+        return super().encode_documents(texts, dtype)
+
+ingest([TextSource(sys.argv[1])], sys.argv[2], SlowBytes(), heldout_fraction=0.2,
+       shard_tokens=4096, chunk_bytes=2000)
+"""
+
+
+def test_killed_ingest_resumes_to_identical_store(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=80)
+    out = tmp_path / "killed"
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_INGEST)
+    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out)])
+    state_file = out / STATE_NAME
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(state_file.read_text())["next_chunk"] >= 8:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None, "ingest finished before it could be killed"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "index.json").exists()
+    state = json.loads(state_file.read_text())
+    done = state["splits"]["train"]["shards"]
+    assert done
+    first = out / done[0]["file"]
+    before = first.stat().st_mtime_ns, first.stat().st_ino
+
+    kw = dict(heldout_fraction=0.2, shard_tokens=4096, chunk_bytes=2000)
+    ingest([TextSource(corpus)], out, ByteTokenizer(), **kw)
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == before  # finished shard not rewritten
+    clean = ingest([TextSource(corpus)], tmp_path / "clean", ByteTokenizer(), **kw)
+    assert store_bytes(out) == store_bytes(clean)
+    assert TokenStore.open(out).content_hash == TokenStore.open(clean).content_hash
+
+
+def test_ensure_store_caches_by_content(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=30)
+    spec = DataSpec(
+        sources=[SourceSpec(kind="text", path=str(corpus))], shard_tokens=4096, heldout_fraction=0.1
+    )
+    a = ensure_store(spec)
+    assert str(a.path).startswith(str(tmp_path / "cache"))
+    b = ensure_store(spec)
+    assert a.path == b.path and a.fingerprint == b.fingerprint
+    assert len(a.fingerprint) == 64 and len(a.tokenizer_hash) == 64
+    assert a.num_tokens("train") > 0 and a.num_tokens("heldout") > 0
+    (corpus / "doc000.txt").write_text("changed")
+    c = ensure_store(spec)
+    assert c.path != a.path and c.fingerprint != a.fingerprint
+    explicit = ensure_store(DataSpec(store=str(a.path)))
+    assert explicit.path == a.path
+
+
+def test_ensure_store_bpe(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=20)
+    spec = DataSpec(sources=[SourceSpec(kind="text", path=str(corpus))], tokenizer="bpe", bpe_vocab_size=300)
+    store = ensure_store(spec, cache_dir=tmp_path / "other")
+    assert store.tokenizer_name == "bpe" and store.vocab_size <= 300
+    assert ensure_store(spec, cache_dir=tmp_path / "other").path == store.path
+
+
+CONCURRENT = """
+import sys
+from scalelab.data.store import ensure_store
+from scalelab.spec import DataSpec, SourceSpec
+spec = DataSpec(sources=[SourceSpec(kind="text", path=sys.argv[1])], shard_tokens=4096)
+s = ensure_store(spec)
+print(s.path, s.content_hash)
+"""
+
+
+def test_concurrent_ensure_store_builds_once(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=40)
+    env = {**os.environ, "SCALELAB_CACHE_DIR": str(tmp_path / "shared")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(corpus)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1] and outs[0].strip()
+    store = TokenStore.open(outs[0].split()[0])
+    assert store.verify() == []
