@@ -80,6 +80,17 @@ def _fmt_int(x: Any) -> str:
     return f"{x:.0f}"
 
 
+def _fmt_bytes(x: Any) -> str:
+    if x is None:
+        return "—"
+    x = float(x)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(x) < 1024 or unit == "GiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} TiB"
+
+
 def _fmt_float(x: Any, spec: str = ".4f") -> str:
     return "—" if x is None else format(float(x), spec)
 
@@ -93,53 +104,66 @@ def _is_tty() -> bool:
 def study_plan(
     spec: Annotated[Path, typer.Argument(help="Study spec (TOML).")],
     set_: SetOption = None,
+    parallel: Annotated[
+        int, typer.Option("--parallel", "-j", min=1, help="Runs at once (for the wall time).")
+    ] = 1,
+    measure: Annotated[
+        bool,
+        typer.Option("--measure/--no-measure", help="Time a few real steps per shape to forecast (cached)."),
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Show every run the study will make — id, shape, N, D, FLOPs — and the totals, before anything runs."""
+    """Show every run the study will make (id, shape, N, D, FLOPs, forecast time and memory) and the totals.
+
+    Forecasts come from throughput measured on this machine: a few timed optimizer steps per distinct
+    shape, cached per machine, so the first plan takes seconds and later ones nothing.
+    """
     from scalelab.spec import load_study
+    from scalelab.study.forecast import Forecaster, plan_rows
     from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
-    runs = expand_runs(study, source=spec.name)
-    rows = [
-        {
-            "run_id": r.run_id,
-            "point": r.point,
-            "width": r.spec.model.width,
-            "depth": r.spec.model.depth,
-            "n_params": r.n_params,
-            "n_params_total": r.n_params_total,
-            "tokens": r.tokens,
-            "flops": r.flops,
-        }
-        for r in runs
-    ]
-    total = {
-        "runs": len(rows),
-        "flops": sum(r["flops"] for r in rows),
-        "tokens": sum(r["tokens"] for r in rows),
-    }
+    plan = plan_rows(expand_runs(study, source=spec.name), Forecaster() if measure else None, parallel)
     if as_json:
-        print(json.dumps({"study": study.name, "runs": rows, "total": total}, indent=2))
+        print(json.dumps({"study": study.name, **plan}, indent=2))
         return
+    rows, total = plan["runs"], plan["total"]
     table = Table(title=f"study '{study.name}': {len(rows)} runs")
-    for col in ("run id", "width", "depth", "N (non-emb)", "N (total)", "D (tokens)", "FLOPs", "seed"):
-        table.add_column(col, justify="right" if col != "run id" else "left")
-    for r, p in zip(rows, runs, strict=True):
+    cols = (
+        "run id",
+        "width",
+        "depth",
+        "seed",
+        "N (non-emb)",
+        "N (total)",
+        "D (tokens)",
+        "FLOPs",
+        "forecast s",
+        "peak mem",
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col == "run id" else "right", no_wrap=col == "run id")
+    for r in rows:
         table.add_row(
             r["run_id"],
             str(r["width"]),
             str(r["depth"]),
+            str(r["seed"]),
             _fmt_int(r["n_params"]),
             _fmt_int(r["n_params_total"]),
             _fmt_int(r["tokens"]),
             f"{r['flops']:.3g}",
-            str(p.spec.train.seed),
+            _fmt_float(r["forecast_seconds"], ".0f"),
+            _fmt_bytes(r["forecast_peak_memory_bytes"]),
         )
     console.print(table)
-    console.print(
-        f"total: {total['runs']} runs, {_fmt_int(total['tokens'])} tokens, {total['flops']:.3g} FLOPs"
-    )
+    line = f"total: {total['runs']} runs, {_fmt_int(total['tokens'])} tokens, {total['flops']:.3g} FLOPs"
+    if total["forecast_wall_seconds"] is not None:
+        line += (
+            f"; forecast {total['forecast_run_seconds'] / 60:.1f} run-minutes, "
+            f"{total['forecast_wall_seconds'] / 60:.1f} minutes wall with --parallel {parallel}"
+        )
+    console.print(line)
 
 
 @study_app.command("run")
@@ -157,11 +181,16 @@ def study_run(
         str | None, typer.Option(help="Ray cluster address; default: a local Ray instance.")
     ] = None,
     gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs requested per run.")] = 0.0,
+    forecast: Annotated[
+        bool,
+        typer.Option("--forecast/--no-forecast", help="Forecast each run's time first (see `study plan`)."),
+    ] = True,
 ) -> None:
     """Run (or continue) a study: finished runs are skipped, interrupted ones resume from checkpoints."""
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
+    from scalelab.study.forecast import Forecaster
 
     study = load_study(spec, set_ or ())
     if executor_kind == "local":
@@ -179,6 +208,12 @@ def study_run(
         )
     else:
         raise SpecError(f"--executor: expected 'local' or 'ray', got {executor_kind!r}")
+    forecaster = Forecaster() if forecast else None
+
+    def forecast_seconds(planned: Any) -> float | None:
+        fc = forecaster.forecast(planned) if forecaster else None
+        return None if fc is None else fc.seconds
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -210,6 +245,7 @@ def study_run(
             overrides=tuple(set_ or ()),
             progress=on_done,
             on_plan=on_plan,
+            forecast=forecast_seconds,
         )
     n_fail = len(result.outcomes) - result.count("done") - result.count("skipped")
     console.print(
@@ -248,8 +284,10 @@ def study_status(
         print(json.dumps([{k: r.get(k) for k in keep} for r in rows], indent=2))
         return
     table = Table(title=f"{study_dir}: {len(rows)} runs")
-    for col in ("run id", "status", "N", "D", "FLOPs", "eval loss", "train loss", "wall s", "note"):
-        table.add_column(col, justify="left" if col in ("run id", "status", "note") else "right")
+    for col in ("run id", "status", "N", "D", "FLOPs", "eval loss", "train loss", "fcst s", "wall s", "note"):
+        table.add_column(
+            col, justify="left" if col in ("run id", "status", "note") else "right", no_wrap=col == "run id"
+        )
     colors = {"done": "green", "failed": "red", "diverged": "magenta", "timeout": "yellow", "running": "cyan"}
     for r in rows:
         st = r["status"]
@@ -261,6 +299,7 @@ def study_status(
             "—" if r["flops"] is None else f"{r['flops']:.3g}",
             _fmt_float(r["eval_loss"]),
             _fmt_float(r["final_train_loss"]),
+            _fmt_float(r["forecast_seconds"], ".0f"),
             _fmt_float(r["wall_seconds"], ".1f"),
             (r["error"] or "").splitlines()[0][:60] if r["error"] else "",
         )

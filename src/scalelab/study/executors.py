@@ -378,7 +378,10 @@ def prepare_run_dirs(
     registry: Registry,
     forecast: Callable[[PlannedRun], float | None] | None = None,
 ) -> tuple[list[PlannedRun], list[tuple[PlannedRun, Path]]]:
-    """Register every planned run and write its config.json; return (all runs, runs still to do)."""
+    """Register every planned run and write its config.json; return (all runs, runs still to do).
+
+    `forecast(planned)` (seconds) is asked only for runs still to do, so the skip path stays fast.
+    """
     from scalelab.io import atomic_write_text
 
     runs = expand_runs(study)
@@ -392,11 +395,12 @@ def prepare_run_dirs(
             point=planned.point,
             seed=planned.spec.train.seed,
             run_dir=str(run_dir),
-            forecast_seconds=forecast(planned) if forecast else None,
         )
         row = registry.get(planned.run_id)
         if row and row["status"] == "done" and (run_dir / "record.json").exists():
             continue
+        if forecast is not None and row and row.get("forecast_seconds") is None:
+            registry.set_forecast(planned.run_id, forecast(planned))
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.json").exists():
             atomic_write_text(run_dir / "config.json", planned.spec.canonical_json())
@@ -413,13 +417,14 @@ def run_study(
     overrides: tuple[str, ...] = (),
     progress: ProgressFn | None = None,
     on_plan: Callable[[list[PlannedRun], int], None] | None = None,
+    forecast: Callable[[PlannedRun], float | None] | None = None,
 ) -> StudyResult:
     """Plan, register and execute a study; finished runs are skipped, the rest run (or resume)."""
     study_dir = Path(study_dir)
     executor = executor or LocalExecutor()
     write_study_files(study, study_dir, source_text, overrides)
     with Registry(study_dir / "registry.sqlite") as registry:
-        runs, todo = prepare_run_dirs(study, study_dir, registry)
+        runs, todo = prepare_run_dirs(study, study_dir, registry, forecast)
         done_ids = {p.run_id for p in runs} - {p.run_id for p, _ in todo}
         if on_plan:
             on_plan(runs, len(todo))

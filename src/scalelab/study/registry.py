@@ -171,8 +171,6 @@ class Registry:
             )
             if cur.rowcount:
                 self._event(c, run_id, "pending", None)
-            elif forecast_seconds is not None:
-                c.execute("UPDATE runs SET forecast_seconds = ? WHERE run_id = ?", (forecast_seconds, run_id))
             return bool(cur.rowcount)
 
     def set_status(self, run_id: str, status: str, message: str | None = None, **fields: Any) -> None:
@@ -189,6 +187,11 @@ class Registry:
             if not cur.rowcount:
                 raise RegistryError(f"{self.path}: run {run_id} is not registered")
             self._event(c, run_id, status, message)
+
+    def set_forecast(self, run_id: str, seconds: float | None) -> None:
+        """Store the forecast wall time of a run (shown against the actual one by `study status`)."""
+        with self._write() as c:
+            c.execute("UPDATE runs SET forecast_seconds = ? WHERE run_id = ?", (seconds, run_id))
 
     def record_result(
         self, run_id: str, record: dict[str, Any], provenance: dict[str, Any] | None = None

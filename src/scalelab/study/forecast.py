@@ -1,0 +1,209 @@
+"""Forecast a run's wall time and peak memory from throughput measured on this machine.
+
+For each distinct shape (model, batch, precision, device, threads) a few real optimizer steps are timed
+on random tokens and cached per machine in `<cache>/forecast.json`, so a plan costs seconds once and
+nothing after. A run's forecast = start-up + training tokens / measured tokens-per-second + held-out
+evaluations (a forward pass costs about a third of a training step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalelab.hw import cache_dir, machine_key, peak_memory_bytes
+from scalelab.io import atomic_write_json
+from scalelab.spec import RunSpec
+from scalelab.study.plan import PlannedRun, planning_vocab
+
+log = logging.getLogger(__name__)
+
+#: process start, imports, data store open and model build, measured on this kind of machine (seconds).
+STARTUP_SECONDS = 4.0
+EVAL_COST_RATIO = 1.0 / 3.0  # forward-only vs forward+backward+update
+
+
+@dataclass(frozen=True)
+class Throughput:
+    tokens_per_second: float
+    peak_memory_bytes: int
+    step_seconds: float
+
+
+@dataclass(frozen=True)
+class Forecast:
+    seconds: float
+    peak_memory_bytes: int
+    tokens_per_second: float
+
+
+def shape_key(spec: RunSpec) -> str:
+    """What decides speed and memory: the model shape, batch, precision, compile, device, threads."""
+    m, t = spec.model, spec.train
+    fields = {
+        "width": m.width,
+        "depth": m.depth,
+        "n_heads": m.n_heads,
+        "context": m.context_tokens,
+        "mlp_ratio": m.mlp_ratio,
+        "vocab": planning_vocab(spec),
+        "tie": m.tie_embeddings,
+        "global_batch": t.global_batch_size,
+        "micro_batch": t.micro_batch_size or t.global_batch_size,
+        "precision": t.precision,
+        "compile": t.compile,
+        "device": t.device,
+        "threads": t.threads,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _device(spec: RunSpec) -> torch.device:
+    if spec.train.device == "cuda" or (spec.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def measure_throughput(spec: RunSpec, steps: int = 5, warmup: int = 2) -> Throughput:
+    """Time `steps` real optimizer steps (after `warmup`) of this run's model on random tokens."""
+    from scalelab.models.gpt import build_model
+    from scalelab.models.parametrization import apply_parametrization
+    from scalelab.train.precision import autocast
+    from scalelab.train.trainer import make_optimizer
+
+    device = _device(spec)
+    old_threads = torch.get_num_threads()
+    if spec.train.threads and device.type == "cpu":
+        torch.set_num_threads(spec.train.threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        model = build_model(spec.model, planning_vocab(spec)).to(device)
+        groups = apply_parametrization(model, spec.model)
+        opt = make_optimizer(groups, spec.train, device)
+        micro = spec.train.micro_batch_size or spec.train.global_batch_size
+        n_micro = spec.train.global_batch_size // micro
+        vocab = planning_vocab(spec)
+        T = spec.model.context_tokens
+        x = torch.randint(0, vocab, (micro, T + 1), generator=gen).to(device)
+        times = []
+        for i in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n_micro):
+                with autocast(device.type, spec.train.precision):
+                    loss = model(x[:, :-1], x[:, 1:])
+                (loss / n_micro).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        return Throughput(spec.train.global_batch_size * T / step, peak_memory_bytes(device), step)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+class Forecaster:
+    """Measured-throughput forecasts, cached per machine and shape."""
+
+    def __init__(self, cache_path: Path | None = None, measure: bool = True):
+        self.path = cache_path or cache_dir() / "forecast.json"
+        self.measure = measure
+        self._cache: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._cache is None:
+            try:
+                self._cache = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._cache = {}
+        return self._cache
+
+    def throughput(self, spec: RunSpec) -> Throughput | None:
+        machine = machine_key(_device(spec))
+        key = shape_key(spec)
+        entry = self._load().get(machine, {}).get(key)
+        if entry is None:
+            if not self.measure:
+                return None
+            tp = measure_throughput(spec)
+            cache = self._load()
+            cache.setdefault(machine, {})[key] = {**tp.__dict__, "measured_at": time.time()}
+            try:
+                atomic_write_json(self.path, cache)
+            except OSError as err:
+                log.warning("cannot write forecast cache %s: %s", self.path, err)
+            return tp
+        return Throughput(entry["tokens_per_second"], entry["peak_memory_bytes"], entry["step_seconds"])
+
+    def forecast(self, planned: PlannedRun) -> Forecast | None:
+        """Forecast of one planned run, or None when measuring is off and nothing is cached."""
+        tp = self.throughput(planned.spec)
+        if tp is None:
+            return None
+        t = planned.spec.train
+        step_tokens = t.global_batch_size * planned.spec.model.context_tokens
+        steps = max(1, planned.tokens // step_tokens)
+        n_evals = steps // t.eval_interval_steps + 1
+        eval_tokens = n_evals * t.eval_tokens
+        seconds = (
+            STARTUP_SECONDS
+            + steps * step_tokens / tp.tokens_per_second
+            + EVAL_COST_RATIO * eval_tokens / tp.tokens_per_second
+        )
+        return Forecast(seconds, tp.peak_memory_bytes, tp.tokens_per_second)
+
+
+def total_wall_seconds(forecasts: list[Forecast | None], parallel: int) -> float | None:
+    """Wall time of the whole study with `parallel` runs at once (longest-first list scheduling)."""
+    secs = sorted((f.seconds for f in forecasts if f is not None), reverse=True)
+    if not secs:
+        return None
+    lanes = [0.0] * max(1, parallel)
+    for s in secs:
+        lanes[lanes.index(min(lanes))] += s
+    return max(lanes) if not math.isnan(max(lanes)) else None
+
+
+def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: int = 1) -> dict[str, Any]:
+    """Rows of `study plan` (id, shape, N, D, FLOPs, forecast time and memory) and the totals."""
+    rows, forecasts = [], []
+    for r in runs:
+        fc = forecaster.forecast(r) if forecaster else None
+        forecasts.append(fc)
+        rows.append(
+            {
+                "run_id": r.run_id,
+                "point": r.point,
+                "width": r.spec.model.width,
+                "depth": r.spec.model.depth,
+                "seed": r.spec.train.seed,
+                "n_params": r.n_params,
+                "n_params_total": r.n_params_total,
+                "tokens": r.tokens,
+                "flops": r.flops,
+                "forecast_seconds": None if fc is None else fc.seconds,
+                "forecast_peak_memory_bytes": None if fc is None else fc.peak_memory_bytes,
+            }
+        )
+    total = {
+        "runs": len(rows),
+        "flops": sum(r["flops"] for r in rows),
+        "tokens": sum(r["tokens"] for r in rows),
+        "forecast_run_seconds": sum(f.seconds for f in forecasts if f) if forecaster else None,
+        "forecast_wall_seconds": total_wall_seconds(forecasts, parallel) if forecaster else None,
+        "parallel": parallel,
+    }
+    return {"runs": rows, "total": total}
