@@ -1,0 +1,360 @@
+"""Library entry points behind `scalelab fit` and `scalelab recommend`.
+
+* `fit_source(source, law=..., bootstrap=..., holdout=..., seed=...) -> FitReport`: fit a study directory
+  (its `registry.sqlite`, runs with status "done") or a table file (CSV, Parquet, JSONL).
+* `fit_study(study_dir, ...)`: the same, for a study directory (defaults from its study.toml [study.fit]).
+* `recommend(fit_json_path, compute=... | target_loss=...)`: N_opt, D_opt and the predicted loss for a
+  budget, or the compute needed for a target loss, from a saved fit.json.
+
+fit.json (``FitReport.to_json()``) shape::
+
+    {"format": "scalelab.fit/1", "created_at", "source",
+     "settings": {law, bootstrap, holdout, seed, delta, confidence, n_params, loss_column, n_jobs},
+     "data": {n_runs, compute_source, N_range, D_range, C_range, loss_range, has_seed, groups, notes},
+     "fit": {law, form, params, intervals, derived, derived_intervals, theta, convergence, bootstrap
+             {n, unit, seed, converged_fraction, theta_samples}, residuals, accounting, warnings, settings},
+     "information_criteria": {aic, aicc, bic, log_likelihood, n_params, n},
+     "residual_diagnostics": {...}, "comparison": [{law, aic, bic, ...}], "backtest": {...} | null,
+     "recommendation": {...} | null, "warnings": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalelab.errors import FitError, ScalelabError
+from scalelab.fit.laws import _floats, law_from_dict, make_law
+from scalelab.fit.table import COMPUTE_TABLE, RunTable, load_table, make_table
+from scalelab.fit.validate import backtest, information_criteria, residual_diagnostics
+
+log = logging.getLogger(__name__)
+
+FORMAT = "scalelab.fit/1"
+COMPARE_LAWS = ("chinchilla", "kaplan", "power:C")
+
+
+@dataclass
+class FitReport:
+    """A fitted law plus its validation, ready to render or to write as fit.json."""
+
+    law: Any
+    table: RunTable
+    settings: dict[str, Any]
+    criteria: dict[str, float]
+    diagnostics: dict[str, Any]
+    comparison: list[dict[str, Any]] = field(default_factory=list)
+    backtest: dict[str, Any] | None = None
+    recommendation: dict[str, Any] | None = None
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @property
+    def warnings(self) -> list[str]:
+        out = list(self.law.warnings_)
+        out += self.diagnostics.get("flags", [])
+        if self.recommendation and self.recommendation.get("extrapolation", {}).get("far"):
+            f = self.recommendation["extrapolation"]["factor"]
+            out.append(f"the recommendation extrapolates {f:.0f}x beyond the largest run's compute")
+        if self.backtest and self.backtest.get("coverage") is not None and self.backtest["coverage"] < 0.5:
+            out.append(
+                f"backtest: only {100 * self.backtest['coverage']:.0f}% of held-out runs fall inside their "
+                "prediction intervals"
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return _floats(
+            {
+                "format": FORMAT,
+                "created_at": self.created_at,
+                "source": self.table.source,
+                "settings": self.settings,
+                "data": self.table.describe(),
+                "fit": self.law.to_dict(),
+                "information_criteria": self.criteria,
+                "residual_diagnostics": self.diagnostics,
+                "comparison": self.comparison,
+                "backtest": self.backtest,
+                "recommendation": self.recommendation,
+                "warnings": self.warnings,
+            }
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write fit.json atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+
+# --------------------------------------------------------------------------------------- sources
+def _study_fit_defaults(study_dir: Path) -> dict[str, Any]:
+    """[study.fit] and [study.target] from the study's study.toml, when it is there and valid."""
+    path = study_dir / "study.toml"
+    if not path.is_file():
+        return {}
+    try:
+        from scalelab.spec import FitSpec, TargetSpec, read_toml
+
+        data = read_toml(path).get("study", {})
+        fit = FitSpec.model_validate(data.get("fit", {}))
+        target = TargetSpec.model_validate(data.get("target", {}))
+    except (ScalelabError, ValueError) as err:
+        log.warning("%s: fit defaults not read (%s)", path, err)
+        return {}
+    return {"fit": fit, "target": target}
+
+
+def table_from_study(study_dir: str | Path, n_params: str = "non_embedding", loss: str = "eval") -> RunTable:
+    """Runs with status "done" from a study's registry as a `RunTable` (C from models/flops.py)."""
+    study_dir = Path(study_dir)
+    db = study_dir / "registry.sqlite"
+    if not db.is_file():
+        raise FitError(f"{study_dir}: no registry.sqlite here (is this a study directory?)")
+    try:
+        from scalelab.study.registry import Registry
+    except ImportError as err:  # pragma: no cover - depends on the checkout
+        raise FitError(f"cannot read {db}: the study registry is unavailable ({err})") from None
+    reg = Registry(db, create=False)
+    try:
+        rows = reg.runs(status="done")
+    finally:
+        close = getattr(reg, "close", None)
+        if close:
+            close()
+    if not rows:
+        raise FitError(f"{db}: no runs with status 'done' to fit")
+    n_key = {"non_embedding": "n_params", "total": "n_params_total"}[n_params]
+    l_key = {"eval": "eval_loss", "train": "final_train_loss"}[loss]
+    cols: dict[str, list[Any]] = {"N": [], "D": [], "C": [], "loss": [], "seed": [], "run_id": []}
+    for r in rows:
+        rid = r.get("run_id", "?")
+        for key in (n_key, "tokens", "flops", l_key):
+            if r.get(key) is None:
+                raise FitError(f"{db}: run {rid}: field '{key}' is missing; re-run it or mark it failed")
+        cols["N"].append(r[n_key])
+        cols["D"].append(r["tokens"])
+        cols["C"].append(r["flops"])
+        cols["loss"].append(r[l_key])
+        cols["seed"].append(r.get("seed") if r.get("seed") is not None else 0)
+        cols["run_id"].append(rid)
+    return make_table(
+        cols["N"],
+        cols["D"],
+        cols["loss"],
+        cols["C"],
+        seed=cols["seed"],
+        run_id=cols["run_id"],
+        compute_source=COMPUTE_TABLE,
+        source=str(db),
+    )
+
+
+def parse_holdout(holdout: str | int | None) -> int:
+    """ "largest:K" or K → K (0: no backtest)."""
+    if holdout is None or holdout == "" or holdout == 0:
+        return 0
+    if isinstance(holdout, int):
+        k = holdout
+    else:
+        kind, _, num = str(holdout).partition(":")
+        if kind != "largest" or not num.strip().isdigit():
+            raise FitError(f"--holdout {holdout!r}: expected largest:K, e.g. largest:3")
+        k = int(num)
+    if k < 0:
+        raise FitError(f"--holdout: K must be >= 0, got {k}")
+    return k
+
+
+def fit_table(
+    table: RunTable,
+    law: str = "chinchilla",
+    *,
+    bootstrap: int = 1000,
+    holdout: str | int | None = None,
+    seed: int = 0,
+    delta: float = 1e-3,
+    confidence: float = 0.9,
+    n_jobs: int | None = None,
+    compare: bool = True,
+    target_compute: float | None = None,
+    target_loss: float | None = None,
+    extra_settings: dict[str, Any] | None = None,
+) -> FitReport:
+    """Fit `law` to `table` with bootstrap intervals, validate it and (given a target) recommend."""
+    k_hold = parse_holdout(holdout)
+    kw = {"delta": delta, "n_bootstrap": bootstrap, "confidence": confidence, "seed": seed, "n_jobs": n_jobs}
+    est = make_law(law, **kw).fit(table)
+    n_par = len(est.param_names)
+    crit = information_criteria(est.residuals_, n_par) if hasattr(est, "residuals_") else {}
+    diag = residual_diagnostics(table, est.residuals_) if hasattr(est, "residuals_") else {}
+    comparison = []
+    if compare:
+        for other in COMPARE_LAWS:
+            try:
+                o = est if other == law else make_law(other, delta=delta).fit(table)
+            except FitError as err:
+                comparison.append({"law": other, "error": str(err)})
+                continue
+            ic = information_criteria(o.residuals_, len(o.param_names))
+            comparison.append({"law": other, **ic, "converged": bool(o.result_.converged)})
+        ok = [c for c in comparison if "aic" in c]
+        if ok:
+            best_aic = min(c["aic"] for c in ok)
+            best_bic = min(c["bic"] for c in ok)
+            for c in ok:
+                c["delta_aic"] = c["aic"] - best_aic
+                c["delta_bic"] = c["bic"] - best_bic
+    bt = None
+    if k_hold:
+        bt = backtest(est, table, largest=k_hold, n_bootstrap=min(bootstrap, 200))
+    rec = None
+    if target_compute is not None and hasattr(est, "optimal"):
+        rec = est.optimal(target_compute)
+    elif target_loss is not None and hasattr(est, "compute_for_loss"):
+        rec = est.compute_for_loss(target_loss)
+    settings = {
+        "law": law,
+        "bootstrap": bootstrap,
+        "holdout": f"largest:{k_hold}" if k_hold else None,
+        "seed": seed,
+        "delta": delta,
+        "confidence": confidence,
+        "n_jobs": n_jobs,
+        **(extra_settings or {}),
+    }
+    return FitReport(est, table, settings, crit, diag, comparison, bt, rec)
+
+
+def fit_source(
+    source: str | Path,
+    law: str | None = None,
+    bootstrap: int | None = None,
+    holdout: str | int | None = None,
+    seed: int | None = None,
+    *,
+    delta: float | None = None,
+    confidence: float = 0.9,
+    n_params: str | None = None,
+    loss: str | None = None,
+    n_jobs: int | None = None,
+    compare: bool = True,
+) -> FitReport:
+    """Fit a study directory or a table file. Unset options come from the study's [study.fit]
+    (for a study directory) or the FitSpec defaults."""
+    from scalelab.spec import FitSpec
+
+    path = Path(source)
+    if path.is_dir():
+        defaults = _study_fit_defaults(path)
+        spec: FitSpec = defaults.get("fit") or FitSpec()
+        target = defaults.get("target")
+        n_params = n_params or spec.n_params
+        loss = loss or spec.loss
+        table = table_from_study(path, n_params=n_params, loss=loss)
+    elif path.exists():
+        spec = FitSpec()
+        target = None
+        table = load_table(path)
+    else:
+        raise FitError(f"{path}: no such study directory or table file")
+    if holdout is None and spec.holdout_largest:
+        holdout = spec.holdout_largest
+    return fit_table(
+        table,
+        law or spec.law,
+        bootstrap=spec.bootstrap if bootstrap is None else bootstrap,
+        holdout=holdout,
+        seed=spec.seed if seed is None else seed,
+        delta=spec.huber_delta if delta is None else delta,
+        confidence=confidence,
+        n_jobs=n_jobs,
+        compare=compare,
+        target_compute=getattr(target, "compute_flops", None),
+        target_loss=getattr(target, "loss", None),
+        extra_settings={"n_params": n_params, "loss_column": loss} if path.is_dir() else None,
+    )
+
+
+def fit_study(study_dir: str | Path, **kw: Any) -> FitReport:
+    """`fit_source` for a study directory; also writes DIR/report/fit.json unless ``save=False``."""
+    save = kw.pop("save", True)
+    path = Path(study_dir)
+    if not path.is_dir():
+        raise FitError(f"{path}: not a study directory")
+    rep = fit_source(path, **kw)
+    if save:
+        rep.save(default_output(path))
+    return rep
+
+
+def default_output(source: str | Path) -> Path:
+    """Where `scalelab fit` writes: DIR/report/fit.json for a study, else fit.json beside the table."""
+    p = Path(source)
+    if p.is_dir():
+        return p / "report" / "fit.json"
+    return p.with_name(p.stem + ".fit.json")
+
+
+# ------------------------------------------------------------------------------------- recommend
+def load_fit(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise FitError(f"{path}: cannot read fit JSON ({err.strerror or err})") from None
+    except ValueError as err:
+        raise FitError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "fit" not in data:
+        raise FitError(
+            f"{path}: not a scalelab fit.json (expected format {FORMAT!r}); run `scalelab fit` first"
+        )
+    return data
+
+
+def recommend(
+    fit_json_path: str | Path, compute: float | None = None, target_loss: float | None = None
+) -> dict[str, Any]:
+    """N_opt, D_opt, tokens/param and the predicted loss (with intervals) for `compute` FLOPs, or the
+    compute needed to reach `target_loss`, from a saved fit.json."""
+    from scalelab.fit.optimal import check_budget
+
+    check_budget(compute, target_loss)
+    data = load_fit(fit_json_path)
+    law = law_from_dict(data["fit"])
+    if not hasattr(law, "optimal"):
+        raise FitError(
+            f"{fit_json_path}: a '{data['fit']['law']}' fit cannot recommend N and D; fit with --law chinchilla "
+            "or --law isoflop"
+        )
+    c_max = data.get("data", {}).get("C_range", [None, None])[1]
+    if compute is not None:
+        out = law.optimal(compute)
+        if c_max:
+            factor = float(compute) / float(c_max)
+            out["extrapolation"] = {"largest_run_flops": c_max, "factor": factor, "far": factor > 100}
+    else:
+        out = law.compute_for_loss(float(target_loss))  # type: ignore[arg-type]
+        if c_max and np.isfinite(out["compute_flops"]):
+            factor = out["compute_flops"] / float(c_max)
+            out["extrapolation"] = {"largest_run_flops": c_max, "factor": factor, "far": factor > 100}
+    warnings = list(data.get("warnings", []))
+    ext = out.get("extrapolation")
+    if ext and ext.get("far"):
+        warnings.append(f"extrapolating {ext['factor']:.0f}x beyond the largest run's compute")
+    out["law"] = data["fit"]["law"]
+    out["fit_json"] = str(fit_json_path)
+    out["warnings"] = warnings
+    return _floats(out)

@@ -1,0 +1,559 @@
+"""Scaling-law forms as estimators (scikit-learn shape).
+
+``law = ChinchillaLaw(n_bootstrap=1000, seed=0).fit(table)`` returns the law; results live in attributes
+ending in ``_`` (``params_``, ``intervals_``, ``derived_``, ``warnings_``, ``result_``); ``predict`` and
+``optimal`` are pure functions of the fitted state; ``to_dict()`` holds all of it (and ``from_dict``
+rebuilds a fitted law, bootstrap draws included, so a saved fit.json can answer new questions).
+
+Forms:
+
+* `ChinchillaLaw`: L(N, D) = E + A/N^α + B/D^β (Hoffmann et al. 2022, approach 3).
+* `PowerLaw`: L(x) = E + A/x^α for x ∈ {C, N, D}.
+* `KaplanLaw`: L(N, D) = [(N_c/N)^{α_N/α_D} + D_c/D]^{α_D} (Kaplan et al. 2020, eq. 1.5).
+* `IsoFLOPLaw`: per compute budget a parabola of loss in log N; its minima fitted as N_opt = G·C^a,
+  D_opt = H·C^b (Hoffmann et al. approach 2).
+
+All parametric fits minimise the Huber loss of log residuals (see `scalelab.fit.estimate`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from scalelab.errors import FitError
+from scalelab.fit import estimate as est
+from scalelab.fit._blas import one_blas_thread
+from scalelab.fit.optimal import Accounting, compute_for_loss, optimal_allocation
+from scalelab.fit.table import RunTable, make_table
+
+log = logging.getLogger(__name__)
+
+INTERVAL_KIND_CONFIDENCE = "confidence (parameter uncertainty: bootstrap percentiles)"
+INTERVAL_KIND_PREDICTION = "prediction (parameter uncertainty + residual scatter of single runs)"
+
+
+def _percentiles(samples: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    q = 100.0 * np.array([(1 - level) / 2, (1 + level) / 2])
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.percentile(samples, q, axis=axis)
+    return lo, hi
+
+
+def _floats(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return [_floats(v) for v in x.tolist()]
+    if isinstance(x, list | tuple):
+        return [_floats(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _floats(v) for k, v in x.items()}
+    if isinstance(x, np.floating | float):
+        v = float(x)
+        return v if np.isfinite(v) else (None if np.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+class ScalingLaw:
+    """Base class: validated settings, the Huber/bootstrap machinery and serialisation.
+
+    Parameters
+    ----------
+    delta: Huber threshold on log residuals (default 1e-3, as Hoffmann et al.).
+    n_bootstrap: bootstrap refits for intervals (0: none).
+    confidence: nominal coverage of every interval (default 0.9).
+    seed: seeds the resampling (results do not depend on the number of workers).
+    n_jobs: worker processes for the bootstrap (None: the CPUs this process may use).
+    """
+
+    name: ClassVar[str] = "law"
+    param_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        *,
+        delta: float = est.DEFAULT_DELTA,
+        n_bootstrap: int = 0,
+        confidence: float = 0.9,
+        seed: int = 0,
+        n_jobs: int | None = None,
+    ) -> None:
+        if not (isinstance(delta, int | float) and np.isfinite(delta) and delta > 0):
+            raise FitError(f"delta must be a positive number, got {delta!r}")
+        if not (isinstance(n_bootstrap, int | np.integer) and n_bootstrap >= 0):
+            raise FitError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
+        if not (0 < confidence < 1):
+            raise FitError(f"confidence must be in (0, 1), got {confidence!r}")
+        if n_jobs is not None and (not isinstance(n_jobs, int) or n_jobs < 1):
+            raise FitError(f"n_jobs must be a positive integer or None, got {n_jobs!r}")
+        self.delta = float(delta)
+        self.n_bootstrap = int(n_bootstrap)
+        self.confidence = float(confidence)
+        self.seed = int(seed)
+        self.n_jobs = n_jobs
+
+    # -- sklearn-style introspection
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "delta": self.delta,
+            "n_bootstrap": self.n_bootstrap,
+            "confidence": self.confidence,
+            "seed": self.seed,
+            "n_jobs": self.n_jobs,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "theta_"):
+            raise FitError(f"{type(self).__name__} is not fitted yet: call fit(table) first")
+
+    @staticmethod
+    def _as_table(X: Any, y: Any = None, weights: Any = None) -> RunTable:
+        if isinstance(X, RunTable):
+            if weights is not None:
+                raise FitError("pass weights as the table's 'weight' column")
+            return X
+        arr = np.asarray(X, dtype=np.float64)
+        if y is None:
+            raise FitError("fit(X, y): y (the losses) is required when X is not a RunTable")
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        if arr.shape[1] == 2:
+            return make_table(arr[:, 0], arr[:, 1], y, weight=weights)
+        if arr.shape[1] == 3:
+            return make_table(arr[:, 0], arr[:, 1], y, arr[:, 2], weight=weights)
+        raise FitError(f"X must have columns (N, D) or (N, D, C); got shape {arr.shape}")
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class _PowerSumLaw(ScalingLaw):
+    """Laws of the form E + Σ_k A_k/x_k^{α_k}, fitted by variable projection + L-BFGS-B."""
+
+    coef_names: ClassVar[tuple[str, ...]] = ()
+    exponent_names: ClassVar[tuple[str, ...]] = ()
+    variables: tuple[str, ...] = ()
+
+    def _features(self, table: RunTable) -> np.ndarray:
+        cols = {"N": table.N, "D": table.D, "C": table.C}
+        return np.stack([cols[v] for v in self.variables], axis=1)
+
+    def fit(self, X: Any, y: Any = None, *, weights: Any = None) -> _PowerSumLaw:
+        """Fit to a `RunTable` (or arrays X = (N, D[, C]), y = loss). Returns self."""
+        table = self._as_table(X, y, weights)
+        with one_blas_thread():
+            self._fit_table(table)
+        return self
+
+    def _fit_table(self, table: RunTable) -> None:
+        n_par = 2 * len(self.variables) + 1
+        est.check_enough_runs(len(table), n_par, f"{self.name} law on {table.source}")
+        w = table.weight if table.weight is not None else np.ones(len(table))
+        problem = est.PowerSumProblem.from_features(self._features(table), table.loss, w, self.delta)
+        res = problem.search()
+        self.problem_ = problem
+        self.result_ = res
+        self.theta_ = problem.to_natural(res.theta)
+        self.table_ = table
+        self.accounting_ = Accounting.from_runs(table.N, table.D, table.C, table.compute_source)
+        self.n_runs_ = len(table)
+        log_pred = est.power_sum_log_predict(self.theta_, np.log(self._features(table)))
+        self.residuals_ = np.log(table.loss) - log_pred
+        self.at_bound_ = self._at_bound(res.theta, problem)
+        if self.n_bootstrap:
+            unit = "config (all seeds of one N, D, group)" if table.seed is not None else "run"
+            boot = est.bootstrap(
+                problem, res.theta, self.n_bootstrap, table.clusters(), self.seed, self.n_jobs, unit
+            )
+            self.bootstrap_ = boot
+            self.samples_ = np.stack([problem.to_natural(t) for t in boot.thetas])
+            self.samples_at_bound_ = {
+                name: float(np.mean([name in self._at_bound(t, problem) for t in boot.thetas]))
+                for name in self.param_names
+            }
+        else:
+            self.bootstrap_ = None
+            self.samples_ = np.zeros((0, n_par))
+            self.samples_at_bound_ = {}
+        self._finish()
+
+    def _at_bound(self, theta: np.ndarray, problem: est.PowerSumProblem) -> list[str]:
+        names = self._theta_names()
+        out = []
+        for name, v, (lo, hi) in zip(names, theta, problem.bounds(), strict=True):
+            span = max(1.0, abs(hi - lo))
+            if v - lo <= 1e-6 * span or hi - v <= 1e-6 * span:
+                out.append(self._param_of(name))
+        return out
+
+    def _theta_names(self) -> list[str]:
+        return ["log_E", *[f"log_{c}" for c in self.coef_names], *self.exponent_names]
+
+    @staticmethod
+    def _param_of(theta_name: str) -> str:
+        return theta_name.removeprefix("log_")
+
+    @classmethod
+    def _params_from_theta(cls, theta: np.ndarray) -> dict[str, np.ndarray]:
+        K = len(cls.coef_names)
+        out = {"E": np.exp(theta[..., 0])}
+        for k, c in enumerate(cls.coef_names):
+            out[c] = np.exp(theta[..., 1 + k])
+        for k, e in enumerate(cls.exponent_names):
+            out[e] = theta[..., 1 + K + k]
+        return out
+
+    def _finish(self) -> None:
+        p = self._params_from_theta(self.theta_)
+        self.params_ = {k: float(v) for k, v in p.items()}
+        self.intervals_ = {}
+        if len(self.samples_):
+            ps = self._params_from_theta(self.samples_)
+            for k, v in ps.items():
+                lo, hi = _percentiles(v, self.confidence)
+                self.intervals_[k] = (float(lo), float(hi))
+        self.derived_, self.derived_intervals_ = self._derived()
+        self.warnings_ = self._warnings()
+
+    def _derived(self) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+        return {}, {}
+
+    def _warnings(self) -> list[str]:
+        from scalelab.fit.validate import fit_warnings
+
+        return fit_warnings(self)
+
+    # -- prediction
+    def _log_predict_theta(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return est.power_sum_log_predict(theta, np.log(X))
+
+    def _X(self, *cols: Any) -> np.ndarray:
+        arrs = np.broadcast_arrays(*(np.asarray(c, dtype=np.float64) for c in cols))
+        X = np.stack([a.ravel() for a in arrs], axis=1)
+        if np.any(~np.isfinite(X)) or np.any(X <= 0):
+            raise FitError(f"{self.name}: inputs to predict must be positive and finite")
+        return X
+
+    def _predict_X(self, X: np.ndarray) -> np.ndarray:
+        self._check_fitted()
+        return np.exp(self._log_predict_theta(self.theta_, X))
+
+    def _interval_X(
+        self, X: np.ndarray, kind: str = "confidence", level: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fitted()
+        if not len(self.samples_):
+            raise FitError(f"{self.name}: intervals need a bootstrap (fit with n_bootstrap > 0)")
+        if kind not in ("confidence", "prediction"):
+            raise FitError(f"interval kind must be 'confidence' or 'prediction', got {kind!r}")
+        level = self.confidence if level is None else level
+        logp = np.stack([self._log_predict_theta(t, X) for t in self.samples_])  # (B, m)
+        if kind == "prediction":
+            rng = np.random.default_rng(self.seed + 1)
+            res = self.residuals_ - np.mean(self.residuals_)
+            logp = logp + rng.choice(res, size=logp.shape)
+        lo, hi = _percentiles(logp, level)
+        return np.exp(lo), np.exp(hi)
+
+    # -- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Everything fitted: parameters, intervals, derived quantities, settings, bootstrap draws."""
+        self._check_fitted()
+        res = self.result_
+        boot = self.bootstrap_
+        return _floats(
+            {
+                "law": self.name,
+                "form": self.form,
+                "variables": list(self.variables),
+                "settings": {
+                    **self.get_params(),
+                    "loss": "Huber on log residuals",
+                    "optimizer": "variable projection on an exponent grid + L-BFGS-B polish (analytic gradient)",
+                    "interval_method": "bootstrap percentile",
+                },
+                "params": self.params_,
+                "intervals": {k: list(v) for k, v in self.intervals_.items()},
+                "derived": self.derived_,
+                "derived_intervals": {k: list(v) for k, v in self.derived_intervals_.items()},
+                "theta": {"names": self._theta_names(), "values": self.theta_},
+                "convergence": {
+                    "converged": res.converged,
+                    "message": res.message,
+                    "objective": res.objective,
+                    "iterations": res.n_iter,
+                    "polish_starts": res.n_starts,
+                    "grid_points": res.n_evals_grid,
+                    "params_at_bound": self.at_bound_,
+                },
+                "bootstrap": {
+                    "n": 0 if boot is None else boot.n,
+                    "unit": None if boot is None else boot.unit,
+                    "seed": self.seed,
+                    "converged_fraction": None if boot is None else boot.converged_fraction,
+                    "params_at_bound_fraction": self.samples_at_bound_,
+                    "theta_samples": self.samples_,
+                },
+                "residuals": {
+                    "log_residual_sd": float(np.std(self.residuals_, ddof=1)) if self.n_runs_ > 1 else None,
+                    "values": self.residuals_,
+                },
+                "accounting": self.accounting_.to_dict(),
+                "n_runs": self.n_runs_,
+                "warnings": self.warnings_,
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _PowerSumLaw:
+        """Rebuild a fitted law from `to_dict()` output (predictions and intervals work; the table
+        itself is not stored)."""
+        s = d.get("settings", {})
+        kw = {k: s[k] for k in ("delta", "n_bootstrap", "confidence", "seed") if k in s}
+        law = _LAWS[d["law"]]._new_from(d, kw)
+        law.theta_ = np.asarray(d["theta"]["values"], dtype=np.float64)
+        samples = d.get("bootstrap", {}).get("theta_samples") or []
+        law.samples_ = (
+            np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
+            if samples
+            else np.zeros((0, len(law.theta_)))
+        )
+        law.residuals_ = np.asarray(d.get("residuals", {}).get("values") or [0.0], dtype=np.float64)
+        law.accounting_ = Accounting.from_dict(d.get("accounting", {}))
+        law.n_runs_ = int(d.get("n_runs", 0))
+        law.params_ = {k: float(v) for k, v in d["params"].items()}
+        law.intervals_ = {k: (float(v[0]), float(v[1])) for k, v in d.get("intervals", {}).items()}
+        law.derived_ = dict(d.get("derived", {}))
+        law.derived_intervals_ = {k: tuple(v) for k, v in d.get("derived_intervals", {}).items()}
+        law.warnings_ = list(d.get("warnings", []))
+        return law
+
+    @classmethod
+    def _new_from(cls, d: dict[str, Any], kw: dict[str, Any]) -> _PowerSumLaw:
+        return cls(**kw)
+
+    form: ClassVar[str] = ""
+
+
+class ChinchillaLaw(_PowerSumLaw):
+    """L(N, D) = E + A/N^α + B/D^β, fitted by Huber in log space (Hoffmann et al. 2022, approach 3).
+
+    Fitted attributes: ``params_`` {E, A, B, alpha, beta}; ``intervals_`` (bootstrap percentiles);
+    ``derived_`` {a = β/(α+β), b = α/(α+β), G}; ``residuals_`` (log); ``warnings_``; ``result_``
+    (convergence); ``samples_`` (bootstrap θ draws); ``accounting_`` (how C relates to N and D).
+    """
+
+    name = "chinchilla"
+    form = "L(N, D) = E + A / N^alpha + B / D^beta"
+    param_names = ("E", "A", "B", "alpha", "beta")
+    coef_names = ("A", "B")
+    exponent_names = ("alpha", "beta")
+    variables = ("N", "D")
+
+    def predict(self, N: Any, D: Any | None = None) -> np.ndarray:
+        """Predicted loss at (N, D); also accepts a RunTable or an (m, 2) array as the first argument."""
+        X = self._nd(N, D)
+        return self._predict_X(X)
+
+    def predict_interval(
+        self, N: Any, D: Any | None = None, kind: str = "confidence", level: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile interval of the predicted loss. ``kind="confidence"``: parameter uncertainty only
+        (the mean law); ``"prediction"``: also the residual scatter of single runs."""
+        return self._interval_X(self._nd(N, D), kind, level)
+
+    def _nd(self, N: Any, D: Any | None) -> np.ndarray:
+        if isinstance(N, RunTable):
+            return self._X(N.N, N.D)
+        if D is None:
+            arr = np.asarray(N, dtype=np.float64)
+            if arr.ndim != 2 or arr.shape[1] < 2:
+                raise FitError("predict(N, D): give N and D, or an array with columns (N, D)")
+            return self._X(arr[:, 0], arr[:, 1])
+        return self._X(N, D)
+
+    def _derived(self) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+        def der(theta: np.ndarray) -> dict[str, np.ndarray]:
+            p = self._params_from_theta(theta)
+            al, be = p["alpha"], p["beta"]
+            with np.errstate(all="ignore"):
+                G = (al * p["A"] / (be * p["B"])) ** (1.0 / (al + be))
+            return {"a": be / (al + be), "b": al / (al + be), "G": G}
+
+        point = {k: float(v) for k, v in der(self.theta_).items()}
+        iv: dict[str, tuple[float, float]] = {}
+        if len(self.samples_):
+            for k, v in der(self.samples_).items():
+                lo, hi = _percentiles(v, self.confidence)
+                iv[k] = (float(lo), float(hi))
+        return point, iv
+
+    def optimal(self, compute: float) -> dict[str, Any]:
+        """Compute-optimal N, D, tokens per parameter and predicted loss for a budget of `compute`
+        FLOPs, with confidence intervals from the bootstrap draws (when fitted with them)."""
+        self._check_fitted()
+        from scalelab.fit.optimal import check_budget
+
+        check_budget(compute, None)
+        p = self._params_from_theta(self.theta_)
+        pt = optimal_allocation(p["E"], p["A"], p["B"], p["alpha"], p["beta"], compute, self.accounting_)
+        out: dict[str, Any] = {
+            "compute_flops": float(compute),
+            "accounting": self.accounting_.describe(),
+            **{k: float(v) for k, v in pt.items()},
+            "intervals": {},
+            "interval_kind": INTERVAL_KIND_CONFIDENCE,
+            "confidence": self.confidence,
+        }
+        if len(self.samples_):
+            ps = self._params_from_theta(self.samples_)
+            ss = optimal_allocation(
+                ps["E"], ps["A"], ps["B"], ps["alpha"], ps["beta"], compute, self.accounting_
+            )
+            for k, v in ss.items():
+                lo, hi = _percentiles(v, self.confidence)
+                out["intervals"][k] = [float(lo), float(hi)]
+            # a single run at the recommended point: add residual scatter to the loss
+            N_opt, D_opt = pt["N_opt"], pt["D_opt"]
+            lo, hi = self._interval_X(self._X(N_opt, D_opt), "prediction")
+            out["intervals"]["loss_single_run"] = [float(lo[0]), float(hi[0])]
+        out["extrapolation"] = self._extrapolation(float(compute))
+        return out
+
+    def compute_for_loss(self, target_loss: float) -> dict[str, Any]:
+        """The compute (FLOPs) whose optimal allocation reaches `target_loss`, with an interval; inf
+        when the target is at or below the irreducible loss E."""
+        self._check_fitted()
+        from scalelab.fit.optimal import check_budget
+
+        check_budget(None, target_loss)
+        p = self._params_from_theta(self.theta_)
+        c = float(
+            compute_for_loss(p["E"], p["A"], p["B"], p["alpha"], p["beta"], target_loss, self.accounting_)
+        )
+        out: dict[str, Any] = {
+            "target_loss": float(target_loss),
+            "compute_flops": c,
+            "reachable": bool(np.isfinite(c)),
+            "accounting": self.accounting_.describe(),
+            "intervals": {},
+            "interval_kind": INTERVAL_KIND_CONFIDENCE,
+            "confidence": self.confidence,
+        }
+        if np.isfinite(c):
+            out["at_optimum"] = {
+                k: float(v)
+                for k, v in optimal_allocation(
+                    p["E"], p["A"], p["B"], p["alpha"], p["beta"], c, self.accounting_
+                ).items()
+            }
+        if len(self.samples_):
+            ps = self._params_from_theta(self.samples_)
+            cs = compute_for_loss(
+                ps["E"], ps["A"], ps["B"], ps["alpha"], ps["beta"], target_loss, self.accounting_
+            )
+            lo, hi = _percentiles(np.where(np.isfinite(cs), cs, np.inf), self.confidence)
+            out["intervals"]["compute_flops"] = [float(lo), float(hi)]
+            out["unreachable_fraction"] = float(np.mean(~np.isfinite(cs)))
+        return out
+
+    def _extrapolation(self, compute: float) -> dict[str, Any]:
+        cmax = getattr(self, "table_", None)
+        cmax_v = float(cmax.C.max()) if cmax is not None else float(self.derived_.get("C_max", np.nan))
+        factor = compute / cmax_v if np.isfinite(cmax_v) else float("nan")
+        return {"largest_run_flops": cmax_v, "factor": factor, "far": bool(factor > 100)}
+
+    def _finish(self) -> None:
+        super()._finish()
+        if hasattr(self, "table_"):
+            self.derived_["C_max"] = float(self.table_.C.max())
+
+
+class PowerLaw(_PowerSumLaw):
+    """L(x) = E + A/x^α for one variable x ∈ {"C", "N", "D"} (default C)."""
+
+    name = "power"
+    param_names = ("E", "A", "alpha")
+    coef_names = ("A",)
+    exponent_names = ("alpha",)
+
+    def __init__(self, variable: str = "C", **kw: Any) -> None:
+        if variable not in ("C", "N", "D"):
+            raise FitError(f"PowerLaw variable must be 'C', 'N' or 'D', got {variable!r}")
+        super().__init__(**kw)
+        self.variable = variable
+        self.variables = (variable,)
+
+    @property
+    def form(self) -> str:  # type: ignore[override]
+        return f"L({self.variable}) = E + A / {self.variable}^alpha"
+
+    def get_params(self) -> dict[str, Any]:
+        return {"variable": self.variable, **super().get_params()}
+
+    @classmethod
+    def _new_from(cls, d: dict[str, Any], kw: dict[str, Any]) -> PowerLaw:
+        return cls(variable=d.get("variables", ["C"])[0], **kw)
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Predicted loss at x (in the unit of the fitted variable), or for a RunTable's rows."""
+        return self._predict_X(self._x(x))
+
+    def predict_interval(
+        self, x: Any, kind: str = "confidence", level: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self._interval_X(self._x(x), kind, level)
+
+    def _x(self, x: Any) -> np.ndarray:
+        if isinstance(x, RunTable):
+            return self._X(self._features(x)[:, 0])
+        return self._X(x)
+
+
+_LAWS: dict[str, type[_PowerSumLaw]] = {"chinchilla": ChinchillaLaw, "power": PowerLaw}
+
+
+def law_from_dict(d: dict[str, Any]) -> Any:
+    """Rebuild any fitted law from its `to_dict()`."""
+    name = d.get("law")
+    if name in _LAWS:
+        return _LAWS[name].from_dict(d)
+    raise FitError(f"unknown or non-rebuildable law {name!r} in fit JSON")
+
+
+def make_law(name: str, **kw: Any) -> ScalingLaw:
+    """A law estimator by name: chinchilla, kaplan, power (power:N / power:D / power:C), isoflop."""
+    base, _, var = name.partition(":")
+    if base == "power":
+        return PowerLaw(variable=var or "C", **kw)
+    if base in _LAWS:
+        return _LAWS[base](**kw)
+    extra = _extra_laws()
+    if base in extra:
+        return extra[base](**kw)
+    raise FitError(f"unknown law {name!r}: use chinchilla, kaplan, power[:C|N|D] or isoflop")
+
+
+def _extra_laws() -> dict[str, type[ScalingLaw]]:
+    return {}
+
+
+__all__: Sequence[str] = (
+    "ScalingLaw",
+    "ChinchillaLaw",
+    "PowerLaw",
+    "make_law",
+    "law_from_dict",
+    "INTERVAL_KIND_CONFIDENCE",
+    "INTERVAL_KIND_PREDICTION",
+)

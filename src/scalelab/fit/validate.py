@@ -1,0 +1,244 @@
+"""Validation of a fitted law: honest warnings, backtests, k-fold, residual diagnostics, AIC/BIC.
+
+* `fit_warnings`: too few runs, parameters at their bounds, intervals reaching a bound, E/B weakly
+  identified when D barely varies at fixed N, refits that did not converge.
+* `backtest`: fit below a compute threshold (or without the K largest-compute runs), predict the runs
+  above it: relative error, and whether each actual loss is inside its prediction interval.
+* `kfold`: K-fold cross-validated log-residual error.
+* `residual_diagnostics`: log residuals against log N, log D, log C (slope, correlation, runs of signs).
+* `information_criteria`: AIC/BIC from a Gaussian likelihood of the log residuals at the Huber fit
+  (σ² profiled out: ``n·log(RSS/n) + k·penalty``), for comparing law forms on the same runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from scalelab.errors import FitError
+from scalelab.fit.table import RunTable
+
+log = logging.getLogger(__name__)
+
+RUNS_PER_PARAM_WARN = 3
+D_SPREAD_WARN = np.log(3.0)  # D must vary by at least 3x at some fixed N to pin down B, beta and E
+FAR_EXTRAPOLATION = 100.0
+
+
+def fit_warnings(law: Any) -> list[str]:
+    """Warnings for an ill-posed or suspicious fit (each a sentence saying what to do)."""
+    out: list[str] = []
+    n = int(law.n_runs_)
+    k = len(law.param_names)
+    if n < RUNS_PER_PARAM_WARN * k:
+        out.append(
+            f"only {n} runs for {k} parameters: estimates and intervals are fragile; "
+            f"aim for at least {RUNS_PER_PARAM_WARN * k} runs or use a law with fewer parameters"
+        )
+    res = getattr(law, "result_", None)
+    if res is not None and not res.converged:
+        out.append(f"the optimizer did not report convergence ({res.message}); treat the fit with care")
+    for name in getattr(law, "at_bound_", []):
+        out.append(
+            f"parameter {name} is at its bound: the data do not constrain it "
+            + ("(no loss floor is visible: E -> 0)" if name == "E" else "(widen the range of runs)")
+        )
+    for name, frac in getattr(law, "samples_at_bound_", {}).items():
+        if frac > 0.05 and name not in getattr(law, "at_bound_", []):
+            out.append(
+                f"the interval of {name} reaches its bound ({100 * frac:.0f}% of bootstrap refits end at the "
+                "bound): its upper/lower end is not determined by the data"
+            )
+    boot = getattr(law, "bootstrap_", None)
+    if boot is not None and boot.converged_fraction < 0.95:
+        out.append(
+            f"{100 * (1 - boot.converged_fraction):.0f}% of bootstrap refits did not report convergence"
+        )
+    table = getattr(law, "table_", None)
+    if table is not None and "D" in getattr(law, "variables", ()) and "N" in getattr(law, "variables", ()):
+        spread = d_spread_at_fixed_n(table)
+        if spread < D_SPREAD_WARN:
+            out.append(
+                f"D barely varies at fixed N (at most {np.exp(spread):.2f}x across runs of one model size): "
+                "E, B and beta are weakly identified (E trades off against B/D^beta); train some sizes "
+                "on several token budgets"
+            )
+    for name in ("E", "B"):
+        iv = getattr(law, "intervals_", {}).get(name)
+        if iv and iv[0] > 0 and iv[1] / max(iv[0], 1e-300) > 20 and name not in getattr(law, "at_bound_", []):
+            out.append(f"{name} is poorly identified: its interval spans a factor {iv[1] / iv[0]:.3g}")
+    if table is not None and table.notes:
+        out.extend(table.notes)
+    return out
+
+
+def d_spread_at_fixed_n(table: RunTable) -> float:
+    """Largest spread of log D among runs sharing one N (within 1 %): 0 when no N repeats."""
+    logn = np.log(table.N)
+    logd = np.log(table.D)
+    order = np.argsort(logn)
+    best = 0.0
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or logn[order[i]] - logn[order[start]] > 0.01:
+            ds = logd[order[start:i]]
+            best = max(best, float(np.ptp(ds)) if ds.size > 1 else 0.0)
+            start = i
+    return best
+
+
+def information_criteria(residuals: np.ndarray, n_params: int) -> dict[str, float]:
+    """AIC/BIC (and AICc) from the Gaussian likelihood of log residuals, σ² profiled out."""
+    r = np.asarray(residuals, dtype=np.float64)
+    n = r.size
+    rss = float(r @ r)
+    ll = -0.5 * n * (np.log(2 * np.pi * max(rss, 1e-300) / n) + 1)
+    k = n_params + 1  # + the noise variance
+    aic = 2 * k - 2 * ll
+    bic = k * np.log(n) - 2 * ll
+    aicc = aic + (2 * k * (k + 1) / (n - k - 1) if n - k - 1 > 0 else np.inf)
+    return {"log_likelihood": ll, "aic": aic, "aicc": aicc, "bic": bic, "n_params": n_params, "n": n}
+
+
+def residual_diagnostics(table: RunTable, residuals: np.ndarray) -> dict[str, Any]:
+    """Slope and correlation of log residuals against log N, log D and log C; sign runs along C."""
+    r = np.asarray(residuals, dtype=np.float64)
+    out: dict[str, Any] = {
+        "log_residual_mean": float(r.mean()),
+        "log_residual_sd": float(r.std(ddof=1)) if r.size > 1 else 0.0,
+        "max_abs_log_residual": float(np.abs(r).max()),
+    }
+    for name, x in (("N", table.N), ("D", table.D), ("C", table.C)):
+        lx = np.log(x)
+        if np.ptp(lx) < 1e-12 or r.size < 3:
+            out[f"vs_{name}"] = {"slope": 0.0, "corr": 0.0}
+            continue
+        slope = float(np.polyfit(lx, r, 1)[0])
+        corr = float(np.corrcoef(lx, r)[0, 1]) if np.std(r) > 0 else 0.0
+        out[f"vs_{name}"] = {"slope": slope, "corr": corr}
+    signs = np.sign(r[np.argsort(table.C)])
+    signs = signs[signs != 0]
+    n_runs = int(1 + np.sum(signs[1:] != signs[:-1])) if signs.size else 0
+    n_pos, n_neg = int(np.sum(signs > 0)), int(np.sum(signs < 0))
+    if n_pos and n_neg:
+        mu = 1 + 2 * n_pos * n_neg / (n_pos + n_neg)
+        var = (
+            2
+            * n_pos
+            * n_neg
+            * (2 * n_pos * n_neg - n_pos - n_neg)
+            / ((n_pos + n_neg) ** 2 * max(n_pos + n_neg - 1, 1))
+        )
+        z = (n_runs - mu) / np.sqrt(var) if var > 0 else 0.0
+    else:
+        z = 0.0
+    out["sign_runs_along_C"] = {"runs": n_runs, "z": float(z)}
+    flags = []
+    for name in ("N", "D", "C"):
+        if abs(out[f"vs_{name}"]["corr"]) > 0.5:
+            flags.append(
+                f"residuals trend with log {name} (corr {out[f'vs_{name}']['corr']:+.2f}): the form misfits"
+            )
+    if z < -3:
+        flags.append(f"residual signs cluster along C (runs z = {z:.1f}): systematic misfit")
+    out["flags"] = flags
+    return out
+
+
+def _law_like(law: Any, n_bootstrap: int | None = None) -> Any:
+    params = law.get_params()
+    if n_bootstrap is not None:
+        params["n_bootstrap"] = n_bootstrap
+    return type(law)(**params)
+
+
+def _predict_rows(law: Any, table: RunTable) -> np.ndarray:
+    return np.asarray(law.predict(table), dtype=np.float64)
+
+
+def backtest(
+    law: Any,
+    table: RunTable,
+    *,
+    largest: int | None = None,
+    threshold_flops: float | None = None,
+    n_bootstrap: int | None = None,
+    interval: str = "prediction",
+) -> dict[str, Any]:
+    """Fit on runs below a compute threshold, predict the rest.
+
+    Give ``largest=K`` (hold out the K largest-compute runs) or ``threshold_flops``. Returns per held-out
+    run the actual and predicted loss, the relative error, the interval (``interval`` kind) and whether
+    the actual loss lies inside it, plus summaries.
+    """
+    if (largest is None) == (threshold_flops is None):
+        raise FitError("backtest: give exactly one of largest=K or threshold_flops")
+    if largest is not None:
+        if largest < 1 or largest >= len(table):
+            raise FitError(f"backtest: largest={largest} must be between 1 and {len(table) - 1}")
+        cut = np.sort(table.C)[-largest]
+        held = table.C >= cut
+    else:
+        held = table.C > float(threshold_flops)  # type: ignore[arg-type]
+    if not held.any() or held.all():
+        raise FitError("backtest: the threshold leaves no runs to fit or none to predict")
+    train = table.subset(~held)
+    test = table.subset(held)
+    sub = _law_like(law, n_bootstrap).fit(train)
+    pred = _predict_rows(sub, test)
+    rel = (pred - test.loss) / test.loss
+    rows = []
+    inside = None
+    if sub.n_bootstrap:
+        lo, hi = sub.predict_interval(test, kind=interval)
+        inside = (test.loss >= lo) & (test.loss <= hi)
+    for i in range(len(test)):
+        row = {
+            "run": test.run_id[i] if test.run_id else None,
+            "N": float(test.N[i]),
+            "D": float(test.D[i]),
+            "C": float(test.C[i]),
+            "loss": float(test.loss[i]),
+            "predicted": float(pred[i]),
+            "relative_error": float(rel[i]),
+        }
+        if inside is not None:
+            row["interval"] = [float(lo[i]), float(hi[i])]
+            row["inside"] = bool(inside[i])
+        rows.append(row)
+    return {
+        "train_runs": len(train),
+        "test_runs": len(test),
+        "threshold_flops": float(train.C.max()),
+        "extrapolation_factor": float(test.C.max() / train.C.max()),
+        "mean_abs_relative_error": float(np.mean(np.abs(rel))),
+        "max_abs_relative_error": float(np.max(np.abs(rel))),
+        "coverage": None if inside is None else float(np.mean(inside)),
+        "interval_kind": interval if inside is not None else None,
+        "confidence": sub.confidence,
+        "rows": rows,
+    }
+
+
+def kfold(law: Any, table: RunTable, k: int = 5, seed: int = 0) -> dict[str, Any]:
+    """K-fold cross-validation (folds over bootstrap clusters, so seeds of a config stay together)."""
+    clusters = table.clusters()
+    labels = np.unique(clusters)
+    if k < 2 or k > labels.size:
+        raise FitError(f"kfold: k={k} must be between 2 and the number of distinct configs ({labels.size})")
+    rng = np.random.default_rng(seed)
+    fold_of = dict(zip(rng.permutation(labels), np.arange(labels.size) % k, strict=True))
+    fold = np.array([fold_of[c] for c in clusters])
+    errs = np.empty(len(table))
+    for f in range(k):
+        test = fold == f
+        sub = _law_like(law, 0).fit(table.subset(~test))
+        errs[test] = np.log(_predict_rows(sub, table.subset(test))) - np.log(table.loss[test])
+    return {
+        "k": k,
+        "rmse_log": float(np.sqrt(np.mean(errs**2))),
+        "mean_abs_relative_error": float(np.mean(np.abs(np.expm1(errs)))),
+        "per_fold_rmse_log": [float(np.sqrt(np.mean(errs[fold == f] ** 2))) for f in range(k)],
+    }
