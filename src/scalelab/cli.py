@@ -306,6 +306,67 @@ def study_status(
     console.print(table)
 
 
+@study_app.command("watch")
+def study_watch(
+    study_dir: Annotated[Path, typer.Argument(help="Study directory.")],
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
+) -> None:
+    """A live dashboard of a study: status, step, loss, tokens/s, ETA and grad-norm spread per run."""
+    import time
+
+    from rich.live import Live
+
+    from scalelab.study.watch import study_progress
+
+    def render() -> Table:
+        rows = study_progress(study_dir)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        title = f"{study_dir}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        table = Table(title=title)
+        for col in (
+            "run id",
+            "status",
+            "step",
+            "tokens",
+            "loss",
+            "eval",
+            "tok/s",
+            "ETA s",
+            "gnorm",
+            "spread",
+        ):
+            table.add_column(col, justify="left" if col in ("run id", "status") else "right", no_wrap=True)
+        for r in rows:
+            done = "—" if r.tokens is None else f"{_fmt_int(r.tokens)}/{_fmt_int(r.tokens_planned)}"
+            table.add_row(
+                r.run_id,
+                r.status,
+                "—" if r.step is None else str(r.step),
+                done,
+                _fmt_float(r.loss),
+                _fmt_float(r.eval_loss),
+                _fmt_int(r.tokens_per_second),
+                _fmt_float(r.eta_seconds, ".0f"),
+                _fmt_float(r.grad_norm, ".3g"),
+                _fmt_float(r.grad_norm_spread, ".2f"),
+            )
+        return table
+
+    if once or not _is_tty():
+        console.print(render())
+        return
+    with Live(render(), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render())
+        except KeyboardInterrupt:
+            pass
+
+
 # ------------------------------------------------------------------------------------------ train
 @app.command("train")
 def train(

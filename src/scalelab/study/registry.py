@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,8 +84,12 @@ class Registry:
             raise RegistryError(f"{self.path}: no registry here (run `scalelab study run` first)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_ms = int(busy_timeout_seconds * 1000)
+        self._lock = threading.RLock()
         try:
-            self._conn = sqlite3.connect(self.path, timeout=busy_timeout_seconds, isolation_level=None)
+            # One connection shared by the driver's threads; `_lock` serialises its use.
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
+            )
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             self._retry(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
@@ -116,14 +121,19 @@ class Registry:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A short exclusive-for-writers transaction, retried on lock contention."""
-        self._retry(lambda: self._conn.execute("BEGIN IMMEDIATE"))
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        else:
-            self._retry(lambda: self._conn.execute("COMMIT"))
+        with self._lock:
+            self._retry(lambda: self._conn.execute("BEGIN IMMEDIATE"))
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._retry(lambda: self._conn.execute("COMMIT"))
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
 
     def _init_schema(self) -> None:
         with self._write() as c:
@@ -222,30 +232,28 @@ class Registry:
         return d
 
     def get(self, run_id: str) -> dict[str, Any] | None:
-        row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return self._row(row) if row else None
+        rows = self._query("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        return self._row(rows[0]) if rows else None
 
     def runs(self, status: str | tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """Rows as dicts (the record.json keys plus run_dir, point, seed), oldest first."""
         if status is None:
-            rows = self._conn.execute("SELECT * FROM runs ORDER BY created_at, run_id").fetchall()
+            rows = self._query("SELECT * FROM runs ORDER BY created_at, run_id")
         else:
             wanted = (status,) if isinstance(status, str) else tuple(status)
             marks = ", ".join("?" for _ in wanted)
-            rows = self._conn.execute(
+            rows = self._query(
                 f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY created_at, run_id", wanted
-            ).fetchall()
+            )
         return [self._row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        rows = self._conn.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status").fetchall()
+        rows = self._query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
         return {r["status"]: r["n"] for r in rows}
 
     def events(self, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:
-            rows = self._conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+            rows = self._query("SELECT * FROM events ORDER BY id")
         else:
-            rows = self._conn.execute(
-                "SELECT * FROM events WHERE run_id = ? ORDER BY id", (run_id,)
-            ).fetchall()
+            rows = self._query("SELECT * FROM events WHERE run_id = ? ORDER BY id", (run_id,))
         return [dict(r) for r in rows]

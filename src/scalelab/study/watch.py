@@ -1,0 +1,110 @@
+"""A live view of a study: per run status, step, loss, tokens/s, ETA and gradient-norm spread.
+
+Reads only what runs write anyway (the registry and the tail of each `metrics.jsonl`), so watching
+never slows training down and works from any machine that sees the study directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scalelab.study.registry import Registry
+
+TAIL_BYTES = 16_384
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    run_id: str
+    status: str
+    step: int | None
+    tokens: int | None
+    tokens_planned: int | None
+    loss: float | None
+    eval_loss: float | None
+    tokens_per_second: float | None
+    eta_seconds: float | None
+    grad_norm: float | None
+    grad_norm_spread: float | None  # max/min of per-rank gradient norms (distributed runs), else None
+    error: str | None
+
+
+def last_metrics(run_dir: str | Path | None) -> tuple[dict[str, Any] | None, float | None]:
+    """The last step row of a run's metrics.jsonl and the last eval loss, reading only the file's tail."""
+    if not run_dir:
+        return None, None
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None, None
+    step_row, eval_loss = None, None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a partial first line of the tail, or a line being written
+        if eval_loss is None and row.get("eval_loss") is not None:
+            eval_loss = float(row["eval_loss"])
+        if step_row is None and row.get("loss") is not None:
+            step_row = row
+        if step_row is not None and eval_loss is not None:
+            break
+    return step_row, eval_loss
+
+
+def study_progress(study_dir: str | Path) -> list[RunProgress]:
+    """One `RunProgress` per registered run, from the registry and the runs' metrics tails."""
+    with Registry(Path(study_dir) / "registry.sqlite", create=False) as reg:
+        rows = reg.runs()
+    out = []
+    for r in rows:
+        planned = (
+            json.loads(r["config_json"]).get("train", {}).get("tokens") if r.get("config_json") else None
+        )
+        m, eval_loss = (
+            last_metrics(r.get("run_dir")) if r["status"] in ("running", "pending") else (None, None)
+        )
+        if r["status"] not in ("running", "pending"):
+            step_row = {
+                "step": r.get("steps"),
+                "tokens": r.get("tokens"),
+                "loss": r.get("final_train_loss"),
+                "tokens_per_second": r.get("tokens_per_second"),
+            }
+            eval_loss = r.get("eval_loss")
+        else:
+            step_row = m or {}
+        tokens = step_row.get("tokens")
+        tps = step_row.get("tokens_per_second")
+        eta = None
+        if r["status"] == "running" and tokens is not None and planned and tps:
+            eta = max(0.0, (planned - tokens) / tps)
+        spread = None
+        if step_row.get("grad_norm_max") is not None and step_row.get("grad_norm_min"):
+            spread = float(step_row["grad_norm_max"]) / float(step_row["grad_norm_min"])
+        out.append(
+            RunProgress(
+                run_id=r["run_id"],
+                status=r["status"],
+                step=step_row.get("step"),
+                tokens=tokens,
+                tokens_planned=planned,
+                loss=step_row.get("loss"),
+                eval_loss=eval_loss,
+                tokens_per_second=tps,
+                eta_seconds=eta,
+                grad_norm=step_row.get("grad_norm"),
+                grad_norm_spread=spread,
+                error=r.get("error"),
+            )
+        )
+    return out

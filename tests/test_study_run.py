@@ -1,0 +1,119 @@
+"""A whole study through the local executor, with real training subprocesses on a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from scalelab.spec import load_study
+from scalelab.study.executors import LocalExecutor, run_study
+from scalelab.study.registry import Registry
+
+STUDY = """
+[study]
+name = "tiny"
+[study.model]
+n_heads = 2
+width = 16
+depth = 1
+context_tokens = 16
+[study.data]
+sources = [{{kind = "text", path = "{corpus}"}}]
+heldout_fraction = 0.2
+shard_tokens = 4096
+[study.train]
+tokens = 2048
+global_batch_size = 4
+lr = 1e-2
+eval_interval_steps = 16
+eval_tokens = 256
+checkpoint_interval_steps = 8
+threads = 1
+[study.design]
+kind = "grid"
+[study.design.axes]
+"model.width" = [8, 16]
+"debug.crash_at_step" = [1_000_000, 3]
+"""
+
+
+@pytest.fixture()
+def tiny_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    src = Path(json.__file__).parent.parent / "email"  # ~30 real stdlib files: small and always present
+    for i, f in enumerate(sorted(src.glob("*.py"))):
+        (corpus / f"doc{i}.txt").write_text(f.read_text())
+    return corpus
+
+
+def _study(tmp_path: Path, corpus: Path):
+    spec = tmp_path / "study.toml"
+    spec.write_text(STUDY.format(corpus=corpus))
+    return load_study(spec)
+
+
+def test_failed_run_is_recorded_and_others_finish_then_rerun_skips(tmp_path: Path, tiny_corpus: Path) -> None:
+    study = _study(tmp_path, tiny_corpus)
+    out = tmp_path / "study"
+    result = run_study(study, out, executor=LocalExecutor(parallel=2))
+    assert sorted(o.status for o in result.outcomes) == ["done", "done", "failed", "failed"]
+    with Registry(out / "registry.sqlite") as reg:
+        rows = {r["run_id"]: r for r in reg.runs()}
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert all("crash_at_step" in (r["error"] or "") or "step 3" in (r["error"] or "") for r in failed), (
+        failed
+    )
+    done = [r for r in rows.values() if r["status"] == "done"]
+    for r in done:
+        record = json.loads((Path(r["run_dir"]) / "record.json").read_text())
+        assert record["status"] == "done" and r["eval_loss"] == pytest.approx(record["eval_loss"])
+        for name in ("config.json", "provenance.json", "metrics.jsonl"):
+            assert (Path(r["run_dir"]) / name).exists(), name
+        prov = json.loads((Path(r["run_dir"]) / "provenance.json").read_text())
+        assert prov["run_id"] == r["run_id"] and prov["data"]["fingerprint"]
+
+    # a re-run skips the finished runs (and only retries the failed ones)
+    t0 = time.perf_counter()
+    again = run_study(study, out, executor=LocalExecutor(parallel=2))
+    assert again.count("skipped") == 2
+    assert sorted(o.status for o in again.outcomes if o.status != "skipped") == ["failed", "failed"]
+    with Registry(out / "registry.sqlite") as reg:
+        for r in reg.runs(status="done"):
+            assert r["attempts"] == 1
+    assert time.perf_counter() - t0 < 120
+
+
+def test_same_spec_same_seed_same_losses(tmp_path: Path, tiny_corpus: Path) -> None:
+    from scalelab.spec import set_path
+    from scalelab.train.run import run_training
+
+    spec = _study(tmp_path, tiny_corpus).base_run()
+    spec = set_path(spec, "debug.crash_at_step", None)
+    a = run_training(spec, tmp_path / "a", resume=False)
+    b = run_training(spec, tmp_path / "b", resume=False)
+    assert a["status"] == b["status"] == "done"
+
+    def losses(d: Path) -> list[float]:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and losses(tmp_path / "a")
+    assert a["eval_loss"] == b["eval_loss"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups")
+def test_timeout_is_recorded(tmp_path: Path, tiny_corpus: Path) -> None:
+    study = _study(tmp_path, tiny_corpus)
+    study = study.model_copy(update={"debug": study.debug.model_copy(update={"sleep_seconds_per_step": 5.0})})
+    out = tmp_path / "slow"
+    result = run_study(study, out, executor=LocalExecutor(parallel=2, timeout_seconds=8))
+    statuses = sorted(o.status for o in result.outcomes)
+    assert "timeout" in statuses
+    with Registry(out / "registry.sqlite") as reg:
+        assert any("timed out" in (r["error"] or "") for r in reg.runs(status="timeout"))
