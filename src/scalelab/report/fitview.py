@@ -1,0 +1,173 @@
+"""The report's reading of `fit.json` (format `scalelab.fit/1`, written by `scalelab fit`).
+
+Every number the report prints about the fit comes from here, formatted from the JSON as written, so
+the executive summary and `fit.json` cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def fmt(x: Any, spec: str = ".4g") -> str:
+    """A number as the report prints it ('—' when absent)."""
+    if x is None:
+        return "—"
+    try:
+        return format(float(x), spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def fmt_interval(iv: Any, spec: str = ".4g") -> str:
+    if not iv or len(iv) != 2 or iv[0] is None:
+        return ""
+    return f" [{fmt(iv[0], spec)}, {fmt(iv[1], spec)}]"
+
+
+@dataclass
+class FitView:
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> FitView | None:
+        try:
+            return cls(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            log.warning("%s: unreadable fit.json (%s); the report shows no fit", path, err)
+            return None
+
+    @property
+    def fit(self) -> dict[str, Any]:
+        return self.raw.get("fit", {})
+
+    @property
+    def confidence(self) -> float:
+        return float(self.raw.get("settings", {}).get("confidence", 0.9))
+
+    def describe(self) -> str:
+        f = self.fit
+        data = self.raw.get("data", {})
+        boot = f.get("bootstrap", {})
+        conv = f.get("convergence", {})
+        return (
+            f"Law {f.get('law')}: {f.get('form')}, fitted to {data.get('n_runs')} runs "
+            f"({self.raw.get('settings', {}).get('loss_column', 'loss')}); Huber loss on log residuals; "
+            f"{boot.get('n', 0)} bootstrap resamples by {boot.get('unit') or 'run'}; "
+            f"{int(100 * self.confidence)} % intervals. Optimizer "
+            f"{'converged' if conv.get('converged') else 'did NOT converge'} (objective {fmt(conv.get('objective'))})."
+        )
+
+    def parameter_rows(self) -> list[tuple[str, str]]:
+        f = self.fit
+        rows = [
+            (k, fmt(v) + fmt_interval(f.get("intervals", {}).get(k))) for k, v in f.get("params", {}).items()
+        ]
+        for k, v in f.get("derived", {}).items():
+            rows.append((k, fmt(v) + fmt_interval(f.get("derived_intervals", {}).get(k))))
+        ic = self.raw.get("information_criteria") or {}
+        if ic:
+            rows.append(("AIC / BIC", f"{fmt(ic.get('aic'))} / {fmt(ic.get('bic'))}"))
+        for c in self.raw.get("comparison") or []:
+            rows.append((f"compare: {c.get('law')}", f"AIC {fmt(c.get('aic'))}, BIC {fmt(c.get('bic'))}"))
+        return rows
+
+    def recommendation_rows(self) -> list[tuple[str, str]]:
+        rec = self.raw.get("recommendation")
+        if not rec:
+            return []
+        iv = rec.get("intervals", {})
+        if "N_opt" in rec:
+            rows = [
+                ("compute budget", f"{fmt(rec.get('compute_flops'), '.3g')} FLOPs"),
+                ("N_opt (parameters)", fmt(rec.get("N_opt"), ".3g") + fmt_interval(iv.get("N_opt"), ".3g")),
+                ("D_opt (tokens)", fmt(rec.get("D_opt"), ".3g") + fmt_interval(iv.get("D_opt"), ".3g")),
+                (
+                    "tokens per parameter",
+                    fmt(rec.get("tokens_per_param"), ".3g") + fmt_interval(iv.get("tokens_per_param"), ".3g"),
+                ),
+                (
+                    "predicted loss",
+                    fmt(rec.get("loss"))
+                    + fmt_interval(iv.get("loss"))
+                    + f" ({int(100 * self.confidence)} % confidence interval of the mean)",
+                ),
+            ]
+            if iv.get("loss_single_run"):
+                rows.append(
+                    (
+                        "predicted loss, one run",
+                        fmt(rec.get("loss"))
+                        + fmt_interval(iv["loss_single_run"])
+                        + " (prediction interval: adds run-to-run scatter)",
+                    )
+                )
+            ex = rec.get("extrapolation") or {}
+            if ex:
+                rows.append(("extrapolation", f"{fmt(ex.get('factor'), '.3g')}× the largest run's compute"))
+            if rec.get("accounting"):
+                rows.append(("FLOP accounting", str(rec["accounting"])))
+            return rows
+        if "target_loss" in rec:
+            return [
+                ("target loss", fmt(rec.get("target_loss"))),
+                (
+                    "compute needed",
+                    f"{fmt(rec.get('compute_flops'), '.3g')} FLOPs"
+                    + fmt_interval(iv.get("compute_flops"), ".3g"),
+                ),
+            ]
+        return []
+
+    def backtest_rows(self) -> list[tuple[str, str]]:
+        bt = self.raw.get("backtest")
+        if not bt:
+            return []
+        rows = [
+            ("fitted on / predicted", f"{bt.get('train_runs')} runs / {bt.get('test_runs')} runs"),
+            ("extrapolation", f"{fmt(bt.get('extrapolation_factor'), '.3g')}× the largest fitted compute"),
+            (
+                "mean |relative error|",
+                fmt(100 * bt["mean_abs_relative_error"], ".2f") + " %"
+                if bt.get("mean_abs_relative_error") is not None
+                else "—",
+            ),
+            ("inside interval", "—" if bt.get("coverage") is None else f"{100 * bt['coverage']:.0f} %"),
+        ]
+        for r in bt.get("rows", []):
+            inside = "" if r.get("inside") is None else (" inside" if r["inside"] else " OUTSIDE")
+            rows.append(
+                (
+                    f"run {r.get('run') or ''} (N={fmt(r.get('N'), '.3g')}, D={fmt(r.get('D'), '.3g')})",
+                    f"actual {fmt(r.get('loss'))}, predicted {fmt(r.get('predicted'))}"
+                    f"{fmt_interval(r.get('interval'))}{inside}",
+                )
+            )
+        return rows
+
+    def warnings(self) -> list[str]:
+        return [str(w) for w in self.raw.get("warnings", [])]
+
+    def predictor(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """L(N, D) of the fitted law, or None for laws that are not functions of N and D."""
+        if self.fit.get("variables") != ["N", "D"]:
+            return None
+        try:
+            from scalelab.fit.laws import law_from_dict
+
+            law = law_from_dict(self.fit)
+        except Exception as err:  # noqa: BLE001 - a report without curves beats no report
+            log.warning("cannot rebuild the fitted law for plotting: %s", err)
+            return None
+        return lambda n, d: np.asarray(law.predict(n, d), dtype=float)

@@ -1,0 +1,163 @@
+"""The study report: one self-contained HTML file (figures embedded, no scripts, no network) + summary.md.
+
+Reads only artifacts on disk — the registry, the run directories and `report/fit.json` — so a report can
+be rebuilt anywhere the study directory is copied.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from scalelab.errors import ScalelabError
+from scalelab.io import atomic_write_bytes, atomic_write_text
+from scalelab.report import figures
+from scalelab.report.summary import StudySummary, summarize
+
+log = logging.getLogger(__name__)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;
+color:#1d1d1f;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+.summary{background:#f4f7fb;border-left:4px solid #3867d6;padding:.8em 1.2em;margin:1em 0}
+.warn{background:#fff6e5;border-left:4px solid #e0a100;padding:.6em 1.2em;margin:.6em 0}
+table{border-collapse:collapse;width:100%;font-size:.88em;margin:.6em 0}
+th,td{border-bottom:1px solid #e5e5e5;padding:.3em .5em;text-align:right}
+th:first-child,td:first-child{text-align:left}td.l,th.l{text-align:left}
+.done{color:#1e8e3e}.failed,.timeout{color:#c5221f}.diverged{color:#a142f4}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}pre{white-space:pre-wrap;
+background:#f6f6f6;padding:.6em}nav ol{columns:2}.muted{color:#666;font-size:.9em}
+@media print{nav{display:none}body{max-width:none}}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: Any, spec: str = ".4g") -> str:
+    return "—" if x is None else format(float(x), spec)
+
+
+def _figure(png: bytes | None, fig_id: str, caption: str, out_dir: Path) -> str:
+    if png is None:
+        return f'<figure id="{fig_id}"><figcaption>{_e(caption)} — no data yet.</figcaption></figure>'
+    atomic_write_bytes(out_dir / f"{fig_id}.png", png)
+    data = base64.b64encode(png).decode()
+    return (
+        f'<figure id="{fig_id}"><img alt="{_e(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _runs_table(runs: list[dict[str, Any]]) -> str:
+    head = (
+        "<tr><th>run id</th><th class=l>status</th><th>N</th><th>D</th><th>FLOPs</th><th>eval loss</th>"
+        "<th>train loss</th><th>wall s</th><th>forecast s</th></tr>"
+    )
+    body = []
+    for r in runs:
+        body.append(
+            f"<tr><td><code>{_e(r['run_id'])}</code></td><td class='l {_e(r['status'])}'>{_e(r['status'])}</td>"
+            f"<td>{_num(r.get('n_params'), '.3g')}</td><td>{_num(r.get('tokens'), '.3g')}</td>"
+            f"<td>{_num(r.get('flops'), '.3g')}</td><td>{_num(r.get('eval_loss'), '.4f')}</td>"
+            f"<td>{_num(r.get('final_train_loss'), '.4f')}</td><td>{_num(r.get('wall_seconds'), '.1f')}</td>"
+            f"<td>{_num(r.get('forecast_seconds'), '.1f')}</td></tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _kv_table(rows: list[tuple[str, Any]]) -> str:
+    return (
+        "<table>"
+        + "".join(f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(v)}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
+
+
+def render_html(s: StudySummary, out_dir: Path) -> str:
+    """The whole report as an HTML string (figures written beside it as PNG and embedded)."""
+    sections: list[tuple[str, str, str]] = []  # (id, title, body)
+    warn_html = "".join(f"<div class=warn>{_e(w)}</div>" for w in s.warnings)
+    sections.append(
+        ("summary", "Executive summary", f"<div class=summary><p>{_e(s.headline)}</p></div>{warn_html}")
+    )
+    if s.recommendation_rows:
+        sections.append(("recommendation", "Recommendation", _kv_table(s.recommendation_rows)))
+    sections.append(("runs", "The study", f"<p>{_e(s.study_line)}</p>{_runs_table(s.runs)}"))
+    sections.append(
+        (
+            "loss-curves",
+            "Loss curves",
+            _figure(
+                figures.loss_curves(s.done_runs),
+                "loss-curves",
+                "Training loss per run against tokens seen (log scale); dots are held-out evals.",
+                out_dir,
+            ),
+        )
+    )
+    sections.append(
+        (
+            "fit",
+            "Scaling-law fit",
+            (f"<p>{_e(s.fit_line)}</p>" + (_kv_table(s.fit_rows) if s.fit_rows else ""))
+            + _figure(
+                figures.fit_vs_data(s.done_runs, s.predict, s.loss_key),
+                "fit",
+                "Final loss of each run against N, one colour per token budget D, with the "
+                "fitted law's curves.",
+                out_dir,
+            ),
+        )
+    )
+    if s.backtest_rows:
+        sections.append(("backtest", "Held-out backtest", _kv_table(s.backtest_rows)))
+    if s.hypotheses:
+        items = "".join(f"<li>{_e(h)}</li>" for h in s.hypotheses)
+        sections.append(("hypotheses", "Pre-registered hypotheses", f"<ol>{items}</ol>"))
+    sections.append(("provenance", "Data and provenance", _kv_table(s.provenance_rows)))
+    if s.failures:
+        fail = "".join(
+            f"<h3><code>{_e(r['run_id'])}</code>: {_e(r['status'])}</h3><pre>{_e(r.get('error') or '')}</pre>"
+            for r in s.failures
+        )
+        sections.append(("failures", "Failures", fail))
+
+    toc = "".join(f'<li><a href="#{sid}">{_e(title)}</a></li>' for sid, title, _ in sections)
+    body = "".join(
+        f'<section id="sec-{sid}"><h2 id="{sid}">{_e(title)}</h2>{content}</section>'
+        for sid, title, content in sections
+    )
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>scalelab report: {_e(s.name)}</title><style>{CSS}</style></head><body>"
+        f"<h1>Scaling study: {_e(s.name)}</h1><p class=muted>{_e(s.description)} Generated {_e(s.generated_at)} "
+        f"by scalelab {_e(s.version)}.</p><nav><h2>Contents</h2><ol>{toc}</ol></nav>{body}</body></html>"
+    )
+
+
+def build_report(study_dir: str | Path) -> Path:
+    """Write `report/index.html` and `report/summary.md` for the study in `study_dir`; return the HTML path."""
+    study_dir = Path(study_dir)
+    if not (study_dir / "registry.sqlite").exists():
+        raise ScalelabError(
+            f"{study_dir}: not a study directory (no registry.sqlite); run `scalelab study run` first"
+        )
+    out_dir = study_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(study_dir)
+    page = render_html(summary, out_dir)
+    atomic_write_text(out_dir / "index.html", page)
+    atomic_write_text(out_dir / "summary.md", summary.markdown())
+    atomic_write_text(
+        out_dir / "summary.json", json.dumps(summary.to_dict(), indent=2, sort_keys=True, default=str)
+    )
+    return out_dir / "index.html"

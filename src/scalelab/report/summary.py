@@ -1,0 +1,202 @@
+"""Everything the report says, computed once from the registry, the run directories and `fit.json`.
+
+The HTML page, `summary.md` and `summary.json` are all renderings of one `StudySummary`, so the numbers in
+the executive summary are the numbers in `fit.json` by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalelab import __version__
+from scalelab.study.provenance import utc_now
+from scalelab.study.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudySummary:
+    name: str
+    description: str
+    generated_at: str
+    version: str
+    runs: list[dict[str, Any]]
+    loss_key: str = "eval_loss"
+    headline: str = ""
+    study_line: str = ""
+    fit_line: str = "No fit yet: run `scalelab fit DIR` to fit the scaling law."
+    warnings: list[str] = field(default_factory=list)
+    fit_rows: list[tuple[str, str]] = field(default_factory=list)
+    recommendation_rows: list[tuple[str, str]] = field(default_factory=list)
+    backtest_rows: list[tuple[str, str]] = field(default_factory=list)
+    provenance_rows: list[tuple[str, str]] = field(default_factory=list)
+    hypotheses: list[str] = field(default_factory=list)
+    fit: dict[str, Any] | None = None
+    predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+
+    @property
+    def done_runs(self) -> list[dict[str, Any]]:
+        return [r for r in self.runs if r["status"] == "done"]
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.runs if r["status"] in ("failed", "diverged", "timeout")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "generated_at": self.generated_at,
+            "version": self.version,
+            "headline": self.headline,
+            "warnings": self.warnings,
+            "recommendation": dict(self.recommendation_rows),
+            "fit": dict(self.fit_rows),
+            "backtest": dict(self.backtest_rows),
+            "runs": {
+                s: sum(1 for r in self.runs if r["status"] == s) for s in {r["status"] for r in self.runs}
+            },
+        }
+
+    def markdown(self) -> str:
+        lines = [f"# Scaling study: {self.name}", "", self.headline, ""]
+        lines += [f"> **Caveat:** {w}" for w in self.warnings]
+        for title, rows in (
+            ("Recommendation", self.recommendation_rows),
+            ("Fit", self.fit_rows),
+            ("Backtest", self.backtest_rows),
+        ):
+            if rows:
+                lines += ["", f"## {title}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+        lines += ["", "## Runs", "", "| run | status | N | D | eval loss |", "|---|---|---|---|---|"]
+        for r in self.runs:
+            lines.append(
+                f"| {r['run_id']} | {r['status']} | {r.get('n_params')} | {r.get('tokens')} | "
+                f"{r.get('eval_loss')} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "—" if x is None else format(float(x), spec)
+
+
+def _interval(iv: Any, spec: str = ".4g") -> str:
+    if not iv or len(iv) != 2 or iv[0] is None:
+        return ""
+    return f" [{format(float(iv[0]), spec)}, {format(float(iv[1]), spec)}]"
+
+
+def _study_meta(study_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((study_dir / "study.json").read_text())
+    except (OSError, ValueError):
+        return {"name": study_dir.name}
+
+
+def _provenance_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    provs = [json.loads(r["provenance_json"]) for r in runs if r.get("provenance_json")]
+    if not provs:
+        return [("provenance", "no finished run recorded provenance yet")]
+    p = provs[-1]
+    data = p.get("data", {})
+    git = p.get("git", {})
+    hw = p.get("hardware", {})
+    pk = p.get("packages", {})
+    fingerprints = sorted({(q.get("data") or {}).get("fingerprint") or "?" for q in provs})
+    return [
+        ("data fingerprint", ", ".join(fingerprints)),
+        ("tokenizer", f"{data.get('tokenizer')} ({(data.get('tokenizer_hash') or '')[:16]})"),
+        (
+            "code",
+            f"{(git.get('commit') or 'not a git checkout')[:12]}" + (" (dirty)" if git.get("dirty") else ""),
+        ),
+        (
+            "python / torch / numpy",
+            f"{p.get('environment', {}).get('python')} / {pk.get('torch')} / {pk.get('numpy')}",
+        ),
+        (
+            "hardware",
+            f"{hw.get('cpu')} × {hw.get('cpu_count')}"
+            + (f"; GPUs: {', '.join(hw['gpus'])}" if hw.get("gpus") else ""),
+        ),
+        ("runs with provenance", str(len(provs))),
+    ]
+
+
+def summarize(study_dir: str | Path) -> StudySummary:
+    """Collect the report's content for a study directory."""
+    study_dir = Path(study_dir)
+    meta = _study_meta(study_dir)
+    with Registry(study_dir / "registry.sqlite", create=False) as reg:
+        runs = reg.runs()
+    fit_spec = meta.get("fit", {})
+    s = StudySummary(
+        name=meta.get("name", study_dir.name),
+        description=meta.get("description", ""),
+        generated_at=utc_now(),
+        version=__version__,
+        runs=runs,
+        loss_key="eval_loss" if fit_spec.get("loss", "eval") == "eval" else "final_train_loss",
+        hypotheses=list(meta.get("hypotheses", [])),
+    )
+    counts = {
+        st: sum(1 for r in runs if r["status"] == st)
+        for st in ("done", "failed", "diverged", "timeout", "pending", "running")
+    }
+    total_seconds = sum(r.get("wall_seconds") or 0 for r in runs)
+    s.study_line = (
+        f"{len(runs)} runs: {counts['done']} done, {counts['failed']} failed, {counts['diverged']} "
+        f"diverged, {counts['timeout']} timed out, {counts['pending'] + counts['running']} not finished; "
+        f"{total_seconds / 60:.1f} minutes of training in total."
+    )
+    if counts["failed"] + counts["diverged"] + counts["timeout"]:
+        s.warnings.append(
+            f"{counts['failed'] + counts['diverged'] + counts['timeout']} run(s) did not finish; "
+            "the fit uses finished runs only (see Failures)."
+        )
+    s.provenance_rows = _provenance_rows(runs)
+    _add_fit(s, study_dir / "report" / "fit.json")
+    target = meta.get("target") or {}
+    s.headline = _headline(s, target)
+    return s
+
+
+def _add_fit(s: StudySummary, fit_path: Path) -> None:
+    from scalelab.report.fitview import FitView
+
+    view = FitView.load(fit_path)
+    if view is None:
+        return
+    s.fit = view.raw
+    s.fit_line = view.describe()
+    s.fit_rows = view.parameter_rows()
+    s.recommendation_rows = view.recommendation_rows()
+    s.backtest_rows = view.backtest_rows()
+    s.warnings += view.warnings()
+    s.predict = view.predictor()
+
+
+def _headline(s: StudySummary, target: dict[str, Any]) -> str:
+    done = len(s.done_runs)
+    if s.fit is None:
+        return (
+            f"{done} of {len(s.runs)} runs finished. No scaling law fitted yet, so no recommendation: "
+            "run `scalelab fit` on this directory, then `scalelab report` again."
+        )
+    rec = dict(s.recommendation_rows)
+    if "compute budget" in rec:
+        return (
+            f"For a budget of {rec['compute budget']}, train N ≈ {rec.get('N_opt (parameters)', '?')} "
+            f"parameters on D ≈ {rec.get('D_opt (tokens)', '?')} tokens; predicted loss "
+            f"{rec.get('predicted loss', '?')}. Based on {done} finished runs; "
+            + ("read the caveats below before committing budget." if s.warnings else "no fit warnings.")
+        )
+    return f"Fitted on {done} finished runs. " + s.fit_line
