@@ -350,7 +350,7 @@ def recommend(
         if c_max and np.isfinite(out["compute_flops"]):
             factor = out["compute_flops"] / float(c_max)
             out["extrapolation"] = {"largest_run_flops": c_max, "factor": factor, "far": factor > 100}
-    warnings = list(data.get("warnings", []))
+    warnings = list(data.get("warnings", [])) + list(out.pop("warnings", []))
     ext = out.get("extrapolation")
     if ext and ext.get("far"):
         warnings.append(f"extrapolating {ext['factor']:.0f}x beyond the largest run's compute")

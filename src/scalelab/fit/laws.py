@@ -156,10 +156,10 @@ class _PowerSumLaw(ScalingLaw):
         return self
 
     def _fit_table(self, table: RunTable) -> None:
-        n_par = 2 * len(self.variables) + 1
+        n_par = len(self._theta_names())
         est.check_enough_runs(len(table), n_par, f"{self.name} law on {table.source}")
         w = table.weight if table.weight is not None else np.ones(len(table))
-        problem = est.PowerSumProblem.from_features(self._features(table), table.loss, w, self.delta)
+        problem = self._make_problem(table, w)
         res = problem.search()
         self.problem_ = problem
         self.result_ = res
@@ -167,7 +167,8 @@ class _PowerSumLaw(ScalingLaw):
         self.table_ = table
         self.accounting_ = Accounting.from_runs(table.N, table.D, table.C, table.compute_source)
         self.n_runs_ = len(table)
-        log_pred = est.power_sum_log_predict(self.theta_, np.log(self._features(table)))
+        self.largest_run_flops_ = float(table.C.max())
+        log_pred = self._log_predict_theta(self.theta_, self._features(table))
         self.residuals_ = np.log(table.loss) - log_pred
         self.at_bound_ = self._at_bound(res.theta, problem)
         if self.n_bootstrap:
@@ -187,7 +188,10 @@ class _PowerSumLaw(ScalingLaw):
             self.samples_at_bound_ = {}
         self._finish()
 
-    def _at_bound(self, theta: np.ndarray, problem: est.PowerSumProblem) -> list[str]:
+    def _make_problem(self, table: RunTable, w: np.ndarray) -> Any:
+        return est.PowerSumProblem.from_features(self._features(table), table.loss, w, self.delta)
+
+    def _at_bound(self, theta: np.ndarray, problem: Any) -> list[str]:
         names = self._theta_names()
         out = []
         for name, v, (lo, hi) in zip(names, theta, problem.bounds(), strict=True):
@@ -279,7 +283,7 @@ class _PowerSumLaw(ScalingLaw):
                 "settings": {
                     **self.get_params(),
                     "loss": "Huber on log residuals",
-                    "optimizer": "variable projection on an exponent grid + L-BFGS-B polish (analytic gradient)",
+                    "optimizer": self.optimizer,
                     "interval_method": "bootstrap percentile",
                 },
                 "params": self.params_,
@@ -310,6 +314,7 @@ class _PowerSumLaw(ScalingLaw):
                 },
                 "accounting": self.accounting_.to_dict(),
                 "n_runs": self.n_runs_,
+                "largest_run_flops": self.largest_run_flops_,
                 "warnings": self.warnings_,
             }
         )
@@ -331,6 +336,7 @@ class _PowerSumLaw(ScalingLaw):
         law.residuals_ = np.asarray(d.get("residuals", {}).get("values") or [0.0], dtype=np.float64)
         law.accounting_ = Accounting.from_dict(d.get("accounting", {}))
         law.n_runs_ = int(d.get("n_runs", 0))
+        law.largest_run_flops_ = float(d.get("largest_run_flops") or "nan")
         law.params_ = {k: float(v) for k, v in d["params"].items()}
         law.intervals_ = {k: (float(v[0]), float(v[1])) for k, v in d.get("intervals", {}).items()}
         law.derived_ = dict(d.get("derived", {}))
@@ -343,9 +349,38 @@ class _PowerSumLaw(ScalingLaw):
         return cls(**kw)
 
     form: ClassVar[str] = ""
+    optimizer: ClassVar[str] = (
+        "variable projection on an exponent grid (IRLS for the linear coefficients) + L-BFGS-B polish "
+        "of the best grid points (analytic gradient)"
+    )
 
 
-class ChinchillaLaw(_PowerSumLaw):
+class _NDPredictMixin:
+    """predict(N, D) / predict_interval(N, D) for laws of N and D."""
+
+    def predict(self, N: Any, D: Any | None = None) -> np.ndarray:
+        """Predicted loss at (N, D); also accepts a RunTable or an (m, 2) array as the first argument."""
+        return self._predict_X(self._nd(N, D))  # type: ignore[attr-defined]
+
+    def predict_interval(
+        self, N: Any, D: Any | None = None, kind: str = "confidence", level: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile interval of the predicted loss. ``kind="confidence"``: parameter uncertainty only
+        (the mean law); ``"prediction"``: also the residual scatter of single runs."""
+        return self._interval_X(self._nd(N, D), kind, level)  # type: ignore[attr-defined]
+
+    def _nd(self, N: Any, D: Any | None) -> np.ndarray:
+        if isinstance(N, RunTable):
+            return self._X(N.N, N.D)  # type: ignore[attr-defined]
+        if D is None:
+            arr = np.asarray(N, dtype=np.float64)
+            if arr.ndim != 2 or arr.shape[1] < 2:
+                raise FitError("predict(N, D): give N and D, or an array with columns (N, D)")
+            return self._X(arr[:, 0], arr[:, 1])  # type: ignore[attr-defined]
+        return self._X(N, D)  # type: ignore[attr-defined]
+
+
+class ChinchillaLaw(_NDPredictMixin, _PowerSumLaw):
     """L(N, D) = E + A/N^α + B/D^β, fitted by Huber in log space (Hoffmann et al. 2022, approach 3).
 
     Fitted attributes: ``params_`` {E, A, B, alpha, beta}; ``intervals_`` (bootstrap percentiles);
@@ -359,28 +394,6 @@ class ChinchillaLaw(_PowerSumLaw):
     coef_names = ("A", "B")
     exponent_names = ("alpha", "beta")
     variables = ("N", "D")
-
-    def predict(self, N: Any, D: Any | None = None) -> np.ndarray:
-        """Predicted loss at (N, D); also accepts a RunTable or an (m, 2) array as the first argument."""
-        X = self._nd(N, D)
-        return self._predict_X(X)
-
-    def predict_interval(
-        self, N: Any, D: Any | None = None, kind: str = "confidence", level: float | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Percentile interval of the predicted loss. ``kind="confidence"``: parameter uncertainty only
-        (the mean law); ``"prediction"``: also the residual scatter of single runs."""
-        return self._interval_X(self._nd(N, D), kind, level)
-
-    def _nd(self, N: Any, D: Any | None) -> np.ndarray:
-        if isinstance(N, RunTable):
-            return self._X(N.N, N.D)
-        if D is None:
-            arr = np.asarray(N, dtype=np.float64)
-            if arr.ndim != 2 or arr.shape[1] < 2:
-                raise FitError("predict(N, D): give N and D, or an array with columns (N, D)")
-            return self._X(arr[:, 0], arr[:, 1])
-        return self._X(N, D)
 
     def _derived(self) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
         def der(theta: np.ndarray) -> dict[str, np.ndarray]:
@@ -465,18 +478,17 @@ class ChinchillaLaw(_PowerSumLaw):
             lo, hi = _percentiles(np.where(np.isfinite(cs), cs, np.inf), self.confidence)
             out["intervals"]["compute_flops"] = [float(lo), float(hi)]
             out["unreachable_fraction"] = float(np.mean(~np.isfinite(cs)))
+        if not np.isfinite(c):
+            out["warnings"] = [
+                f"target loss {target_loss:g} is at or below the fitted irreducible loss E = "
+                f"{p['E']:.4g}: no compute budget reaches it under this law"
+            ]
         return out
 
     def _extrapolation(self, compute: float) -> dict[str, Any]:
-        cmax = getattr(self, "table_", None)
-        cmax_v = float(cmax.C.max()) if cmax is not None else float(self.derived_.get("C_max", np.nan))
-        factor = compute / cmax_v if np.isfinite(cmax_v) else float("nan")
-        return {"largest_run_flops": cmax_v, "factor": factor, "far": bool(factor > 100)}
-
-    def _finish(self) -> None:
-        super()._finish()
-        if hasattr(self, "table_"):
-            self.derived_["C_max"] = float(self.table_.C.max())
+        cmax = float(getattr(self, "largest_run_flops_", float("nan")))
+        factor = compute / cmax if np.isfinite(cmax) else float("nan")
+        return {"largest_run_flops": cmax, "factor": factor, "far": bool(factor > 100)}
 
 
 class PowerLaw(_PowerSumLaw):
@@ -520,7 +532,66 @@ class PowerLaw(_PowerSumLaw):
         return self._X(x)
 
 
-_LAWS: dict[str, type[_PowerSumLaw]] = {"chinchilla": ChinchillaLaw, "power": PowerLaw}
+def _kaplan_log_predict(theta: np.ndarray, logX: np.ndarray) -> np.ndarray:
+    """log L = α_D · log((N_c/N)^{α_N/α_D} + D_c/D), θ = (log N_c, log D_c, α_N, α_D), logX = (log N, log D)."""
+    t1 = (theta[2] / theta[3]) * (theta[0] - logX[:, 0])
+    t2 = theta[1] - logX[:, 1]
+    m = np.maximum(t1, t2)
+    return theta[3] * (m + np.log(np.exp(t1 - m) + np.exp(t2 - m)))
+
+
+class KaplanLaw(_NDPredictMixin, _PowerSumLaw):
+    """L(N, D) = [(N_c/N)^{α_N/α_D} + D_c/D]^{α_D} (Kaplan et al. 2020, eq. 1.5); no irreducible term.
+
+    Fitted by Huber in log space with L-BFGS-B (finite-difference gradient) from the best of a
+    625-point grid of starts, features centred in log space (unit invariant)."""
+
+    name = "kaplan"
+    form = "L(N, D) = ((N_c / N)^(alpha_N / alpha_D) + D_c / D)^alpha_D"
+    param_names = ("N_c", "D_c", "alpha_N", "alpha_D")
+    variables = ("N", "D")
+    optimizer = "L-BFGS-B (finite-difference gradient) from the 6 best of a 625-point start grid"
+
+    def _theta_names(self) -> list[str]:
+        return ["log_N_c", "log_D_c", "alpha_N", "alpha_D"]
+
+    def _make_problem(self, table: RunTable, w: np.ndarray) -> est.GenericProblem:
+        logX = np.log(self._features(table))
+        ref = logX.mean(axis=0)
+        grid = np.array(
+            [
+                (lnc, ldc, an, ad)
+                for lnc in (0.0, 5.0, 10.0, 20.0, 30.0)
+                for ldc in (0.0, 5.0, 10.0, 20.0, 30.0)
+                for an in (0.05, 0.1, 0.2, 0.4, 0.7)
+                for ad in (0.05, 0.1, 0.2, 0.4, 0.7)
+            ]
+        )
+        return est.GenericProblem(
+            log_predict=_kaplan_log_predict,
+            X=logX - ref,
+            logy=np.log(table.loss),
+            weights=w,
+            starts=grid,
+            bound_list=[(-20.0, 80.0), (-20.0, 80.0), (1e-3, 3.0), (1e-3, 3.0)],
+            delta=self.delta,
+            offset=np.array([ref[0], ref[1], 0.0, 0.0]),
+        )
+
+    def _log_predict_theta(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return _kaplan_log_predict(theta, np.log(X))
+
+    @classmethod
+    def _params_from_theta(cls, theta: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "N_c": np.exp(theta[..., 0]),
+            "D_c": np.exp(theta[..., 1]),
+            "alpha_N": theta[..., 2],
+            "alpha_D": theta[..., 3],
+        }
+
+
+_LAWS: dict[str, type[_PowerSumLaw]] = {"chinchilla": ChinchillaLaw, "power": PowerLaw, "kaplan": KaplanLaw}
 
 
 def law_from_dict(d: dict[str, Any]) -> Any:
@@ -552,6 +623,7 @@ __all__: Sequence[str] = (
     "ScalingLaw",
     "ChinchillaLaw",
     "PowerLaw",
+    "KaplanLaw",
     "make_law",
     "law_from_dict",
     "INTERVAL_KIND_CONFIDENCE",

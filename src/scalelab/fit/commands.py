@@ -1,0 +1,203 @@
+"""`scalelab fit` and `scalelab recommend`: thin wrappers over `scalelab.fit.api`, rendered with rich."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scalelab.errors import FitError
+
+LAWS = ("chinchilla", "kaplan", "power", "power:C", "power:N", "power:D", "isoflop")
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _iv(iv: Any, spec: str = ".4g") -> str:
+    if not iv:
+        return ""
+    return f"  [{_fmt(iv[0], spec)}, {_fmt(iv[1], spec)}]"
+
+
+def render_fit(d: dict[str, Any], console: Console) -> None:
+    """Tables for a fit.json dict: parameters, derived quantities, comparison, backtest, warnings."""
+    f = d["fit"]
+    conf = int(100 * d["settings"].get("confidence", 0.9))
+    t = Table(title=f"{f['law']}: {f['form']}  ({d['data']['n_runs']} runs, {conf} % intervals)")
+    t.add_column("parameter")
+    t.add_column("estimate", justify="right")
+    t.add_column(f"{conf} % interval", justify="right")
+    for k, v in f["params"].items():
+        t.add_row(k, _fmt(v), _iv(f["intervals"].get(k)).strip())
+    for k, v in f.get("derived", {}).items():
+        t.add_row(k, _fmt(v), _iv(f.get("derived_intervals", {}).get(k)).strip(), style="cyan")
+    console.print(t)
+    conv = f.get("convergence", {})
+    boot = f.get("bootstrap", {})
+    console.print(
+        f"objective {_fmt(conv.get('objective'))}, converged: {conv.get('converged')}; bootstrap "
+        f"{boot.get('n', 0)} resamples by {boot.get('unit') or 'run'} "
+        f"(converged {_fmt(boot.get('converged_fraction'), '.0%')}); C: {f.get('accounting', {}).get('formula', '')}"
+    )
+    if d.get("comparison"):
+        c = Table(title="law comparison (Gaussian log-residual likelihood)")
+        for col in ("law", "params", "AIC", "ΔAIC", "BIC", "ΔBIC"):
+            c.add_column(col, justify="right" if col != "law" else "left")
+        for row in d["comparison"]:
+            if "aic" not in row:
+                c.add_row(row["law"], "—", row.get("error", "")[:40], "", "", "")
+                continue
+            c.add_row(
+                row["law"],
+                str(row["n_params"]),
+                _fmt(row["aic"], ".1f"),
+                _fmt(row["delta_aic"], ".1f"),
+                _fmt(row["bic"], ".1f"),
+                _fmt(row["delta_bic"], ".1f"),
+            )
+        console.print(c)
+    bt = d.get("backtest")
+    if bt:
+        b = Table(title=f"backtest: fit {bt['train_runs']} runs, predict the {bt['test_runs']} largest")
+        for col in ("N", "D", "C", "loss", "predicted", "rel. error", "interval", "inside"):
+            b.add_column(col, justify="right")
+        for r in bt["rows"]:
+            b.add_row(
+                _fmt(r["N"], ".3g"),
+                _fmt(r["D"], ".3g"),
+                _fmt(r["C"], ".3g"),
+                _fmt(r["loss"]),
+                _fmt(r["predicted"]),
+                _fmt(r["relative_error"], "+.2%"),
+                _iv(r.get("interval")).strip(),
+                "" if r.get("inside") is None else ("yes" if r["inside"] else "NO"),
+            )
+        console.print(b)
+    if d.get("recommendation"):
+        render_recommendation(d["recommendation"], console)
+    for w in d.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def render_recommendation(rec: dict[str, Any], console: Console) -> None:
+    iv = rec.get("intervals", {})
+    t = Table(title=f"recommendation ({rec.get('interval_kind', '')})")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_column("interval", justify="right")
+    if "N_opt" in rec:
+        t.add_row("compute (FLOPs)", _fmt(rec["compute_flops"], ".3g"), "")
+        t.add_row("N_opt (parameters)", _fmt(rec["N_opt"], ".3g"), _iv(iv.get("N_opt"), ".3g").strip())
+        t.add_row("D_opt (tokens)", _fmt(rec["D_opt"], ".3g"), _iv(iv.get("D_opt"), ".3g").strip())
+        t.add_row(
+            "tokens per parameter",
+            _fmt(rec["tokens_per_param"], ".3g"),
+            _iv(iv.get("tokens_per_param"), ".3g").strip(),
+        )
+        t.add_row("predicted loss (mean)", _fmt(rec["loss"]), _iv(iv.get("loss")).strip())
+        if iv.get("loss_single_run"):
+            t.add_row(
+                "predicted loss (one run, prediction interval)",
+                _fmt(rec["loss"]),
+                _iv(iv["loss_single_run"]).strip(),
+            )
+    else:
+        t.add_row("target loss", _fmt(rec["target_loss"]), "")
+        t.add_row(
+            "compute needed (FLOPs)",
+            _fmt(rec["compute_flops"], ".3g"),
+            _iv(iv.get("compute_flops"), ".3g").strip(),
+        )
+        for k, v in (rec.get("at_optimum") or {}).items():
+            t.add_row(f"  {k}", _fmt(v, ".3g"), "")
+    console.print(t)
+    if rec.get("accounting"):
+        console.print(f"FLOP accounting: {rec['accounting']}")
+    for w in rec.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level `fit` and `recommend` commands to the scalelab app."""
+
+    @app.command("fit")
+    def fit_cmd(
+        source: Annotated[
+            Path, typer.Argument(help="Study directory or a CSV/Parquet/JSONL table (N, D, loss).")
+        ],
+        law: Annotated[str, typer.Option("--law", help="chinchilla | kaplan | power[:C|N|D] | isoflop")] = "",
+        bootstrap: Annotated[
+            int | None, typer.Option("--bootstrap", help="Bootstrap resamples (default 1000).")
+        ] = None,
+        holdout: Annotated[str | None, typer.Option("--holdout", help="Backtest: largest:K.")] = None,
+        seed: Annotated[int | None, typer.Option("--seed", help="Bootstrap seed.")] = None,
+        jobs: Annotated[
+            int | None, typer.Option("--jobs", help="Worker processes for the bootstrap.")
+        ] = None,
+        out: Annotated[Path | None, typer.Option("--out", help="Where to write fit.json.")] = None,
+        json_: Annotated[
+            bool, typer.Option("--json", help="Print fit.json to stdout instead of tables.")
+        ] = False,
+    ) -> None:
+        """Fit a scaling law with bootstrap intervals; writes fit.json (DIR/report/fit.json for a study)."""
+        from scalelab.fit.api import default_output, fit_source
+
+        if law and law not in LAWS:
+            raise FitError(f"--law {law!r}: use one of {', '.join(LAWS)}")
+        if bootstrap is not None and bootstrap < 0:
+            raise FitError(f"--bootstrap must be >= 0, got {bootstrap}")
+        if bootstrap is None and not source.is_dir():
+            bootstrap = 1000
+        console = Console()
+        with console.status("fitting…") if console.is_terminal and not json_ else _null():
+            rep = fit_source(
+                source, law=law or None, bootstrap=bootstrap, holdout=holdout, seed=seed, n_jobs=jobs
+            )
+        path = rep.save(out or default_output(source))
+        d = rep.to_dict()
+        if json_:
+            typer.echo(json.dumps(d, indent=2))
+            return
+        render_fit(d, console)
+        console.print(f"fit: {path}")
+
+    @app.command("recommend")
+    def recommend_cmd(
+        fit_json: Annotated[Path, typer.Argument(help="fit.json written by `scalelab fit`.")],
+        compute: Annotated[
+            float | None, typer.Option("--compute", help="Compute budget in FLOPs, e.g. 1e21.")
+        ] = None,
+        target_loss: Annotated[
+            float | None, typer.Option("--target-loss", help="Target loss, e.g. 2.1.")
+        ] = None,
+        json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    ) -> None:
+        """Compute-optimal N and D (with intervals) for a budget, or the compute needed for a target loss."""
+        from scalelab.fit.api import recommend
+
+        rec = recommend(fit_json, compute=compute, target_loss=target_loss)
+        if json_:
+            typer.echo(json.dumps(rec, indent=2))
+            return
+        render_recommendation(rec, Console())
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
