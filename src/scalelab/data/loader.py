@@ -177,11 +177,11 @@ class BlockLoader:
         start = batch * self.global_batch_size + self.rank * self.local_batch_size
         return perm[start : start + self.local_batch_size]
 
-    def make_batch(self, position: int) -> torch.Tensor:
-        """This rank's part of global batch `position` as an int64 tensor (no prefetch, no state change)."""
+    def make_array(self, position: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
+        """This rank's part of global batch `position` as a numpy array (no prefetch, no state change)."""
         ids = self.rows(position)
         shard, offset = self.blocks.locate(ids)
-        out = np.empty((ids.size, self.block_tokens), dtype=np.int64)
+        out = np.empty((ids.size, self.block_tokens), dtype=dtype)
         T = self.block_tokens
         # One slice copy per row (B rows, not B*T Python steps); grouped by shard so each memmap is
         # looked up once per batch.
@@ -190,7 +190,11 @@ class BlockLoader:
             for i in np.flatnonzero(shard == s):
                 o = int(offset[i])
                 out[i] = mm[o : o + T]
-        return torch.from_numpy(out)
+        return out
+
+    def make_batch(self, position: int) -> torch.Tensor:
+        """This rank's part of global batch `position` as an int64 tensor (no prefetch, no state change)."""
+        return torch.from_numpy(self.make_array(position))
 
     # -- iteration
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -219,6 +223,8 @@ class BlockLoader:
         return t.pin_memory() if self.pin_memory else t
 
     def _dataloader(self, start: int) -> Iterator[torch.Tensor]:
+        """Worker processes gather batches in the store's narrow dtype (numpy, pickled through a pipe:
+        cheaper than a shared-memory tensor per batch); widening and pinning happen here."""
         from torch.utils.data import DataLoader
 
         loader = DataLoader(
@@ -227,10 +233,33 @@ class BlockLoader:
             sampler=_CountFrom(start),
             num_workers=self.num_workers,
             prefetch_factor=max(1, self.prefetch),
-            pin_memory=self.pin_memory,
+            collate_fn=_keep,
             worker_init_fn=_worker_init,
         )
-        return iter(loader)
+        return _Widen(iter(loader), self.pin_memory)
+
+
+def _keep(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+class _Widen:
+    """Numpy batches from DataLoader workers → int64 tensors (pinned when asked)."""
+
+    def __init__(self, it: Any, pin: bool) -> None:
+        self.it, self.pin = it, pin
+
+    def __iter__(self) -> _Widen:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        t = torch.from_numpy(next(self.it).astype(np.int64))
+        return t.pin_memory() if self.pin else t
+
+    def close(self) -> None:
+        shutdown = getattr(self.it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -243,8 +272,8 @@ class _PositionDataset(torch.utils.data.Dataset):
     def __init__(self, loader: BlockLoader) -> None:
         self.loader = loader
 
-    def __getitem__(self, position: int) -> torch.Tensor:
-        return self.loader.make_batch(position)
+    def __getitem__(self, position: int) -> np.ndarray:
+        return self.loader.make_array(position, self.loader.store.dtype)
 
 
 class _CountFrom(torch.utils.data.Sampler):
