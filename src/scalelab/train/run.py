@@ -126,15 +126,17 @@ def _eval_batches(loader_factory: LoaderFactory, store: Any, spec: RunSpec, seed
     bs = min(n_seqs, spec.train.micro_batch_size or spec.train.global_batch_size)
     loader = loader_factory(store, "heldout", t + 1, bs, seed)
     batches, have = [], 0
+    it = iter(loader)
     try:
-        for batch in loader:
+        for batch in it:
             batches.append(batch[: n_seqs - have].clone())
             have += batches[-1].shape[0]
             if have >= n_seqs:
                 break
     finally:
-        if hasattr(loader, "close"):
-            loader.close()
+        close = getattr(it, "close", None)  # stops a prefetch thread
+        if close is not None:
+            close()
     return batches
 
 

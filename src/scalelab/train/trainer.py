@@ -240,11 +240,19 @@ class Trainer:
                 path = self.checkpoint_fn(self)
                 for cb in self.callbacks:
                     cb.on_checkpoint(state, path)
+        self.close()
         if state.status == "running":
             state.status = "done"
         for cb in self.callbacks:
             cb.on_fit_end(state)
         return state
+
+    def close(self) -> None:
+        """Close the training batch iterator (stops a loader's prefetch thread)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+        self._iterator = None
 
     def _step(self) -> None:
         state, debug = self.state, self.debug
