@@ -218,6 +218,10 @@ def fit_table(
                 c["delta_aic"] = c["aic"] - best_aic
                 c["delta_bic"] = c["bic"] - best_bic
     bt = None
+    if k_hold and law == "isoflop":
+        raise FitError(
+            "--holdout: the isoflop law predicts optima, not single runs; backtest with --law chinchilla"
+        )
     if k_hold:
         bt = backtest(est, table, largest=k_hold, n_bootstrap=min(bootstrap, 200))
     rec = None

@@ -599,6 +599,9 @@ def law_from_dict(d: dict[str, Any]) -> Any:
     name = d.get("law")
     if name in _LAWS:
         return _LAWS[name].from_dict(d)
+    extra = _extra_laws()
+    if name in extra:
+        return extra[name].from_dict(d)  # type: ignore[attr-defined]
     raise FitError(f"unknown or non-rebuildable law {name!r} in fit JSON")
 
 
@@ -616,7 +619,9 @@ def make_law(name: str, **kw: Any) -> ScalingLaw:
 
 
 def _extra_laws() -> dict[str, type[ScalingLaw]]:
-    return {}
+    from scalelab.fit.isoflop import IsoFLOPLaw
+
+    return {"isoflop": IsoFLOPLaw}
 
 
 __all__: Sequence[str] = (
