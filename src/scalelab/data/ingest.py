@@ -229,7 +229,9 @@ def ingest(
 ) -> Path:
     """Tokenize `sources` into a token store at `out`; returns `out`.
 
-    `workers` > 1 tokenizes in that many processes; the result is byte-identical for any value.
+    `workers` > 1 tokenizes in that many processes (each single-threaded); with ``workers=1`` the
+    tokenizer runs in this process with its own threading (HF `tokenizers` uses all cores unless
+    ``TOKENIZERS_PARALLELISM=false``). The result is byte-identical for any value.
     Re-running after an interruption resumes from the last checkpoint. `progress` (if given) is
     called with the number of text characters handled after each chunk.
     """

@@ -126,6 +126,13 @@ class BlockLoader:
             )
         self.epoch = 0
         self.batch = 0  # next global batch within the epoch
+        self._views: list[np.ndarray | None] = [None] * len(store.shards(split))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Shard views are reopened (and verified) lazily in the receiving process.
+        state = dict(self.__dict__)
+        state["_views"] = [None] * len(self._views)
+        return state
 
     # -- position and state
     @property
@@ -183,13 +190,14 @@ class BlockLoader:
         shard, offset = self.blocks.locate(ids)
         out = np.empty((ids.size, self.block_tokens), dtype=dtype)
         T = self.block_tokens
-        # One slice copy per row (B rows, not B*T Python steps); grouped by shard so each memmap is
-        # looked up once per batch.
-        for s in np.unique(shard):
-            mm = self.store.shard_array(self.split, int(s))
-            for i in np.flatnonzero(shard == s):
-                o = int(offset[i])
-                out[i] = mm[o : o + T]
+        views = self._views
+        # One slice copy per row (B rows, not B*T Python steps) from plain ndarray views of the
+        # memmaps (slicing a np.memmap subclass costs ~10x more in Python overhead).
+        for i, (s, o) in enumerate(zip(shard.tolist(), offset.tolist(), strict=True)):
+            v = views[s]
+            if v is None:
+                v = views[s] = self.store.shard_array(self.split, s).view(np.ndarray)
+            out[i] = v[o : o + T]
         return out
 
     def make_batch(self, position: int) -> torch.Tensor:

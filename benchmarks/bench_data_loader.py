@@ -1,0 +1,179 @@
+"""Benchmark the data layer; prints JSON lines ``{name, value, baseline, ratio, unit}``.
+
+1. Loader throughput: `BlockLoader` (shuffled blocks, global batch 32, one rank) against the
+   simplest possible baseline measured in the same run on the same files — random block reads from
+   ``numpy.memmap`` into an int64 array, with no order bookkeeping, prefetch or checksums.
+2. Ingest: tokenizing with 2 worker processes against 1 (BPE, where tokenization dominates).
+
+The store is built from the built-in corpus (Python stdlib sources), repeated to the requested size.
+Defaults are small so `make bench` stays quick; ``--size-gb 1`` is the real measurement.
+
+    .venv/bin/python benchmarks/bench_data_loader.py               # 64 MB store
+    .venv/bin/python benchmarks/bench_data_loader.py --size-gb 1   # 1 GB store
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scalelab.data.corpus import BuiltinCorpus, Document, Source
+from scalelab.data.ingest import ingest
+from scalelab.data.loader import BlockLoader
+from scalelab.data.store import TokenStore
+from scalelab.data.tokenize import ByteTokenizer, train_bpe
+
+
+class RepeatedCorpus(Source):
+    """The built-in corpus, cycled (with fresh doc ids) until `size_bytes` of text."""
+
+    kind = "bench"
+
+    def __init__(self, size_bytes: int) -> None:
+        super().__init__()
+        self.size_bytes = size_bytes
+        self._docs: list[Document] | None = None
+
+    def documents(self) -> Iterator[Document]:
+        if self._docs is None:
+            self._docs = list(BuiltinCorpus().documents())
+        docs = self._docs
+        seen, rep = 0, 0
+        while True:
+            for d in docs:
+                yield Document(f"{rep}/{d.doc_id}", d.text)
+                seen += len(d.text)
+                if seen >= self.size_bytes:
+                    return
+            rep += 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "bench", "path": None, "field": None, "size_bytes": self.size_bytes}
+
+
+def emit(name: str, value: float, baseline: float, unit: str, **extra: Any) -> None:
+    ratio = value / baseline if baseline else float("nan")
+    print(
+        json.dumps(
+            {"name": name, "value": value, "baseline": baseline, "ratio": ratio, "unit": unit, **extra}
+        )
+    )
+
+
+def raw_memmap_reads(store: TokenStore, block: int, batch: int, steps: int, seed: int) -> float:
+    """Tokens/s of random block reads straight from numpy.memmap (the baseline)."""
+    maps = [np.memmap(store.path / s.file, dtype=store.dtype, mode="r") for s in store.shards("train")]
+    per = np.array([m.size // block for m in maps])
+    ends = np.cumsum(per)
+    rng = np.random.default_rng(seed)
+    out = np.empty((batch, block), dtype=np.int64)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ids = rng.integers(0, ends[-1], size=batch)
+        shard = np.searchsorted(ends, ids, side="right")
+        off = (ids - (ends - per)[shard]) * block
+        for i in range(batch):
+            out[i] = maps[shard[i]][off[i] : off[i] + block]
+        torch.from_numpy(out)
+    return steps * batch * block / (time.perf_counter() - t0)
+
+
+def loader_throughput(store: TokenStore, block: int, batch: int, steps: int, workers: int) -> float:
+    loader = BlockLoader(store, block_tokens=block, global_batch_size=batch, seed=1, num_workers=workers)
+    it = iter(loader)
+    for _ in range(min(50, steps)):  # warm-up: first opens verify shard checksums, workers start
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    rate = steps * batch * block / (time.perf_counter() - t0)
+    it.close()
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=float, default=64, help="token store size (uint16 bytes)")
+    ap.add_argument("--size-gb", type=float, default=None, help="overrides --size-mb")
+    ap.add_argument("--block-tokens", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--ingest-mb", type=float, default=4, help="text size for the ingest comparison")
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    size_bytes = int((args.size_gb * 1024 if args.size_gb else args.size_mb) * (1 << 20))
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        path = ingest(
+            [RepeatedCorpus(size_bytes // 2)], root / "store", ByteTokenizer(), shard_tokens=1 << 22
+        )
+        build_s = time.perf_counter() - t0
+        store = TokenStore.open(path)
+        nbytes = store.num_tokens("train") * store.dtype.itemsize
+        emit(
+            "store_build_byte_tokenizer",
+            nbytes / build_s / 1e6,
+            nbytes / build_s / 1e6,
+            "MB/s",
+            size_bytes=nbytes,
+        )
+
+        steps = args.steps
+        base = raw_memmap_reads(store, args.block_tokens, args.batch, steps, seed=0)
+        for workers in (0, 2):
+            rate = loader_throughput(store, args.block_tokens, args.batch, steps, workers)
+            emit(
+                f"loader_tokens_per_second_workers{workers}",
+                rate,
+                base,
+                "tokens/s",
+                baseline_name="random numpy.memmap block reads",
+                store_bytes=nbytes,
+                block_tokens=args.block_tokens,
+                batch=args.batch,
+            )
+
+        t0 = time.perf_counter()
+        problems = store.verify()
+        verify_s = time.perf_counter() - t0
+        assert not problems, problems
+        emit("store_verify", nbytes / verify_s / 1e6, nbytes / verify_s / 1e6, "MB/s")
+
+        text = [RepeatedCorpus(int(args.ingest_mb * (1 << 20)))]
+        tok = train_bpe(text, vocab_size=2048, max_bytes=1 << 20)
+        times = {}
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # baseline: one process, one thread
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            ingest(text, root / f"bpe{workers}", tok, shard_tokens=1 << 20, workers=workers)
+            times[workers] = time.perf_counter() - t0
+        same = all(
+            (root / "bpe1" / f).read_bytes() == (root / "bpe2" / f).read_bytes()
+            for f in os.listdir(root / "bpe1")
+        )
+        mb = args.ingest_mb
+        emit(
+            "ingest_bpe_2_workers_vs_1",
+            mb / times[2],
+            mb / times[1],
+            "MB/s",
+            identical_output=same,
+            baseline_name="1 process, tokenizer threads off",
+            cpus=os.cpu_count(),
+        )
+
+
+if __name__ == "__main__":
+    main()
