@@ -117,3 +117,64 @@ def test_timeout_is_recorded(tmp_path: Path, tiny_corpus: Path) -> None:
     assert "timeout" in statuses
     with Registry(out / "registry.sqlite") as reg:
         assert any("timed out" in (r["error"] or "") for r in reg.runs(status="timeout"))
+
+
+def test_killing_the_driver_then_rerunning_finishes_without_redoing(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    spec = tmp_path / "study.toml"
+    spec.write_text(
+        STUDY.format(corpus=tiny_corpus).replace(
+            '"debug.crash_at_step" = [1_000_000, 3]', '"train.tokens" = [2048, 4096]'
+        )
+    )
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "scalelab", "study", "run", str(spec), "--out", str(out), "--no-forecast"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    first_done: dict = {}
+    while time.time() < deadline and not first_done:
+        time.sleep(0.5)
+        if (out / "registry.sqlite").exists():
+            with Registry(out / "registry.sqlite") as reg:
+                done = reg.runs(status="done")
+                if done:
+                    first_done = done[0]
+    assert first_done, "no run finished before the deadline"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    record = Path(first_done["run_dir"]) / "record.json"
+    mtime = record.stat().st_mtime_ns
+
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=300)
+    with Registry(out / "registry.sqlite") as reg:
+        rows = reg.runs()
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows), [
+        (r["run_id"], r["status"]) for r in rows
+    ]
+    again = next(r for r in rows if r["run_id"] == first_done["run_id"])
+    assert again["attempts"] == 1 and record.stat().st_mtime_ns == mtime  # not redone
+
+
+def test_ray_executor_runs_a_small_study_on_local_ray(tmp_path: Path, tiny_corpus: Path) -> None:
+    pytest.importorskip("ray")
+    import ray
+
+    from scalelab.study.executors import RayExecutor
+
+    spec = tmp_path / "study.toml"
+    spec.write_text(STUDY.format(corpus=tiny_corpus).replace('"debug.crash_at_step" = [1_000_000, 3]', ""))
+    study = load_study(spec)
+    out = tmp_path / "ray"
+    try:
+        result = run_study(study, out, executor=RayExecutor(local_cpus=2))
+    finally:
+        ray.shutdown()
+    assert sorted(o.status for o in result.outcomes) == ["done", "done"]
+    with Registry(out / "registry.sqlite") as reg:
+        rows = reg.runs(status="done")
+    assert len(rows) == 2 and all(r["eval_loss"] is not None and r["provenance_json"] for r in rows)

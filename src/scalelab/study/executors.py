@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scalelab.io import atomic_write_text
 from scalelab.spec import StudySpec, config_hash
 from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
@@ -117,7 +118,12 @@ def attempt_run(
     record_path.unlink(missing_ok=True)
     with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
         proc = subprocess.Popen(
-            train_command(run_dir), stdout=out, stderr=err, env=env, start_new_session=True
+            train_command(run_dir),
+            stdout=out,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         if on_start:
             on_start(proc)
@@ -341,6 +347,19 @@ def _ray_train_task(
 Executor = LocalExecutor | RayExecutor
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the driver dies (even by SIGKILL), so a
+    re-run of the study never races an orphaned training of the same run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _kill_group(proc: subprocess.Popen[bytes], grace_seconds: float = 5.0) -> None:
     """SIGTERM the run's process group, then SIGKILL what is left."""
     try:
@@ -361,9 +380,10 @@ def write_study_files(
     study: StudySpec, study_dir: Path, source_text: str | None, overrides: tuple[str, ...] = ()
 ) -> None:
     """Record the study as run: validated `study.json` and the TOML it came from (with overrides noted)."""
-    from scalelab.io import atomic_write_text
+    from scalelab.study.preregister import freeze
 
     study_dir.mkdir(parents=True, exist_ok=True)
+    freeze(study, study_dir)
     atomic_write_text(
         study_dir / "study.json", json.dumps(study.model_dump(mode="json"), indent=2, sort_keys=True)
     )
@@ -382,8 +402,6 @@ def prepare_run_dirs(
 
     `forecast(planned)` (seconds) is asked only for runs still to do, so the skip path stays fast.
     """
-    from scalelab.io import atomic_write_text
-
     runs = expand_runs(study)
     todo = []
     for planned in runs:

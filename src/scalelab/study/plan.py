@@ -13,6 +13,16 @@ from scalelab.spec import GridDesign, IsoFLOPDesign, RunSpec, StudySpec, set_pat
 
 #: vocabulary assumed for planning when the spec leaves it to the tokenizer (byte-level: 256 + EOD).
 BYTE_VOCAB = 257
+#: an IsoFLOP run trains a whole number of steps; with at least this many, rounding D to whole steps moves
+#: its compute at most 0.5/MIN_ISOFLOP_STEPS (2.5 %) off the budget — the tolerance the planner states.
+MIN_ISOFLOP_STEPS = 20
+
+
+def isoflop_tolerance(planned: PlannedRun) -> float:
+    """Largest relative distance of this IsoFLOP run's FLOPs from its budget: half a step's FLOPs."""
+    t = planned.spec.train
+    step_tokens = t.global_batch_size * planned.spec.model.context_tokens
+    return 0.5 * step_tokens / planned.tokens
 
 
 @dataclass(frozen=True)
@@ -85,8 +95,9 @@ def _expand_isoflop(
             except SpecError:
                 continue
             shape = ModelShape.from_spec(spec.model, vocab)
-            tokens = shape.tokens_for_flops(budget)
-            steps = max(1, round(tokens / step_tokens))
+            steps = round(shape.tokens_for_flops(budget) / step_tokens)
+            if steps < MIN_ISOFLOP_STEPS:
+                continue  # too big for this budget: rounding to whole steps would miss it by > 2.5 %
             candidates.append((shape.non_embedding_params, spec, steps * step_tokens))
         if len(candidates) < design.models_per_budget:
             raise SpecError(
@@ -99,8 +110,6 @@ def _expand_isoflop(
         k = design.models_per_budget
         lo = min(max(0, centre - k // 2), len(candidates) - k)
         for _n, spec, tokens in candidates[lo : lo + k]:
-            if tokens < step_tokens:
-                continue
             for seed in design.seeds:
                 s = set_path(spec, "train.tokens", int(tokens), source=f"{source}: study.design")
                 s = set_path(s, "train.seed", seed, source=f"{source}: study.design.seeds")

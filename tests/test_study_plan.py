@@ -1,0 +1,72 @@
+"""Planning: grid expansion, IsoFLOP budgets within the stated tolerance, pre-registration, forecasts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scalelab.errors import SpecError
+from scalelab.models.flops import ModelShape
+from scalelab.spec import load_study
+from scalelab.study.forecast import Forecaster, total_wall_seconds
+from scalelab.study.plan import MIN_ISOFLOP_STEPS, expand_runs, isoflop_tolerance, planning_vocab
+from scalelab.study.preregister import freeze
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_grid_has_six_distinct_runs() -> None:
+    runs = expand_runs(load_study(EXAMPLES / "quickstart.toml"))
+    assert len(runs) == 6 and len({r.run_id for r in runs}) == 6
+    assert {r.spec.model.width for r in runs} == {32, 64, 128}
+    for r in runs:
+        shape = ModelShape.from_spec(r.spec.model, planning_vocab(r.spec))
+        assert r.flops == shape.training_flops(r.tokens)
+
+
+def test_isoflop_runs_match_their_budget_within_the_stated_tolerance() -> None:
+    study = load_study(EXAMPLES / "isoflop.toml")
+    runs = expand_runs(study)
+    budgets = study.design.budgets_flops
+    assert len(runs) == len(budgets) * study.design.models_per_budget
+    for r in runs:
+        budget = r.point["budget_flops"]
+        tol = isoflop_tolerance(r)
+        assert tol <= 0.5 / MIN_ISOFLOP_STEPS + 1e-12
+        assert abs(r.flops / budget - 1) <= tol, (r.run_id, r.flops, budget, tol)
+    # each budget spans sizes: larger budgets reach larger models
+    for budget in budgets:
+        widths = sorted(r.spec.model.width for r in runs if r.point["budget_flops"] == budget)
+        assert len(set(widths)) == study.design.models_per_budget
+
+
+def test_isoflop_with_too_few_usable_widths_is_an_error(tmp_path: Path) -> None:
+    spec = tmp_path / "iso.toml"
+    spec.write_text((EXAMPLES / "isoflop.toml").read_text())
+    with pytest.raises(SpecError, match="usable widths for budget"):
+        load_study(spec, ["design.widths=[16, 24, 32]", "design.budgets_flops=[1e9]"])
+
+
+def test_preregistration_is_frozen(tmp_path: Path) -> None:
+    study = load_study(EXAMPLES / "quickstart.toml")
+    first = freeze(study, tmp_path)
+    assert freeze(study, tmp_path)["sha256"] == first["sha256"]
+    changed = load_study(EXAMPLES / "quickstart.toml", ["fit.law='kaplan'"])
+    with pytest.raises(SpecError, match="pre-registered analysis plan changed \\(fit"):
+        freeze(changed, tmp_path)
+
+
+def test_forecast_is_measured_cached_and_scheduled(tmp_path: Path) -> None:
+    study = load_study(
+        EXAMPLES / "quickstart.toml", ["design.axes={'model.width'=[16, 32]}", "model.context_tokens=32"]
+    )
+    runs = expand_runs(study)
+    fc = Forecaster(tmp_path / "forecast.json")
+    first = [fc.forecast(r) for r in runs]
+    assert all(f is not None and f.seconds > 0 and f.tokens_per_second > 0 for f in first)
+    cached = Forecaster(tmp_path / "forecast.json", measure=False)
+    assert [cached.forecast(r) for r in runs] == first  # second plan: nothing measured again
+    serial = total_wall_seconds(first, 1)
+    assert serial == pytest.approx(sum(f.seconds for f in first))
+    assert total_wall_seconds(first, 2) <= serial
