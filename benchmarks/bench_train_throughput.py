@@ -1,0 +1,146 @@
+"""Trainer throughput vs a bare PyTorch loop on the same model and data (CPU by default).
+
+Prints JSON lines {name, value, baseline, ratio, unit}. The trainer runs with everything it does in a
+real run (parametrization groups, AdamW, LR schedule, clipping, divergence guard, metrics.jsonl with MFU and
+memory); the baseline is the loop a person would write by hand: forward, backward, clip, AdamW step,
+zero_grad, loss.item(). Both are timed in alternating rounds and the median round is reported, so
+noise from other processes on the machine hits both alike. Goal: ratio ≥ 0.95.
+
+  .venv/bin/python benchmarks/bench_train_throughput.py [--steps 20] [--rounds 5] [--width 128] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from scalelab.models.flops import ModelShape
+from scalelab.models.gpt import build_model
+from scalelab.models.parametrization import apply_parametrization
+from scalelab.spec import ModelSpec, TrainSpec
+from scalelab.train.observe import MetricsLogger
+from scalelab.train.trainer import DivergenceGuard, Trainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=257)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    os.environ.setdefault("SCALELAB_CACHE_DIR", tempfile.mkdtemp(prefix="scalelab-bench-"))
+
+    mspec = ModelSpec(width=args.width, depth=args.depth, n_heads=4, context_tokens=args.context)
+    shape = ModelShape.from_spec(mspec, args.vocab)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, args.vocab, (args.steps * 4, args.batch, args.context + 1), generator=gen)
+    tokens_per_round = args.steps * args.batch * args.context
+    train = TrainSpec(tokens=10**9, global_batch_size=args.batch, lr=1e-3, threads=args.threads)
+
+    def batches():
+        while True:
+            yield from data
+
+    def make_model():
+        torch.manual_seed(0)
+        model = build_model(mspec, args.vocab)
+        groups = apply_parametrization(model, mspec)
+        return model.to(device), groups
+
+    # ---- trainer
+    t_model, t_groups = make_model()
+    tmp = Path(tempfile.mkdtemp(prefix="scalelab-bench-"))
+    metrics = MetricsLogger(
+        tmp / "metrics.jsonl", flops_per_token=shape.training_flops_per_token, peak_flops=1e12, device=device
+    )
+    trainer = Trainer(
+        t_model,
+        t_groups,
+        train,
+        train_loader=batches(),
+        total_steps=10**6,
+        context_tokens=args.context,
+        device=device,
+        callbacks=[DivergenceGuard(10.0), metrics],
+    )
+    trainer._iterator = iter(trainer.train_loader)
+    for cb in trainer.callbacks:
+        cb.on_fit_start(trainer)
+
+    def trainer_round() -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer._step()
+            for cb in trainer.callbacks:
+                cb.on_step_end(trainer.state)
+        sync()
+        return tokens_per_round / (time.perf_counter() - t0)
+
+    # ---- bare loop
+    b_model, _ = make_model()
+    opt = torch.optim.AdamW(b_model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    it = batches()
+
+    def bare_round() -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            b = next(it).to(device)
+            loss = b_model(b[:, :-1], b[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(b_model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+        sync()
+        return tokens_per_round / (time.perf_counter() - t0)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    trainer_round(), bare_round()  # warm-up
+    t_rates, b_rates = [], []
+    for r in range(args.rounds):
+        if r % 2:
+            b_rates.append(bare_round())
+            t_rates.append(trainer_round())  # noqa: E702
+        else:
+            t_rates.append(trainer_round())
+            b_rates.append(bare_round())  # noqa: E702
+    metrics.close()
+    value, baseline = statistics.median(t_rates), statistics.median(b_rates)
+    name = f"train_tokens_per_second_{device.type}_w{args.width}_d{args.depth}_t{args.context}_b{args.batch}"
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "value": round(value, 1),
+                "baseline": round(baseline, 1),
+                "ratio": round(value / baseline, 4),
+                "unit": "tokens/s",
+            }
+        )
+    )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
