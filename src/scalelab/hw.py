@@ -68,9 +68,14 @@ def machine_key(device: torch.device) -> str:
 
 
 def known_peak(device: torch.device, precision: str) -> float | None:
+    """The table's peak for this CUDA device, None for CPUs and unlisted GPUs."""
     if device.type != "cuda":
         return None
-    name = device_name(device)
+    return peak_for_name(device_name(device), precision)
+
+
+def peak_for_name(name: str, precision: str) -> float | None:
+    """Vendor peak FLOP/s of the first `KNOWN_PEAK_FLOPS` entry contained in the device name."""
     for pattern, peaks in KNOWN_PEAK_FLOPS:
         if pattern in name:
             return peaks.get(precision)

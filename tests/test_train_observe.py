@@ -1,0 +1,109 @@
+"""Hardware peaks (measured + cached, vendor table), memory, energy, and the metrics.jsonl sink."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scalelab.hw import EnergyMeter, peak_flops, peak_for_name, peak_memory_bytes
+from scalelab.train.observe import MetricsLogger
+from scalelab.train.trainer import TrainState
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path):
+    value, source = peak_flops("cpu", "fp32")
+    assert value > 1e8 and source == "measured"
+    cache = json.loads((tmp_path / "cache" / "hw.json").read_text())
+    (entry,) = cache.values()
+    assert entry["fp32"] == value
+    again, source2 = peak_flops("cpu", "fp32")
+    assert again == value and source2 == "measured (cached)"
+
+
+def test_vendor_table():
+    assert peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_for_name("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert peak_for_name("Some Future GPU", "bf16") is None
+
+
+def test_memory_and_energy_on_cpu():
+    assert peak_memory_bytes("cpu") > 10 * 2**20
+    meter = EnergyMeter("cpu")
+    meter.start()
+    assert meter.joules() is None and "no GPU" in meter.note
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_energy_and_peak_on_gpu():
+    value, source = peak_flops("cuda", "bf16")
+    assert value > 1e12
+    meter = EnergyMeter("cuda")
+    meter.start()
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        a = a @ a / 64
+    torch.cuda.synchronize()
+    joules = meter.joules()
+    assert joules is None or joules >= 0, meter.note
+
+
+def test_metrics_logger_lines_and_truncation(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    ml = MetricsLogger(path, flops_per_token=100.0, peak_flops=1e6)
+    for step in range(1, 5):
+        s = TrainState(
+            step=step,
+            total_steps=4,
+            tokens=10 * step,
+            loss=1.0 / step,
+            lr=0.1,
+            grad_norm=2.0,
+            step_seconds=0.5,
+            tokens_per_second=20.0,
+        )
+        ml.on_step_end(s)
+        assert s.extra["mfu"] == pytest.approx(100 * 20 / 1e6)
+    s.eval_loss = 0.7
+    ml.on_eval_end(s)
+    ml.close()
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4] and rows[-1] == {
+        "step": 4,
+        "tokens": 40,
+        "eval_loss": 0.7,
+    }
+    assert set(rows[0]) >= {
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_second",
+        "step_seconds",
+        "mfu",
+        "peak_memory_bytes",
+    }
+    with open(path, "a") as f:
+        f.write('{"step": 5, "tok')  # a line torn by a kill
+    ml.truncate_after(2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+def test_nan_loss_is_logged_as_null(tmp_path):
+    ml = MetricsLogger(tmp_path / "m.jsonl", flops_per_token=1.0, peak_flops=None)
+    ml.on_step_end(TrainState(step=1, total_steps=1, loss=math.nan, grad_norm=math.inf))
+    ml.close()
+    row = json.loads((tmp_path / "m.jsonl").read_text())
+    assert row["loss"] is None and row["grad_norm"] is None and row["mfu"] is None
