@@ -244,12 +244,16 @@ def _duplicate_notes(
             str(seeds[i]) if seeds is not None else "",
         )
         seen.setdefault(key, []).append(i)
-    notes = []
-    for rows in seen.values():
-        if len(rows) > 1:
-            names = ", ".join(labels[i] if labels else f"row {i + 1}" for i in rows)
-            notes.append(f"duplicated run (same N, D, group and seed): {names}; all are kept and fitted")
-    return notes
+    groups = [rows for rows in seen.values() if len(rows) > 1]
+    if not groups:
+        return []
+    shown = "; ".join(", ".join(labels[i] if labels else f"row {i + 1}" for i in rows) for rows in groups[:5])
+    more = f"; and {len(groups) - 5} more groups" if len(groups) > 5 else ""
+    n_rows = sum(len(r) for r in groups)
+    return [
+        f"{len(groups)} groups of duplicated runs (same N, D, group and seed; {n_rows} rows): {shown}{more}; "
+        "all are kept and fitted (add a seed column if they are repeats)"
+    ]
 
 
 def _find(columns: Sequence[str], key: str, mapping: Mapping[str, str] | None) -> str | None:
