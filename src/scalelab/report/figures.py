@@ -71,7 +71,16 @@ def loss_curves(runs: list[dict[str, Any]]) -> bytes | None:
             label=f"N={_si(r.get('n_params'))}, D={_si(r.get('tokens'))}",
         )
         if evals:
-            ax.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], "o", color=c, ms=3)
+            ax.plot(
+                [e["tokens"] for e in evals],
+                [e["eval_loss"] for e in evals],
+                "o",
+                color=c,
+                ms=5,
+                mec="black",
+                mew=0.6,
+                zorder=3,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token); dots: held-out")

@@ -193,10 +193,15 @@ def _headline(s: StudySummary, target: dict[str, Any]) -> str:
         )
     rec = dict(s.recommendation_rows)
     if "compute budget" in rec:
-        return (
-            f"For a budget of {rec['compute budget']}, train N ≈ {rec.get('N_opt (parameters)', '?')} "
+        core = (
+            f"for a budget of {rec['compute budget']}, train N ≈ {rec.get('N_opt (parameters)', '?')} "
             f"parameters on D ≈ {rec.get('D_opt (tokens)', '?')} tokens; predicted loss "
-            f"{rec.get('predicted loss', '?')}. Based on {done} finished runs; "
-            + ("read the caveats below before committing budget." if s.warnings else "no fit warnings.")
+            f"{rec.get('predicted loss', '?')}. Based on {done} finished runs."
         )
+        if s.warnings:
+            return (
+                f"LOW CONFIDENCE — the fit raised {len(s.warnings)} warning(s), listed below; read this as "
+                f"a rough estimate, not a recommendation to commit budget to: {core}"
+            )
+        return core[0].upper() + core[1:] + " The fit raised no warnings."
     return f"Fitted on {done} finished runs. " + s.fit_line
