@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from scalelab.hw import peak_flops
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import ModelSpec, TrainSpec
 from scalelab.train.observe import MetricsLogger
+from scalelab.train.precision import autocast
 from scalelab.train.trainer import DivergenceGuard, Trainer
 
 
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=257)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -51,7 +55,14 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab, (args.steps * 4, args.batch, args.context + 1), generator=gen)
     tokens_per_round = args.steps * args.batch * args.context
-    train = TrainSpec(tokens=10**9, global_batch_size=args.batch, lr=1e-3, threads=args.threads)
+    train = TrainSpec(
+        tokens=10**9,
+        global_batch_size=args.batch,
+        lr=1e-3,
+        threads=args.threads,
+        precision=args.precision,
+        compile=args.compile,
+    )
 
     def batches():
         while True:
@@ -61,7 +72,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(mspec, args.vocab)
         groups = apply_parametrization(model, mspec)
-        return model.to(device), groups
+        model = model.to(device)
+        return (torch.compile(model) if args.compile else model), groups
 
     # ---- trainer
     t_model, t_groups = make_model()
@@ -95,7 +107,7 @@ def main() -> None:
 
     # ---- bare loop
     b_model, _ = make_model()
-    opt = torch.optim.AdamW(b_model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(b_model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     it = batches()
 
     def bare_round() -> float:
@@ -103,7 +115,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             b = next(it).to(device)
-            loss = b_model(b[:, :-1], b[:, 1:])
+            with autocast(device.type, args.precision):
+                loss = b_model(b[:, :-1], b[:, 1:])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(b_model.parameters(), 1.0)
             opt.step()
@@ -127,15 +140,30 @@ def main() -> None:
             b_rates.append(bare_round())  # noqa: E702
     metrics.close()
     value, baseline = statistics.median(t_rates), statistics.median(b_rates)
-    name = f"train_tokens_per_second_{device.type}_w{args.width}_d{args.depth}_t{args.context}_b{args.batch}"
+    tag = f"{device.type}_{args.precision}{'_compiled' if args.compile else ''}"
+    tag += f"_w{args.width}_d{args.depth}_t{args.context}_b{args.batch}"
+    ratio = round(value / baseline, 4)
     print(
         json.dumps(
             {
-                "name": name,
+                "name": f"train_tokens_per_second_{tag}",
                 "value": round(value, 1),
                 "baseline": round(baseline, 1),
-                "ratio": round(value / baseline, 4),
+                "ratio": ratio,
                 "unit": "tokens/s",
+            }
+        )
+    )
+    peak, source = peak_flops(device, args.precision)
+    fpt = shape.training_flops_per_token
+    print(
+        json.dumps(
+            {
+                "name": f"train_mfu_{tag}",
+                "value": round(fpt * value / peak, 4),
+                "baseline": round(fpt * baseline / peak, 4),
+                "ratio": ratio,
+                "unit": f"fraction of {peak:.3g} FLOP/s ({source})",
             }
         )
     )

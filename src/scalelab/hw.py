@@ -146,6 +146,10 @@ def peak_flops(device: torch.device | str = "cpu", precision: str = "fp32") -> t
     if precision in entry:
         return float(entry[precision]), "measured (cached)"
     value = measure_matmul_flops(device, precision)
+    if device.type == "cpu" and precision != "fp32":
+        # CPUs without native bf16/fp16 matmul units emulate them slower than fp32, while autocast runs
+        # part of the model in fp32: the faster of the two is the honest ceiling.
+        value = max(value, peak_flops(device, "fp32")[0])
     cache = _read_cache(path)  # another process may have written meanwhile
     cache.setdefault(key, {})[precision] = value
     cache[key]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
