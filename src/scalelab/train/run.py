@@ -202,6 +202,12 @@ def run_training(
     metrics: MetricsLogger | None = None
     try:
         with _torch_settings(spec.train.threads, deterministic=True):
+            if spec.train.strategy != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise TrainingError(
+                    f"train.strategy={spec.train.strategy!r} with WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+                    "run_training is the single-process engine; launch distributed runs through "
+                    "scalelab.train.distributed"
+                )
             device = resolve_device(spec.train.device)
             if device.type == "cuda":
                 torch.use_deterministic_algorithms(False)  # costly on GPU; CPU runs stay bitwise exact
