@@ -182,6 +182,14 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
         load_latest(tmp_path / "checkpoint", config_hash(b))
     assert config_hash(a) in str(err.value) and config_hash(b) in str(err.value)
     rec = run(b, tmp_path, resume=True)
+    assert rec["status"] == "failed" and "CheckpointError" in rec["error"]
+    assert config_hash(a) in rec["error"] and config_hash(b) in rec["error"]
+    # the other run's directory is left untouched
+    assert json.loads((tmp_path / "record.json").read_text())["config_hash"] == config_hash(a)
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(a.canonical_json())
+    # same directory, config.json gone (e.g. copied checkpoints): the checkpoint manifest refuses it
+    (tmp_path / "config.json").unlink()
+    rec = run(b, tmp_path, resume=True)
     assert rec["status"] == "failed" and "CheckpointConfigMismatch" in rec["error"]
     assert config_hash(a) in rec["error"] and config_hash(b) in rec["error"]
     rec = run(b, tmp_path, resume=False)  # a fresh start discards the old checkpoints

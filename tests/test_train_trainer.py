@@ -164,3 +164,11 @@ def test_cuda_run(tmp_path):
     rec = run(tiny_spec(steps=4, device="cuda", precision="bf16"), tmp_path)
     assert rec["status"] == "done", rec["error"]
     assert rec["peak_memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(tmp_path):
+    eager = run(tiny_spec(steps=4), tmp_path / "eager")
+    compiled = run(tiny_spec(steps=4, compile=True), tmp_path / "compiled")
+    assert compiled["status"] == "done", compiled["error"]
+    assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-3)

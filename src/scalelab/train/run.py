@@ -150,6 +150,14 @@ def _capture_provenance(spec: RunSpec, store: Any) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}"}
 
 
+def _existing_config_hash(path: Path) -> str | None:
+    """Config hash of the run whose config.json is at `path` (None when there is none or it is unreadable)."""
+    try:
+        return config_hash(RunSpec.model_validate_json(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
@@ -192,6 +200,16 @@ def run_training(
         "started_at": _utc_now(),
         "finished_at": None,
     }
+    existing = _existing_config_hash(out / "config.json")
+    if resume and existing is not None and existing != chash:
+        # Another config's run directory: refuse without touching any of its files.
+        record["error"] = (
+            f"CheckpointError: {out} holds the run of config {existing}, not of this config {chash}; "
+            "use another output directory or resume=False"
+        )
+        record["finished_at"] = _utc_now()
+        log.error("%s", record["error"])
+        return record
     (out / "record.json").unlink(missing_ok=True)
     (out / "config.json").write_text(spec.canonical_json() + "\n")
     device = torch.device("cpu")
