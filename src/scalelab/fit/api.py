@@ -52,6 +52,7 @@ class FitReport:
     comparison: list[dict[str, Any]] = field(default_factory=list)
     backtest: dict[str, Any] | None = None
     recommendation: dict[str, Any] | None = None
+    groups: dict[str, Any] | None = None
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property
@@ -82,6 +83,7 @@ class FitReport:
                 "comparison": self.comparison,
                 "backtest": self.backtest,
                 "recommendation": self.recommendation,
+                "groups": self.groups,
                 "warnings": self.warnings,
             }
         )
@@ -192,11 +194,24 @@ def fit_table(
     target_compute: float | None = None,
     target_loss: float | None = None,
     extra_settings: dict[str, Any] | None = None,
+    prior: str | Path | None = None,
 ) -> FitReport:
-    """Fit `law` to `table` with bootstrap intervals, validate it and (given a target) recommend."""
+    """Fit `law` to `table` with bootstrap intervals, validate it and (given a target) recommend.
+
+    ``prior``: a published fit name (``hoffmann2022``, ``besiroglu2024``) or an earlier fit.json — then
+    the chinchilla law is fitted by MAP with a Laplace posterior instead of the bootstrap
+    (see `scalelab.fit.bayes`)."""
     k_hold = parse_holdout(holdout)
     kw = {"delta": delta, "n_bootstrap": bootstrap, "confidence": confidence, "seed": seed, "n_jobs": n_jobs}
-    est = make_law(law, **kw).fit(table)
+    if prior is not None:
+        from scalelab.fit.bayes import PUBLISHED, MAPChinchillaLaw, Prior
+
+        if law != "chinchilla":
+            raise FitError(f"--prior works with --law chinchilla, not {law!r}")
+        pr = Prior.published(str(prior)) if str(prior) in PUBLISHED else Prior.from_fit(prior)
+        est = MAPChinchillaLaw(pr, confidence=confidence, seed=seed, delta=delta).fit(table)
+    else:
+        est = make_law(law, **kw).fit(table)
     n_par = len(est.param_names)
     crit = information_criteria(est.residuals_, n_par) if hasattr(est, "residuals_") else {}
     diag = residual_diagnostics(table, est.residuals_) if hasattr(est, "residuals_") else {}
@@ -229,8 +244,17 @@ def fit_table(
         rec = est.optimal(target_compute)
     elif target_loss is not None and hasattr(est, "compute_for_loss"):
         rec = est.compute_for_loss(target_loss)
+    groups = None
+    if table.group is not None and len(table.groups) > 1:
+        from scalelab.fit.groups import compare_groups
+
+        try:
+            groups = compare_groups(table, delta=delta)
+        except FitError as err:
+            groups = {"error": str(err)}
     settings = {
         "law": law,
+        "prior": None if prior is None else str(prior),
         "bootstrap": bootstrap,
         "holdout": f"largest:{k_hold}" if k_hold else None,
         "seed": seed,
@@ -239,7 +263,7 @@ def fit_table(
         "n_jobs": n_jobs,
         **(extra_settings or {}),
     }
-    return FitReport(est, table, settings, crit, diag, comparison, bt, rec)
+    return FitReport(est, table, settings, crit, diag, comparison, bt, rec, groups)
 
 
 def fit_source(
@@ -255,6 +279,7 @@ def fit_source(
     loss: str | None = None,
     n_jobs: int | None = None,
     compare: bool = True,
+    prior: str | Path | None = None,
 ) -> FitReport:
     """Fit a study directory or a table file. Unset options come from the study's [study.fit]
     (for a study directory) or the FitSpec defaults."""
@@ -289,6 +314,7 @@ def fit_source(
         target_compute=getattr(target, "compute_flops", None),
         target_loss=getattr(target, "loss", None),
         extra_settings={"n_params": n_params, "loss_column": loss} if path.is_dir() else None,
+        prior=prior,
     )
 
 

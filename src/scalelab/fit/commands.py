@@ -88,6 +88,14 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
         console.print(b)
     if d.get("recommendation"):
         render_recommendation(d["recommendation"], console)
+    grp = d.get("groups")
+    if grp and "shared" in grp:
+        console.print(
+            f"groups {', '.join(grp['shared']['groups'])}: shared vs separate exponents — "
+            f"ΔAIC(separate − shared) {_fmt(grp['delta_aic_separate_minus_shared'], '.1f')}, "
+            f"ΔBIC {_fmt(grp['delta_bic_separate_minus_shared'], '.1f')}; preferred: "
+            f"{grp['preferred_by_aic']} (AIC), {grp['preferred_by_bic']} (BIC)"
+        )
     for w in d.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
