@@ -190,7 +190,6 @@ def study_run(
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
-    from scalelab.study.forecast import Forecaster
 
     study = load_study(spec, set_ or ())
     if executor_kind == "local":
@@ -208,10 +207,17 @@ def study_run(
         )
     else:
         raise SpecError(f"--executor: expected 'local' or 'ray', got {executor_kind!r}")
-    forecaster = Forecaster() if forecast else None
+    forecasters: list[Any] = []
 
     def forecast_seconds(planned: Any) -> float | None:
-        fc = forecaster.forecast(planned) if forecaster else None
+        """Measured-throughput forecast; torch is imported only when some run still has to train."""
+        if not forecast:
+            return None
+        if not forecasters:
+            from scalelab.study.forecast import Forecaster
+
+            forecasters.append(Forecaster())
+        fc = forecasters[0].forecast(planned)
         return None if fc is None else fc.seconds
 
     progress = Progress(
