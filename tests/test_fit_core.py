@@ -172,6 +172,7 @@ def test_fit_source_table_files(synth, tmp_path, suffix):
     assert set(d["fit"]["params"]) == {"E", "A", "B", "alpha", "beta"}
     assert d["settings"]["holdout"] == "largest:3"
     assert d["backtest"]["test_runs"] == 3
+    assert d["cross_validation"]["k"] == 5 and d["cross_validation"]["rmse_log"] < 0.05
     out = rep.save(tmp_path / "fit.json")
     rec = recommend(out, compute=1e22)
     assert rec["N_opt"] > 0 and "N_opt" in rec["intervals"]

@@ -14,8 +14,13 @@ fit.json (``FitReport.to_json()``) shape::
      "fit": {law, form, params, intervals, derived, derived_intervals, theta, convergence, bootstrap
              {n, unit, seed, converged_fraction, theta_samples}, residuals, accounting, warnings, settings},
      "information_criteria": {aic, aicc, bic, log_likelihood, n_params, n},
-     "residual_diagnostics": {...}, "comparison": [{law, aic, bic, ...}], "backtest": {...} | null,
-     "recommendation": {...} | null, "warnings": [...]}
+     "residual_diagnostics": {...}, "comparison": [{law, aic, bic, delta_aic, delta_bic, ...}],
+     "backtest": {train_runs, test_runs, threshold_flops, mean_abs_relative_error, coverage, rows} | null,
+     "cross_validation": {k, rmse_log, mean_abs_relative_error, per_fold_rmse_log} | null,
+     "recommendation": {compute_flops, N_opt, D_opt, loss, tokens_per_param, intervals, interval_kind,
+                        accounting, extrapolation} | null (from the study's [study.target]),
+     "groups": {shared, separate, delta_aic_separate_minus_shared, preferred_by_aic, ...} | null,
+     "warnings": [...]}
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 from scalelab.errors import FitError, ScalelabError
 from scalelab.fit.laws import _floats, law_from_dict, make_law
 from scalelab.fit.table import COMPUTE_TABLE, RunTable, load_table, make_table
-from scalelab.fit.validate import backtest, information_criteria, residual_diagnostics
+from scalelab.fit.validate import backtest, information_criteria, kfold, residual_diagnostics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class FitReport:
     diagnostics: dict[str, Any]
     comparison: list[dict[str, Any]] = field(default_factory=list)
     backtest: dict[str, Any] | None = None
+    cross_validation: dict[str, Any] | None = None
     recommendation: dict[str, Any] | None = None
     groups: dict[str, Any] | None = None
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -82,6 +88,7 @@ class FitReport:
                 "residual_diagnostics": self.diagnostics,
                 "comparison": self.comparison,
                 "backtest": self.backtest,
+                "cross_validation": self.cross_validation,
                 "recommendation": self.recommendation,
                 "groups": self.groups,
                 "warnings": self.warnings,
@@ -195,6 +202,7 @@ def fit_table(
     target_loss: float | None = None,
     extra_settings: dict[str, Any] | None = None,
     prior: str | Path | None = None,
+    cv_folds: int = 5,
 ) -> FitReport:
     """Fit `law` to `table` with bootstrap intervals, validate it and (given a target) recommend.
 
@@ -244,6 +252,14 @@ def fit_table(
         rec = est.optimal(target_compute)
     elif target_loss is not None and hasattr(est, "compute_for_loss"):
         rec = est.compute_for_loss(target_loss)
+    cv = None
+    if cv_folds and prior is None and law != "isoflop":
+        n_configs = np.unique(table.clusters()).size
+        if n_configs >= max(2 * cv_folds, 10):
+            try:
+                cv = kfold(est, table, k=cv_folds, seed=seed)
+            except FitError as err:
+                cv = {"error": str(err)}
     groups = None
     if table.group is not None and len(table.groups) > 1:
         from scalelab.fit.groups import compare_groups
@@ -263,7 +279,8 @@ def fit_table(
         "n_jobs": n_jobs,
         **(extra_settings or {}),
     }
-    return FitReport(est, table, settings, crit, diag, comparison, bt, rec, groups)
+    settings["cv_folds"] = cv_folds
+    return FitReport(est, table, settings, crit, diag, comparison, bt, cv, rec, groups)
 
 
 def fit_source(
