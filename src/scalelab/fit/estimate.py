@@ -195,18 +195,18 @@ class PowerSumProblem:
         eye = np.eye(K + 1) * 1e-12
         coef = np.zeros((G, K + 1))
         for _ in range(irls_steps):
-            Mv = M * v[:, :, None]
-            A = np.einsum("gni,gnj->gij", Mv, M) + eye
-            b = np.einsum("gni,n->gi", Mv, y)
+            MvT = (M * v[:, :, None]).transpose(0, 2, 1)
+            A = np.matmul(MvT, M) + eye
+            b = np.matmul(MvT, y)
             try:
                 coef = np.linalg.solve(A, b[:, :, None])[:, :, 0]
             except np.linalg.LinAlgError:
                 coef = np.stack([np.linalg.lstsq(A[g], b[g], rcond=None)[0] for g in range(G)])
-            rel = (np.einsum("gni,gi->gn", M, coef) - y) / y
+            rel = (np.matmul(M, coef[:, :, None])[:, :, 0] - y) / y
             v = base * np.minimum(1.0, self.delta / np.maximum(np.abs(rel), 1e-300))
         floor = 1e-9 * float(y.mean())
         coef = np.maximum(coef, floor)
-        pred = np.einsum("gni,gi->gn", M, coef)
+        pred = np.matmul(M, coef[:, :, None])[:, :, 0]
         r = np.log(pred) - logy
         obj = (huber(r, self.delta) * w).sum(axis=1)
         thetas = np.concatenate([np.log(coef), alphas], axis=1)

@@ -19,6 +19,7 @@ All parametric fits minimise the Huber loss of log residuals (see `scalelab.fit.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -37,10 +38,17 @@ INTERVAL_KIND_PREDICTION = "prediction (parameter uncertainty + residual scatter
 
 
 def _percentiles(samples: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over draws; undefined draws (NaN, e.g. an exponent at 0 in a ratio) are left
+    out — `undefined_fraction` reports how many there were."""
     q = 100.0 * np.array([(1 - level) / 2, (1 + level) / 2])
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.percentile(samples, q, axis=axis)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(samples, q, axis=axis)
     return lo, hi
+
+
+def undefined_fraction(samples: np.ndarray) -> float:
+    return float(np.mean(np.isnan(samples))) if np.size(samples) else 0.0
 
 
 def _floats(x: Any) -> Any:
@@ -436,6 +444,9 @@ class ChinchillaLaw(_NDPredictMixin, _PowerSumLaw):
             for k, v in ss.items():
                 lo, hi = _percentiles(v, self.confidence)
                 out["intervals"][k] = [float(lo), float(hi)]
+            undefined = undefined_fraction(ss["N_opt"])
+            if undefined:
+                out["undefined_draw_fraction"] = undefined
             # a single run at the recommended point: add residual scatter to the loss
             N_opt, D_opt = pt["N_opt"], pt["D_opt"]
             lo, hi = self._interval_X(self._X(N_opt, D_opt), "prediction")
