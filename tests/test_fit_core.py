@@ -204,3 +204,17 @@ def test_chinchilla_reference_fit():
     # Besiroglu et al. (2024) replication: alpha = 0.35, E = 1.82 (our objective is lower than theirs)
     assert law.params_["alpha"] == pytest.approx(0.35, abs=0.03)
     assert law.params_["E"] == pytest.approx(1.85, abs=0.1)
+
+
+OPENLM = REF.parent / "li2025_openlm_last_ckpt.csv"
+
+
+@pytest.mark.skipif(not OPENLM.is_file(), reason="shared/reference not present")
+def test_openlm_reference_fit_and_backtest():
+    rep = fit_source(OPENLM, law="chinchilla", bootstrap=0, holdout="largest:10", seed=0, compare=False)
+    d = rep.to_dict()
+    assert d["data"]["n_runs"] == 261 and d["data"]["compute_source"] == "table"
+    assert d["fit"]["convergence"]["converged"]
+    assert d["fit"]["accounting"]["gamma"] == pytest.approx(1.0, abs=0.01)
+    assert d["backtest"]["mean_abs_relative_error"] < 0.05
+    assert any("duplicated runs" in w for w in d["warnings"])

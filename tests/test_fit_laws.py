@@ -71,6 +71,8 @@ def test_kaplan_recovers():
     assert k.params_["alpha_N"] == pytest.approx(aN, rel=0.05)
     assert k.params_["alpha_D"] == pytest.approx(aD, rel=0.05)
     np.testing.assert_allclose(k.predict(N, D), L, rtol=0.005)
+    again = law_from_dict(json.loads(json.dumps(k.to_dict())))
+    np.testing.assert_allclose(again.predict(N, D), k.predict(N, D), rtol=1e-12)
 
 
 def test_power_laws_and_make_law(iso_table):

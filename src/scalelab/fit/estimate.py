@@ -565,6 +565,8 @@ def bootstrap(
         )
     counts = resample_counts(clusters, n_boot, seed)
     jobs = min(n_jobs or default_jobs(), n_boot)
+    if mp.current_process().daemon:  # daemonic workers may not start children: refit serially
+        jobs = 1
     if jobs <= 1 or n_boot < 16:
         with one_blas_thread():
             rows, cpu = _refit_chunk(problem, theta_hat, counts)

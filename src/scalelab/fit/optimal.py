@@ -48,7 +48,7 @@ class Accounting:
         if self.kind == "6ND":
             return "C = 6·N·D (the table had no compute column)"
         return (
-            f"C from the table (models/flops.py accounting for a study), fitted as "
+            f"C from the table's compute column (for a study: the models/flops.py accounting), fitted as "
             f"C = {self.k:.4g}·N^{self.gamma:.4f}·D"
         )
 
