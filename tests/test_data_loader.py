@@ -135,3 +135,10 @@ def test_bad_arguments(store):
         other.load_state_dict(loader.state_dict())
     with pytest.raises(DataError, match="global_batch_size"):
         BlockLoader(store, block_tokens=T, global_batch_size=16, seed=3).load_state_dict(loader.state_dict())
+
+
+def test_next_iter_repeatedly_continues_in_order(store, reference):
+    loader = ranks(store, 1, prefetch=3)[0]
+    got = np.stack([next(iter(loader)).numpy() for _ in range(5)])
+    np.testing.assert_array_equal(got, reference[:5])
+    assert loader.state_dict()["batch"] == 5

@@ -24,10 +24,12 @@ import sysconfig
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from scalelab.errors import DataError
-from scalelab.spec import DataSpec, SourceSpec
+
+if TYPE_CHECKING:  # specs need pydantic; the data layer itself does not
+    from scalelab.spec import DataSpec, SourceSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import collections
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from scalelab.data.corpus import Document, Source, combined_fingerprint, iter_documents
+from scalelab.data.procs import worker_context
 from scalelab.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -181,7 +181,7 @@ def _ordered_map(
     fn: Callable[..., Any], items: Iterator[Any], workers: int, initargs: tuple[Any, ...], extra: tuple
 ) -> Iterator[Any]:
     """Like Pool.imap but with a bounded window of in-flight items (imap reads its input eagerly)."""
-    ctx = mp.get_context("spawn")  # no fork of a process that may hold threads (torch, tokenizers)
+    ctx = worker_context()
     with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
         window: collections.deque = collections.deque()
         for item in items:

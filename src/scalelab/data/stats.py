@@ -25,12 +25,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scalelab.data.procs import worker_context
 from scalelab.errors import DataError
 
 DEFAULT_K = 200
@@ -234,7 +234,7 @@ def _run_units(fn: Callable[..., Any], units: list[tuple[Any, ...]], workers: in
         for u in units:
             yield fn(*u)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=worker_context()) as pool:
         futures = [pool.submit(fn, *u) for u in units]
         for f in futures:
             yield f.result()

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,7 +40,9 @@ from scalelab.data.shards import (
 )
 from scalelab.data.tokenize import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
 from scalelab.errors import DataError, ShardChecksumError
-from scalelab.spec import DataSpec
+
+if TYPE_CHECKING:
+    from scalelab.spec import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -287,9 +289,9 @@ def ensure_store(
         return TokenStore.open(path)
     with file_lock(cache_dir / "stores" / f"{key[:20]}.lock"):
         if not (path / INDEX_NAME).is_file():  # another process may have built it while we waited
-            # Byte tokenization is cheaper than shipping text to another process: parallelise BPE only.
-            auto = 1 if tokenizer.name == "byte" else max(1, min(4, os.cpu_count() or 1))
-            n = workers if workers is not None else auto
+            # One process by default: byte tokenization is cheaper than shipping text to another
+            # process, and BPE already uses all cores through the tokenizer's own threads.
+            n = workers if workers is not None else 1
             log.info("building token store %s (%s tokenizer, %d workers)", path, tokenizer.name, n)
             ingest(
                 sources,
