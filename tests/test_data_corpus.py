@@ -38,7 +38,7 @@ def test_builtin_subset_is_sorted_and_fingerprint_deterministic():
 
 def test_builtin_excludes_site_packages_and_includes_topics():
     corpus = BuiltinCorpus()
-    files = corpus.files()
+    files = corpus.relative_files()
     assert len(files) > 1000
     assert not any("site-packages" in f or "dist-packages" in f for f in files)
     assert files == sorted(files)
@@ -143,3 +143,23 @@ def test_sources_from_spec(tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match="empty corpus"):
         JsonlSource(empty, "text").fingerprint()
+
+
+def test_fingerprint_cache_keyed_by_file_stats(tmp_path, monkeypatch):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.txt").write_text("one")
+    cache = tmp_path / "fp"
+    first = TextSource(d).fingerprint(cache_dir=cache)
+    assert first == TextSource(d).fingerprint()
+
+    def boom(self):
+        raise AssertionError("documents re-read although the files did not change")
+
+    monkeypatch.setattr(TextSource, "documents", boom)
+    assert TextSource(d).fingerprint(cache_dir=cache) == first
+    monkeypatch.undo()
+    (d / "a.txt").write_text("two")
+    assert TextSource(d).fingerprint(cache_dir=cache) != first
+    builtin = BuiltinCorpus(root=stdlib_dir() / "json")
+    assert builtin.fingerprint(cache_dir=cache) == BuiltinCorpus(root=stdlib_dir() / "json").fingerprint()

@@ -61,8 +61,46 @@ class Source(ABC):
     def describe(self) -> dict[str, Any]:
         """A small JSON-able description (kind, path, field) for indexes and provenance."""
 
-    def fingerprint(self) -> str:
-        """SHA-256 over (kind, field, every doc id and text); computed once per instance, streaming."""
+    def files(self) -> list[Path] | None:
+        """The files the documents come from (None when not file-backed)."""
+        return None
+
+    def stat_signature(self) -> str | None:
+        """SHA-256 of the description and every file's (path, size, mtime_ns): cheap to compute,
+        changes whenever a file is touched. None when the source is not file-backed."""
+        files = self.files()
+        if files is None:
+            return None
+        h = hashlib.sha256(f"{FINGERPRINT_VERSION}|{json.dumps(self.describe(), sort_keys=True)}".encode())
+        h.update(repr(getattr(self, "skip_bad", None)).encode())
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError as err:
+                raise DataError(f"{f}: cannot read ({err.strerror or err})") from None
+            _update_framed(h, f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def fingerprint(self, cache_dir: str | Path | None = None) -> str:
+        """SHA-256 over (kind, field, every doc id and text); computed once per instance, streaming.
+
+        With `cache_dir`, the result is remembered under ``<cache_dir>/fingerprints/`` keyed by
+        `stat_signature()`, so unchanged files are not re-read by later processes.
+        """
+        if self._fingerprint is None and cache_dir is not None:
+            sig = self.stat_signature()
+            if sig is not None:
+                entry = Path(cache_dir) / "fingerprints" / sig
+                try:
+                    cached = entry.read_text().strip()
+                except OSError:
+                    cached = ""
+                if len(cached) == 64:
+                    self._fingerprint = cached
+                else:
+                    from scalelab.data.shards import atomic_write_bytes
+
+                    atomic_write_bytes(entry, self.fingerprint().encode())
         if self._fingerprint is None:
             h = hashlib.sha256(FINGERPRINT_VERSION.encode())
             desc = self.describe()
@@ -107,7 +145,7 @@ class BuiltinCorpus(Source):
         self.root = Path(root) if root is not None else stdlib_dir()
         self.include_topics = include_topics
 
-    def files(self) -> list[str]:
+    def relative_files(self) -> list[str]:
         """Sorted POSIX paths of the ``.py`` files, relative to the stdlib directory."""
         out: list[str] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -120,8 +158,17 @@ class BuiltinCorpus(Source):
         out.sort()
         return out
 
+    def files(self) -> list[Path]:
+        return [self.root / rel for rel in self.relative_files()]
+
+    def stat_signature(self) -> str | None:
+        import sys
+
+        base = super().stat_signature()
+        return hashlib.sha256(f"{base}|{sys.version}|{self.include_topics}".encode()).hexdigest()
+
     def documents(self) -> Iterator[Document]:
-        files = self.files()
+        files = self.relative_files()
         if not files:
             raise DataError(f"{self.root}: no Python sources found for the built-in corpus")
         for rel in files:
@@ -202,6 +249,9 @@ class TextSource(Source):
         super().__init__()
         self.path = str(path)
 
+    def files(self) -> list[Path]:
+        return [f for _, f in list_files(self.path)]
+
     def documents(self) -> Iterator[Document]:
         for rel, f in list_files(self.path):
             raw = _read_bytes(f)
@@ -230,6 +280,9 @@ class JsonlSource(Source):
         self.path = str(path)
         self.field = field
         self.skip_bad = skip_bad
+
+    def files(self) -> list[Path]:
+        return [f for _, f in list_files(self.path)]
 
     def documents(self) -> Iterator[Document]:
         self.skipped = 0
@@ -284,6 +337,9 @@ class ParquetSource(Source):
         self.path = str(path)
         self.field = field
         self.batch_rows = batch_rows
+
+    def files(self) -> list[Path]:
+        return [f for _, f in list_files(self.path)]
 
     def documents(self) -> Iterator[Document]:
         import pyarrow as pa

@@ -84,7 +84,11 @@ class TokenStore:
     def open(cls, path: str | Path) -> TokenStore:
         """Open a complete store; `DataError` when `path` holds none (or an unsupported version)."""
         path = Path(path)
-        return cls(path, read_index(path))
+        index = read_index(path)
+        try:
+            return cls(path, index)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path / INDEX_NAME}: malformed index ({type(err).__name__}: {err})") from None
 
     # -- metadata
     def shards(self, split: str) -> list[ShardInfo]:
@@ -282,6 +286,8 @@ def ensure_store(
         return store
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     sources = sources_from_spec(data_spec)
+    for s in sources:
+        s.fingerprint(cache_dir=cache_dir)  # remembered by file stats: unchanged files are not re-read
     tokenizer = tokenizer_for(data_spec, sources, cache_dir)
     key = store_key(sources, tokenizer, data_spec.heldout_fraction, data_spec.shard_tokens)
     path = cache_dir / "stores" / key[:20]
