@@ -142,3 +142,14 @@ def test_next_iter_repeatedly_continues_in_order(store, reference):
     got = np.stack([next(iter(loader)).numpy() for _ in range(5)])
     np.testing.assert_array_equal(got, reference[:5])
     assert loader.state_dict()["batch"] == 5
+
+
+def test_loader_pickles_without_shard_data(store, reference):
+    import pickle
+
+    loader = ranks(store, 1, prefetch=0)[0]
+    next(iter(loader))
+    blob = pickle.dumps(loader)
+    assert len(blob) < 100_000  # no memmap contents travel
+    clone = pickle.loads(blob)
+    np.testing.assert_array_equal(next(iter(clone)).numpy(), reference[1])

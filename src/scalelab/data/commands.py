@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from scalelab.data.corpus import BuiltinCorpus, JsonlSource, ParquetSource, Source, TextSource
@@ -55,9 +55,9 @@ def make_sources(specs: list[str], field: str = "text", skip_bad: bool = False) 
 
 def _progress() -> Progress:
     return Progress(
+        SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TransferSpeedColumn(),
+        TextColumn("{task.completed:,.0f} tokens"),
         TimeElapsedColumn(),
         console=Console(stderr=True),
         disable=not Console(stderr=True).is_terminal,

@@ -233,7 +233,7 @@ def ingest(
     tokenizer runs in this process with its own threading (HF `tokenizers` uses all cores unless
     ``TOKENIZERS_PARALLELISM=false``). The result is byte-identical for any value.
     Re-running after an interruption resumes from the last checkpoint. `progress` (if given) is
-    called with the number of text characters handled after each chunk.
+    called after each chunk with the number of tokens it produced.
     """
     out = Path(out)
     if not 0 < heldout_fraction < 1:

@@ -49,6 +49,16 @@ class BlockIndex:
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_perms"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def permutation(self, epoch: int) -> np.ndarray:
         """Block order of `epoch` (cached for the two most recent epochs)."""
         with self._lock:
