@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BPE_TRAIN_MAX_BYTES = 256 << 20  # BPE merges settle long before this; bounds time and memory
 _verified: set[tuple[Any, ...]] = set()
 _verify_lock = threading.Lock()
 
@@ -243,12 +244,19 @@ def tokenizer_for(data_spec: DataSpec, sources: list[Source], cache_dir: Path) -
     """The spec's tokenizer: bytes, or a BPE trained on the sources once and cached by content."""
     if data_spec.tokenizer == "byte":
         return ByteTokenizer()
-    key = _key({"sources": [s.fingerprint() for s in sources], "vocab": data_spec.bpe_vocab_size, "v": 1})
+    key = _key(
+        {
+            "sources": [s.fingerprint() for s in sources],
+            "vocab": data_spec.bpe_vocab_size,
+            "max_bytes": BPE_TRAIN_MAX_BYTES,
+            "v": 1,
+        }
+    )
     path = cache_dir / "tokenizers" / f"bpe-{key[:20]}.json"
     with file_lock(path.with_suffix(".lock")):
         if path.is_file():
             return BPETokenizer.load(path)
-        tok = train_bpe(sources, data_spec.bpe_vocab_size)
+        tok = train_bpe(sources, data_spec.bpe_vocab_size, max_bytes=BPE_TRAIN_MAX_BYTES)
         atomic_write_bytes(path, tok.to_str().encode())
         return tok
 
