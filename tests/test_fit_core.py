@@ -218,3 +218,28 @@ def test_openlm_reference_fit_and_backtest():
     assert d["fit"]["accounting"]["gamma"] == pytest.approx(1.0, abs=0.01)
     assert d["backtest"]["mean_abs_relative_error"] < 0.05
     assert any("duplicated runs" in w for w in d["warnings"])
+
+
+def test_warm_refits_land_where_full_search_does(synth):
+    from scalelab.fit import estimate as est
+
+    law = ChinchillaLaw().fit(synth)
+    p = law.problem_
+    counts = est.resample_counts(synth.clusters(), 6, seed=11)
+    warm = p.refit_batch(law.result_.theta, p.weights * counts)
+    for (_theta, obj, conv), c in zip(warm, counts, strict=True):
+        full = p.search(p.weights * c)
+        assert conv
+        assert obj <= full.objective * (1 + 1e-6)
+
+
+def test_blas_pinning_without_threadpoolctl(monkeypatch):
+    import sys
+
+    from scalelab.fit import _blas
+
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    handles = _blas._openblas_handles()
+    with _blas.one_blas_thread():
+        inside = [int(get()) for _, get in handles]
+    assert all(n == 1 for n in inside)
