@@ -243,3 +243,10 @@ def test_blas_pinning_without_threadpoolctl(monkeypatch):
     with _blas.one_blas_thread():
         inside = [int(get()) for _, get in handles]
     assert all(n == 1 for n in inside)
+
+
+def test_set_params_validates():
+    law = ChinchillaLaw().set_params(n_bootstrap=7, seed=3)
+    assert law.get_params()["n_bootstrap"] == 7 and law.seed == 3
+    with pytest.raises(FitError):
+        ChinchillaLaw().set_params(confidence=1.5)

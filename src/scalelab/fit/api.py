@@ -68,6 +68,11 @@ class FitReport:
         if self.recommendation and self.recommendation.get("extrapolation", {}).get("far"):
             f = self.recommendation["extrapolation"]["factor"]
             out.append(f"the recommendation extrapolates {f:.0f}x beyond the largest run's compute")
+        if self.groups and "shared" in self.groups:
+            out.append(
+                f"the table has {len(self.groups['shared']['groups'])} groups; the main fit pools them "
+                f"(see 'groups': {self.groups['preferred_by_bic']} exponents preferred by BIC)"
+            )
         if self.backtest and self.backtest.get("coverage") is not None and self.backtest["coverage"] < 0.5:
             out.append(
                 f"backtest: only {100 * self.backtest['coverage']:.0f}% of held-out runs fall inside their "

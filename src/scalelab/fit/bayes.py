@@ -121,7 +121,7 @@ class MAPChinchillaLaw(ChinchillaLaw):
         self.n_draws = int(n_draws)
 
     def get_params(self) -> dict[str, Any]:
-        return {**super().get_params(), "n_draws": self.n_draws}
+        return {"prior": self.prior, **super().get_params(), "n_draws": self.n_draws}
 
     def _fit_table(self, table: RunTable) -> None:
         if len(table) < 3:
@@ -202,6 +202,7 @@ class MAPChinchillaLaw(ChinchillaLaw):
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
+        d["settings"]["prior"] = self.prior.source
         d["settings"]["interval_method"] = "Laplace approximation of the posterior (draws from N(MAP, H^-1))"
         d["settings"]["likelihood"] = "Gaussian on log residuals, sigma fitted"
         d["prior"] = self.prior.to_dict()

@@ -116,6 +116,13 @@ class ScalingLaw:
             "n_jobs": self.n_jobs,
         }
 
+    def set_params(self, **params: Any) -> ScalingLaw:
+        """Change settings (validated like the constructor); returns self, unfitted settings only."""
+        merged = {**self.get_params(), **params}
+        fresh = type(self)(**merged)
+        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if not k.endswith("_")})
+        return self
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
