@@ -250,3 +250,13 @@ def test_set_params_validates():
     assert law.get_params()["n_bootstrap"] == 7 and law.seed == 3
     with pytest.raises(FitError):
         ChinchillaLaw().set_params(confidence=1.5)
+
+
+def test_json_documents_and_generators(tmp_path):
+    rows = [{"N": 1e8, "D": 1e9, "loss": 3.0}, {"N": 2e8, "D": 1e9, "loss": 2.9}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.json").write_text(json.dumps({"N": [1e8, 2e8], "D": [1e9, 1e9], "loss": [3.0, 2.9]}))
+    (tmp_path / "c.json").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n")
+    for name in ("a.json", "b.json", "c.json"):
+        assert len(load_table(tmp_path / name)) == 2
+    assert len(make_table((x for x in [1e8, 2e8]), [1e9, 1e9], [3.0, 2.9])) == 2

@@ -173,8 +173,10 @@ def make_table(
     source: str = "<arrays>",
 ) -> RunTable:
     """Build a validated `RunTable` from columns. Raises `FitError` naming the first bad row/column."""
+    N, D, loss = list(N), list(D), list(loss)
+    C = list(C) if C is not None else None
     ids = tuple(str(r) for r in run_id) if run_id is not None else ()
-    n_rows = len(list(N)) if not hasattr(N, "__len__") else len(N)  # type: ignore[arg-type]
+    n_rows = len(N)
     if ids and len(ids) != n_rows:
         raise FitError(f"{source}: column 'run_id' has {len(ids)} values for {n_rows} rows")
     labels = [f"row {i + 1} (run {r})" for i, r in enumerate(ids)] if ids else None
@@ -335,6 +337,17 @@ def _num(v: str) -> Any:
         return v
 
 
+def _is_json_doc(path: Path) -> bool:
+    """A whole-file JSON document (a list of row objects or a dict of columns), not JSON lines."""
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError:
+        return False
+    if isinstance(doc, dict):
+        return all(isinstance(v, list) for v in doc.values())
+    return isinstance(doc, list)
+
+
 def load_table(path: str | Path, columns: Mapping[str, str] | None = None) -> RunTable:
     """Read runs from a CSV, Parquet or JSONL file (see the module docstring for the columns)."""
     path = Path(path)
@@ -348,6 +361,8 @@ def load_table(path: str | Path, columns: Mapping[str, str] | None = None) -> Ru
             import pyarrow.parquet as pq
 
             data = pq.read_table(path).to_pydict()
+        elif suffix == ".json" and _is_json_doc(path):
+            data = json.loads(path.read_text())
         elif suffix in (".jsonl", ".ndjson", ".json"):
             rows = []
             for lineno, line in enumerate(path.read_text().splitlines(), 1):
