@@ -260,3 +260,23 @@ def test_json_documents_and_generators(tmp_path):
     for name in ("a.json", "b.json", "c.json"):
         assert len(load_table(tmp_path / name)) == 2
     assert len(make_table((x for x in [1e8, 2e8]), [1e9, 1e9], [3.0, 2.9])) == 2
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    bad_row=st.integers(0, 11),
+    column=st.sampled_from(["N", "D", "loss"]),
+    bad=st.sampled_from([0.0, -1.0, float("nan"), float("inf"), None, "x"]),
+)
+def test_any_bad_value_is_named(n, bad_row, column, bad):
+    bad_row %= n
+    cols = {"N": [1e8] * n, "D": [1e9] * n, "loss": [3.0] * n}
+    cols[column][bad_row] = bad
+    with pytest.raises(FitError) as err:
+        make_table(cols["N"], cols["D"], cols["loss"])
+    assert f"row {bad_row + 1}" in str(err.value) and f"'{column}'" in str(err.value)
