@@ -6,7 +6,8 @@
 2. Ingest: tokenizing with 2 worker processes against 1 (BPE, where tokenization dominates).
 
 The store is built from the built-in corpus (Python stdlib sources), repeated to the requested size.
-Defaults are small so `make bench` stays quick; ``--size-gb 1`` is the real measurement.
+Defaults are small so `make bench` stays quick; ``--size-gb 1 --ingest-mb 64`` is the real
+measurement (small ingests are dominated by worker start-up).
 
     .venv/bin/python benchmarks/bench_data_loader.py               # 64 MB store
     .venv/bin/python benchmarks/bench_data_loader.py --size-gb 1   # 1 GB store
@@ -24,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from scalelab.data.corpus import BuiltinCorpus, Document, Source
 from scalelab.data.ingest import ingest
-from scalelab.data.loader import BlockLoader
 from scalelab.data.store import TokenStore
 from scalelab.data.tokenize import ByteTokenizer, train_bpe
 
@@ -71,6 +70,8 @@ def emit(name: str, value: float, baseline: float, unit: str, **extra: Any) -> N
 
 def raw_memmap_reads(store: TokenStore, block: int, batch: int, steps: int, seed: int) -> float:
     """Tokens/s of random block reads straight from numpy.memmap (the baseline)."""
+    import torch
+
     maps = [np.memmap(store.path / s.file, dtype=store.dtype, mode="r") for s in store.shards("train")]
     per = np.array([m.size // block for m in maps])
     ends = np.cumsum(per)
@@ -88,6 +89,8 @@ def raw_memmap_reads(store: TokenStore, block: int, batch: int, steps: int, seed
 
 
 def loader_throughput(store: TokenStore, block: int, batch: int, steps: int, workers: int) -> float:
+    from scalelab.data.loader import BlockLoader
+
     loader = BlockLoader(store, block_tokens=block, global_batch_size=batch, seed=1, num_workers=workers)
     it = iter(loader)
     for _ in range(min(50, steps)):  # warm-up: first opens verify shard checksums, workers start
@@ -110,6 +113,8 @@ def main() -> None:
     ap.add_argument("--ingest-mb", type=float, default=4, help="text size for the ingest comparison")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     args = ap.parse_args()
+    import torch  # here, not at the top: ingest workers import this module and need no torch
+
     torch.set_num_threads(1)
     size_bytes = int((args.size_gb * 1024 if args.size_gb else args.size_mb) * (1 << 20))
 
