@@ -110,3 +110,23 @@ def test_validation_helpers():
     assert ic_ch["aic"] < ic_pw["aic"] and ic_ch["bic"] < ic_pw["bic"]
     with pytest.raises(FitError):
         backtest(law, t)
+
+
+def test_power_law_in_c_inverts(tmp_path):
+    C = np.geomspace(1e17, 1e21, 20)
+    y = 1.5 + 30.0 * (C / 1e17) ** -0.2
+    t = make_table(
+        C / 1e10, np.full(20, 1e10) / 6, y * np.exp(0.002 * np.random.default_rng(0).standard_normal(20)), C
+    )
+    rep = fit_table(t, "power:C", bootstrap=40, compare=False, n_jobs=1)
+    path = rep.save(tmp_path / "fit.json")
+    target = 1.5 + 30.0 * (1e22 / 1e17) ** -0.2
+    rec = recommend(path, target_loss=target)
+    assert rec["compute_flops"] == pytest.approx(1e22, rel=0.3)
+    lo, hi = rec["intervals"]["compute_flops"]
+    assert lo <= rec["compute_flops"] <= hi
+    with pytest.raises(FitError, match="cannot recommend N and D"):
+        recommend(path, compute=1e21)
+    rep_n = fit_table(t, "power:N", bootstrap=0, compare=False)
+    with pytest.raises(FitError):
+        recommend(rep_n.save(tmp_path / "n.json"), target_loss=2.0)

@@ -386,10 +386,13 @@ def recommend(
     check_budget(compute, target_loss)
     data = load_fit(fit_json_path)
     law = law_from_dict(data["fit"])
-    if not hasattr(law, "optimal"):
+    needed = "optimal" if compute is not None else "compute_for_loss"
+    if not hasattr(law, needed) or getattr(law, "variables", ("C",)) in (("N",), ("D",)):
         raise FitError(
-            f"{fit_json_path}: a '{data['fit']['law']}' fit cannot recommend N and D; fit with --law chinchilla "
-            "or --law isoflop"
+            f"{fit_json_path}: a '{data['fit']['law']}' fit cannot "
+            + ("recommend N and D" if compute is not None else "give the compute for a target loss")
+            + "; fit with --law chinchilla or --law isoflop"
+            + ("" if compute is not None else " (or power:C)")
         )
     c_max = data.get("data", {}).get("C_range", [None, None])[1]
     if compute is not None:

@@ -544,6 +544,36 @@ class PowerLaw(_PowerSumLaw):
     ) -> tuple[np.ndarray, np.ndarray]:
         return self._interval_X(self._x(x), kind, level)
 
+    def compute_for_loss(self, target_loss: float) -> dict[str, Any]:
+        """For L(C): the compute C = (A/(target − E))^{1/α} reaching `target_loss` (inf if target ≤ E)."""
+        self._check_fitted()
+        from scalelab.fit.optimal import check_budget
+
+        check_budget(None, target_loss)
+        if self.variable != "C":
+            raise FitError(f"a power law in {self.variable} cannot give a compute; fit power:C")
+
+        def inv(t: np.ndarray) -> np.ndarray:
+            E, A, al = np.exp(t[..., 0]), np.exp(t[..., 1]), t[..., 2]
+            with np.errstate(all="ignore"):
+                c = (A / (target_loss - E)) ** (1 / al)
+            return np.where(target_loss > E, c, np.inf)
+
+        c = float(inv(self.theta_))
+        out: dict[str, Any] = {
+            "target_loss": float(target_loss),
+            "compute_flops": c,
+            "reachable": bool(np.isfinite(c)),
+            "accounting": "L(C) fitted directly to the runs' compute",
+            "intervals": {},
+            "interval_kind": INTERVAL_KIND_CONFIDENCE,
+            "confidence": self.confidence,
+        }
+        if len(self.samples_):
+            lo, hi = _percentiles(inv(self.samples_), self.confidence)
+            out["intervals"]["compute_flops"] = [float(lo), float(hi)]
+        return out
+
     def _x(self, x: Any) -> np.ndarray:
         if isinstance(x, RunTable):
             return self._X(self._features(x)[:, 0])
