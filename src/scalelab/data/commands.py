@@ -206,9 +206,9 @@ def stats(
         print(json.dumps({**extra, "columns": _jsonable(summaries)}, indent=2))
         return
     keys = list(next(iter(summaries.values())).keys())
-    t = Table("column", *keys)
-    for name, s in summaries.items():
-        t.add_row(name, *(_fmt(s[k]) for k in keys))
+    t = Table("statistic", *summaries.keys())  # one column per data column: narrow terminals stay readable
+    for k in keys:
+        t.add_row(k, *(_fmt(s[k]) for s in summaries.values()))
     console.print(t)
     for k, v in extra.items():
         if k != "top_tokens":
