@@ -16,10 +16,11 @@ from scalelab.study.preregister import freeze
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_quickstart_grid_has_six_distinct_runs() -> None:
+def test_quickstart_grid_has_twelve_distinct_runs() -> None:
     runs = expand_runs(load_study(EXAMPLES / "quickstart.toml"))
-    assert len(runs) == 6 and len({r.run_id for r in runs}) == 6
+    assert len(runs) == 12 and len({r.run_id for r in runs}) == 12
     assert {r.spec.model.width for r in runs} == {32, 64, 128}
+    assert len({r.tokens for r in runs}) == 4
     for r in runs:
         shape = ModelShape.from_spec(r.spec.model, planning_vocab(r.spec))
         assert r.flops == shape.training_flops(r.tokens)

@@ -178,3 +178,36 @@ def test_ray_executor_runs_a_small_study_on_local_ray(tmp_path: Path, tiny_corpu
     with Registry(out / "registry.sqlite") as reg:
         rows = reg.runs(status="done")
     assert len(rows) == 2 and all(r["eval_loss"] is not None and r["provenance_json"] for r in rows)
+
+
+def test_crash_divergence_and_timeout_are_each_recorded_and_the_rest_finish(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    text = STUDY.format(corpus=tiny_corpus)
+    text = (
+        text[: text.index("[study.design]")]
+        + """[study.design]
+kind = "list"
+runs = [
+  {"model.width" = 16},
+  {"model.width" = 8},
+  {"debug.crash_at_step" = 3},
+  {"debug.nan_at_step" = 2},
+  {"debug.sleep_seconds_per_step" = 3.0},
+]
+"""
+    )
+    spec = tmp_path / "study.toml"
+    spec.write_text(text)
+    study = load_study(spec)
+    out = tmp_path / "mixed"
+    result = run_study(study, out, executor=LocalExecutor(parallel=2, timeout_seconds=30))
+    by_status = {}
+    for o in result.outcomes:
+        by_status.setdefault(o.status, []).append(o)
+    assert {k: len(v) for k, v in by_status.items()} == {"done": 2, "failed": 1, "diverged": 1, "timeout": 1}
+    with Registry(out / "registry.sqlite") as reg:
+        rows = {r["status"]: r for r in reg.runs()}
+    assert "crash_at_step" in rows["failed"]["error"] or "step 3" in rows["failed"]["error"]
+    assert "nan" in rows["diverged"]["error"].lower() or "diverged" in rows["diverged"]["error"].lower()
+    assert "timed out after 30 s" in rows["timeout"]["error"]

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from scalelab import __version__
 from scalelab.errors import ScalelabError
+from scalelab.units import binary_bytes, si
 
 console = Console()
 err_console = Console(stderr=True)
@@ -71,24 +72,10 @@ def _root(
 
 
 def _fmt_int(x: Any) -> str:
-    if x is None:
-        return "—"
-    x = float(x)
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.0f}"
+    return si(x) if x is None or abs(float(x)) >= 1000 else f"{float(x):.0f}"
 
 
-def _fmt_bytes(x: Any) -> str:
-    if x is None:
-        return "—"
-    x = float(x)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(x) < 1024 or unit == "GiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{x:.1f} TiB"
+_fmt_bytes = binary_bytes
 
 
 def _fmt_float(x: Any, spec: str = ".4f") -> str:

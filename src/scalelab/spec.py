@@ -177,6 +177,14 @@ class GridDesign(_Spec):
         return axes
 
 
+class ListDesign(_Spec):
+    """Explicit runs, each a set of overrides (dotted RunSpec paths → value) of the base run, × seeds."""
+
+    kind: Literal["list"] = "list"
+    runs: list[dict[str, Any]] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+
 class IsoFLOPDesign(_Spec):
     """For each compute budget, K model shapes spanning the expected optimum; D follows from C."""
 
@@ -218,7 +226,7 @@ class StudySpec(_Spec):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     debug: DebugSpec = Field(default_factory=DebugSpec)
-    design: Annotated[GridDesign | IsoFLOPDesign, Field(discriminator="kind")] = Field(
+    design: Annotated[GridDesign | ListDesign | IsoFLOPDesign, Field(discriminator="kind")] = Field(
         default_factory=GridDesign
     )
     fit: FitSpec = Field(default_factory=FitSpec)

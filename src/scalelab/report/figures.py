@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scalelab.units import si  # noqa: E402
+
 DPI = 110
 
 
@@ -68,7 +70,7 @@ def loss_curves(runs: list[dict[str, Any]]) -> bytes | None:
             color=c,
             lw=1,
             alpha=0.8,
-            label=f"N={_si(r.get('n_params'))}, D={_si(r.get('tokens'))}",
+            label=f"N={si(r.get('n_params'))}, D={si(r.get('tokens'))}",
         )
         if evals:
             ax.plot(
@@ -107,7 +109,7 @@ def fit_vs_data(
     for d in d_values:
         sel = [p for p in pts if p["tokens"] == d]
         c = color(d)
-        ax.plot([p["n_params"] for p in sel], [p[loss_key] for p in sel], "o", color=c, label=f"D={_si(d)}")
+        ax.plot([p["n_params"] for p in sel], [p[loss_key] for p in sel], "o", color=c, label=f"D={si(d)}")
         if predict is not None:
             ax.plot(grid, predict(grid, np.full_like(grid, d)), "-", color=c, lw=1)
     ax.set_xscale("log")
@@ -117,13 +119,3 @@ def fit_vs_data(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _png(fig)
-
-
-def _si(x: Any) -> str:
-    if x is None:
-        return "?"
-    x = float(x)
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"

@@ -9,7 +9,7 @@ from typing import Any
 
 from scalelab.errors import SpecError
 from scalelab.models.flops import ModelShape
-from scalelab.spec import GridDesign, IsoFLOPDesign, RunSpec, StudySpec, set_path
+from scalelab.spec import GridDesign, IsoFLOPDesign, ListDesign, RunSpec, StudySpec, set_path
 
 #: vocabulary assumed for planning when the spec leaves it to the tokenizer (byte-level: 256 + EOD).
 BYTE_VOCAB = 257
@@ -58,20 +58,33 @@ def describe(spec: RunSpec, point: dict[str, Any]) -> PlannedRun:
     )
 
 
-def _expand_grid(study: StudySpec, design: GridDesign, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
-    base = study.base_run()
-    axes = list(design.axes.items())
+def _with_overrides(
+    base: RunSpec, overrides: dict[str, Any], seeds: list[int], where: str
+) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """The base run with `overrides` applied, once per seed; the point records what was set."""
+    spec = base
+    for path, value in overrides.items():
+        spec = set_path(spec, path, value, source=where)
     out = []
-    for values in itertools.product(*[v for _, v in axes]):
-        for seed in design.seeds:
-            spec = base
-            point: dict[str, Any] = {}
-            for (path, _), value in zip(axes, values, strict=True):
-                spec = set_path(spec, path, value, source=f"{source}: study.design.axes")
-                point[path] = value
-            spec = set_path(spec, "train.seed", seed, source=f"{source}: study.design.seeds")
-            point["train.seed"] = seed
-            out.append((spec, point))
+    for seed in seeds:
+        seeded = set_path(spec, "train.seed", seed, source=where)
+        out.append((seeded, {**overrides, "train.seed": seed}))
+    return out
+
+
+def _expand_grid(study: StudySpec, design: GridDesign, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
+    paths = list(design.axes)
+    out = []
+    for values in itertools.product(*design.axes.values()):
+        overrides = dict(zip(paths, values, strict=True))
+        out += _with_overrides(study.base_run(), overrides, design.seeds, f"{source}: study.design.axes")
+    return out
+
+
+def _expand_list(study: StudySpec, design: ListDesign, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
+    out = []
+    for i, overrides in enumerate(design.runs):
+        out += _with_overrides(study.base_run(), overrides, design.seeds, f"{source}: study.design.runs[{i}]")
     return out
 
 
@@ -132,6 +145,8 @@ def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
     design = study.design
     if isinstance(design, GridDesign):
         pairs = _expand_grid(study, design, source)
+    elif isinstance(design, ListDesign):
+        pairs = _expand_list(study, design, source)
     else:
         pairs = _expand_isoflop(study, design, source)
     seen: set[str] = set()

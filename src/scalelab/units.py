@@ -1,0 +1,28 @@
+"""Human-readable numbers for tables and figures (k/M/G suffixes, binary byte units)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def si(x: Any, digits: int = 3) -> str:
+    """1234567 → '1.23M'; None → '—'."""
+    if x is None:
+        return "—"
+    x = float(x)
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.{digits}g}{unit}"
+    return f"{x:.{digits}g}"
+
+
+def binary_bytes(x: Any) -> str:
+    """1536 → '1.5 KiB'; None → '—'."""
+    if x is None:
+        return "—"
+    x = float(x)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(x) < 1024:
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} TiB"
