@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from scalelab.errors import DataError
+from scalelab.io import atomic_write_bytes, fsync_dir  # noqa: F401 - re-exported for data/ modules
 
 FORMAT_NAME = "scalelab-token-store"
 FORMAT_VERSION = 1
@@ -47,40 +46,6 @@ def shard_name(split: str, index: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- atomic writes
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` via a temporary file in the same directory, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Canonical (sorted, indented) JSON, written atomically."""
     text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"

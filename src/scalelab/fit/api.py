@@ -115,18 +115,21 @@ class FitReport:
 
 # --------------------------------------------------------------------------------------- sources
 def _study_fit_defaults(study_dir: Path) -> dict[str, Any]:
-    """[study.fit] and [study.target] from the study's study.toml, when it is there and valid."""
-    path = study_dir / "study.toml"
-    if not path.is_file():
-        return {}
-    try:
-        from scalelab.spec import FitSpec, TargetSpec, read_toml
+    """[study.fit] and [study.target] of the study as it ran: its validated study.json (which includes
+    `--set` overrides), else the study.toml copy, when present and valid."""
+    from scalelab.spec import FitSpec, TargetSpec, read_toml
 
-        data = read_toml(path).get("study", {})
+    try:
+        if (study_dir / "study.json").is_file():
+            data = json.loads((study_dir / "study.json").read_text())
+        elif (study_dir / "study.toml").is_file():
+            data = read_toml(study_dir / "study.toml").get("study", {})
+        else:
+            return {}
         fit = FitSpec.model_validate(data.get("fit", {}))
         target = TargetSpec.model_validate(data.get("target", {}))
-    except (ScalelabError, ValueError) as err:
-        log.warning("%s: fit defaults not read (%s)", path, err)
+    except (ScalelabError, ValueError, OSError) as err:
+        log.warning("%s: fit defaults not read (%s)", study_dir, err)
         return {}
     return {"fit": fit, "target": target}
 
