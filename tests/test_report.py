@@ -78,3 +78,64 @@ def test_report_without_fit_says_so(tmp_path: Path) -> None:
     study = fake_study(tmp_path, with_fit=False)
     page = build_report(study).read_text()
     assert "No scaling law fitted yet" in page
+
+
+def _target_run(root: Path, name: str, width: int, tokens: int, loss: float) -> Path:
+    """A finished 'big' run directory as `scalelab train` leaves it (config.json + record.json)."""
+    from scalelab.models.flops import ModelShape
+    from scalelab.spec import RunSpec, set_path
+
+    spec = set_path(set_path(RunSpec(), "model.width", width), "train.tokens", tokens)
+    shape = ModelShape.from_spec(spec.model, 257)
+    run_dir = root / name
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(spec.canonical_json())
+    (run_dir / "record.json").write_text(
+        json.dumps(
+            {
+                "status": "done",
+                "run_id": spec.run_id,
+                "n_params": shape.non_embedding_params,
+                "n_params_total": shape.total_params,
+                "tokens": tokens,
+                "flops": shape.training_flops(tokens),
+                "eval_loss": loss,
+                "final_train_loss": loss,
+            }
+        )
+    )
+    return run_dir
+
+
+def test_predicted_versus_actual_inside_and_outside(tmp_path: Path) -> None:
+    from report_fixtures import TRUTH
+    from scalelab.errors import RegistryError
+    from scalelab.fit.synthetic import chinchilla_loss
+    from scalelab.models.flops import ModelShape
+    from scalelab.spec import ModelSpec
+    from scalelab.study.add_run import add_run
+
+    study = fake_study(tmp_path)
+    n = ModelShape.from_spec(ModelSpec(width=256), 257).non_embedding_params
+    truth = float(chinchilla_loss(TRUTH, n, 8_000_000))
+    good = _target_run(tmp_path, "good", 256, 8_000_000, truth)
+    bad = _target_run(tmp_path, "bad", 256, 4_000_000, truth + 0.8)
+    add_run(study, good)
+    add_run(study, bad)
+    with pytest.raises(RegistryError, match="already in the study"):
+        add_run(study, good, role="study")
+
+    page = build_report(study).read_text()
+    summary = json.loads((study / "report" / "summary.json").read_text())
+    pva = {r["run_id"]: r for r in summary["predicted_vs_actual"]}
+    good_id = json.loads((good / "record.json").read_text())["run_id"]
+    bad_id = json.loads((bad / "record.json").read_text())["run_id"]
+    assert pva[good_id]["inside"] is True
+    assert pva[bad_id]["inside"] is False
+    assert 'id="predicted-vs-actual"' in page
+    assert "1 of 2 big run(s) fell inside the predicted interval" in page
+    assert f"the big run {bad_id} reached loss" in page and "OUTSIDE the predicted interval" in page
+    # target runs are checked, never fitted
+    from scalelab.fit.api import table_from_study
+
+    assert len(table_from_study(study)) == 15

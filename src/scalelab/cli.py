@@ -299,6 +299,25 @@ def study_status(
     console.print(table)
 
 
+@study_app.command("add-run")
+def study_add_run(
+    study_dir: Annotated[Path, typer.Argument(help="Study directory.")],
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (from `scalelab train`).")],
+    role: Annotated[
+        str, typer.Option(help="`target`: a big run checked against the prediction, never fitted.")
+    ] = "target",
+) -> None:
+    """Add a finished run from outside the design, e.g. the big run trained with the recommended settings;
+    `scalelab report` then shows its actual loss against the predicted interval."""
+    from scalelab.study.add_run import add_run
+
+    row = add_run(study_dir, run_dir, role=role)
+    console.print(
+        f"added {row['run_id']} as a {row['role']} run: N={_fmt_int(row['n_params'])}, "
+        f"D={_fmt_int(row['tokens'])}, eval loss {_fmt_float(row['eval_loss'])}"
+    )
+
+
 @study_app.command("watch")
 def study_watch(
     study_dir: Annotated[Path, typer.Argument(help="Study directory.")],

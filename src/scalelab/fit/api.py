@@ -146,7 +146,7 @@ def table_from_study(study_dir: str | Path, n_params: str = "non_embedding", los
         raise FitError(f"cannot read {db}: the study registry is unavailable ({err})") from None
     reg = Registry(db, create=False)
     try:
-        rows = reg.runs(status="done")
+        rows = reg.runs(status="done", role="study")  # target runs check the fit; they are not fitted
     finally:
         close = getattr(reg, "close", None)
         if close:

@@ -159,15 +159,55 @@ class FitView:
     def warnings(self) -> list[str]:
         return [str(w) for w in self.raw.get("warnings", [])]
 
-    def predictor(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
-        """L(N, D) of the fitted law, or None for laws that are not functions of N and D."""
+    @property
+    def n_params_key(self) -> str:
+        """The registry column the fit used as N (non-embedding or total parameters)."""
+        return "n_params_total" if self.raw.get("settings", {}).get("n_params") == "total" else "n_params"
+
+    def predicted_vs_actual(self, runs: list[dict[str, Any]], loss_key: str) -> list[dict[str, Any]]:
+        """For each finished run: the fit's prediction at its (N, D) with the single-run prediction
+        interval, the actual loss, and whether it fell inside."""
+        law = self._law()
+        if law is None:
+            return []
+        out = []
+        for r in runs:
+            n, d, actual = r.get(self.n_params_key), r.get("tokens"), r.get(loss_key)
+            if not n or not d or actual is None:
+                continue
+            pred = float(np.asarray(law.predict([n], [d]), dtype=float)[0])
+            row: dict[str, Any] = {
+                "run_id": r["run_id"],
+                "N": n,
+                "D": d,
+                "actual": float(actual),
+                "predicted": pred,
+                "relative_error": (float(actual) - pred) / pred,
+            }
+            try:
+                lo, hi = law.predict_interval([n], [d], kind="prediction")
+                row["interval"] = [float(lo[0]), float(hi[0])]
+                row["inside"] = bool(lo[0] <= float(actual) <= hi[0])
+            except Exception as err:  # noqa: BLE001 - a fit without bootstrap draws has no interval
+                log.info("no prediction interval for %s: %s", r["run_id"], err)
+                row["interval"], row["inside"] = None, None
+            out.append(row)
+        return out
+
+    def _law(self) -> Any:
         if self.fit.get("variables") != ["N", "D"]:
             return None
         try:
             from scalelab.fit.laws import law_from_dict
 
-            law = law_from_dict(self.fit)
+            return law_from_dict(self.fit)
         except Exception as err:  # noqa: BLE001 - a report without curves beats no report
-            log.warning("cannot rebuild the fitted law for plotting: %s", err)
+            log.warning("cannot rebuild the fitted law: %s", err)
+            return None
+
+    def predictor(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """L(N, D) of the fitted law, or None for laws that are not functions of N and D."""
+        law = self._law()
+        if law is None:
             return None
         return lambda n, d: np.asarray(law.predict(n, d), dtype=float)

@@ -64,13 +64,36 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
     body = []
     for r in runs:
         body.append(
-            f"<tr><td><code>{_e(r['run_id'])}</code></td><td class='l {_e(r['status'])}'>{_e(r['status'])}</td>"
+            f"<tr><td><code>{_e(r['run_id'])}</code></td><td class='l {_e(r['status'])}'>{_e(r['status'])}"
+            f"{' (target)' if r.get('role') == 'target' else ''}</td>"
             f"<td>{_num(r.get('n_params'), '.3g')}</td><td>{_num(r.get('tokens'), '.3g')}</td>"
             f"<td>{_num(r.get('flops'), '.3g')}</td><td>{_num(r.get('eval_loss'), '.4f')}</td>"
             f"<td>{_num(r.get('final_train_loss'), '.4f')}</td><td>{_num(r.get('wall_seconds'), '.1f')}</td>"
             f"<td>{_num(r.get('forecast_seconds'), '.1f')}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _pva_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "<tr><th>run id</th><th>N</th><th>D</th><th>actual loss</th><th>predicted</th>"
+        "<th>prediction interval</th><th>error</th><th class=l>verdict</th></tr>"
+    )
+    body = []
+    for r in rows:
+        iv = r.get("interval")
+        verdict = "no interval" if r.get("inside") is None else ("inside" if r["inside"] else "OUTSIDE")
+        cls = "done" if r.get("inside") else "failed"
+        body.append(
+            f"<tr><td><code>{_e(r['run_id'])}</code></td><td>{_num(r['N'], '.3g')}</td><td>{_num(r['D'], '.3g')}</td>"
+            f"<td>{_num(r['actual'])}</td><td>{_num(r['predicted'])}</td>"
+            f"<td>{'—' if not iv else f'[{_num(iv[0])}, {_num(iv[1])}]'}</td>"
+            f"<td>{100 * r['relative_error']:+.2f} %</td><td class='l {cls}'>{verdict}</td></tr>"
+        )
+    return (
+        f"<p>Runs added with <code>scalelab study add-run</code> (not fitted) against the fit's single-run "
+        f"prediction interval.</p><table>{head}{''.join(body)}</table>"
+    )
 
 
 def _kv_table(rows: list[tuple[str, Any]]) -> str:
@@ -117,6 +140,8 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
             ),
         )
     )
+    if s.predicted_vs_actual:
+        sections.append(("predicted-vs-actual", "Predicted versus actual", _pva_table(s.predicted_vs_actual)))
     if s.backtest_rows:
         sections.append(("backtest", "Held-out backtest", _kv_table(s.backtest_rows)))
     if s.hypotheses:

@@ -39,12 +39,20 @@ class StudySummary:
     backtest_rows: list[tuple[str, str]] = field(default_factory=list)
     provenance_rows: list[tuple[str, str]] = field(default_factory=list)
     hypotheses: list[str] = field(default_factory=list)
+    predicted_vs_actual: list[dict[str, Any]] = field(default_factory=list)
+    hypothesis_outcomes: list[tuple[str, str]] = field(default_factory=list)
     fit: dict[str, Any] | None = None
     predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     @property
     def done_runs(self) -> list[dict[str, Any]]:
-        return [r for r in self.runs if r["status"] == "done"]
+        """Finished runs of the study's design (the ones the law is fitted to)."""
+        return [r for r in self.runs if r["status"] == "done" and r.get("role", "study") == "study"]
+
+    @property
+    def target_runs(self) -> list[dict[str, Any]]:
+        """Finished runs added to check the prediction (`scalelab study add-run`)."""
+        return [r for r in self.runs if r["status"] == "done" and r.get("role") == "target"]
 
     @property
     def failures(self) -> list[dict[str, Any]]:
@@ -60,6 +68,8 @@ class StudySummary:
             "recommendation": dict(self.recommendation_rows),
             "fit": dict(self.fit_rows),
             "backtest": dict(self.backtest_rows),
+            "predicted_vs_actual": self.predicted_vs_actual,
+            "hypotheses": dict(self.hypothesis_outcomes),
             "runs": {
                 s: sum(1 for r in self.runs if r["status"] == s) for s in {r["status"] for r in self.runs}
             },
@@ -165,7 +175,7 @@ def summarize(study_dir: str | Path) -> StudySummary:
     s.provenance_rows = _provenance_rows(runs)
     _add_fit(s, study_dir / "report" / "fit.json")
     target = meta.get("target") or {}
-    s.headline = _headline(s, target)
+    s.headline = _headline(s, target) + _pva_sentence(s)
     return s
 
 
@@ -182,6 +192,13 @@ def _add_fit(s: StudySummary, fit_path: Path) -> None:
     s.backtest_rows = view.backtest_rows()
     s.warnings += view.warnings()
     s.predict = view.predictor()
+    s.predicted_vs_actual = view.predicted_vs_actual(s.target_runs, s.loss_key)
+    for row in s.predicted_vs_actual:
+        if row.get("inside") is False:
+            s.warnings.append(
+                f"the big run {row['run_id']} reached loss {row['actual']:.4g}, OUTSIDE the predicted interval "
+                f"[{row['interval'][0]:.4g}, {row['interval'][1]:.4g}]: the law did not transfer to its scale"
+            )
 
 
 def _headline(s: StudySummary, target: dict[str, Any]) -> str:
@@ -205,3 +222,14 @@ def _headline(s: StudySummary, target: dict[str, Any]) -> str:
             )
         return core[0].upper() + core[1:] + " The fit raised no warnings."
     return f"Fitted on {done} finished runs. " + s.fit_line
+
+
+def _pva_sentence(s: StudySummary) -> str:
+    rows = [r for r in s.predicted_vs_actual if r.get("inside") is not None]
+    if not rows:
+        return ""
+    inside = sum(r["inside"] for r in rows)
+    return (
+        f" Predicted versus actual: {inside} of {len(rows)} big run(s) fell inside the predicted interval"
+        + (" — the prediction held." if inside == len(rows) else " — see the section below.")
+    )

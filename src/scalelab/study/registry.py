@@ -24,7 +24,9 @@ from scalelab.study.provenance import utc_now
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: `study`: a run of the study's design (fitted); `target`: a large run added to check the prediction.
+ROLES = ("study", "target")
 STATUSES = ("pending", "running", "done", "failed", "diverged", "timeout")
 FINISHED = ("done",)
 
@@ -53,6 +55,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_hash TEXT NOT NULL,
     config_json TEXT NOT NULL,
     point_json TEXT NOT NULL DEFAULT '{{}}',
+    role TEXT NOT NULL DEFAULT 'study' CHECK (role IN ('study', 'target')),
     seed INTEGER,
     run_dir TEXT,
     n_params INTEGER, n_params_total INTEGER, tokens INTEGER, flops REAL, steps INTEGER,
@@ -160,13 +163,16 @@ class Registry:
         seed: int | None = None,
         run_dir: str | None = None,
         forecast_seconds: float | None = None,
+        role: str = "study",
     ) -> bool:
         """Register a planned run as pending; an existing row keeps its status. True if newly added."""
+        if role not in ROLES:
+            raise RegistryError(f"unknown run role {role!r}; expected one of {ROLES}")
         now = utc_now()
         with self._write() as c:
             cur = c.execute(
                 "INSERT OR IGNORE INTO runs (run_id, status, config_hash, config_json, point_json, seed, run_dir,"
-                " forecast_seconds, created_at, updated_at) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " forecast_seconds, role, created_at, updated_at) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     config_hash,
@@ -175,6 +181,7 @@ class Registry:
                     seed,
                     run_dir,
                     forecast_seconds,
+                    role,
                     now,
                     now,
                 ),
@@ -235,17 +242,21 @@ class Registry:
         rows = self._query("SELECT * FROM runs WHERE run_id = ?", (run_id,))
         return self._row(rows[0]) if rows else None
 
-    def runs(self, status: str | tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-        """Rows as dicts (the record.json keys plus run_dir, point, seed), oldest first."""
-        if status is None:
-            rows = self._query("SELECT * FROM runs ORDER BY created_at, run_id")
-        else:
+    def runs(
+        self, status: str | tuple[str, ...] | None = None, role: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows as dicts (the record.json keys plus run_dir, point, seed, role), oldest first;
+        optionally only those with a given status (or statuses) and role."""
+        where, args = [], []
+        if status is not None:
             wanted = (status,) if isinstance(status, str) else tuple(status)
-            marks = ", ".join("?" for _ in wanted)
-            rows = self._query(
-                f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY created_at, run_id", wanted
-            )
-        return [self._row(r) for r in rows]
+            where.append(f"status IN ({', '.join('?' for _ in wanted)})")
+            args += wanted
+        if role is not None:
+            where.append("role = ?")
+            args.append(role)
+        sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return [self._row(r) for r in self._query(sql + " ORDER BY created_at, run_id", tuple(args))]
 
     def counts(self) -> dict[str, int]:
         rows = self._query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")

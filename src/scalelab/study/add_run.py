@@ -1,0 +1,59 @@
+"""Add a finished run from outside the study's design — typically the large run trained with the
+recommended settings — so the report can set its actual loss against the predicted interval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from scalelab.errors import RegistryError
+from scalelab.spec import config_hash, load_run
+from scalelab.study.registry import ROLES, Registry
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(
+            f"{path}: missing — is {path.parent} a finished run directory ({what})?"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"{path}: unreadable {what} ({err})") from None
+
+
+def add_run(study_dir: str | Path, run_dir: str | Path, role: str = "target") -> dict[str, Any]:
+    """Register `run_dir` (config.json + record.json, as `scalelab train` writes them) in the study.
+
+    A `target` run is never fitted; the report compares its loss with the fit's prediction interval.
+    """
+    study_dir, run_dir = Path(study_dir), Path(run_dir).resolve()
+    if role not in ROLES:
+        raise RegistryError(f"--role: expected one of {ROLES}, got {role!r}")
+    spec = load_run(run_dir / "config.json")
+    record = _read_json(run_dir / "record.json", "its record.json")
+    if record.get("status") != "done":
+        raise RegistryError(
+            f"{run_dir}: the run's status is {record.get('status')!r}, not 'done'; finish it first"
+        )
+    provenance = None
+    if (run_dir / "provenance.json").exists():
+        provenance = _read_json(run_dir / "provenance.json", "its provenance.json")
+    with Registry(study_dir / "registry.sqlite", create=False) as reg:
+        existing = reg.get(spec.run_id)
+        if existing is not None and existing["role"] != role:
+            raise RegistryError(
+                f"{run_dir}: run {spec.run_id} is already in the study as a {existing['role']} run"
+            )
+        reg.add_planned(
+            spec.run_id,
+            spec.canonical_json(),
+            config_hash(spec),
+            point={"added_from": str(run_dir)},
+            seed=spec.train.seed,
+            run_dir=str(run_dir),
+            role=role,
+        )
+        reg.record_result(spec.run_id, record, provenance)
+        return reg.get(spec.run_id) or {}
