@@ -23,7 +23,7 @@ def fake_study(root: Path, with_fit: bool = True) -> Path:
     (study / "report").mkdir(parents=True)
     (study / "study.json").write_text(
         json.dumps(
-            {"name": "fake", "description": "synthetic", "fit": {"loss": "eval"}, "hypotheses": ["α > 0.2"]}
+            {"name": "fake", "description": "synthetic", "fit": {"loss": "eval"}, "hypotheses": ["alpha > 0.2", "α is large"]}
         )
     )
     with Registry(study / "registry.sqlite") as reg:

@@ -71,7 +71,7 @@ def test_summary_numbers_equal_fit_json(report: tuple[Path, str, dict]) -> None:
 def test_failures_and_hypotheses_are_shown(report: tuple[Path, str, dict]) -> None:
     _, page, _ = report
     assert "injected crash at step 3" in page
-    assert "α &gt; 0.2" in page
+    assert "alpha &gt; 0.2" in page and "supported (whole interval" in page and "α is large" in page
 
 
 def test_report_without_fit_says_so(tmp_path: Path) -> None:

@@ -144,9 +144,15 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
         sections.append(("predicted-vs-actual", "Predicted versus actual", _pva_table(s.predicted_vs_actual)))
     if s.backtest_rows:
         sections.append(("backtest", "Held-out backtest", _kv_table(s.backtest_rows)))
-    if s.hypotheses:
-        items = "".join(f"<li>{_e(h)}</li>" for h in s.hypotheses)
-        sections.append(("hypotheses", "Pre-registered hypotheses", f"<ol>{items}</ol>"))
+    if s.hypothesis_outcomes:
+        sections.append(
+            (
+                "hypotheses",
+                "Pre-registered hypotheses",
+                "<p>Frozen in <code>preregistration.json</code> when the study started; each checked "
+                "against the fit's intervals.</p>" + _kv_table(s.hypothesis_outcomes),
+            )
+        )
     sections.append(("provenance", "Data and provenance", _kv_table(s.provenance_rows)))
     if s.failures:
         fail = "".join(

@@ -174,6 +174,9 @@ def summarize(study_dir: str | Path) -> StudySummary:
         )
     s.provenance_rows = _provenance_rows(runs)
     _add_fit(s, study_dir / "report" / "fit.json")
+    from scalelab.report.hypotheses import evaluate
+
+    s.hypothesis_outcomes = [(h, evaluate(h, s.fit)) for h in s.hypotheses]
     target = meta.get("target") or {}
     s.headline = _headline(s, target) + _pva_sentence(s)
     return s
