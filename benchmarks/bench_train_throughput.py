@@ -3,7 +3,7 @@
 Prints JSON lines {name, value, baseline, ratio, unit}. The trainer runs with everything it does in a
 real run (parametrization groups, AdamW, LR schedule, clipping, divergence guard, metrics.jsonl with MFU and
 memory); the baseline is the loop a person would write by hand: forward, backward, clip, fused AdamW
-step, zero_grad, loss.item(). Both are timed in alternating rounds and the fastest round of each is
+(same groups and constant LR) step, zero_grad, loss.item(). Both are timed in alternating rounds and the fastest round of each is
 reported — the one least disturbed by other processes (on a shared machine rounds vary by ±20 %).
 Goal: ratio ≥ 0.95. Use more --rounds where the machine is busy.
 
@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--no-callbacks", action="store_true", help="trainer without divergence guard and metrics"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -59,6 +62,8 @@ def main() -> None:
         tokens=10**9,
         global_batch_size=args.batch,
         lr=1e-3,
+        schedule="constant",
+        warmup_fraction=0.0,
         threads=args.threads,
         precision=args.precision,
         compile=args.compile,
@@ -89,7 +94,7 @@ def main() -> None:
         total_steps=10**6,
         context_tokens=args.context,
         device=device,
-        callbacks=[DivergenceGuard(10.0), metrics],
+        callbacks=[] if args.no_callbacks else [DivergenceGuard(10.0), metrics],
     )
     trainer._iterator = iter(trainer.train_loader)
     for cb in trainer.callbacks:
@@ -106,8 +111,21 @@ def main() -> None:
         return tokens_per_round / (time.perf_counter() - t0)
 
     # ---- bare loop
-    b_model, _ = make_model()
-    opt = torch.optim.AdamW(b_model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    # Same groups, LR and decay as the trainer, so both models follow the same trajectory (CPU kernels'
+    # speed can depend on the values they see).
+    b_model, b_groups = make_model()
+    opt = torch.optim.AdamW(
+        [
+            {
+                "params": g["params"],
+                "lr": train.lr * g["lr_mult"],
+                "weight_decay": train.weight_decay * g["wd_mult"],
+            }
+            for g in b_groups
+        ],
+        betas=(train.beta1, train.beta2),
+        fused=True,
+    )
     it = batches()
 
     def bare_round() -> float:
@@ -141,6 +159,7 @@ def main() -> None:
     metrics.close()
     value, baseline = max(t_rates), max(b_rates)
     tag = f"{device.type}_{args.precision}{'_compiled' if args.compile else ''}"
+    tag += "_nocallbacks" if args.no_callbacks else ""
     tag += f"_w{args.width}_d{args.depth}_t{args.context}_b{args.batch}"
     ratio = round(value / baseline, 4)
     print(
