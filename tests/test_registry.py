@@ -75,3 +75,17 @@ def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RegistryError, match="cannot open the run registry"):
         Registry(path)
+
+
+def test_an_older_registry_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    with Registry(path) as reg:
+        reg.add_planned("a", "{}", "h")
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE runs DROP COLUMN role")  # what a version-1 registry looked like
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with Registry(path) as reg:
+        assert reg.get("a")["role"] == "study"
+        assert reg.runs(role="study")[0]["run_id"] == "a"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -96,26 +97,123 @@ def fit_vs_data(
     points: list[dict[str, Any]],
     predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
     loss_key: str,
+    n_key: str = "n_params",
 ) -> bytes | None:
     """Final loss against N for each D, with the fitted law's curves (when a fit exists)."""
-    pts = [p for p in points if p.get(loss_key) is not None and p.get("n_params") and p.get("tokens")]
+    pts = [p for p in points if p.get(loss_key) is not None and p.get(n_key) and p.get("tokens")]
     if not pts:
         return None
     d_values = sorted({p["tokens"] for p in pts})
     color = _color_by(d_values)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    n_all = [p["n_params"] for p in pts]
+    n_all = [p[n_key] for p in pts]
     grid = np.geomspace(min(n_all) / 1.5, max(n_all) * 4, 100)
     for d in d_values:
         sel = [p for p in pts if p["tokens"] == d]
         c = color(d)
-        ax.plot([p["n_params"] for p in sel], [p[loss_key] for p in sel], "o", color=c, label=f"D={si(d)}")
+        ax.plot([p[n_key] for p in sel], [p[loss_key] for p in sel], "o", color=c, label=f"D={si(d)}")
         if predict is not None:
             ax.plot(grid, predict(grid, np.full_like(grid, d)), "-", color=c, lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("N (parameters)")
     ax.set_ylabel(f"{loss_key.replace('_', ' ')}")
     ax.set_title("Runs and the fitted law L(N, D)" if predict else "Final loss by model size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def residuals(
+    points: list[dict[str, Any]],
+    predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
+    loss_key: str,
+    n_key: str = "n_params",
+) -> bytes | None:
+    """Log residuals log(actual) − log(fit) against N, D and C: a trend means the form misfits."""
+    pts = [p for p in points if p.get(loss_key) and p.get(n_key) and p.get("tokens") and p.get("flops")]
+    if predict is None or len(pts) < 2:
+        return None
+    N = np.array([p[n_key] for p in pts], float)
+    D = np.array([p["tokens"] for p in pts], float)
+    C = np.array([p["flops"] for p in pts], float)
+    res = np.log([p[loss_key] for p in pts]) - np.log(predict(N, D))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), sharey=True)
+    for ax, x, label in zip(axes, (N, D, C), ("N (parameters)", "D (tokens)", "C (FLOPs)"), strict=True):
+        ax.axhline(0, color="grey", lw=1)
+        ax.plot(x, res, "o", color="#3867d6", ms=4)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("log residual")
+    fig.suptitle("Residuals of the fit (log actual − log predicted)")
+    return _png(fig)
+
+
+def isoflop_curves(
+    points: list[dict[str, Any]], loss_key: str, n_key: str, minima: list[tuple[float, float, float]] | None
+) -> bytes | None:
+    """Loss against N for each compute budget of an IsoFLOP design, with a parabola in log N per budget
+    (display only) and the fitted per-budget minima (C, N*, L*) from the IsoFLOP estimator."""
+    by_budget: dict[float, list[dict[str, Any]]] = {}
+    for p in points:
+        budget = (p.get("point") or {}).get("budget_flops")
+        if budget and p.get(loss_key) and p.get(n_key):
+            by_budget.setdefault(float(budget), []).append(p)
+    if not by_budget:
+        return None
+    color = _color_by(list(by_budget))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for budget, sel in sorted(by_budget.items()):
+        n = np.array([p[n_key] for p in sel], float)
+        loss = np.array([p[loss_key] for p in sel], float)
+        c = color(budget)
+        ax.plot(n, loss, "o", color=c, label=f"C={budget:.2g}")
+        if np.unique(n).size >= 3:
+            coef = np.polyfit(np.log(n), loss, 2)
+            grid = np.geomspace(n.min(), n.max(), 60)
+            ax.plot(grid, np.polyval(coef, np.log(grid)), "-", color=c, lw=1)
+    for _c, n_star, l_star in minima or []:
+        ax.plot([n_star], [l_star], marker="*", color="black", ms=12, zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("N (parameters)")
+    ax.set_ylabel(loss_key.replace("_", " "))
+    ax.set_title("IsoFLOP curves (stars: fitted minima)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def frontier(
+    points: list[dict[str, Any]],
+    optimal: Callable[[float], dict[str, Any]] | None,
+    n_key: str,
+    target_flops: float | None,
+) -> bytes | None:
+    """The compute-optimal frontier N_opt(C) with its interval, the runs in the (C, N) plane and the target."""
+    pts = [p for p in points if p.get(n_key) and p.get("flops")]
+    if optimal is None or not pts:
+        return None
+    c_lo = min(p["flops"] for p in pts) / 2
+    c_hi = max([max(p["flops"] for p in pts) * 2, (target_flops or 0) * 2])
+    grid = np.geomspace(c_lo, c_hi, 40)
+    rows = [optimal(float(c)) for c in grid]
+    n_opt = np.array([r["N_opt"] for r in rows], float)
+    lo = np.array([(r.get("intervals", {}).get("N_opt") or [np.nan, np.nan])[0] for r in rows], dtype=float)
+    hi = np.array([(r.get("intervals", {}).get("N_opt") or [np.nan, np.nan])[1] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot(grid, n_opt, "-", color="#3867d6", label="N_opt(C) from the fit")
+    ok = np.isfinite(lo) & np.isfinite(hi) & (lo > 0)
+    if ok.any():
+        ax.fill_between(grid[ok], lo[ok], hi[ok], color="#3867d6", alpha=0.15, label="interval")
+    ax.plot([p["flops"] for p in pts], [p[n_key] for p in pts], "o", color="#444", ms=4, label="runs")
+    if target_flops:
+        ax.axvline(target_flops, color="#e0a100", ls="--", label=f"target C={target_flops:.2g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("C (training FLOPs)")
+    ax.set_ylabel("N (parameters)")
+    ax.set_title("Compute-optimal frontier")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _png(fig)

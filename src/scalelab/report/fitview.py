@@ -205,6 +205,11 @@ class FitView:
             log.warning("cannot rebuild the fitted law: %s", err)
             return None
 
+    def optimizer(self) -> Callable[[float], dict[str, Any]] | None:
+        """C ↦ the law's compute-optimal allocation (N_opt, D_opt, loss, intervals), when it has one."""
+        law = self._law()
+        return getattr(law, "optimal", None) if law is not None else None
+
     def predictor(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         """L(N, D) of the fitted law, or None for laws that are not functions of N and D."""
         law = self._law()

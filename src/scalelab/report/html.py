@@ -132,13 +132,32 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
             "Scaling-law fit",
             (f"<p>{_e(s.fit_line)}</p>" + (_kv_table(s.fit_rows) if s.fit_rows else ""))
             + _figure(
-                figures.fit_vs_data(s.done_runs, s.predict, s.loss_key),
+                figures.fit_vs_data(s.done_runs, s.predict, s.loss_key, s.n_key),
                 "fit",
                 "Final loss of each run against N, one colour per token budget D, with the "
                 "fitted law's curves.",
                 out_dir,
+            )
+            + _figure(
+                figures.frontier(s.done_runs, s.optimal, s.n_key, s.target_flops),
+                "frontier",
+                "Compute-optimal N for each compute budget, with its bootstrap interval; dots are the runs, "
+                "the dashed line the study's target.",
+                out_dir,
             ),
         )
+    )
+    if any((r.get("point") or {}).get("budget_flops") for r in s.done_runs):
+        isoflop_png = figures.isoflop_curves(s.done_runs, s.loss_key, s.n_key, s.isoflop_minima)
+        caption = (
+            "Loss against N at fixed compute, a parabola in log N per budget; stars mark each "
+            "budget's fitted minimum."
+        )
+        sections.append(("isoflop", "IsoFLOP curves", _figure(isoflop_png, "isoflop", caption, out_dir)))
+    residuals_png = figures.residuals(s.done_runs, s.predict, s.loss_key, s.n_key)
+    caption = "Log residuals of every run against N, D and C; a trend means the law's form misfits."
+    sections.append(
+        ("residuals", "Residual diagnostics", _figure(residuals_png, "residuals", caption, out_dir))
     )
     if s.predicted_vs_actual:
         sections.append(("predicted-vs-actual", "Predicted versus actual", _pva_table(s.predicted_vs_actual)))

@@ -42,7 +42,11 @@ class StudySummary:
     predicted_vs_actual: list[dict[str, Any]] = field(default_factory=list)
     hypothesis_outcomes: list[tuple[str, str]] = field(default_factory=list)
     fit: dict[str, Any] | None = None
+    n_key: str = "n_params"
+    target_flops: float | None = None
     predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    optimal: Callable[[float], dict[str, Any]] | None = None
+    isoflop_minima: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def done_runs(self) -> list[dict[str, Any]]:
@@ -178,6 +182,8 @@ def summarize(study_dir: str | Path) -> StudySummary:
 
     s.hypothesis_outcomes = [(h, evaluate(h, s.fit)) for h in s.hypotheses]
     target = meta.get("target") or {}
+    s.target_flops = target.get("compute_flops")
+    s.isoflop_minima = _isoflop_minima(study_dir, s)
     s.headline = _headline(s, target) + _pva_sentence(s)
     return s
 
@@ -195,6 +201,8 @@ def _add_fit(s: StudySummary, fit_path: Path) -> None:
     s.backtest_rows = view.backtest_rows()
     s.warnings += view.warnings()
     s.predict = view.predictor()
+    s.optimal = view.optimizer()
+    s.n_key = view.n_params_key
     s.predicted_vs_actual = view.predicted_vs_actual(s.target_runs, s.loss_key)
     for row in s.predicted_vs_actual:
         if row.get("inside") is False:
@@ -225,6 +233,25 @@ def _headline(s: StudySummary, target: dict[str, Any]) -> str:
             )
         return core[0].upper() + core[1:] + " The fit raised no warnings."
     return f"Fitted on {done} finished runs. " + s.fit_line
+
+
+def _isoflop_minima(study_dir: Path, s: StudySummary) -> list[tuple[float, float, float]]:
+    """Per-budget minima (C, N*, L*) from the IsoFLOP estimator, for studies with an IsoFLOP design."""
+    if not any((r.get("point") or {}).get("budget_flops") for r in s.done_runs):
+        return []
+    from scalelab.errors import FitError
+    from scalelab.fit.api import table_from_study
+    from scalelab.fit.isoflop import IsoFLOPLaw
+
+    try:
+        n_params = "total" if s.n_key == "n_params_total" else "non_embedding"
+        loss = "eval" if s.loss_key == "eval_loss" else "train"
+        law = IsoFLOPLaw(n_bootstrap=0).fit(table_from_study(study_dir, n_params=n_params, loss=loss))
+    except FitError as err:
+        s.warnings.append(f"IsoFLOP analysis not possible: {err}")
+        return []
+    s.warnings += [f"IsoFLOP: {w}" for w in law.warnings_]
+    return [(float(np.exp(lc)), float(np.exp(xs)), float(ls)) for lc, xs, _ld, ls in law.minima_]
 
 
 def _pva_sentence(s: StudySummary) -> str:

@@ -78,6 +78,14 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
 
+#: additive migrations: version → statements that bring a registry of that version to the next one.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'study' CHECK (role IN ('study', 'target'))",
+    ),
+}
+
+
 class Registry:
     """A handle on `registry.sqlite`; cheap to create, safe to use from many processes."""
 
@@ -146,11 +154,17 @@ class Registry:
             row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) != SCHEMA_VERSION:
+            elif int(row["value"]) > SCHEMA_VERSION:
                 raise RegistryError(
                     f"{self.path}: registry schema version {row['value']}, this scalelab reads version "
                     f"{SCHEMA_VERSION}; use the scalelab version that wrote it or start a new study directory"
                 )
+            else:
+                for version in range(int(row["value"]), SCHEMA_VERSION):
+                    for stmt in _MIGRATIONS[version]:
+                        c.execute(stmt)
+                    log.info("%s: migrated the registry schema from version %d", self.path, version)
+                c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # ------------------------------------------------------------------ writes
     def add_planned(
