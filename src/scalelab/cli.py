@@ -410,12 +410,19 @@ def train(
 def report(
     study_dir: Annotated[Path, typer.Argument(help="Study directory (after `scalelab fit`).")],
     open_: Annotated[bool, typer.Option("--open", help="Open the report in a browser.")] = False,
+    notebook: Annotated[
+        bool, typer.Option("--notebook", help="Also write report/report.ipynb, which rebuilds every figure.")
+    ] = False,
 ) -> None:
     """Write DIR/report/index.html: summary, loss curves, the fit and its intervals (self-contained)."""
     from scalelab.report.html import build_report
 
     path = build_report(study_dir)
     console.print(f"report: {path}")
+    if notebook:
+        from scalelab.report.notebook import write_notebook
+
+        console.print(f"notebook: {write_notebook(study_dir)}")
     if open_:
         import webbrowser
 
