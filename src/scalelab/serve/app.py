@@ -1,0 +1,206 @@
+"""The HTTP front end: FastAPI routes over an `InferenceServer`, and uvicorn to run them.
+
+Routes: POST /v1/generate, POST /v1/score, GET /health, GET /metrics (Prometheus text).
+Status codes: 422 names the offending field (malformed JSON, out-of-range values — FastAPI's
+validation), 413 when the prompt does not fit the context (with the limit), 503 + Retry-After when the
+queue is full, 499 (logged only; the client is gone) when the client disconnects mid-request.
+FastAPI and uvicorn are the optional extra `serve`; this module imports them, so import it lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from scalelab.serve.sampling import SamplingParams
+from scalelab.serve.server import ClientGone, InferenceServer, PromptTooLong, QueueFull, ServerError
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 1 << 20
+RETRY_AFTER_SECONDS = 1
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate body. `seed` makes sampling reproducible; temperature 0 is greedy."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    max_tokens: int = Field(32, ge=1, le=65536)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class ScoreRequest(BaseModel):
+    """POST /v1/score body: the text whose log-likelihood is wanted."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class _CountRequests:
+    """ASGI middleware counting responses by endpoint and status (pure ASGI: keeps disconnect detection)."""
+
+    def __init__(self, app: Any, server: InferenceServer) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.server.metrics.inc(
+                "scalelab_serve_requests_total",
+                endpoint=scope.get("path", "?")[:64],
+                code=str(status["code"]),
+            )
+
+
+def _error(status: int, field: str | None, message: str, **extra: Any) -> JSONResponse:
+    detail: dict[str, Any] = {"message": message, **extra}
+    if field is not None:
+        detail["field"] = field
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(server: InferenceServer, *, manage_lifecycle: bool = True) -> FastAPI:
+    """The FastAPI app for `server`; with `manage_lifecycle` it starts/stops the engine with the app."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            server.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                server.stop()
+
+    app = FastAPI(title="scalelab serve", lifespan=lifespan)
+
+    async def handle(request: Request, coro: Any) -> Any:
+        try:
+            return await coro
+        except PromptTooLong as err:
+            return _error(413, err.field, str(err), limit_tokens=err.limit, got_tokens=err.tokens)
+        except QueueFull as err:
+            return _error(503, None, f"{err}; retry after {RETRY_AFTER_SECONDS} s")
+        except ClientGone:
+            log.info("client of %s disconnected; request dropped", request.url.path)
+            return _error(499, None, "client closed the request")
+        except ServerError as err:
+            return _error(500, None, str(err))
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Any:
+        params = SamplingParams(body.max_tokens, body.temperature, body.top_k, body.seed)
+        return await handle(request, server.generate(body.prompt, params, request.is_disconnected))
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, request: Request) -> Any:
+        return await handle(request, server.score(body.text, request.is_disconnected))
+
+    @app.get("/health")
+    async def health() -> Any:
+        info = server.health()
+        return JSONResponse(info, status_code=200 if info["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return _CountRequests(app, server)  # type: ignore[return-value]
+
+
+def check_loopback(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback bind unless asked for explicitly (the server has no authentication)."""
+    import ipaddress
+
+    if allow_remote or host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    from scalelab.errors import SpecError
+
+    raise SpecError(
+        f"--host {host}: not a loopback address; the server has no authentication — pass --allow-remote "
+        "to expose it on purpose"
+    )
+
+
+def run(server: InferenceServer, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until interrupted (blocking)."""
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(config).run()
+
+
+class BackgroundServer:
+    """uvicorn in a daemon thread on a free loopback port (tests, benchmarks): `with BackgroundServer(s) as bg:`."""
+
+    def __init__(self, server: InferenceServer, host: str = "127.0.0.1", port: int = 0) -> None:
+        config = uvicorn.Config(
+            create_app(server), host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+        )
+        self._uv = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._uv.run, name="scalelab-serve-http", daemon=True)
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uv.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        sock = self._uv.servers[0].sockets[0]
+        self.port = int(sock.getsockname()[1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._uv.should_exit = True
+        self._thread.join(15)
+
+
+@contextlib.contextmanager
+def serving(server: InferenceServer) -> Iterator[BackgroundServer]:
+    with BackgroundServer(server) as bg:
+        yield bg
+
+
+__all__ = [
+    "BackgroundServer",
+    "GenerateRequest",
+    "ScoreRequest",
+    "check_loopback",
+    "create_app",
+    "run",
+    "serving",
+]

@@ -1,0 +1,216 @@
+"""The synchronous core of continuous batching: admit requests into KV slots, prefill them together, and
+advance every active request by one token per `decode()` call.
+
+No threads and no asyncio here (the scheduler drives it), so tests can step it by hand. A request
+finishes on its own (max_tokens, end-of-document, context full, cancelled) and frees its slot at once;
+new requests can be admitted between any two decode steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from scalelab.models.gpt import GPT
+from scalelab.serve.cache import PrefixCache
+from scalelab.serve.kvcache import KVPool, extend
+from scalelab.serve.metrics import Metrics
+from scalelab.serve.sampling import SamplingParams, sample_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request as the engine sees it; result fields are filled in by the engine thread."""
+
+    kind: Literal["generate", "score"]
+    ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_done: Callable[[Job], None] | None = None
+    stop_id: int | None = None
+    # results
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prefix_hit_tokens: int = 0
+    # timing (time.monotonic)
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    # engine state
+    slot: int | None = None
+    generator: torch.Generator | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (client gone); safe from any thread."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Batched prefill and decode over a KV slot pool (`max_batch` slots) for one model."""
+
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        max_batch: int,
+        device: torch.device | str = "cpu",
+        prefix_cache: PrefixCache | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.context_tokens = model.shape.context_tokens
+        self.pool = KVPool(model, max_batch, self.device)
+        self.prefix_cache = prefix_cache
+        self.metrics = metrics
+        self.active: list[Job] = []
+        self.lengths: dict[int, int] = {}  # slot → tokens held in the pool
+
+    @property
+    def free_slots(self) -> int:
+        return self.pool.free_slots
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def finish(self, job: Job, reason: str) -> None:
+        job.finish_reason = reason
+        job.finished_at = time.monotonic()
+        if job.slot is not None:
+            self.pool.release(job.slot)
+            self.lengths.pop(job.slot, None)
+            job.slot = None
+        if job in self.active:
+            self.active.remove(job)
+        if self.metrics is not None and reason == "cancelled":
+            self.metrics.inc("scalelab_serve_cancelled_total")
+        if job.on_done is not None:
+            try:
+                job.on_done(job)
+            except Exception:  # noqa: BLE001 — a broken callback must not stop the engine
+                log.exception("on_done callback failed")
+
+    def drop_cancelled(self) -> int:
+        """Free the slots of cancelled requests; returns how many were dropped."""
+        gone = [j for j in self.active if j.cancelled]
+        for job in gone:
+            self.finish(job, "cancelled")
+        return len(gone)
+
+    def _accept(self, job: Job, logits_row: torch.Tensor) -> None:
+        """Sample the next token of `job` from its logits; finish it when a stop condition holds."""
+        assert job.generator is not None
+        token = sample_token(logits_row, job.params, job.generator)
+        now = time.monotonic()
+        if job.first_token_at is None:
+            job.first_token_at = now
+        if job.stop_id is not None and token == job.stop_id:
+            self.finish(job, "stop")
+            return
+        job.generated.append(token)
+        if self.metrics is not None:
+            self.metrics.tokens_generated(1)
+        if len(job.generated) >= job.params.max_tokens:
+            self.finish(job, "length")
+        elif len(job.ids) + len(job.generated) >= self.context_tokens:
+            self.finish(job, "context")
+
+    # ---------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def admit(self, jobs: Sequence[Job]) -> None:
+        """Give each job a slot, prefill all of them in one batched call and sample their first tokens."""
+        if not jobs:
+            return
+        if len(jobs) > self.free_slots:
+            raise RuntimeError(f"admit: {len(jobs)} jobs but {self.free_slots} free slots")
+        starts: list[int] = []
+        for job in jobs:
+            if not 0 < len(job.ids) < self.context_tokens:
+                raise ValueError(f"prompt of {len(job.ids)} tokens: need 1..{self.context_tokens - 1}")
+            job.slot = self.pool.allocate()
+            job.admitted_at = time.monotonic()
+            job.generator = job.params.generator()
+            start = 0
+            if self.prefix_cache is not None:
+                entry = self.prefix_cache.lookup(job.ids)
+                if entry is not None:
+                    self.pool.write(job.slot, entry.k, entry.v)
+                    start = entry.length
+            job.prefix_hit_tokens = start
+            starts.append(start)
+        width = max(len(j.ids) - s for j, s in zip(jobs, starts, strict=True))
+        tokens = torch.zeros(len(jobs), width, dtype=torch.long)
+        for row, (job, s) in enumerate(zip(jobs, starts, strict=True)):
+            tokens[row, : len(job.ids) - s] = torch.tensor(job.ids[s:], dtype=torch.long)
+        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long, device=self.device)
+        start_t = torch.tensor(starts, dtype=torch.long, device=self.device)
+        lens_t = torch.tensor([len(j.ids) - s for j, s in zip(jobs, starts, strict=True)], device=self.device)
+        logits = extend(self.model, self.pool, slots, tokens.to(self.device), start_t, lens_t)
+        if self.metrics is not None:
+            self.metrics.observe("scalelab_serve_prefill_batch_size", len(jobs))
+        last = (lens_t - 1).clamp(min=0)
+        rows = logits[torch.arange(len(jobs), device=self.device), last].float().cpu()
+        for row, job in enumerate(jobs):
+            assert job.slot is not None
+            self.lengths[job.slot] = len(job.ids)
+            self.active.append(job)
+            if self.prefix_cache is not None:
+                n = self.prefix_cache.wants(job.ids)
+                if n:
+                    k, v = self.pool.read(job.slot, n)
+                    self.prefix_cache.store(job.ids[:n], k, v)
+            if self.metrics is not None:
+                self.metrics.observe("scalelab_serve_queue_wait_seconds", job.admitted_at - job.submitted_at)
+            self._accept(job, rows[row])
+
+    @torch.no_grad()
+    def decode(self) -> int:
+        """One token for every active request (one batched call); returns the batch size."""
+        self.drop_cancelled()
+        jobs = list(self.active)
+        if not jobs:
+            return 0
+        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long, device=self.device)
+        tokens = torch.tensor([[j.generated[-1]] for j in jobs], dtype=torch.long, device=self.device)
+        starts = torch.tensor([len(j.ids) + len(j.generated) - 1 for j in jobs], device=self.device)
+        ones = torch.ones(len(jobs), dtype=torch.long, device=self.device)
+        logits = extend(self.model, self.pool, slots, tokens, starts, ones)[:, 0].float().cpu()
+        if self.metrics is not None:
+            self.metrics.observe("scalelab_serve_decode_batch_size", len(jobs))
+        for row, job in enumerate(jobs):
+            self._accept(job, logits[row])
+        return len(jobs)
+
+    @torch.no_grad()
+    def score(self, jobs: Sequence[Job]) -> None:
+        """Log-probability of every token of each job after the first (one padded full forward)."""
+        if not jobs:
+            return
+        width = max(len(j.ids) for j in jobs) - 1
+        x = torch.zeros(len(jobs), width, dtype=torch.long)
+        for row, job in enumerate(jobs):
+            x[row, : len(job.ids) - 1] = torch.tensor(job.ids[:-1], dtype=torch.long)
+        logp = F.log_softmax(self.model(x.to(self.device)).float(), dim=-1).cpu()
+        for row, job in enumerate(jobs):
+            job.admitted_at = job.first_token_at = time.monotonic()
+            n = len(job.ids) - 1
+            targets = torch.tensor(job.ids[1:], dtype=torch.long)
+            job.logprobs = logp[row, torch.arange(n), targets].tolist()
+            self.finish(job, "scored")

@@ -1,0 +1,54 @@
+"""Held-out loss of a model on a run's token store — shared by the quantization report and distillation.
+
+The held-out set is built like the trainer's (train/run.py): ceil(tokens / context) sequences of
+context+1 tokens from the store's held-out split, in the loader's seeded order, so numbers here are
+comparable with a run's `eval_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalelab.train.run import default_loader_factory
+
+
+def heldout_batches(
+    store: Any, context_tokens: int, tokens: int, *, batch_size: int = 16, seed: int = 0
+) -> list[torch.Tensor]:
+    """ceil(tokens / context_tokens) held-out sequences (LongTensor batches of context_tokens + 1)."""
+    n_seqs = max(1, math.ceil(tokens / context_tokens))
+    loader = default_loader_factory(store, "heldout", context_tokens + 1, min(n_seqs, batch_size), seed)
+    batches: list[torch.Tensor] = []
+    have = 0
+    it = iter(loader)
+    try:
+        for batch in it:
+            batches.append(batch[: n_seqs - have].clone())
+            have += batches[-1].shape[0]
+            if have >= n_seqs:
+                break
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return batches
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batches: list[torch.Tensor], device: torch.device | str = "cpu") -> float:
+    """Mean next-token cross-entropy (nats/token) of `model` over `batches`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        loss = model(batch[:, :-1], batch[:, 1:])
+        n = batch[:, 1:].numel()
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(1, count)

@@ -1,0 +1,125 @@
+"""Load a trained run for inference: its config, its newest verified checkpoint (safetensors only), its tokenizer.
+
+Why not `train.checkpoint.load_latest`: that also unpickles `state.pt` (optimizer, RNG) which a server
+never needs; here only `model.safetensors` is read, after `verify_checkpoint` has checked the manifest,
+the config hash and the SHA-256 of every file. A checkpoint that does not verify is skipped (logged) in
+favour of the previous one, as the trainer does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from scalelab.data.tokenize import ByteTokenizer, Tokenizer
+from scalelab.errors import CheckpointError, SpecError
+from scalelab.models.gpt import GPT, build_model
+from scalelab.models.parametrization import apply_parametrization
+from scalelab.spec import RunSpec, config_hash
+from scalelab.train.checkpoint import CheckpointConfigMismatch, list_checkpoints, verify_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedRun:
+    """A run ready to serve: the model (eval mode, no grads), its tokenizer and where it came from."""
+
+    run_dir: Path
+    spec: RunSpec
+    model: GPT
+    tokenizer: Tokenizer
+    checkpoint: Path
+    step: int
+
+    @property
+    def context_tokens(self) -> int:
+        return self.model.shape.context_tokens
+
+    def store(self) -> Any:
+        """The run's token store (held-out tokens for evaluation); built on first use if missing."""
+        from scalelab.data.store import ensure_store
+
+        return ensure_store(self.spec.data)
+
+
+def read_run_spec(run_dir: Path) -> RunSpec:
+    """The canonical RunSpec in `run_dir/config.json` (SpecError naming the file when absent/invalid)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return RunSpec.model_validate_json(path.read_text())
+    except OSError as err:
+        raise SpecError(
+            f"{path}: cannot read the run's config ({err.strerror or err}); is this a run directory?"
+        ) from None
+    except ValueError as err:
+        raise SpecError(f"{path}: not a valid run config ({err})") from None
+
+
+def load_weights(run_dir: Path, chash: str) -> tuple[Path, int, dict[str, torch.Tensor]]:
+    """(checkpoint path, step, weights) of the newest checkpoint of `run_dir` that verifies."""
+    ckpt_dir = Path(run_dir) / "checkpoint"
+    candidates = list_checkpoints(ckpt_dir)
+    if not candidates:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint (step-*/) to serve; train the run first")
+    for step, path in reversed(candidates):
+        try:
+            manifest = verify_checkpoint(path, chash)
+            weights = load_file(str(path / "model.safetensors"), device="cpu")
+        except CheckpointConfigMismatch:
+            raise
+        except CheckpointError as err:
+            log.error("skipping checkpoint: %s", err)
+            continue
+        except Exception as err:  # noqa: BLE001 — an undecodable file makes this checkpoint unusable
+            log.error("skipping checkpoint %s: %s: %s", path, type(err).__name__, err)
+            continue
+        for alias, target in manifest.get("aliases", {}).items():
+            weights[alias] = weights[target]
+        return path, step, weights
+    raise CheckpointError(f"{ckpt_dir}: no checkpoint verifies (all corrupted or truncated); see the log")
+
+
+def run_tokenizer(spec: RunSpec, run_dir: Path) -> Tokenizer:
+    """The run's tokenizer: bytes need nothing; BPE comes from the run's token store."""
+    if spec.data.tokenizer == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        from scalelab.data.store import ensure_store
+
+        tok = ensure_store(spec.data).tokenizer
+    prov = Path(run_dir) / "provenance.json"
+    try:
+        expected = json.loads(prov.read_text()).get("data", {}).get("tokenizer_hash")
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if expected and expected != tok.hash:
+        raise SpecError(
+            f"{prov}: data.tokenizer_hash {expected[:12]}… does not match the tokenizer found now "
+            f"({tok.hash[:12]}…); the run's tokenizer is not available on this machine"
+        )
+    return tok
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load `run_dir` for inference (see module docstring)."""
+    run_dir = Path(run_dir)
+    spec = read_run_spec(run_dir)
+    tokenizer = run_tokenizer(spec, run_dir)
+    vocab = spec.model.vocab_size or tokenizer.vocab_size
+    model = build_model(spec.model, vocab)
+    apply_parametrization(model, spec.model)  # sets attention scale and multipliers (μP, depth-μP)
+    path, step, weights = load_weights(run_dir, config_hash(spec))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path / 'model.safetensors'}: does not fit the run's model ({err})") from None
+    model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s step %d (%d parameters)", path, step, model.num_params())
+    return LoadedRun(run_dir, spec, model, tokenizer, path, step)

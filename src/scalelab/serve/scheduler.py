@@ -1,0 +1,157 @@
+"""Dynamic batching: a bounded queue in front of the engine and the thread that drives it.
+
+When the engine is idle the thread waits for the first request, then up to `max_wait_ms` more for
+others to arrive (or until `max_batch` are waiting) and prefills them together. While requests are
+decoding, waiting requests join between decode steps without any wait, so a short request never
+waits for a long one to finish. The queue is bounded (`max_queue`): `submit` raises `QueueFull`
+instead of letting latency grow without limit; the HTTP layer turns that into 503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+
+from scalelab.errors import ScalelabError
+from scalelab.serve.engine import Engine, Job
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(ScalelabError):
+    """The server's request queue is at its bound; retry later."""
+
+
+class Scheduler:
+    """Owns the engine thread; `submit` is safe to call from any thread (the event loop)."""
+
+    def __init__(self, engine: Engine, *, max_batch: int, max_wait_ms: float, max_queue: int) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be ≥ 1")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait_seconds = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._step_lock = threading.Lock()  # held while the engine works; `paused()` takes it
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------ client side
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return len(self.engine.active)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; raises QueueFull when `max_queue` requests are already waiting."""
+        with self._cond:
+            if not self._running:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def withdraw(self, job: Job) -> bool:
+        """Remove a job that is still waiting (client gone); True if it was."""
+        with self._cond:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return False
+        return True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the engine between steps (maintenance, tests): requests queue up but none advance."""
+        with self._step_lock:
+            yield
+
+    # ------------------------------------------------------------------------------ engine side
+    def start(self) -> None:
+        with self._cond:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="scalelab-serve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread; waiting requests are finished with reason `shutdown`."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for job in list(self._pending):
+            self.engine.finish(job, "shutdown")
+        self._pending.clear()
+        for job in list(self.engine.active):
+            self.engine.finish(job, "shutdown")
+
+    def _take(self) -> tuple[list[Job], list[Job]] | None:
+        """Wait for work; (generate jobs to admit, score jobs) or None when stopping."""
+        with self._cond:
+            while self._running and not self._pending and not self.engine.active:
+                self._cond.wait(0.5)
+            if not self._running:
+                return None
+            if not self.engine.active and self._pending:
+                # Idle engine: give other requests up to max_wait to arrive and share the prefill.
+                deadline = time.monotonic() + self.max_wait_seconds
+                while self._running and len(self._pending) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            admit: list[Job] = []
+            scores: list[Job] = []
+            free = self.engine.free_slots
+            kept: deque[Job] = deque()
+            while self._pending:
+                job = self._pending.popleft()
+                if job.cancelled:
+                    self.engine.finish(job, "cancelled")
+                elif job.kind == "score" and len(scores) < self.max_batch:
+                    scores.append(job)
+                elif job.kind == "generate" and len(admit) < free:
+                    admit.append(job)
+                else:
+                    kept.append(job)
+            self._pending = kept
+            return admit, scores
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                work = self._take()
+                if work is None:
+                    return
+                admit, scores = work
+                with self._step_lock:
+                    try:
+                        self.engine.score(scores)
+                        self.engine.admit(admit)
+                        self.engine.decode()
+                    except Exception:  # noqa: BLE001 — fail these requests, keep serving the next ones
+                        log.exception("engine step failed; failing the requests in flight")
+                        for job in [*scores, *admit, *self.engine.active]:
+                            if not job.done:
+                                self.engine.finish(job, "error")
+        except BaseException as err:  # noqa: BLE001 — recorded; /health reports it
+            log.exception("engine thread died")
+            self.error = err
+            with self._cond:
+                self._running = False
+            for job in [*self._pending, *self.engine.active]:
+                self.engine.finish(job, "error")
