@@ -45,7 +45,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SCALELAB_CACHE_DIR") or Path.home() / ".cache" / "scalelab")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -58,7 +59,7 @@ def _cpu_model() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpu_model()
+    return cpu_model()
 
 
 def machine_key(device: torch.device) -> str:

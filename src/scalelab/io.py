@@ -15,7 +15,7 @@ from typing import Any
 def fsync_dir(path: str | Path) -> None:
     """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
@@ -46,5 +46,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, allow_nan: bool = True) -> None:
+    """Sorted-key JSON, written atomically; `allow_nan=False` refuses NaN/inf instead of writing invalid JSON."""
+    text = json.dumps(obj, indent=indent, sort_keys=True, default=str, allow_nan=allow_nan)
+    atomic_write_text(path, text + "\n")

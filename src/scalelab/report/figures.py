@@ -28,6 +28,16 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _style(ax: Any, xlabel: str, ylabel: str, title: str, legend_columns: int = 1) -> None:
+    """The report's look: log x axis, labels, light grid, small legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7 if legend_columns > 1 else 8, ncol=legend_columns)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The run's metrics.jsonl as a list of dicts (unreadable lines skipped: the file may be in flight)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -84,12 +94,7 @@ def loss_curves(runs: list[dict[str, Any]]) -> bytes | None:
                 mew=0.6,
                 zorder=3,
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats/token); dots: held-out")
-    ax.set_title("Loss curves")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    _style(ax, "tokens seen", "loss (nats/token); dots: held-out", "Loss curves", legend_columns=2)
     return _png(fig)
 
 
@@ -114,12 +119,8 @@ def fit_vs_data(
         ax.plot([p[n_key] for p in sel], [p[loss_key] for p in sel], "o", color=c, label=f"D={si(d)}")
         if predict is not None:
             ax.plot(grid, predict(grid, np.full_like(grid, d)), "-", color=c, lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("N (parameters)")
-    ax.set_ylabel(f"{loss_key.replace('_', ' ')}")
-    ax.set_title("Runs and the fitted law L(N, D)" if predict else "Final loss by model size")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    title = "Runs and the fitted law L(N, D)" if predict else "Final loss by model size"
+    _style(ax, "N (parameters)", loss_key.replace("_", " "), title)
     return _png(fig)
 
 
@@ -175,12 +176,7 @@ def isoflop_curves(
             ax.plot(grid, np.polyval(coef, np.log(grid)), "-", color=c, lw=1)
     for _c, n_star, l_star in minima or []:
         ax.plot([n_star], [l_star], marker="*", color="black", ms=12, zorder=4)
-    ax.set_xscale("log")
-    ax.set_xlabel("N (parameters)")
-    ax.set_ylabel(loss_key.replace("_", " "))
-    ax.set_title("IsoFLOP curves (stars: fitted minima)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _style(ax, "N (parameters)", loss_key.replace("_", " "), "IsoFLOP curves (stars: fitted minima)")
     return _png(fig)
 
 
@@ -209,11 +205,6 @@ def frontier(
     ax.plot([p["flops"] for p in pts], [p[n_key] for p in pts], "o", color="#444", ms=4, label="runs")
     if target_flops:
         ax.axvline(target_flops, color="#e0a100", ls="--", label=f"target C={target_flops:.2g}")
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("C (training FLOPs)")
-    ax.set_ylabel("N (parameters)")
-    ax.set_title("Compute-optimal frontier")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _style(ax, "C (training FLOPs)", "N (parameters)", "Compute-optimal frontier")
     return _png(fig)

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scalelab.errors import CheckpointError
+from scalelab.io import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems do not support directory fsync
-        pass
     finally:
         os.close(fd)
 
@@ -182,14 +170,14 @@ def save_checkpoint(
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         _fsync_file(tmp / "manifest.json")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final = ckpt_dir / step_dir_name(step)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
             trash = ckpt_dir / f".old-{final.name}-{time.monotonic_ns()}"
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,6 @@ code (done 0, diverged 3, failed 1).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ import torch
 
 from scalelab.errors import TrainingError
 from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
+from scalelab.io import atomic_write_json
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -58,16 +58,6 @@ def exit_code(record: dict[str, Any]) -> int:
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file next to `path`, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -235,7 +225,9 @@ def run_training(
 
                 store = ensure_store(spec.data)
             loader_factory = loader_factory or default_loader_factory
-            atomic_write_json(out / "provenance.json", _capture_provenance(spec, store))
+            atomic_write_json(
+                out / "provenance.json", _capture_provenance(spec, store), indent=1, allow_nan=False
+            )
 
             vocab = spec.model.vocab_size or int(store.vocab_size)
             if vocab < int(store.vocab_size):
@@ -335,5 +327,5 @@ def run_training(
     record["energy_note"] = energy.note
     record["wall_seconds"] = prior_wall + (time.time() - t_start)
     record["finished_at"] = _utc_now()
-    atomic_write_json(out / "record.json", record)
+    atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
     return record
