@@ -431,19 +431,19 @@ def report(
 
 # -------------------------------------------------------------------------------- mounted modules
 def _mount_optional() -> None:
-    """Sub-commands owned by other modules (data, fit); each module registers its own."""
-    try:
-        from scalelab.data.commands import app as data_app
+    """Sub-commands owned by other modules; each module registers its own (`app` sub-apps or `register`)."""
+    import importlib
 
-        app.add_typer(data_app, name="data")
-    except ImportError as err:  # pragma: no cover - only while a module is being built
-        logging.getLogger(__name__).debug("data commands unavailable: %s", err)
-    try:
-        from scalelab.fit.commands import register as register_fit
-
-        register_fit(app)
-    except ImportError as err:  # pragma: no cover
-        logging.getLogger(__name__).debug("fit commands unavailable: %s", err)
+    for module, name in (("scalelab.data.commands", "data"), ("scalelab.transfer.commands", "transfer")):
+        try:
+            app.add_typer(importlib.import_module(module).app, name=name)
+        except (ImportError, AttributeError) as err:  # pragma: no cover - a module still being built
+            logging.getLogger(__name__).debug("%s commands unavailable: %s", name, err)
+    for module in ("scalelab.fit.commands", "scalelab.serve.commands", "scalelab.train.commands"):
+        try:
+            importlib.import_module(module).register(app)
+        except (ImportError, AttributeError) as err:  # pragma: no cover
+            logging.getLogger(__name__).debug("%s unavailable: %s", module, err)
 
 
 _mount_optional()
