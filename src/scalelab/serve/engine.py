@@ -136,6 +136,9 @@ class Engine:
     @torch.no_grad()
     def admit(self, jobs: Sequence[Job]) -> None:
         """Give each job a slot, prefill all of them in one batched call and sample their first tokens."""
+        for job in [j for j in jobs if j.cancelled]:
+            self.finish(job, "cancelled")
+        jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
             return
         if len(jobs) > self.free_slots:

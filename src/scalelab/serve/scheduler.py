@@ -3,7 +3,8 @@
 When the engine is idle the thread waits for the first request, then up to `max_wait_ms` more for
 others to arrive (or until `max_batch` are waiting) and prefills them together. While requests are
 decoding, waiting requests join between decode steps without any wait, so a short request never
-waits for a long one to finish. The queue is bounded (`max_queue`): `submit` raises `QueueFull`
+waits for a long one to finish. The queue is bounded: at most `max_queue` requests wait beyond the
+free slots: `submit` raises `QueueFull`
 instead of letting latency grow without limit; the HTTP layer turns that into 503 + Retry-After.
 """
 
@@ -40,6 +41,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._step_lock = threading.Lock()  # held while the engine works; `paused()` takes it
         self._running = False
+        self._reserved = 0  # jobs taken off the queue for the next admit, not yet holding a slot
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -57,8 +59,9 @@ class Scheduler:
         with self._cond:
             if not self._running:
                 raise QueueFull("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+            free = max(0, self.engine.free_slots - self._reserved)
+            if len(self._pending) >= self.max_queue + free:
+                raise QueueFull(f"queue full ({len(self._pending)} requests waiting, {free} free slots)")
             self._pending.append(job)
             self._cond.notify()
 
@@ -129,6 +132,7 @@ class Scheduler:
                 else:
                     kept.append(job)
             self._pending = kept
+            self._reserved = len(admit)
             return admit, scores
 
     def _loop(self) -> None:
@@ -148,6 +152,9 @@ class Scheduler:
                         for job in [*scores, *admit, *self.engine.active]:
                             if not job.done:
                                 self.engine.finish(job, "error")
+                    finally:
+                        with self._cond:
+                            self._reserved = 0
         except BaseException as err:  # noqa: BLE001 — recorded; /health reports it
             log.exception("engine thread died")
             self.error = err
