@@ -222,10 +222,11 @@ def measure_noise_scale(
             loss = model(mb[:, :-1], mb[:, 1:])
             loss.backward()
             grads = [
-                p.grad.float() if p.grad is not None else torch.zeros_like(t) for p, t in zip(params, total)
+                p.grad.float() if p.grad is not None else torch.zeros_like(t)
+                for p, t in zip(params, total, strict=True)
             ]
             sq_small += float(sum(g.pow(2).sum() for g in grads))
-            for t, g in zip(total, grads):
+            for t, g in zip(total, grads, strict=True):
                 t.add_(g)
         sq_small /= len(chunks)
         sq_big = float(sum((t / len(chunks)).pow(2).sum() for t in total))
