@@ -50,3 +50,14 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, all
     """Sorted-key JSON, written atomically; `allow_nan=False` refuses NaN/inf instead of writing invalid JSON."""
     text = json.dumps(obj, indent=indent, sort_keys=True, default=str, allow_nan=allow_nan)
     atomic_write_text(path, text + "\n")
+
+
+def read_tail(path: str | Path, max_bytes: int) -> str:
+    """The last `max_bytes` of a file as text ('' when it cannot be read) — for logs being written."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

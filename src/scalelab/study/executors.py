@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scalelab.io import atomic_write_text
+from scalelab.io import atomic_write_text, read_tail
 from scalelab.spec import StudySpec, config_hash
 from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: exit codes of `scalelab train` (see scalelab.train.run.exit_code)
-EXIT_DONE, EXIT_FAILED, EXIT_DIVERGED = 0, 1, 3
 STDERR_TAIL_CHARS = 4000
 
 
@@ -65,14 +63,7 @@ def run_dir_for(study_dir: Path, run_id: str) -> Path:
 
 
 def _tail(path: Path, chars: int = STDERR_TAIL_CHARS) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - chars))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
+    return read_tail(path, chars).strip()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -7,11 +7,11 @@ never slows training down and works from any machine that sees the study directo
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scalelab.io import read_tail
 from scalelab.study.registry import Registry
 
 TAIL_BYTES = 16_384
@@ -37,15 +37,7 @@ def last_metrics(run_dir: str | Path | None) -> tuple[dict[str, Any] | None, flo
     """The last step row of a run's metrics.jsonl and the last eval loss, reading only the file's tail."""
     if not run_dir:
         return None, None
-    path = Path(run_dir) / "metrics.jsonl"
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - TAIL_BYTES))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None, None
+    lines = read_tail(Path(run_dir) / "metrics.jsonl", TAIL_BYTES).splitlines()
     step_row, eval_loss = None, None
     for line in reversed(lines):
         try:
