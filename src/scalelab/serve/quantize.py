@@ -16,7 +16,8 @@ import copy
 import io
 import logging
 import warnings
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,3 +85,46 @@ def model_size_bytes(model: nn.Module) -> int:
         warnings.simplefilter("ignore")
         torch.save(model.state_dict(), buf)
     return buf.tell()
+
+
+#: the held-out loss change `scalelab serve --quantize int8 --report` and the tests accept
+LOSS_TOLERANCE_NATS = 0.02
+LOSS_TOLERANCE_RELATIVE = 0.01
+
+
+def quantization_report(
+    run_dir: str | Path, mode: QuantMode = "int8", *, heldout_tokens: int | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """Size and held-out loss of the run's model in fp32 and quantized, on the run's own held-out tokens.
+
+    `heldout_tokens` defaults to the run's `train.eval_tokens` (the set its `eval_loss` was measured on).
+    `within_tolerance`: |Δloss| ≤ LOSS_TOLERANCE_NATS + LOSS_TOLERANCE_RELATIVE · fp32 loss.
+    """
+    from scalelab.serve.evaluation import heldout_batches, heldout_loss
+    from scalelab.serve.loading import load_run
+
+    run = load_run(run_dir)
+    spec = run.spec
+    tokens = heldout_tokens or spec.train.eval_tokens
+    seed = spec.train.data_seed if spec.train.data_seed is not None else spec.train.seed
+    batches = heldout_batches(run.store(), run.context_tokens, tokens, seed=seed)
+    fp32 = run.model.to(device)
+    quant = quantize_model(fp32, mode, device)
+    loss_fp32 = heldout_loss(fp32, batches, device)
+    loss_q = heldout_loss(quant, batches, device)
+    size_fp32, size_q = model_size_bytes(fp32), model_size_bytes(quant)
+    delta = loss_q - loss_fp32
+    return {
+        "run_id": spec.run_id,
+        "mode": mode,
+        "device": str(device),
+        "heldout_tokens": sum(b[:, 1:].numel() for b in batches),
+        "fp32_size_bytes": size_fp32,
+        "quantized_size_bytes": size_q,
+        "size_ratio": size_q / size_fp32,
+        "fp32_heldout_loss": loss_fp32,
+        "quantized_heldout_loss": loss_q,
+        "loss_delta": delta,
+        "tolerance_nats": LOSS_TOLERANCE_NATS + LOSS_TOLERANCE_RELATIVE * loss_fp32,
+        "within_tolerance": abs(delta) <= LOSS_TOLERANCE_NATS + LOSS_TOLERANCE_RELATIVE * loss_fp32,
+    }
