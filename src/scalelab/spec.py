@@ -106,6 +106,18 @@ class TrainSpec(_Spec):
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     strategy: Literal["none", "ddp", "fsdp"] = "none"
+    tensor_parallel: int = Field(
+        1, ge=1, description="tensor-parallel degree (DTensor, needs strategy='fsdp'); 1: off"
+    )
+    pipeline_parallel: int = Field(
+        1, ge=1, description="pipeline stages (1F1B over micro-batches, needs strategy='fsdp'); 1: off"
+    )
+    pipeline_microbatches: int | None = Field(
+        None, ge=1, description="pipeline micro-batches per step per data-parallel rank; None: 2 × stages"
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="FSDP: free gathered weights after forward (less memory, one more all-gather)"
+    )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: torch's default")
     seed: int = Field(0, ge=0)
     data_seed: int | None = Field(None, ge=0, description="loader order seed; None: same as seed")
@@ -115,6 +127,16 @@ class TrainSpec(_Spec):
     keep_checkpoints: int = Field(2, ge=1)
     log_interval_steps: int = Field(1, ge=1)
     divergence_factor: float = Field(10.0, gt=1, description="loss above this × its best so far ⇒ diverged")
+
+    @model_validator(mode="after")
+    def _model_parallel_needs_fsdp(self) -> TrainSpec:
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) > 1 and self.strategy != "fsdp":
+                raise ValueError(
+                    f"{name}: model parallelism composes with strategy='fsdp' only (a data-parallel "
+                    f"dimension of size 1 is fine), got strategy={self.strategy!r}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _micro_divides_global(self) -> TrainSpec:

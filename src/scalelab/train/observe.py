@@ -3,6 +3,8 @@
 metrics.jsonl holds one JSON object per logged step —
   {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second", "step_seconds", "mfu",
    "peak_memory_bytes"}
+plus whatever callbacks put in `state.extra["metrics"]` (distributed runs: world_size,
+grad_norm_min/max/std, step_seconds_min/max/std — see train/distributed.py)
 — and one per evaluation — {"step", "tokens", "eval_loss"}. The file is line buffered and flushed after
 every line, so a killed run loses at most the line being written. On resume, lines after the checkpoint's
 step (written by the run that was killed) are dropped, so the file reads as one uninterrupted run.
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def _plain(x: Any) -> Any:
+    """A metrics value other callbacks put in `state.extra["metrics"]`, JSON-safe (non-finite → None)."""
+    return _finite_or_none(x) if isinstance(x, float) else x
 
 
 class MetricsLogger(Callback):
@@ -81,8 +88,10 @@ class MetricsLogger(Callback):
         state.extra["peak_memory_bytes"] = mem
         if state.step % self.log_interval_steps and state.step < state.total_steps and not state.stop:
             return
+        row = {k: _plain(v) for k, v in state.extra.get("metrics", {}).items()}
         self._write(
-            {
+            row
+            | {
                 "step": state.step,
                 "tokens": state.tokens,
                 "loss": _finite_or_none(state.loss),

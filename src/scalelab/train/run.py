@@ -7,6 +7,9 @@ The run directory:
   checkpoint/      step-NNNNNN/ directories, written atomically (train/checkpoint.py)
   record.json      the result, written atomically — also when the run fails or diverges
 
+`train.strategy` "ddp"/"fsdp" runs go to `scalelab.train.parallel.engine.run_distributed` (under
+torchrun, or as a world of one), which writes the same files with sharded checkpoints.
+
 With `resume=True` a run continues from its newest valid checkpoint and ends bitwise identical to an
 uninterrupted run (same weights, optimizer, loader position and RNG); with `resume=False` previous
 checkpoints and metrics in `out_dir` are discarded.
@@ -166,6 +169,10 @@ def run_training(
     `store` (default: `ensure_store(spec.data)`), `loader_factory` (default: `BlockLoader`) and extra
     `callbacks` are for tests and embedding; the contract is `run_training(spec, out_dir, resume)`.
     """
+    if spec.train.strategy != "none":  # ddp/fsdp: the multi-rank engine (also as a world of one)
+        from scalelab.train.parallel.engine import run_distributed
+
+        return run_distributed(spec, out_dir, resume, store=store, callbacks=callbacks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -210,11 +217,10 @@ def run_training(
     metrics: MetricsLogger | None = None
     try:
         with _torch_settings(spec.train.threads, deterministic=True):
-            if spec.train.strategy != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise TrainingError(
-                    f"train.strategy={spec.train.strategy!r} with WORLD_SIZE={os.environ['WORLD_SIZE']}: "
-                    "run_training is the single-process engine; launch distributed runs through "
-                    "scalelab.train.distributed"
+                    f"train.strategy='none' with WORLD_SIZE={os.environ['WORLD_SIZE']}: every process would "
+                    "train the same run into the same directory; set train.strategy to 'ddp' or 'fsdp'"
                 )
             device = resolve_device(spec.train.device)
             if device.type == "cuda":

@@ -23,10 +23,12 @@ crashes at the first step); `nan_at_step=s` multiplies step s's loss by NaN; `sl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,34 @@ def make_optimizer(
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` by the global L2 norm and return that norm (before clipping).
+
+    Plain tensors: `clip_grad_norm_`. DTensor gradients (FSDP2 shards, tensor-parallel pieces): the
+    norm is computed per mesh layout and combined across ranks, so every rank clips by the same value.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(_is_dtensor(g) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    by_layout: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if _is_dtensor(g) else None
+        by_layout.setdefault(key, []).append(g)
+    total_sq = None
+    for layout_grads in by_layout.values():
+        norm = torch.nn.utils.get_total_norm(layout_grads, 2.0)
+        if _is_dtensor(norm):
+            norm = norm.full_tensor()
+        total_sq = norm.float() ** 2 if total_sq is None else total_sq + norm.float() ** 2
+    total = torch.sqrt(total_sq) if total_sq is not None else torch.zeros(())
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 class Trainer:
     """Runs `total_steps` optimizer steps of `model` on batches from `train_loader`.
 
@@ -153,6 +183,12 @@ class Trainer:
     load_state_dict. `eval_batches` is the fixed held-out set evaluated every eval_interval_steps.
     `checkpoint_fn(trainer) -> Path` saves a checkpoint (see train/checkpoint.py); None: no checkpoints.
     `model` may be a torch.compile'd wrapper of `raw_model` (whose weights are what gets saved).
+
+    Data parallel (train/distributed.py): `world_size` data-parallel ranks each get `global_batch_size /
+    world_size` sequences per loader batch, split into micro-batches of `micro_batch_size` (capped at
+    that local share); `grad_sync(enabled)` is entered around every micro-batch, with enabled=False for
+    all but a step's last (no gradient all-reduce while accumulating). Gradients held as DTensors
+    (FSDP2, tensor parallel) are clipped by their global norm.
     """
 
     def __init__(
@@ -170,6 +206,8 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         checkpoint_fn: Callable[[Trainer], Path] | None = None,
         raw_model: nn.Module | None = None,
+        world_size: int = 1,
+        grad_sync: Callable[[bool], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.model = model
         self.raw_model = raw_model if raw_model is not None else model
@@ -185,7 +223,20 @@ class Trainer:
         self.scaler = make_grad_scaler(train.precision, self.device.type)
         self.base_total_steps = total_steps
         self.schedule = make_schedule(train, total_steps)
-        self.micro_batch_size = train.micro_batch_size or train.global_batch_size
+        if world_size < 1 or train.global_batch_size % world_size:
+            raise ValueError(
+                f"train.global_batch_size={train.global_batch_size} must be divisible by the "
+                f"data-parallel world size {world_size}"
+            )
+        self.world_size = world_size
+        self.local_batch_size = train.global_batch_size // world_size
+        self.micro_batch_size = min(train.micro_batch_size or train.global_batch_size, self.local_batch_size)
+        if self.local_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.micro_batch_size={self.micro_batch_size} must divide the per-rank batch "
+                f"{self.local_batch_size} (global_batch_size / data-parallel world size {world_size})"
+            )
+        self.grad_sync = grad_sync or (lambda enabled: contextlib.nullcontext())
         #: loader batches per optimizer step (the batch-size controller may raise it)
         self.batch_multiplier = 1
         self.state = TrainState(total_steps=total_steps, global_batch_size=train.global_batch_size)
@@ -266,21 +317,24 @@ class Trainer:
             g["lr"] = self.train.lr * lr_scale * g.get("lr_mult", 1.0)
         inject_nan = debug.nan_at_step is not None and index == debug.nan_at_step
 
-        n_micro = self.batch_multiplier * (self.train.global_batch_size // self.micro_batch_size)
+        n_micro = self.batch_multiplier * (self.local_batch_size // self.micro_batch_size)
         loss_sum = torch.zeros((), device=self.device)
+        done = 0
         for _ in range(self.batch_multiplier):
             batch = next(self._iterator).to(self.device, non_blocking=True)
             for mb in batch.split(self.micro_batch_size):
-                with autocast(self.device.type, self.train.precision):
-                    loss = self.model(mb[:, :-1], mb[:, 1:])
-                if inject_nan:
-                    loss = loss * math.nan
-                self.scaler.scale(loss / n_micro).backward()
+                done += 1
+                with self.grad_sync(done == n_micro):
+                    with autocast(self.device.type, self.train.precision):
+                        loss = self.model(mb[:, :-1], mb[:, 1:])
+                    if inject_nan:
+                        loss = loss * math.nan
+                    self.scaler.scale(loss / n_micro).backward()
                 loss_sum += loss.detach().float()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.train.grad_clip if self.train.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = clip_gradients(params, max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -339,6 +393,11 @@ class Trainer:
         """Restore what `tensor_state`/`json_state` returned (model weights are restored separately)."""
         self.optimizer.load_state_dict(tensor_state["optimizer"])
         self.scaler.load_state_dict(tensor_state.get("scaler") or {})
+        self.load_json_state(json_state)
+
+    def load_json_state(self, json_state: dict[str, Any]) -> None:
+        """Restore counters, loader position and callbacks (sharded checkpoints restore the optimizer
+        themselves and call only this)."""
         s = self.state
         s.step = int(json_state["step"])
         s.tokens = int(json_state["tokens"])

@@ -1,0 +1,428 @@
+"""Distributed training from the outside: torchrun environment, process group, device mesh, wrapping.
+
+The model file never imports `torch.distributed`; this module takes a built, parametrized model and
+makes it parallel — ``model = parallelize(model, mesh, spec.train)`` — following DESIGN.md:
+
+* **Environment.** `DistEnv.from_env()` reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
+  LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a process started without torchrun is a world of one.
+  `init_distributed` creates the process group — gloo on CPU, nccl on CUDA (device = LOCAL_RANK) — and
+  the device mesh with dimensions ``("pp", "dp", "tp")`` of sizes
+  (pipeline_parallel, world / (pp·tp), tensor_parallel).
+* **Strategies.** ``ddp``: `DistributedDataParallel` with a communication hook that measures each rank's
+  local gradient norm before the all-reduce (for the straggler/spread metrics). ``fsdp``: FSDP2
+  (`fully_shard`) per transformer block and at the root, with a `MixedPrecisionPolicy` for bf16/fp16
+  (parameters gathered in low precision, gradients reduced in fp32). Tensor parallelism (DTensor) is
+  applied before FSDP on the ``tp`` mesh dimension (see `scalelab.train.parallel.tensor`).
+* **Accumulation.** `grad_sync(model, enabled)` is the context the trainer wraps every micro-batch but the
+  last in: `no_sync()` for DDP, `set_requires_gradient_sync(False)` for FSDP2.
+* **Param groups.** Wrapping may replace parameter objects (FSDP2 swaps in DTensor parameters), so
+  μP/SP optimizer groups are carried over by parameter *name*: `param_group_index` before wrapping,
+  `regroup` after.
+* **Cross-rank metrics.** `CrossRankMetrics`, the first callback on every rank, all-gathers each rank's
+  loss, local gradient norm and step time: the logged loss is the mean over ranks, the spread
+  (min/max/std) of gradient norms and step times shows stragglers, and throughput is the global
+  tokens over the slowest rank's step time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scalelab.errors import DistributedError
+from scalelab.spec import TrainSpec
+from scalelab.train.trainer import Callback, TrainState
+
+log = logging.getLogger(__name__)
+
+#: wrapper prefixes that `named_parameters` of a wrapped model may add in front of the raw names
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+#: process-group timeout (seconds); a rank stuck longer than this in a collective fails the run
+TIMEOUT_ENV = "SCALELAB_DIST_TIMEOUT_SECONDS"
+
+
+# ---------------------------------------------------------------------------------- environment
+def _env_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = environ.get(name)
+    if raw is None:
+        if default is None:
+            raise DistributedError(
+                f"environment variable {name} is not set; launch with torchrun "
+                "(`scalelab launch` or `python -m torch.distributed.run`) or unset RANK/WORLD_SIZE"
+            )
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as torchrun describes it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+    launched: bool = False  # True when started by torchrun (env:// rendezvous); False: a world of one
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        """Read torchrun's variables; without RANK and WORLD_SIZE this process is a world of one."""
+        env = os.environ if environ is None else environ
+        if "RANK" not in env and "WORLD_SIZE" not in env:
+            return cls()
+        world = _env_int(env, "WORLD_SIZE")
+        rank = _env_int(env, "RANK")
+        local_rank = _env_int(env, "LOCAL_RANK", rank)
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE", world)
+        if world < 1:
+            raise DistributedError(f"environment variable WORLD_SIZE={world} must be at least 1")
+        if not 0 <= rank < world:
+            raise DistributedError(f"environment variable RANK={rank} must be in [0, WORLD_SIZE={world})")
+        if not 0 <= local_rank < local_world:
+            raise DistributedError(
+                f"environment variable LOCAL_RANK={local_rank} must be in [0, LOCAL_WORLD_SIZE={local_world})"
+            )
+        addr = env.get("MASTER_ADDR")
+        if not addr:
+            raise DistributedError("environment variable MASTER_ADDR is not set (torchrun sets it)")
+        port = _env_int(env, "MASTER_PORT")
+        return cls(rank, world, local_rank, local_world, addr, port, launched=True)
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl for CUDA devices, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def device_for(env: DistEnv, device_pref: str) -> torch.device:
+    """The device of this rank: cuda:LOCAL_RANK when CUDA is used, else cpu."""
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistributedError("train.device: 'cuda' requested but no CUDA device is available")
+    if env.local_rank >= torch.cuda.device_count():
+        raise DistributedError(
+            f"environment variable LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} "
+            "CUDA devices are visible; use --nproc-per-node ≤ the number of GPUs"
+        )
+    return torch.device("cuda", env.local_rank)
+
+
+@dataclass
+class DistContext:
+    """A live process group, this rank's device and the device mesh (dims pp, dp, tp)."""
+
+    env: DistEnv
+    device: torch.device
+    backend: str
+    mesh: Any  # torch.distributed.device_mesh.DeviceMesh
+    owns_group: bool = True
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return int(self.mesh["dp"].size())
+
+    @property
+    def dp_rank(self) -> int:
+        return int(self.mesh["dp"].get_local_rank())
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """`obj` of rank `src`, on every rank (pickled)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def mesh_shape(world_size: int, train: TrainSpec) -> tuple[int, int, int]:
+    """(pp, dp, tp) sizes for this world; DistributedError when the degrees do not divide it."""
+    tp, pp = train.tensor_parallel, train.pipeline_parallel
+    if world_size % (tp * pp):
+        raise DistributedError(
+            f"WORLD_SIZE={world_size} is not divisible by train.tensor_parallel={tp} × "
+            f"train.pipeline_parallel={pp}; change the number of processes or the degrees"
+        )
+    return pp, world_size // (tp * pp), tp
+
+
+def init_distributed(train: TrainSpec, env: DistEnv | None = None) -> DistContext:
+    """Create the process group (gloo/nccl) and the (pp, dp, tp) device mesh for this rank.
+
+    Under torchrun the group rendezvous through env:// (MASTER_ADDR/MASTER_PORT); otherwise a
+    single-rank group on an in-process store. An existing default group is reused (not destroyed).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    env = env or DistEnv.from_env()
+    device = device_for(env, train.device)
+    backend = backend_for(device)
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise DistributedError("train.device: CUDA selected but this torch build has no NCCL backend")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+    owns = not dist.is_initialized()
+    if owns:
+        if env.launched:
+            dist.init_process_group(
+                backend,
+                init_method="env://",
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timeout,
+                device_id=device if device.type == "cuda" else None,
+            )
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif dist.get_world_size() != env.world_size:
+        raise DistributedError(
+            f"a process group of size {dist.get_world_size()} exists but WORLD_SIZE={env.world_size}"
+        )
+    shape = mesh_shape(env.world_size, train)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", "dp", "tp"))
+    log.info("rank %d/%d on %s (%s), mesh pp×dp×tp = %s", env.rank, env.world_size, device, backend, shape)
+    return DistContext(env, device, backend, mesh, owns_group=owns)
+
+
+# ----------------------------------------------------------------------------------- wrapping
+def _mixed_precision(precision: str) -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
+    """Make `model` (a built, parametrized GPT on its device) parallel as `train` says; returns the module
+    to call. ``none``: unchanged; ``ddp``: a DDP wrapper over the ``dp`` mesh dimension; ``fsdp``: tensor
+    parallelism on ``tp`` (if > 1), then FSDP2 per block and at the root over ``dp``. Pipeline stages are
+    split by `scalelab.train.parallel.pipeline` before this is called on each stage.
+    """
+    if train.strategy == "none":
+        return model
+    if train.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dp = mesh["dp"]
+        device = next(model.parameters()).device
+        ddp = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=dp.get_group(),
+        )
+        _GradNormHook.install(ddp, dp.get_group())
+        return ddp
+    if train.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        if train.tensor_parallel > 1:
+            from scalelab.train.parallel.tensor import apply_tensor_parallel
+
+            apply_tensor_parallel(model, mesh["tp"])
+        dp = mesh["dp"]
+        mp = _mixed_precision(train.precision)
+        reshard = train.fsdp_reshard_after_forward
+        blocks = getattr(model, "blocks", None)
+        for block in blocks if blocks is not None else ():
+            fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(model, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
+        return model
+    raise DistributedError(f"train.strategy: unknown strategy {train.strategy!r}")
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside, backward passes of `model` synchronize gradients across ranks only when `enabled`.
+
+    DDP: `no_sync()`; FSDP2: `set_requires_gradient_sync(False)` (restored on exit); other modules:
+    nothing to do. The trainer enters it with enabled=False for every micro-batch but a step's last.
+    """
+    if enabled:
+        yield
+        return
+    no_sync = getattr(model, "no_sync", None)
+    if no_sync is not None and not hasattr(model, "set_requires_gradient_sync"):
+        with no_sync():
+            yield
+        return
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is None:
+        yield
+        return
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """A parameter name as the unwrapped model spells it (DDP's `module.`, compile's `_orig_mod.` gone)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+            name = name.replace("." + prefix, ".")
+    return name
+
+
+def param_group_index(model: nn.Module, groups: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """{parameter name: index of its group} — take it *before* wrapping (tied weights: first name)."""
+    by_id = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    index: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in by_id:
+            raise DistributedError(f"parameter {name} is in no optimizer group")
+        index[strip_wrapper_prefixes(name)] = by_id[id(p)]
+    return index
+
+
+def regroup(
+    model: nn.Module, groups: Sequence[Mapping[str, Any]], index: Mapping[str, int]
+) -> list[dict[str, Any]]:
+    """The same groups (names, multipliers) holding the parameters of the wrapped `model`."""
+    out = [{**dict(g), "params": []} for g in groups]
+    for name, p in model.named_parameters():
+        key = strip_wrapper_prefixes(name)
+        if key not in index:
+            raise DistributedError(f"wrapped parameter {name} has no optimizer group (unwrapped: {key})")
+        out[index[key]]["params"].append(p)
+    return [g for g in out if g["params"]]
+
+
+# --------------------------------------------------------------------------- local grad norm
+@dataclass
+class _GradNormHook:
+    """DDP communication hook state: the squared norm of this rank's gradient before averaging."""
+
+    group: Any
+    world_size: int
+    sq_sum: float = 0.0
+    buckets: int = 0
+
+    @classmethod
+    def install(cls, ddp: nn.Module, group: Any) -> _GradNormHook:
+        state = cls(group, dist.get_world_size(group))
+        ddp.register_comm_hook(state, _allreduce_measuring_norm)  # type: ignore[operator]
+        ddp._scalelab_grad_norm = state  # type: ignore[attr-defined]
+        return state
+
+    def take(self) -> float | None:
+        """This rank's local gradient norm of the last synchronized backward (None if none ran)."""
+        if self.buckets == 0:
+            return None
+        value = math.sqrt(self.sq_sum)
+        self.sq_sum, self.buckets = 0.0, 0
+        return value
+
+
+def _allreduce_measuring_norm(state, bucket):  # noqa: ANN001, ANN201 — DDP rejects non-GradBucket annotations
+    """Record the bucket's local squared norm, then average it over ranks (as DDP's default hook does).
+
+    Returns a future of the averaged bucket (a torch.futures.Future[Tensor]).
+    """
+    buf = bucket.buffer()
+    state.sq_sum += float(buf.detach().float().pow(2).sum())
+    state.buckets += 1
+    buf.div_(state.world_size)
+    work = dist.all_reduce(buf, group=state.group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def local_grad_norm_source(model: nn.Module) -> _GradNormHook | None:
+    """The local-gradient-norm recorder `parallelize` installed on a DDP model (None for others)."""
+    return getattr(model, "_scalelab_grad_norm", None)
+
+
+# ---------------------------------------------------------------------------- cross-rank metrics
+def _spread(values: torch.Tensor) -> tuple[float, float, float]:
+    v = values.double()
+    return float(v.min()), float(v.max()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+
+
+class CrossRankMetrics(Callback):
+    """First callback on every rank: make the step's state global and add the cross-rank spread.
+
+    After it, `state.loss` is the mean of the ranks' losses (so every rank's DivergenceGuard decides the
+    same), `state.step_seconds` the slowest rank's time, `state.tokens_per_second` the global throughput,
+    and `state.extra["metrics"]` carries grad_norm_min/max/std (per-rank local gradient norms before
+    averaging; DDP only) and step_seconds_min/max/std for the metrics.jsonl line.
+    """
+
+    def __init__(self, group: Any = None, grad_norm_source: _GradNormHook | None = None) -> None:
+        self.group = group
+        self.grad_norm_source = grad_norm_source
+        self.world_size = 1
+
+    def on_fit_start(self, trainer: Any) -> None:
+        super().on_fit_start(trainer)
+        self.world_size = dist.get_world_size(self.group)
+
+    def on_step_end(self, state: TrainState) -> None:
+        local_norm = self.grad_norm_source.take() if self.grad_norm_source is not None else None
+        mine = torch.tensor(
+            [state.loss, math.nan if local_norm is None else local_norm, state.step_seconds],
+            dtype=torch.float64,
+        )
+        device = self.trainer.device if self.trainer is not None else torch.device("cpu")
+        if device.type == "cuda":
+            mine = mine.to(device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        table = torch.stack(gathered).cpu()
+        losses, norms, seconds = table[:, 0], table[:, 1], table[:, 2]
+        state.loss = float(losses.mean())
+        slowest = float(seconds.max())
+        state.train_seconds += slowest - state.step_seconds
+        state.step_seconds = slowest
+        if slowest > 0 and self.trainer is not None:
+            state.tokens_per_second = self.trainer.step_tokens / slowest
+        metrics: dict[str, Any] = {"world_size": self.world_size}
+        s_min, s_max, s_std = _spread(seconds)
+        metrics.update(step_seconds_min=s_min, step_seconds_max=s_max, step_seconds_std=s_std)
+        if bool(torch.isfinite(norms).all()):
+            g_min, g_max, g_std = _spread(norms)
+            metrics.update(grad_norm_min=g_min, grad_norm_max=g_max, grad_norm_std=g_std)
+        state.extra.setdefault("metrics", {}).update(metrics)
