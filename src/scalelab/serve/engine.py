@@ -22,7 +22,7 @@ from scalelab.models.gpt import GPT
 from scalelab.serve.cache import PrefixCache
 from scalelab.serve.kvcache import KVPool, extend
 from scalelab.serve.metrics import Metrics
-from scalelab.serve.sampling import SamplingParams, sample_token
+from scalelab.serve.sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.metrics = metrics
         self.active: list[Job] = []
-        self.lengths: dict[int, int] = {}  # slot → tokens held in the pool
 
     @property
     def free_slots(self) -> int:
@@ -95,7 +94,6 @@ class Engine:
         job.finished_at = time.monotonic()
         if job.slot is not None:
             self.pool.release(job.slot)
-            self.lengths.pop(job.slot, None)
             job.slot = None
         if job in self.active:
             self.active.remove(job)
@@ -114,10 +112,14 @@ class Engine:
             self.finish(job, "cancelled")
         return len(gone)
 
-    def _accept(self, job: Job, logits_row: torch.Tensor) -> None:
-        """Sample the next token of `job` from its logits; finish it when a stop condition holds."""
-        assert job.generator is not None
-        token = sample_token(logits_row, job.params, job.generator)
+    def _accept_all(self, jobs: Sequence[Job], logits: torch.Tensor) -> None:
+        """Sample the next token of each job from its row of (B, V) logits."""
+        tokens = sample_tokens(logits, [j.params for j in jobs], [j.generator for j in jobs])  # type: ignore[misc]
+        for job, token in zip(jobs, tokens, strict=True):
+            self._accept(job, token)
+
+    def _accept(self, job: Job, token: int) -> None:
+        """Append `token` to `job`; finish it when a stop condition holds."""
         now = time.monotonic()
         if job.first_token_at is None:
             job.first_token_at = now
@@ -170,9 +172,8 @@ class Engine:
             self.metrics.observe("scalelab_serve_prefill_batch_size", len(jobs))
         last = (lens_t - 1).clamp(min=0)
         rows = logits[torch.arange(len(jobs), device=self.device), last].float().cpu()
-        for row, job in enumerate(jobs):
+        for job in jobs:
             assert job.slot is not None
-            self.lengths[job.slot] = len(job.ids)
             self.active.append(job)
             if self.prefix_cache is not None:
                 n = self.prefix_cache.wants(job.ids)
@@ -181,7 +182,7 @@ class Engine:
                     self.prefix_cache.store(job.ids[:n], k, v)
             if self.metrics is not None:
                 self.metrics.observe("scalelab_serve_queue_wait_seconds", job.admitted_at - job.submitted_at)
-            self._accept(job, rows[row])
+        self._accept_all(jobs, rows)
 
     @torch.no_grad()
     def decode(self) -> int:
@@ -197,8 +198,7 @@ class Engine:
         logits = extend(self.model, self.pool, slots, tokens, starts, ones)[:, 0].float().cpu()
         if self.metrics is not None:
             self.metrics.observe("scalelab_serve_decode_batch_size", len(jobs))
-        for row, job in enumerate(jobs):
-            self._accept(job, logits[row])
+        self._accept_all(jobs, logits)
         return len(jobs)
 
     @torch.no_grad()
