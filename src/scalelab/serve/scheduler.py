@@ -51,6 +51,11 @@ class Scheduler:
         return len(self._pending)
 
     @property
+    def running(self) -> bool:
+        """True while the engine thread serves (False before start, after stop, or after it died)."""
+        return self._running and self.error is None
+
+    @property
     def active(self) -> int:
         return len(self.engine.active)
 

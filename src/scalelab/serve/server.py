@@ -190,7 +190,7 @@ class InferenceServer:
 
     @property
     def healthy(self) -> bool:
-        return self.scheduler.error is None and self.scheduler._running
+        return self.scheduler.running
 
     def health(self) -> dict[str, Any]:
         return {
