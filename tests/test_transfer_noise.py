@@ -72,7 +72,7 @@ def test_accumulator_state_round_trip():
     )
 
 
-@pytest.mark.parametrize("noise_std", [0.5, 2.0])
+@pytest.mark.parametrize("noise_std", [0.5, 2.0, 8.0])
 def test_callback_recovers_known_noise_scale_during_training(noise_std):
     dim, t, k = 16, 8, 512
     model = QuadraticModel(dim, offset=0.5, noise_std=noise_std)

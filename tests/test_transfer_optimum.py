@@ -193,3 +193,16 @@ def test_coord_summary_slopes():
     layers = {c.layer: c for c in summarize_coord_check(rows)}
     assert layers["logits"].slope == pytest.approx(1.0) and not layers["logits"].stable
     assert layers["block.0"].stable
+
+
+def test_seed_variances_are_reported_per_lr():
+    lrs = [2.0**k for k in range(-8, -3)]
+    rows = [
+        SweepRow("mup", 32, 2, lr, seed, 2.0 + 0.1 * (math.log2(lr) + 6) ** 2 + 0.01 * seed)
+        for lr in lrs
+        for seed in (0, 1, 2)
+    ]
+    shape = analyze_rows(rows, n_bootstrap=50).shapes[0]
+    assert shape.loss_variances == pytest.approx([0.0001] * len(lrs))
+    assert shape.fit.seed_std == pytest.approx(0.01)
+    assert shape.to_dict()["loss_variances"][0] == pytest.approx(0.0001)

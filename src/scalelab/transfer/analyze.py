@@ -107,6 +107,8 @@ class ShapeResult:
     seeds: list[int]
     fit: OptimumFit | None
     error: str | None = None
+    #: seed-to-seed variance of the final loss at each LR (None: < 2 finished seeds) — the fit's weights
+    loss_variances: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +120,7 @@ class ShapeResult:
             "lrs": self.lrs,
             "mean_losses": self.mean_losses,
             "seeds": self.seeds,
+            "loss_variances": self.loss_variances,
             "fit": self.fit.to_dict() if self.fit else None,
             "error": self.error,
         }
@@ -195,16 +198,22 @@ def _shape_result(key: tuple[str, int, int, float, int], rows: Sequence[SweepRow
     cell = {(r.lr, r.seed): r.loss for r in rows}
     table = [[cell.get((lr, s)) for s in seeds] for lr in lrs]
     means: list[float | None] = []
+    variances: list[float | None] = []
     for row in table:
         vals = [v for v in row if v is not None]
         means.append(sum(vals) / len(vals) if len(vals) == len(row) else None)
+        if len(vals) >= 2:
+            m = sum(vals) / len(vals)
+            variances.append(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+        else:
+            variances.append(None)
     fit, err = None, None
     try:
         fit = fit_optimum(lrs, table, **kw)
     except FitError as e:
         err = str(e)
     p, w, d, s, b = key
-    return ShapeResult(p, w, d, s, b, lrs, means, seeds, fit, err)
+    return ShapeResult(p, w, d, s, b, lrs, means, seeds, fit, err, variances)
 
 
 def analyze_rows(
