@@ -96,3 +96,21 @@ def test_student_config_errors_name_the_field(teacher: Path, tmp_path: Path) -> 
     cfg.write_text(STUDENT.format(tokens=4096).replace("context_tokens = 64", "context_tokens = 128"))
     with pytest.raises(SpecError, match="context_tokens"):
         distill(teacher, cfg, tmp_path / "o")
+
+
+def test_distill_command(teacher: Path, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from scalelab.serve.commands import register
+
+    app = typer.Typer()
+    register(app)
+    cfg = tmp_path / "student.toml"
+    cfg.write_text(STUDENT.format(tokens=8 * 64 * 4))
+    args = ["distill", "--teacher", str(teacher), "--student", str(cfg), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--set", "train.lr=3e-3", "--json"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.output)
+    assert rep["tokens"] == 8 * 64 * 4 and rep["scratch_eval_loss"] is not None
+    assert read_run_spec(tmp_path / "o" / "student").train.lr == 3e-3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -140,7 +140,8 @@ def distill(
     trained from scratch on the same tokens (held-out loss of both)."""
     from scalelab.serve.distill import distill as run_distill
 
-    rep = run_distill(teacher, student, out, tuple(set_ or ()))
+    with _TrainProgress() as progress:
+        rep = run_distill(teacher, student, out, tuple(set_ or ()), callbacks=progress.callbacks)
     if as_json:
         print(json.dumps(rep, indent=2))
         return
@@ -158,6 +159,45 @@ def distill(
         console.print(
             f"distilled − scratch: {rep['student_minus_scratch']:+.4f} nats  (report: {out / 'distill_report.json'})"
         )
+
+
+class _TrainProgress:
+    """A rich progress bar per training phase on a terminal; nothing when not a TTY."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.enabled = console.is_terminal
+
+    def __enter__(self) -> _TrainProgress:
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def callbacks(self, phase: str) -> list[Any]:
+        if not self.enabled:
+            return []
+        from scalelab.train.trainer import Callback, TrainState
+
+        progress = self.progress
+        task = progress.add_task(f"{phase} steps", total=None)
+
+        class _Bar(Callback):
+            def on_step_end(self, state: TrainState) -> None:
+                progress.update(task, completed=state.step, total=state.total_steps)
+
+        return [_Bar()]
 
 
 def register(app: typer.Typer) -> None:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from scalelab.spec import RunSpec, apply_overrides, config_hash, read_toml, run_
 from scalelab.train.checkpoint import save_checkpoint
 from scalelab.train.observe import MetricsLogger
 from scalelab.train.run import default_loader_factory, resolve_device, run_training, seed_everything
-from scalelab.train.trainer import DivergenceGuard, Trainer
+from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,13 @@ def _check_compatible(teacher: LoadedRun, student: RunSpec, vocab: int) -> None:
 
 
 def train_student(
-    teacher: LoadedRun, student: RunSpec, dspec: DistillSpec, out_dir: Path, *, store: Any = None
+    teacher: LoadedRun,
+    student: RunSpec,
+    dspec: DistillSpec,
+    out_dir: Path,
+    *,
+    store: Any = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Distil `teacher` into a fresh `student` in `out_dir` (a run directory); returns its record."""
     out = Path(out_dir)
@@ -165,8 +173,6 @@ def train_student(
     )
     (out / "record.json").unlink(missing_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    import shutil
-
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
 
     old_threads = torch.get_num_threads()
@@ -217,7 +223,7 @@ def train_student(
             context_tokens=t,
             device=device,
             eval_batches=eval_set,
-            callbacks=[DivergenceGuard(student.train.divergence_factor), metrics],
+            callbacks=[DivergenceGuard(student.train.divergence_factor), metrics, *callbacks],
             checkpoint_fn=save,
             raw_model=model,
         )
@@ -256,11 +262,14 @@ def distill(
     student_config: str | Path,
     out_dir: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    callbacks: Callable[[str], Sequence[Callback]] | None = None,
 ) -> dict[str, Any]:
     """Distil the run in `teacher_dir` into the student of `student_config`; compare with scratch.
 
     Returns (and writes to out_dir/distill_report.json) the held-out losses of teacher, distilled
     student and scratch student on the student's held-out set, and student − scratch.
+    `callbacks(phase)` (phase "student" or "scratch") gives extra trainer callbacks, e.g. a progress bar.
     """
     out = Path(out_dir)
     teacher = load_run(teacher_dir)
@@ -268,7 +277,8 @@ def distill(
     from scalelab.data.store import ensure_store
 
     store = ensure_store(student.data)
-    rec = train_student(teacher, student, dspec, out / "student", store=store)
+    extra = callbacks or (lambda phase: ())
+    rec = train_student(teacher, student, dspec, out / "student", store=store, callbacks=extra("student"))
     report: dict[str, Any] = {
         "teacher_run_id": teacher.spec.run_id,
         "student_run_id": student.run_id,
@@ -281,7 +291,7 @@ def distill(
         "distill": dspec.model_dump(),
     }
     if dspec.compare_scratch:
-        scratch = run_training(student, out / "scratch", resume=True, store=store)
+        scratch = run_training(student, out / "scratch", resume=True, store=store, callbacks=extra("scratch"))
         report["scratch_eval_loss"] = scratch["eval_loss"]
         report["scratch_status"] = scratch["status"]
         if rec["eval_loss"] is not None and scratch["eval_loss"] is not None:
