@@ -183,6 +183,29 @@ def mesh_shape(world_size: int, train: TrainSpec) -> tuple[int, int, int]:
     return pp, world_size // (tp * pp), tp
 
 
+def _rendezvous_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store the group rendezvous through: MASTER_ADDR:MASTER_PORT, with a key prefix
+    per torchrun restart attempt.
+
+    torchrun's agent keeps one TCPStore for all restart attempts (TORCHELASTIC_USE_AGENT_STORE=True);
+    without a per-attempt prefix, a restarted group would read the addresses of the killed attempt's
+    ranks and fail with "Gloo connectFullMesh failed … Connection refused". Without the agent's store,
+    rank 0 hosts it (like env://).
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        str(env.master_addr),
+        int(env.master_port or 0),
+        env.world_size,
+        is_master=not agent and env.rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return dist.PrefixStore(f"scalelab/{run_id}/attempt-{attempt}", store)
+
+
 def init_distributed(train: TrainSpec, env: DistEnv | None = None) -> DistContext:
     """Create the process group (gloo/nccl) and the (pp, dp, tp) device mesh for this rank.
 
@@ -204,7 +227,7 @@ def init_distributed(train: TrainSpec, env: DistEnv | None = None) -> DistContex
         if env.launched:
             dist.init_process_group(
                 backend,
-                init_method="env://",
+                store=_rendezvous_store(env, timeout),
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=timeout,

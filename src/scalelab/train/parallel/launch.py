@@ -1,0 +1,78 @@
+"""`scalelab launch`: build and run the torchrun (`python -m torch.distributed.run`) command of a run.
+
+torchrun starts K copies of `scalelab train CONFIG --out DIR` with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*
+set; `run_training` sees a ddp/fsdp strategy and trains as one rank of the group. Rendezvous is c10d on
+127.0.0.1 (or `rdzv_endpoint`) so that `--nnodes MIN:MAX` elastic jobs and `--max-restarts N` work: after
+a worker dies, torchrun restarts the whole group, and `scalelab train` resumes from the newest committed
+checkpoint (`--resume` is the default).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from scalelab.errors import DistributedError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for the rendezvous store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun_command(
+    config: Path | str,
+    out: Path | str,
+    *,
+    nproc: int,
+    overrides: Sequence[str] = (),
+    max_restarts: int = 0,
+    nnodes: str = "1",
+    rdzv_endpoint: str | None = None,
+    resume: bool = True,
+    python: str | None = None,
+) -> list[str]:
+    """The argv that runs `scalelab train CONFIG --out OUT` on `nproc` ranks per node under torchrun."""
+    if nproc < 1:
+        raise DistributedError(f"--nproc must be at least 1, got {nproc}")
+    if max_restarts < 0:
+        raise DistributedError(f"--max-restarts must be non-negative, got {max_restarts}")
+    parts = nnodes.split(":")
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise DistributedError(f"--nnodes must be N or MIN:MAX with positive integers, got {nnodes!r}")
+    endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
+    argv = [
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--nnodes",
+        nnodes,
+        "--max-restarts",
+        str(max_restarts),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        endpoint,
+        "-m",
+        "scalelab",
+        "train",
+        str(config),
+        "--out",
+        str(out),
+        "--resume" if resume else "--no-resume",
+    ]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def launch(argv: Sequence[str]) -> int:
+    """Run the torchrun command in the foreground; its exit code (0: every rank finished the run)."""
+    return subprocess.run(list(argv), check=False).returncode
