@@ -104,7 +104,10 @@ class PrefixCache:
         return ((n - 1) // self.block_tokens) * self.block_tokens
 
     def lookup(self, ids: Sequence[int]) -> PrefixEntry | None:
-        """The longest cached block-aligned proper prefix of `ids` (counts one hit or one miss)."""
+        """The longest cached block-aligned proper prefix of `ids` (counts one hit or one miss; prompts
+        shorter than a block + 1 cannot hit and count as neither)."""
+        if self._boundary(len(ids)) <= 0:
+            return None
         for length in range(self._boundary(len(ids)), 0, -self.block_tokens):
             entry = self.lru.peek(token_key(ids[:length]))
             if entry is not None:
