@@ -23,7 +23,12 @@ def fake_study(root: Path, with_fit: bool = True) -> Path:
     (study / "report").mkdir(parents=True)
     (study / "study.json").write_text(
         json.dumps(
-            {"name": "fake", "description": "synthetic", "fit": {"loss": "eval"}, "hypotheses": ["alpha > 0.2", "α is large"]}
+            {
+                "name": "fake",
+                "description": "synthetic",
+                "fit": {"loss": "eval"},
+                "hypotheses": ["alpha > 0.2", "α is large"],
+            }
         )
     )
     with Registry(study / "registry.sqlite") as reg:
@@ -57,3 +62,31 @@ def fake_study(root: Path, with_fit: bool = True) -> Path:
         rep = fit_table(table, "chinchilla", bootstrap=40, holdout="largest:2", seed=0, target_compute=1e14)
         rep.save(study / "report" / "fit.json")
     return study
+
+
+def fake_lr_sweep(root: Path) -> Path:
+    """An LR sweep whose losses follow c + a·(ln lr − ln lr*)²: lr* fixed under μP, ∝ 1/width under SP."""
+    from scalelab.spec import RunSpec, set_path
+
+    sweep = root / "sweep"
+    sweep.mkdir(parents=True)
+    (sweep / "study.json").write_text(json.dumps({"name": "sweep", "design": {"axes": {"train.lr": []}}}))
+    rng = np.random.default_rng(0)
+    with Registry(sweep / "registry.sqlite") as reg:
+        for p in ("sp", "mup"):
+            for width in (64, 128, 256):
+                lr_star = 1e-2 if p == "mup" else 1e-2 * 64 / width
+                for lr in np.geomspace(1e-3, 1e-1, 7):
+                    for seed in (0, 1):
+                        spec = RunSpec()
+                        for path, value in (
+                            ("model.parametrization", p),
+                            ("model.width", width),
+                            ("train.lr", float(lr)),
+                            ("train.seed", seed),
+                        ):
+                            spec = set_path(spec, path, value)
+                        loss = 2.0 + 0.05 * np.log(lr / lr_star) ** 2 + 0.002 * rng.standard_normal()
+                        reg.add_planned(spec.run_id, spec.canonical_json(), "h")
+                        reg.record_result(spec.run_id, {"status": "done", "eval_loss": float(loss)})
+    return sweep

@@ -158,3 +158,18 @@ def test_notebook_rebuilds_every_figure(tmp_path: Path) -> None:
         exec(cell, ns)  # noqa: S102
     assert len(shown) == 4  # every figure but the IsoFLOP one (this study has no IsoFLOP design)
     assert all(png.startswith(b"\x89PNG") for png in shown)
+
+
+def test_transfer_section_from_an_lr_sweep(tmp_path: Path) -> None:
+    from report_fixtures import fake_lr_sweep
+
+    study = fake_study(tmp_path / "a")
+    sweep = fake_lr_sweep(tmp_path / "b")
+    page = build_report(study, transfer_dir=sweep).read_text()
+    summary = json.loads((study / "report" / "summary.json").read_text())
+    transfer = summary["transfer"]
+    assert transfer["recommended_lr"] == pytest.approx(1e-2, rel=0.3)
+    assert "under mup the optimum stays put" in transfer["sentence"]
+    assert 'id="transfer"' in page and "does not transfer" in page
+    assert "learning rate (from the transfer sweep)" in page
+    assert (study / "report" / "transfer.png").exists()

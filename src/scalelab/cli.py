@@ -413,11 +413,17 @@ def report(
     notebook: Annotated[
         bool, typer.Option("--notebook", help="Also write report/report.ipynb, which rebuilds every figure.")
     ] = False,
+    transfer: Annotated[
+        Path | None,
+        typer.Option(
+            "--transfer", help="An LR-sweep study directory whose transfer analysis the report includes."
+        ),
+    ] = None,
 ) -> None:
     """Write DIR/report/index.html: summary, loss curves, the fit and its intervals (self-contained)."""
     from scalelab.report.html import build_report
 
-    path = build_report(study_dir)
+    path = build_report(study_dir, transfer)
     console.print(f"report: {path}")
     if notebook:
         from scalelab.report.notebook import write_notebook

@@ -159,6 +159,17 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
     sections.append(
         ("residuals", "Residual diagnostics", _figure(residuals_png, "residuals", caption, out_dir))
     )
+    if s.transfer is not None:
+        t = s.transfer
+        body = (
+            f"<p>LR sweep: <code>{_e(t.source)}</code>. {_e(t.sentence)}</p>"
+            + _kv_table(t.slope_rows)
+            + _kv_table(t.optimum_rows)
+        )
+        caption = "Loss against learning rate per size (optimum marked), and the optimum LR against width."
+        sections.append(
+            ("transfer", "Hyperparameter transfer", body + _figure(t.png, "transfer", caption, out_dir))
+        )
     if s.predicted_vs_actual:
         sections.append(("predicted-vs-actual", "Predicted versus actual", _pva_table(s.predicted_vs_actual)))
     if s.backtest_rows:
@@ -194,8 +205,11 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
     )
 
 
-def build_report(study_dir: str | Path) -> Path:
-    """Write `report/index.html` and `report/summary.md` for the study in `study_dir`; return the HTML path."""
+def build_report(study_dir: str | Path, transfer_dir: str | Path | None = None) -> Path:
+    """Write `report/index.html` and `report/summary.md` for the study in `study_dir`; return the HTML path.
+
+    `transfer_dir`: an LR-sweep study whose transfer analysis the report includes (default: the study
+    itself when its design sweeps `train.lr`)."""
     study_dir = Path(study_dir)
     if not (study_dir / "registry.sqlite").exists():
         raise ScalelabError(
@@ -203,7 +217,7 @@ def build_report(study_dir: str | Path) -> Path:
         )
     out_dir = study_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(study_dir)
+    summary = summarize(study_dir, transfer_dir)
     page = render_html(summary, out_dir)
     atomic_write_text(out_dir / "index.html", page)
     atomic_write_text(out_dir / "summary.md", summary.markdown())

@@ -47,6 +47,7 @@ class StudySummary:
     predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     optimal: Callable[[float], dict[str, Any]] | None = None
     isoflop_minima: list[tuple[float, float, float]] = field(default_factory=list)
+    transfer: Any = None  # report.transfer.TransferView
 
     @property
     def done_runs(self) -> list[dict[str, Any]]:
@@ -74,6 +75,14 @@ class StudySummary:
             "backtest": dict(self.backtest_rows),
             "predicted_vs_actual": self.predicted_vs_actual,
             "hypotheses": dict(self.hypothesis_outcomes),
+            "transfer": None
+            if self.transfer is None
+            else {
+                "source": self.transfer.source,
+                "recommended_lr": self.transfer.recommended_lr,
+                "sentence": self.transfer.sentence,
+                "slopes": dict(self.transfer.slope_rows),
+            },
             "runs": {
                 s: sum(1 for r in self.runs if r["status"] == s) for s in {r["status"] for r in self.runs}
             },
@@ -145,8 +154,9 @@ def _provenance_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     ]
 
 
-def summarize(study_dir: str | Path) -> StudySummary:
-    """Collect the report's content for a study directory."""
+def summarize(study_dir: str | Path, transfer_dir: str | Path | None = None) -> StudySummary:
+    """Collect the report's content for a study directory (and an LR-sweep study for the transfer section:
+    `transfer_dir`, or the study itself when it sweeps the learning rate)."""
     study_dir = Path(study_dir)
     meta = _study_meta(study_dir)
     with Registry(study_dir / "registry.sqlite", create=False) as reg:
@@ -184,7 +194,27 @@ def summarize(study_dir: str | Path) -> StudySummary:
     target = meta.get("target") or {}
     s.target_flops = target.get("compute_flops")
     s.isoflop_minima = _isoflop_minima(study_dir, s)
+    from scalelab.report.transfer import is_lr_sweep, transfer_view
+
+    sweep = Path(transfer_dir) if transfer_dir else (study_dir if is_lr_sweep(study_dir) else None)
+    if sweep is not None:
+        s.transfer = transfer_view(sweep, study_dir / "report")
+        if s.transfer is not None:
+            s.warnings += [f"transfer: {w}" for w in s.transfer.warnings]
     s.headline = _headline(s, target) + _pva_sentence(s)
+    if s.transfer is not None and s.transfer.sentence:
+        s.headline += " " + s.transfer.sentence
+    if s.transfer is not None and s.transfer.recommended_lr is not None:
+        s.recommendation_rows.append(
+            ("learning rate (from the transfer sweep)", f"{s.transfer.recommended_lr:.3g}")
+        )
+    s.recommendation_rows.append(
+        (
+            "batch size",
+            "no gradient-noise measurement in this study: keep the swept "
+            "global batch, or run `scalelab transfer noise-scale`",
+        )
+    )
     return s
 
 
