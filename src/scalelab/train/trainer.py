@@ -157,18 +157,21 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     grads = [p.grad for p in params if p.grad is not None]
     if not any(_is_dtensor(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    by_layout: dict[Any, list[torch.Tensor]] = {}
-    for g in grads:
-        key = (g.device_mesh, tuple(g.placements)) if _is_dtensor(g) else None
-        by_layout.setdefault(key, []).append(g)
+    by_layout: dict[Any, list[torch.Tensor]] = {}  # foreach ops need one mesh and placement per call
+    for p in params:
+        if p.grad is not None:
+            g = p.grad
+            key = (g.device_mesh, tuple(g.placements)) if _is_dtensor(g) else None
+            by_layout.setdefault(key, []).append(p)
     total_sq = None
-    for layout_grads in by_layout.values():
-        norm = torch.nn.utils.get_total_norm(layout_grads, 2.0)
+    for layout_params in by_layout.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in layout_params], 2.0)
         if _is_dtensor(norm):
             norm = norm.full_tensor()
         total_sq = norm.float() ** 2 if total_sq is None else total_sq + norm.float() ** 2
     total = torch.sqrt(total_sq) if total_sq is not None else torch.zeros(())
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    for layout_params in by_layout.values():
+        torch.nn.utils.clip_grads_with_norm_(layout_params, max_norm, total)
     return total
 
 
