@@ -1,6 +1,6 @@
 """End to end on a reduced sweep: the LR optimum stays put under μP and moves under SP; checks pass/fail.
 
-The reduced sweep (default suite, ~1 min on one core): byte-free synthetic Markov text (vocab 64), GPT depth
+The reduced sweep (default suite, ~50 s CPU on one core): synthetic Markov text (vocab 64), GPT depth
 2, context 16, batch 16, 60 AdamW steps, widths 32/64/128 (μP base width 32), LRs 2^-10 … 2^-3, one seed,
 no weight decay. Measured on the development machine: μP slope +0.17, SP slope −1.01 (ln LR* vs ln width).
 The assertion tolerance is `DEFAULT_SLOPE_TOLERANCE` = 0.3 for μP; SP must be below −0.5 with its whole
@@ -173,6 +173,28 @@ threads = 1
     assert d["passed"] is False and d["best_multiplier"] == 0.01
     assert len(list((tmp_path / "chk" / "runs").iterdir())) == 2
     assert math.isfinite(d["points"][0]["mean"])
+
+
+def test_depth_mup_optimum_is_flat_across_depth(store):
+    """Depth 1/2/4 at the base width (μP = SP there): depth-μP keeps the optimum, SP's falls with depth.
+
+    Measured (depths 1…8, development machine): depth-μP slope −0.06, SP −0.59 (ln LR* vs ln depth).
+    """
+    base = {**BASE, "model": {**BASE["model"], "base_depth": 1}}
+    study = lr_sweep_study(
+        "depth-test",
+        base,
+        lrs=[2.0**k for k in range(-9, -2)],
+        depths=[1, 2, 4],
+        parametrizations=["sp", "depth_mup"],
+    )
+    a = analyze_rows(
+        rows_from_results(run_sweep_in_process(study, store=store, loader_factory=synthetic_factory))
+    )
+    dmup, sp = a.slope("depth_mup", "depth"), a.slope("sp", "depth")
+    print(f"\ndepth-μP depth slope {dmup.slope.slope:+.3f}; SP {sp.slope.slope:+.3f}")
+    assert abs(dmup.slope.slope) <= DEFAULT_SLOPE_TOLERANCE and dmup.verdict == "transfers"
+    assert sp.slope.slope < -DEFAULT_SLOPE_TOLERANCE and sp.verdict == "does not transfer"
 
 
 @pytest.mark.slow
