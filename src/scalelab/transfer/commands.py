@@ -46,6 +46,12 @@ def _floats(text: str, what: str) -> list[float]:
     return vals
 
 
+def _console() -> Console:
+    """A console at least 120 columns wide when not a terminal (tables stay readable in logs and files)."""
+    c = Console()
+    return c if c.is_terminal else Console(width=max(120, c.width))
+
+
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -53,25 +59,25 @@ def _print_json(obj: Any) -> None:
 # ------------------------------------------------------------------------------------- analyze
 def render_analysis(d: dict[str, Any], console: Console) -> None:
     """Tables for `TransferAnalysis.to_dict()`: per-shape optima, then slopes with verdicts, then warnings."""
-    t = Table(title="LR optimum per shape (quadratic in ln LR; bootstrap interval)")
-    for col in ("param.", "width", "depth", "seeds", "best grid LR", "fitted LR*", "interval", "loss*",
-                "Δloss ×2", "Δloss ×½", "seed std"):  # fmt: skip
+    t = Table(title="LR optimum per shape: quadratic in ln LR, 90 % bootstrap interval; Δloss measured")
+    for col in ("param.", "width", "depth", "seeds", "grid best", "LR* [interval]", "loss*", "Δ×2", "Δ×½",
+                "seed std"):  # fmt: skip
         t.add_column(col, justify="left" if col == "param." else "right")
     for s in d["shapes"]:
         f = s["fit"] or {}
         iv = f.get("lr_opt_interval") or [None, None]
+        edge = "" if f.get("bracketed", True) else " edge"
         t.add_row(
             s["parametrization"],
             str(s["width"]),
             str(s["depth"]),
             str(len(s["seeds"])),
-            _fmt(f.get("best_grid_lr")),
-            _fmt(f.get("lr_opt")) + ("" if f.get("bracketed", True) else " (edge)"),
-            f"[{_fmt(iv[0])}, {_fmt(iv[1])}]",
+            _fmt(f.get("best_grid_lr"), ".3g"),
+            f"{_fmt(f.get('lr_opt'), '.3g')}{edge} [{_fmt(iv[0], '.3g')}, {_fmt(iv[1], '.3g')}]",
             _fmt(f.get("loss_at_opt")),
-            _fmt(f.get("measured_x2"), ".3f") + f" (fit {_fmt(f.get('sensitivity_x2'), '.3f')})",
+            _fmt(f.get("measured_x2"), ".3f"),
             _fmt(f.get("measured_half"), ".3f"),
-            _fmt(f.get("seed_std"), ".3g"),
+            _fmt(f.get("seed_std"), ".2g"),
         )
     console.print(t)
     v = Table(
@@ -80,7 +86,7 @@ def render_analysis(d: dict[str, Any], console: Console) -> None:
     for col in ("param.", "axis", "held fixed", "slope", "90 % interval", "verdict"):
         v.add_column(col, justify="left" if col in ("param.", "axis", "held fixed", "verdict") else "right")
     for s in d["slopes"]:
-        fixed = ", ".join(f"{k}={val}" for k, val in s["fixed"].items())
+        fixed = ", ".join(f"{k}={val}" for k, val in s["fixed"].items() if k in ("width", "depth"))
         lo, hi = s["slope_interval"]
         style = {"transfers": "green", "does not transfer": "red"}.get(s["verdict"], "yellow")
         v.add_row(
@@ -130,7 +136,7 @@ def analyze(
     if json_:
         _print_json(d)
         return
-    console = Console()
+    console = _console()
     render_analysis(d, console)
     for p, lr in (d.get("recommended_lr") or {}).items():
         console.print(f"{p}: LR predicted at width {target_width}: {_fmt(lr)}")
@@ -212,7 +218,7 @@ def check(
     if json_:
         _print_json(d)
     else:
-        render_check(d, Console())
+        render_check(d, _console())
     raise typer.Exit(0 if result.passed else 1)
 
 
@@ -288,7 +294,7 @@ def noise_scale(
     if json_:
         _print_json(d)
         return
-    console = Console()
+    console = _console()
     if "estimate" in d:
         e = d["estimate"]
         console.print(
@@ -348,4 +354,4 @@ def coord_check_cmd(
         t.add_row(
             c.layer, *[_fmt(by_w.get(w), ".3g") for w in ws], f"{c.slope:+.2f}", "yes" if c.stable else "NO"
         )
-    Console().print(t)
+    _console().print(t)
