@@ -173,3 +173,17 @@ def test_transfer_section_from_an_lr_sweep(tmp_path: Path) -> None:
     assert 'id="transfer"' in page and "does not transfer" in page
     assert "learning rate (from the transfer sweep)" in page
     assert (study / "report" / "transfer.png").exists()
+
+
+def test_batch_size_from_a_measured_noise_scale(tmp_path: Path) -> None:
+    from scalelab.errors import ScalelabError
+
+    study = fake_study(tmp_path)
+    noise = tmp_path / "noise.json"
+    noise.write_text(json.dumps({"b_noise_tokens": 65536.0}))
+    page = build_report(study, noise_scale=noise).read_text()
+    assert "critical batch ≈ B_noise = 6.554e+04 tokens" in page and "learning rate at that batch" in page
+    noise.write_text("{}")
+    with pytest.raises(ScalelabError, match="not the JSON of `scalelab transfer noise-scale --json`"):
+        build_report(study, noise_scale=noise)
+    assert "no gradient-noise measurement given" in build_report(study).read_text()

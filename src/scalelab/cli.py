@@ -419,11 +419,17 @@ def report(
             "--transfer", help="An LR-sweep study directory whose transfer analysis the report includes."
         ),
     ] = None,
+    noise_scale: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON of `scalelab transfer noise-scale --json`: batch size for the recommended run."
+        ),
+    ] = None,
 ) -> None:
     """Write DIR/report/index.html: summary, loss curves, the fit and its intervals (self-contained)."""
     from scalelab.report.html import build_report
 
-    path = build_report(study_dir, transfer)
+    path = build_report(study_dir, transfer, noise_scale)
     console.print(f"report: {path}")
     if notebook:
         from scalelab.report.notebook import write_notebook

@@ -205,11 +205,14 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
     )
 
 
-def build_report(study_dir: str | Path, transfer_dir: str | Path | None = None) -> Path:
+def build_report(
+    study_dir: str | Path, transfer_dir: str | Path | None = None, noise_scale: str | Path | None = None
+) -> Path:
     """Write `report/index.html` and `report/summary.md` for the study in `study_dir`; return the HTML path.
 
     `transfer_dir`: an LR-sweep study whose transfer analysis the report includes (default: the study
-    itself when its design sweeps `train.lr`)."""
+    itself when its design sweeps `train.lr`); `noise_scale`: `scalelab transfer noise-scale --json` output,
+    for the batch-size recommendation."""
     study_dir = Path(study_dir)
     if not (study_dir / "registry.sqlite").exists():
         raise ScalelabError(
@@ -217,7 +220,7 @@ def build_report(study_dir: str | Path, transfer_dir: str | Path | None = None) 
         )
     out_dir = study_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(study_dir, transfer_dir)
+    summary = summarize(study_dir, transfer_dir, noise_scale)
     page = render_html(summary, out_dir)
     atomic_write_text(out_dir / "index.html", page)
     atomic_write_text(out_dir / "summary.md", summary.markdown())

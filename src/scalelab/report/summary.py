@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from scalelab import __version__
+from scalelab.errors import ScalelabError
 from scalelab.study.provenance import utc_now
 from scalelab.study.registry import Registry
 
@@ -154,9 +155,12 @@ def _provenance_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     ]
 
 
-def summarize(study_dir: str | Path, transfer_dir: str | Path | None = None) -> StudySummary:
+def summarize(
+    study_dir: str | Path, transfer_dir: str | Path | None = None, noise_scale: str | Path | None = None
+) -> StudySummary:
     """Collect the report's content for a study directory (and an LR-sweep study for the transfer section:
-    `transfer_dir`, or the study itself when it sweeps the learning rate)."""
+    `transfer_dir`, or the study itself when it sweeps the learning rate; `noise_scale`: the JSON of
+    `scalelab transfer noise-scale --json`, for the batch-size recommendation)."""
     study_dir = Path(study_dir)
     meta = _study_meta(study_dir)
     with Registry(study_dir / "registry.sqlite", create=False) as reg:
@@ -208,13 +212,7 @@ def summarize(study_dir: str | Path, transfer_dir: str | Path | None = None) -> 
         s.recommendation_rows.append(
             ("learning rate (from the transfer sweep)", f"{s.transfer.recommended_lr:.3g}")
         )
-    s.recommendation_rows.append(
-        (
-            "batch size",
-            "no gradient-noise measurement in this study: keep the swept "
-            "global batch, or run `scalelab transfer noise-scale`",
-        )
-    )
+    s.recommendation_rows += _batch_rows(s, meta, noise_scale)
     return s
 
 
@@ -263,6 +261,63 @@ def _headline(s: StudySummary, target: dict[str, Any]) -> str:
             )
         return core[0].upper() + core[1:] + " The fit raised no warnings."
     return f"Fitted on {done} finished runs. " + s.fit_line
+
+
+def _batch_rows(
+    s: StudySummary, meta: dict[str, Any], noise_scale: str | Path | None
+) -> list[tuple[str, str]]:
+    """Batch size and LR for the recommended run, from a measured gradient noise scale (McCandlish et al.):
+    batch ≈ B_noise, capped to keep enough steps; the LR rescaled from the tuned (batch, LR) pair."""
+    if noise_scale is None:
+        return [
+            (
+                "batch size",
+                "no gradient-noise measurement given: keep the study's global batch, or measure "
+                "with `scalelab transfer noise-scale CONFIG --json > noise.json` and pass "
+                "`--noise-scale noise.json`",
+            )
+        ]
+    from scalelab.transfer.batch import recommend_batch
+
+    try:
+        b_noise = float(json.loads(Path(noise_scale).read_text())["b_noise_tokens"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ScalelabError(
+            f"{noise_scale}: not the JSON of `scalelab transfer noise-scale --json` ({err})"
+        ) from None
+    rec_d = (s.fit or {}).get("recommendation") or {}
+    train, model = meta.get("train", {}), meta.get("model", {})
+    if not rec_d.get("D_opt"):
+        return [
+            (
+                "batch size",
+                f"critical batch ≈ B_noise = {b_noise:.4g} tokens (no recommended D to size the run)",
+            )
+        ]
+    lr = (
+        s.transfer.recommended_lr
+        if s.transfer is not None and s.transfer.recommended_lr
+        else train.get("lr", 3e-3)
+    )
+    rec = recommend_batch(
+        b_noise,
+        target_tokens=int(rec_d["D_opt"]),
+        context_tokens=int(model.get("context_tokens", 128)),
+        tuned_lr=float(lr),
+        tuned_batch_sequences=int(train.get("global_batch_size", 16)),
+    )
+    return [
+        (
+            "batch size",
+            f"{rec.batch_sequences} sequences ({rec.batch_tokens} tokens), {rec.steps} steps; "
+            + "; ".join(rec.reasons),
+        ),
+        (
+            "learning rate at that batch",
+            f"{rec.lr:.3g} ({rec.lr_scaling.rule}; "
+            f"{'trusted' if rec.lr_scaling.trusted else 'NOT trusted'}: {rec.lr_scaling.note})",
+        ),
+    ]
 
 
 def _isoflop_minima(study_dir: Path, s: StudySummary) -> list[tuple[float, float, float]]:
