@@ -68,6 +68,12 @@ def test_summary_numbers_equal_fit_json(report: tuple[Path, str, dict]) -> None:
         )
 
 
+def test_backtest_error_is_a_caveat_in_the_summary(report: tuple[Path, str, dict]) -> None:
+    _, page, fit = report
+    bt = fit["backtest"]
+    assert f"missed them by {100 * bt['mean_abs_relative_error']:.1f} % on average" in page
+
+
 def test_failures_and_hypotheses_are_shown(report: tuple[Path, str, dict]) -> None:
     _, page, _ = report
     assert "injected crash at step 3" in page

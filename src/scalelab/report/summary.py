@@ -227,6 +227,20 @@ def _add_fit(s: StudySummary, fit_path: Path) -> None:
     s.fit_rows = view.parameter_rows()
     s.recommendation_rows = view.recommendation_rows()
     s.backtest_rows = view.backtest_rows()
+    bt = view.raw.get("backtest")
+    if bt and bt.get("mean_abs_relative_error") is not None:
+        inside = (
+            ""
+            if bt.get("coverage") is None
+            else (
+                f", {round(bt['coverage'] * bt['test_runs'])} of {bt['test_runs']} inside their prediction intervals"
+            )
+        )
+        s.warnings.append(
+            f"backtest: fitted without the {bt['test_runs']} largest-compute runs, the law missed them by "
+            f"{100 * bt['mean_abs_relative_error']:.1f} % on average (max {100 * bt['max_abs_relative_error']:.1f} %)"
+            f"{inside}, extrapolating {bt['extrapolation_factor']:.3g}×"
+        )
     s.warnings += view.warnings()
     s.predict = view.predictor()
     s.optimal = view.optimizer()
