@@ -2,7 +2,7 @@
 
 The reduced sweep (default suite, ~50 s CPU on one core): synthetic Markov text (vocab 64), GPT depth
 2, context 16, batch 16, 60 AdamW steps, widths 32/64/128 (μP base width 32), LRs 2^-10 … 2^-3, one seed,
-no weight decay. Measured on the development machine: μP slope +0.17, SP slope −1.01 (ln LR* vs ln width).
+no weight decay. Measured on the development machine: μP slope +0.07, SP slope −1.16 (ln LR* vs ln width).
 The assertion tolerance is `DEFAULT_SLOPE_TOLERANCE` = 0.3 for μP; SP must be below −0.5 with its whole
 90 % interval below −0.3.
 """
