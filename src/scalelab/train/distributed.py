@@ -285,12 +285,19 @@ def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
         dp = mesh["dp"]
         mp = _mixed_precision(train.precision)
         reshard = train.fsdp_reshard_after_forward
-        blocks = getattr(model, "blocks", None)
-        for block in blocks if blocks is not None else ():
+        for block in _blocks(model):
             fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(model, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
         return model
     raise DistributedError(f"train.strategy: unknown strategy {train.strategy!r}")
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (a ModuleList, or a pipeline stage's ModuleDict keyed by index)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return []
+    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 
 @contextlib.contextmanager
@@ -335,7 +342,7 @@ def param_group_index(model: nn.Module, groups: Sequence[Mapping[str, Any]]) -> 
     """{parameter name: index of its group} — take it *before* wrapping (tied weights: first name)."""
     by_id = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
     index: dict[str, int] = {}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights under every name
         if id(p) not in by_id:
             raise DistributedError(f"parameter {name} is in no optimizer group")
         index[strip_wrapper_prefixes(name)] = by_id[id(p)]

@@ -148,14 +148,18 @@ def make_optimizer(
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_gradients(
+    params: Sequence[torch.Tensor], max_norm: float, *, group: Any = None, skip: frozenset[int] = frozenset()
+) -> torch.Tensor:
     """Clip to `max_norm` by the global L2 norm and return that norm (before clipping).
 
     Plain tensors: `clip_grad_norm_`. DTensor gradients (FSDP2 shards, tensor-parallel pieces): the
     norm is computed per mesh layout and combined across ranks, so every rank clips by the same value.
+    `group` (pipeline stages): the squared norms of the ranks in it are summed; parameters whose id is in
+    `skip` (a second copy of a tied weight) are clipped but not counted.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    if not any(_is_dtensor(g) for g in grads):
+    if group is None and not skip and not any(_is_dtensor(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     by_layout: dict[Any, list[torch.Tensor]] = {}  # foreach ops need one mesh and placement per call
     for p in params:
@@ -163,13 +167,21 @@ def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
             g = p.grad
             key = (g.device_mesh, tuple(g.placements)) if _is_dtensor(g) else None
             by_layout.setdefault(key, []).append(p)
-    total_sq = None
+    device = grads[0].device if grads else torch.device("cpu")
+    total_sq = torch.zeros((), device=device)
     for layout_params in by_layout.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in layout_params], 2.0)
+        counted = [p.grad for p in layout_params if id(p) not in skip]
+        if not counted:
+            continue
+        norm = torch.nn.utils.get_total_norm(counted, 2.0)
         if _is_dtensor(norm):
             norm = norm.full_tensor()
-        total_sq = norm.float() ** 2 if total_sq is None else total_sq + norm.float() ** 2
-    total = torch.sqrt(total_sq) if total_sq is not None else torch.zeros(())
+        total_sq = total_sq + norm.float() ** 2
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(total_sq, group=group)
+    total = torch.sqrt(total_sq)
     for layout_params in by_layout.values():
         torch.nn.utils.clip_grads_with_norm_(layout_params, max_norm, total)
     return total
@@ -211,6 +223,10 @@ class Trainer:
         raw_model: nn.Module | None = None,
         world_size: int = 1,
         grad_sync: Callable[[bool], AbstractContextManager[Any]] | None = None,
+        forward_backward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        eval_fn: Callable[[Sequence[torch.Tensor]], float] | None = None,
+        grad_norm_group: Any = None,
+        grad_norm_skip: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
         self.raw_model = raw_model if raw_model is not None else model
@@ -240,6 +256,10 @@ class Trainer:
                 f"{self.local_batch_size} (global_batch_size / data-parallel world size {world_size})"
             )
         self.grad_sync = grad_sync or (lambda enabled: contextlib.nullcontext())
+        self.forward_backward = forward_backward
+        self.eval_fn = eval_fn
+        self.grad_norm_group = grad_norm_group
+        self.grad_norm_skip = grad_norm_skip
         #: loader batches per optimizer step (the batch-size controller may raise it)
         self.batch_multiplier = 1
         self.state = TrainState(total_steps=total_steps, global_batch_size=train.global_batch_size)
@@ -325,6 +345,11 @@ class Trainer:
         done = 0
         for _ in range(self.batch_multiplier):
             batch = next(self._iterator).to(self.device, non_blocking=True)
+            if self.forward_backward is not None:  # pipeline: the schedule does the micro-batches
+                if self.batch_multiplier != 1:
+                    raise ValueError("a growing batch (batch multiplier > 1) is not supported with pipelines")
+                loss_sum += self.forward_backward(batch).float() * n_micro
+                continue
             for mb in batch.split(self.micro_batch_size):
                 done += 1
                 with self.grad_sync(done == n_micro):
@@ -337,7 +362,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.train.grad_clip if self.train.grad_clip is not None else math.inf
-        grad_norm = clip_gradients(params, max_norm)
+        grad_norm = clip_gradients(params, max_norm, group=self.grad_norm_group, skip=self.grad_norm_skip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -359,6 +384,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed held-out batches."""
+        if self.eval_fn is not None:
+            return self.eval_fn(self.eval_batches)
         self.model.eval()
         total = torch.zeros((), device=self.device)
         count = 0

@@ -193,10 +193,6 @@ def _build(
     from scalelab.train import run as single
 
     train = spec.train
-    if train.pipeline_parallel > 1:
-        raise DistributedError(
-            "train.pipeline_parallel > 1: pipeline parallelism is not available in this version"
-        )
     vocab = spec.model.vocab_size or int(store.vocab_size)
     if vocab < int(store.vocab_size):
         raise DistributedError(
@@ -216,8 +212,31 @@ def _build(
     groups = apply_parametrization(raw_model, spec.model)
     index = param_group_index(raw_model, groups)
     raw_model.to(ctx.device)
+    pipelined = train.pipeline_parallel > 1
+    if pipelined:
+        from scalelab.train.parallel.pipeline import split_stage
+
+        pp = ctx.mesh["pp"]
+        split_stage(raw_model, int(pp.get_local_rank()), int(pp.size()))
     model = parallelize(raw_model, ctx.mesh, train)
     groups = regroup(model, groups, index)
+    pipeline_kwargs: dict[str, Any] = {}
+    if pipelined:
+        from scalelab.train.parallel.pipeline import PipelineRunner
+
+        runner = PipelineRunner(
+            model,  # type: ignore[arg-type]
+            ctx.mesh,
+            ctx.device,
+            train.pipeline_microbatches or 2 * train.pipeline_parallel,
+            tied=spec.model.tie_embeddings,
+        )
+        pipeline_kwargs = {
+            "forward_backward": runner.forward_backward,
+            "eval_fn": partial(runner.evaluate, local_batch=train.global_batch_size // ctx.dp_size),
+            "grad_norm_group": ctx.mesh["pp"].get_group(),
+            "grad_norm_skip": frozenset(runner.norm_skip()),
+        }
 
     t = spec.model.context_tokens
     loader = BlockLoader(
@@ -285,6 +304,7 @@ def _build(
         raw_model=raw_model,
         world_size=ctx.dp_size,
         grad_sync=partial(grad_sync, model),
+        **pipeline_kwargs,
     )
     prior_wall = 0.0
     resumed_step = 0

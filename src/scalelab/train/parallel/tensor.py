@@ -73,7 +73,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: object) -> nn.Module:
             f"train.tensor_parallel={tp} must divide model.n_heads={n_heads} and the MLP width {hidden}"
         )
     order = qkv_row_order(width, n_heads, tp)
-    for block in model.blocks:
+    from scalelab.train.distributed import _blocks
+
+    for block in _blocks(model):
         attn = block.attn
         attn.qkv.weight.copy_(attn.qkv.weight[order.to(attn.qkv.weight.device)])
         attn.__class__ = TensorParallelAttention
