@@ -60,12 +60,63 @@ class RepeatedCorpus(Source):
 
 
 def emit(name: str, value: float, baseline: float, unit: str, **extra: Any) -> None:
+    """One JSON line; the 1-minute load average goes with it (this machine may be shared)."""
     ratio = value / baseline if baseline else float("nan")
+    extra.setdefault("loadavg_1m", os.getloadavg()[0])
     print(
         json.dumps(
             {"name": name, "value": value, "baseline": baseline, "ratio": ratio, "unit": unit, **extra}
-        )
+        ),
+        flush=True,
     )
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of this process and all its descendants while running.
+
+    Pool workers are grandchildren (forkserver), which ``RUSAGE_CHILDREN`` never sees, so a thread
+    polls psutil every `interval` seconds and keeps each process's last reading.
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._interval = interval
+        self._seen: dict[int, float] = {}
+        self._t0 = self._total(self._me)
+        self._start: dict[int, float] = {}  # children already running count from now on
+        for child in self._me.children(recursive=True):
+            try:
+                self._start[child.pid] = self._seen[child.pid] = self._total(child)
+            except psutil.Error:
+                pass
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _total(p: Any) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self._interval):
+            for child in self._me.children(recursive=True):
+                try:
+                    self._seen[child.pid] = self._total(child)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        own = self._total(self._me) - self._t0
+        return own + sum(t - self._start.get(pid, 0.0) for pid, t in self._seen.items())
 
 
 def raw_memmap_reads(store: TokenStore, block: int, batch: int, steps: int, seed: int) -> float:
@@ -112,6 +163,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--ingest-mb", type=float, default=4, help="text size for the ingest comparison")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--only", choices=("loader", "ingest"), default=None, help="run one part only")
     args = ap.parse_args()
     import torch  # here, not at the top: ingest workers import this module and need no torch
 
@@ -120,64 +172,77 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
-        t0 = time.perf_counter()
-        path = ingest(
-            [RepeatedCorpus(size_bytes // 2)], root / "store", ByteTokenizer(), shard_tokens=1 << 22
-        )
-        build_s = time.perf_counter() - t0
-        store = TokenStore.open(path)
-        nbytes = store.num_tokens("train") * store.dtype.itemsize
+        if args.only != "ingest":
+            bench_loader(args, root, size_bytes)
+        if args.only != "loader":
+            bench_ingest(args, root)
+
+
+def bench_loader(args: argparse.Namespace, root: Path, size_bytes: int) -> None:
+    t0 = time.perf_counter()
+    path = ingest([RepeatedCorpus(size_bytes // 2)], root / "store", ByteTokenizer(), shard_tokens=1 << 22)
+    build_s = time.perf_counter() - t0
+    store = TokenStore.open(path)
+    nbytes = store.num_tokens("train") * store.dtype.itemsize
+    emit(
+        "store_build_byte_tokenizer",
+        nbytes / build_s / 1e6,
+        nbytes / build_s / 1e6,
+        "MB/s",
+        size_bytes=nbytes,
+    )
+
+    steps = args.steps
+    base = raw_memmap_reads(store, args.block_tokens, args.batch, steps, seed=0)
+    for workers in (0, 2):
+        rate = loader_throughput(store, args.block_tokens, args.batch, steps, workers)
         emit(
-            "store_build_byte_tokenizer",
-            nbytes / build_s / 1e6,
-            nbytes / build_s / 1e6,
-            "MB/s",
-            size_bytes=nbytes,
+            f"loader_tokens_per_second_workers{workers}",
+            rate,
+            base,
+            "tokens/s",
+            baseline_name="random numpy.memmap block reads",
+            store_bytes=nbytes,
+            block_tokens=args.block_tokens,
+            batch=args.batch,
         )
 
-        steps = args.steps
-        base = raw_memmap_reads(store, args.block_tokens, args.batch, steps, seed=0)
-        for workers in (0, 2):
-            rate = loader_throughput(store, args.block_tokens, args.batch, steps, workers)
-            emit(
-                f"loader_tokens_per_second_workers{workers}",
-                rate,
-                base,
-                "tokens/s",
-                baseline_name="random numpy.memmap block reads",
-                store_bytes=nbytes,
-                block_tokens=args.block_tokens,
-                batch=args.batch,
-            )
+    t0 = time.perf_counter()
+    problems = store.verify()
+    verify_s = time.perf_counter() - t0
+    assert not problems, problems
+    emit("store_verify", nbytes / verify_s / 1e6, nbytes / verify_s / 1e6, "MB/s")
 
-        t0 = time.perf_counter()
-        problems = store.verify()
-        verify_s = time.perf_counter() - t0
-        assert not problems, problems
-        emit("store_verify", nbytes / verify_s / 1e6, nbytes / verify_s / 1e6, "MB/s")
 
-        text = [RepeatedCorpus(int(args.ingest_mb * (1 << 20)))]
-        tok = train_bpe(text, vocab_size=2048, max_bytes=1 << 20)
-        times = {}
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # baseline: one process, one thread
-        for workers in (1, 2):
-            t0 = time.perf_counter()
-            ingest(text, root / f"bpe{workers}", tok, shard_tokens=1 << 20, workers=workers)
-            times[workers] = time.perf_counter() - t0
-        same = all(
-            (root / "bpe1" / f).read_bytes() == (root / "bpe2" / f).read_bytes()
-            for f in os.listdir(root / "bpe1")
-        )
-        mb = args.ingest_mb
-        emit(
-            "ingest_bpe_2_workers_vs_1",
-            mb / times[2],
-            mb / times[1],
-            "MB/s",
-            identical_output=same,
-            baseline_name="1 process, tokenizer threads off",
-            cpus=os.cpu_count(),
-        )
+def bench_ingest(args: argparse.Namespace, root: Path) -> None:
+    """BPE ingest with 2 worker processes against 1; wall time, and CPU time to tell contention
+    (CPU seconds about equal, wall not halved: no free core) from overhead (CPU seconds grow)."""
+    text = [RepeatedCorpus(int(args.ingest_mb * (1 << 20)))]
+    tok = train_bpe(text, vocab_size=2048, max_bytes=1 << 20)
+    times, cpu = {}, {}
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # baseline: one process, one thread
+    for workers in (1, 2):
+        t0, meter = time.perf_counter(), CpuMeter()
+        ingest(text, root / f"bpe{workers}", tok, shard_tokens=1 << 20, workers=workers)
+        times[workers] = time.perf_counter() - t0
+        cpu[workers] = meter.stop()
+    same = all(
+        (root / "bpe1" / f).read_bytes() == (root / "bpe2" / f).read_bytes()
+        for f in os.listdir(root / "bpe1")
+    )
+    mb = args.ingest_mb
+    emit(
+        "ingest_bpe_2_workers_vs_1",
+        mb / times[2],
+        mb / times[1],
+        "MB/s",
+        identical_output=same,
+        baseline_name="1 process, tokenizer threads off",
+        cpus=os.cpu_count(),
+        wall_seconds={str(w): t for w, t in times.items()},
+        cpu_seconds={str(w): c for w, c in cpu.items()},
+        cores_used={str(w): cpu[w] / times[w] for w in times},
+    )
 
 
 if __name__ == "__main__":

@@ -153,3 +153,16 @@ def test_loader_pickles_without_shard_data(store, reference):
     assert len(blob) < 100_000  # no memmap contents travel
     clone = pickle.loads(blob)
     np.testing.assert_array_equal(next(iter(clone)).numpy(), reference[1])
+
+
+def test_permutation_cache_keeps_earlier_epoch_after_going_back(store):
+    """Going back to an earlier epoch (resume, rollback) draws its permutation once, not per batch."""
+    loader = BlockLoader(store, block_tokens=9, global_batch_size=4, seed=3, prefetch=0)
+    blocks = loader.blocks
+    for epoch in (0, 1, 2, 3):
+        blocks.permutation(epoch)
+    first = blocks.permutation(0)
+    assert blocks.permutation(0) is first  # cached, not redrawn
+    assert np.array_equal(first, np.random.Generator(np.random.PCG64([3, 0])).permutation(blocks.num_blocks))
+    assert blocks.permutation(3) is blocks.permutation(3)
+    assert len(blocks._perms) == 2

@@ -60,18 +60,20 @@ class BlockIndex:
         self._lock = threading.Lock()
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """Block order of `epoch` (cached for the two most recent epochs)."""
+        """Block order of `epoch` (cached for the two most recently used epochs)."""
         with self._lock:
-            perm = self._perms.get(epoch)
+            perm = self._perms.pop(epoch, None)
             if perm is None:
                 if self.shuffle:
                     rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
                     perm = rng.permutation(self.num_blocks)
                 else:
                     perm = np.arange(self.num_blocks, dtype=np.int64)
-                self._perms[epoch] = perm
-                for old in sorted(self._perms)[:-2]:
-                    del self._perms[old]
+            # Evict by use, not by epoch number: after a resume to an earlier epoch, an eviction by
+            # number dropped the permutation just drawn and redrew it for every batch.
+            self._perms[epoch] = perm  # (re)inserted last = most recently used
+            while len(self._perms) > 2:
+                del self._perms[next(iter(self._perms))]
             return perm
 
     def locate(self, block_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
