@@ -206,3 +206,19 @@ def test_seed_variances_are_reported_per_lr():
     assert shape.loss_variances == pytest.approx([0.0001] * len(lrs))
     assert shape.fit.seed_std == pytest.approx(0.01)
     assert shape.to_dict()["loss_variances"][0] == pytest.approx(0.0001)
+
+
+def test_plot_picks_depth_axis_when_only_depth_was_swept(tmp_path):
+    from scalelab.transfer.plot import plot_analysis
+
+    lrs = [2.0**k for k in range(-10, -2)]
+    rows = [
+        SweepRow(p, 32, d, lr, 0, 2 + 0.1 * (math.log2(lr) + 6 + (math.log2(d) if p == "sp" else 0)) ** 2)
+        for p in ("sp", "depth_mup")
+        for d in (1, 2, 4)
+        for lr in lrs
+    ]
+    a = analyze_rows(rows, n_bootstrap=20)
+    assert {s.axis for s in a.slopes} == {"depth"}
+    out = plot_analysis(a, tmp_path / "d.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"

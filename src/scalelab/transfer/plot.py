@@ -10,11 +10,20 @@ from scalelab.io import atomic_write_bytes
 from scalelab.transfer.analyze import TransferAnalysis
 
 
-def plot_analysis(analysis: TransferAnalysis, path: str | Path, axis: str = "width", dpi: int = 120) -> Path:
+def plot_analysis(
+    analysis: TransferAnalysis, path: str | Path, axis: str | None = None, dpi: int = 120
+) -> Path:
     """Write a PNG: one panel of loss vs LR per parametrization (a curve per size, optimum marked) and a
-    last panel of the fitted optimum LR against size on log–log axes with each parametrization's slope."""
+    last panel of the fitted optimum LR against size on log–log axes with each parametrization's slope.
+
+    `axis` ("width" or "depth") defaults to width when the analysis has a width slope, else depth.
+    """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
+
+    if axis is None:
+        axes_fitted = {s.axis for s in analysis.slopes}
+        axis = "width" if "width" in axes_fitted or not axes_fitted else "depth"
 
     params = sorted({s.parametrization for s in analysis.shapes})
     n = len(params) + 1
