@@ -22,9 +22,18 @@ from scalelab.spec import RunSpec, TrainSpec, run_from_dict
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
-#: a tiny run: width 32, depth 2, context 16, global batch 8, 12 steps, checkpoints every 3 steps
+#: a tiny run: width 32, depth 2, context 16, global batch 8, 12 steps, checkpoints every 3 steps; μP at
+#: twice its base width, so hidden matrices train at half the LR — a wrapper that lost the optimizer
+#: groups would not match the single-process run
 BASE: dict[str, Any] = {
-    "model": {"width": 32, "depth": 2, "n_heads": 4, "context_tokens": 16},
+    "model": {
+        "width": 32,
+        "depth": 2,
+        "n_heads": 4,
+        "context_tokens": 16,
+        "parametrization": "mup",
+        "base_width": 16,
+    },
     "train": {
         "tokens": 16 * 8 * 12,
         "global_batch_size": 8,
@@ -71,7 +80,9 @@ def write_config(path: Path, spec: RunSpec) -> Path:
 
 
 def child_env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    from scalelab.train.parallel.launch import torchrun_env
+
+    env = torchrun_env()
     env.update(
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",

@@ -155,3 +155,40 @@ def test_kill_minus_nine_restarts_and_matches_uninterrupted_run(work, store, ddp
     assert rec["status"] == "done" and rec["steps"] == 12
     assert rec["final_train_loss"] == ref["final_train_loss"]  # bitwise: same world size, exact resume
     assert losses(out) == losses(ddp_run), f"killed after step {killed}"
+
+
+@pytest.mark.slow
+def test_elastic_job_grows_from_one_to_two_ranks_and_keeps_the_data_order(work, store, ddp_run):
+    """`--nnodes 1:2`: one agent starts alone (world 1); a second agent joins the c10d rendezvous on
+    127.0.0.1, torchrun restarts the group at world 2, which resumes from the last committed checkpoint
+    and continues the same global batch sequence (float tolerance: the world size changed)."""
+    from scalelab.train.parallel.launch import free_port, torchrun_command
+
+    spec = make_spec(store, debug={"sleep_seconds_per_step": 1.0})
+    out = work / "elastic"
+    argv = torchrun_command(
+        write_config(work / "elastic.json", spec),
+        out,
+        nproc=1,
+        nnodes="1:2",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_conf="last_call_timeout=1",
+    )
+    env = child_env(work)
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and first.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 2:
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, first.communicate()[0].decode()[-4000:]
+    second = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out1, _ = first.communicate(timeout=300)
+    out2, _ = second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, (out1.decode()[-4000:], out2.decode()[-4000:])
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "done" and rec["world_size"] == 2 and rec["steps"] == 12
+    rows = step_rows(out)
+    assert rows[0]["world_size"] == 1 and rows[-1]["world_size"] == 2
+    assert _close(losses(out), losses(ddp_run)), (losses(out), losses(ddp_run))

@@ -30,6 +30,9 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--rdzv-endpoint", help="c10d rendezvous HOST:PORT (default 127.0.0.1:free)."),
         ] = None,
+        rdzv_conf: Annotated[
+            str | None, typer.Option("--rdzv-conf", help="torchrun rendezvous options, KEY=VALUE,…")
+        ] = None,
         resume: Annotated[
             bool, typer.Option("--resume/--no-resume", help="Continue from the last committed checkpoint.")
         ] = True,
@@ -54,6 +57,7 @@ def register(app: typer.Typer) -> None:
             max_restarts=max_restarts,
             nnodes=nnodes,
             rdzv_endpoint=rdzv_endpoint,
+            rdzv_conf=rdzv_conf,
             resume=resume,
         )
         if dry_run:

@@ -9,6 +9,7 @@ checkpoint (`--resume` is the default).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scalelab.errors import DistributedError
+
+#: environment for torchrun. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: in torch 2.13 an agent that keeps its
+#: shared TCPStore across rendezvous rounds does not publish MASTER_ADDR for a later round, so an agent
+#: joining an elastic job (--nnodes MIN:MAX) waits for it until the store times out ("wait timeout …
+#: /torch.rendezvous.<id>.1/MASTER_ADDR"). Without sharing, rank 0 of each round hosts a fresh store.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) with `TORCHRUN_ENV` added."""
+    return {**(dict(os.environ) if base is None else base), **TORCHRUN_ENV}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,10 +46,16 @@ def torchrun_command(
     max_restarts: int = 0,
     nnodes: str = "1",
     rdzv_endpoint: str | None = None,
+    rdzv_conf: str | None = None,
     resume: bool = True,
     python: str | None = None,
 ) -> list[str]:
-    """The argv that runs `scalelab train CONFIG --out OUT` on `nproc` ranks per node under torchrun."""
+    """The argv that runs `scalelab train CONFIG --out OUT` on `nproc` ranks per node under torchrun.
+
+    `nnodes` "MIN:MAX" makes the job elastic: agents joining later (same `rdzv_endpoint`) make torchrun
+    restart the group at the new world size. `rdzv_conf` is passed through (e.g. "last_call_timeout=2"
+    to close an elastic rendezvous sooner than torchrun's default).
+    """
     if nproc < 1:
         raise DistributedError(f"--nproc must be at least 1, got {nproc}")
     if max_restarts < 0:
@@ -60,6 +78,7 @@ def torchrun_command(
         "c10d",
         "--rdzv-endpoint",
         endpoint,
+        *(["--rdzv-conf", rdzv_conf] if rdzv_conf else []),
         "-m",
         "scalelab",
         "train",
@@ -75,4 +94,4 @@ def torchrun_command(
 
 def launch(argv: Sequence[str]) -> int:
     """Run the torchrun command in the foreground; its exit code (0: every rank finished the run)."""
-    return subprocess.run(list(argv), check=False).returncode
+    return subprocess.run(list(argv), env=torchrun_env(), check=False).returncode
