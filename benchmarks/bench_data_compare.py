@@ -14,7 +14,21 @@ The libraries are the optional ``bench`` extra and are never needed by CI; witho
 prints one ``{"name": "..._skipped", ...}`` line per missing library and measures what it can.
 
     .venv/bin/python benchmarks/bench_data_compare.py                 # 32 MB store, quick
-    .venv/bin/python benchmarks/bench_data_compare.py --size-gb 1     # the real measurement
+    .venv/bin/python benchmarks/bench_data_compare.py --size-gb 1 --steps 1000   # the real one
+
+Installing them: with torch pinned, ``pip install -c constraints.txt mosaicml-streaming litdata``
+cannot resolve (both need boto3 → botocore, which requires python-dateutil<3 while the constraints
+pin 4.0.0; mosaicml-streaming 0.13.0 also requires numpy<2.2 against the pinned 2.4.6). Measured
+instead with the libraries beside the venv, its packages untouched::
+
+    .venv/bin/pip install --target /tmp/benchdeps --no-deps mosaicml-streaming==0.13.0 \\
+        litdata==0.2.76 xxhash zstd brotli python-snappy cramjam lightning-utilities catalogue \\
+        boto3 botocore jmespath s3transfer obstore regex
+    # + stub modules transformers (BatchFeature, BatchEncoding, AutoTokenizer) and torchvision
+    #   (VisionDataset, CIFAR10, to_tensor): streaming imports them at module level for its
+    #   text/vision datasets; real transformers 4.x rejects tokenizers 0.23.3 and the PyPI
+    #   torchvision 0.28.0 wheel fails on the CPU torch ("operator torchvision::nms does not exist").
+    PYTHONPATH=/tmp/benchdeps .venv/bin/python benchmarks/bench_data_compare.py --size-gb 1 --steps 1000
 """
 
 from __future__ import annotations
