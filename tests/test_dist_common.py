@@ -234,3 +234,28 @@ def test_only_committed_checkpoints_are_chosen(tmp_path):
     assert latest_committed(ckpt, "h") == good
     (good / "dcp" / "x.distcp").write_bytes(b"ab")  # truncated shard
     assert latest_committed(ckpt, "h") is None
+
+
+def test_fsdp_mixed_precision_policy():
+    """bf16/fp16: parameters gathered in low precision, gradients reduced in fp32; fp32: no casts."""
+    from scalelab.train.distributed import _mixed_precision
+
+    bf16 = _mixed_precision("bf16")
+    assert bf16.param_dtype == torch.bfloat16 and bf16.reduce_dtype == torch.float32
+    assert _mixed_precision("fp16").param_dtype == torch.float16
+    assert _mixed_precision("fp32").param_dtype is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_ddp_and_fsdp_on_two_gpus_with_nccl(tmp_path):
+    """The CUDA path: nccl backend, cuda:LOCAL_RANK devices, bf16 FSDP; DDP and FSDP agree."""
+    store = build_store(tmp_path)
+    outs = {}
+    for strategy in ("ddp", "fsdp"):
+        spec = make_spec(store, strategy=strategy, device="cuda", precision="bf16")
+        outs[strategy] = tmp_path / strategy
+        proc = torchrun(tmp_path, write_config(tmp_path / f"{strategy}.json", spec), outs[strategy], 2)
+        assert proc.returncode == 0
+    a, b = losses(outs["ddp"]), losses(outs["fsdp"])
+    assert len(a) == len(b) == 12 and all(abs(x - y) < 2e-2 for x, y in zip(a, b, strict=True))

@@ -71,7 +71,7 @@ def test_ddp_two_ranks_matches_one_process_with_accumulation(work, store, ddp_ru
     assert [r["step"] for r in step_rows(ddp_run)] == list(range(1, 13))
 
 
-def test_fsdp_two_ranks_matches_ddp(work, store, ddp_run):
+def test_fsdp_two_ranks_matches_ddp_and_reshards_to_one(work, store, ddp_run, monkeypatch):
     spec = make_spec(store, strategy="fsdp")
     out = work / "fsdp2"
     proc = torchrun(work, write_config(work / "fsdp.json", spec), out, 2)
@@ -80,6 +80,13 @@ def test_fsdp_two_ranks_matches_ddp(work, store, ddp_run):
     assert json.loads((out / "record.json").read_text())["eval_loss"] == pytest.approx(
         json.loads((ddp_run / "record.json").read_text())["eval_loss"], rel=REL
     )
+    # parameters and Adam moments sharded over 2 ranks load into 1 (DCP reshards by name)
+    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(work / "cache"))
+    resumed = work / "fsdp-resume1"
+    _truncated_copy(out, resumed, keep_step=9)
+    rec = run_training(spec, resumed)
+    assert rec["status"] == "done" and rec["world_size"] == 1, rec["error"]
+    assert _close(losses(resumed)[9:], losses(out)[9:]), (losses(resumed), losses(out))
 
 
 def _truncated_copy(src: Path, dst: Path, keep_step: int) -> None:

@@ -369,7 +369,7 @@ class _GradNormHook:
 
     group: Any
     world_size: int
-    sq_sum: float = 0.0
+    sq_sum: torch.Tensor | None = None  # stays on the device: no host sync inside backward
     buckets: int = 0
 
     @classmethod
@@ -381,10 +381,10 @@ class _GradNormHook:
 
     def take(self) -> float | None:
         """This rank's local gradient norm of the last synchronized backward (None if none ran)."""
-        if self.buckets == 0:
+        if self.buckets == 0 or self.sq_sum is None:
             return None
-        value = math.sqrt(self.sq_sum)
-        self.sq_sum, self.buckets = 0.0, 0
+        value = math.sqrt(float(self.sq_sum))
+        self.sq_sum, self.buckets = None, 0
         return value
 
 
@@ -394,7 +394,8 @@ def _allreduce_measuring_norm(state, bucket):  # noqa: ANN001, ANN201 — DDP re
     Returns a future of the averaged bucket (a torch.futures.Future[Tensor]).
     """
     buf = bucket.buffer()
-    state.sq_sum += float(buf.detach().float().pow(2).sum())
+    sq = buf.detach().float().pow(2).sum()
+    state.sq_sum = sq if state.sq_sum is None else state.sq_sum + sq
     state.buckets += 1
     buf.div_(state.world_size)
     work = dist.all_reduce(buf, group=state.group, async_op=True)

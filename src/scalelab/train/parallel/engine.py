@@ -118,6 +118,7 @@ def run_distributed(
             record["error"] = refusal
             record["finished_at"] = single._utc_now()
             log.error("%s", refusal)
+            ctx.close()
             return record
         with single._torch_settings(spec.train.threads, deterministic=True):
             if device.type == "cuda":
