@@ -252,8 +252,10 @@ def _build(
         prefetch=2,
     )
     eval_batches = single._eval_batches(single.default_loader_factory, store, spec, data_seed)
-    peak, peak_source = peak_flops(ctx.device, train.precision)
-    log.info("MFU reference: %.3g FLOP/s per rank (%s)", peak, peak_source)
+    peak = None
+    if ctx.is_main:  # only rank 0 logs MFU; the others need not measure (nor race on the cache file)
+        peak, peak_source = peak_flops(ctx.device, train.precision)
+        log.info("MFU reference: %.3g FLOP/s per rank (%s)", peak, peak_source)
 
     callbacks: list[Callback] = [
         CrossRankMetrics(group=None, grad_norm_source=local_grad_norm_source(model)),
