@@ -77,6 +77,8 @@ def test_fsdp_two_ranks_matches_ddp_and_reshards_to_one(work, store, ddp_run, mo
     proc = torchrun(work, write_config(work / "fsdp.json", spec), out, 2)
     assert proc.returncode == 0
     assert _close(losses(out), losses(ddp_run)), (losses(out), losses(ddp_run))
+    for key in ("grad_norm_min", "grad_norm_max"):  # per-rank local norms, from the reduce-scatter input
+        assert _close([r[key] for r in step_rows(out)], [r[key] for r in step_rows(ddp_run)]), key
     assert json.loads((out / "record.json").read_text())["eval_loss"] == pytest.approx(
         json.loads((ddp_run / "record.json").read_text())["eval_loss"], rel=REL
     )

@@ -288,6 +288,8 @@ def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
         for block in _blocks(model):
             fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(model, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
+        if train.tensor_parallel == 1 and train.pipeline_parallel == 1:
+            _install_fsdp_norm_recorder(model, dp.get_group())
         return model
     raise DistributedError(f"train.strategy: unknown strategy {train.strategy!r}")
 
@@ -365,7 +367,7 @@ def regroup(
 # --------------------------------------------------------------------------- local grad norm
 @dataclass
 class _GradNormHook:
-    """DDP communication hook state: the squared norm of this rank's gradient before averaging."""
+    """The squared norm of this rank's gradient before averaging (DDP comm-hook state, FSDP recorder)."""
 
     group: Any
     world_size: int
@@ -378,6 +380,12 @@ class _GradNormHook:
         ddp.register_comm_hook(state, _allreduce_measuring_norm)  # type: ignore[operator]
         ddp._scalelab_grad_norm = state  # type: ignore[attr-defined]
         return state
+
+    def add(self, local_grads: torch.Tensor) -> None:
+        """Count a flat buffer of this rank's (not yet reduced) gradients."""
+        sq = local_grads.detach().float().pow(2).sum()
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.buckets += 1
 
     def take(self) -> float | None:
         """This rank's local gradient norm of the last synchronized backward (None if none ran)."""
@@ -394,16 +402,36 @@ def _allreduce_measuring_norm(state, bucket):  # noqa: ANN001, ANN201 — DDP re
     Returns a future of the averaged bucket (a torch.futures.Future[Tensor]).
     """
     buf = bucket.buffer()
-    sq = buf.detach().float().pow(2).sum()
-    state.sq_sum = sq if state.sq_sum is None else state.sq_sum + sq
-    state.buckets += 1
+    state.add(buf)
     buf.div_(state.world_size)
     work = dist.all_reduce(buf, group=state.group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def _install_fsdp_norm_recorder(model: nn.Module, group: Any) -> _GradNormHook:
+    """FSDP2: measure each rank's local gradient in the reduce-scatter input (the unsharded, accumulated
+    local gradients, zero-padded, in the reduce dtype — fp32 here, so FSDP does not pre-divide them)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    recorder = _GradNormHook(group, dist.get_world_size(group))
+
+    class _Measuring(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # noqa: ANN001, ANN204
+            recorder.add(input_tensor)
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    comm = _Measuring()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_reduce_scatter(comm)
+    model._scalelab_grad_norm = recorder  # type: ignore[attr-defined]
+    return recorder
+
+
 def local_grad_norm_source(model: nn.Module) -> _GradNormHook | None:
-    """The local-gradient-norm recorder `parallelize` installed on a DDP model (None for others)."""
+    """The local-gradient-norm recorder `parallelize` installed (DDP, and FSDP without tensor/pipeline
+    parallelism); None for others."""
     return getattr(model, "_scalelab_grad_norm", None)
 
 
@@ -419,7 +447,7 @@ class CrossRankMetrics(Callback):
     After it, `state.loss` is the mean of the ranks' losses (so every rank's DivergenceGuard decides the
     same), `state.step_seconds` the slowest rank's time, `state.tokens_per_second` the global throughput,
     and `state.extra["metrics"]` carries grad_norm_min/max/std (per-rank local gradient norms before
-    averaging; DDP only) and step_seconds_min/max/std for the metrics.jsonl line.
+    averaging; DDP, and FSDP without tensor/pipeline parallelism) and step_seconds_min/max/std for the metrics.jsonl line.
     """
 
     def __init__(self, group: Any = None, grad_norm_source: _GradNormHook | None = None) -> None:
