@@ -199,7 +199,10 @@ def test_depth_mup_optimum_is_flat_across_depth(store):
 
 @pytest.mark.slow
 def test_full_sweep_three_seeds_four_widths(store):
-    """Widths 32…256, 3 seeds (seed bootstrap intervals): same direction, tighter evidence (~6 min)."""
+    """Widths 32…256, 3 seeds (seed bootstrap intervals): same direction, tighter evidence (~8 min).
+
+    Measured: μP slope +0.002 [−0.085, +0.069], SP −1.015 [−1.11, −0.95].
+    """
     study = lr_sweep_study("transfer-slow", BASE, lrs=LRS, widths=[32, 64, 128, 256], seeds=[0, 1, 2])
     res = run_sweep_in_process(study, store=store, loader_factory=synthetic_factory)
     a = analyze_rows(rows_from_results(res), n_bootstrap=300)
