@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STUDY  ?= examples/quickstart.toml
 OUT    ?= runs/quickstart
 
-.PHONY: demo test test-fast bench lint format clean venv
+.PHONY: demo test test-slow test-all bench lint format clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,15 @@ demo: $(VENV)/.installed
 	$(BIN)/scalelab report $(OUT)
 	@echo "Report: $(OUT)/report/index.html"
 
+# The default suite (tests marked slow are deselected in pyproject.toml's addopts).
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
-test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m "not slow"
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m slow
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "slow or not slow"
 
 bench: $(VENV)/.installed-dev
 	@for b in benchmarks/bench_*.py; do echo "== $$b" >&2; $(BIN)/python $$b || exit 1; done
