@@ -22,7 +22,13 @@ import numpy as np
 from scalelab.errors import FitError
 from scalelab.fit import estimate as est
 from scalelab.fit._blas import one_blas_thread
-from scalelab.fit.laws import INTERVAL_KIND_CONFIDENCE, ScalingLaw, _floats, _percentiles
+from scalelab.fit.laws import (
+    INTERVAL_KIND_CONFIDENCE,
+    ScalingLaw,
+    _floats,
+    _percentiles,
+    compute_for_loss_report,
+)
 from scalelab.fit.optimal import Accounting, check_budget
 from scalelab.fit.table import RunTable
 
@@ -234,26 +240,9 @@ class IsoFLOPLaw(ScalingLaw):
         if not self.has_loss_law_:
             raise FitError("isoflop: the inverse needs L*(C), i.e. at least 4 usable budgets")
 
-        def inv(t: np.ndarray) -> np.ndarray:
-            E, A, al = np.exp(t[..., 4]), np.exp(t[..., 5]), t[..., 6]
-            with np.errstate(all="ignore"):
-                c = (A / (target_loss - E)) ** (1 / al)
-            return np.where(target_loss > E, c, np.inf)
-
-        c = float(inv(self.theta_))
-        out: dict[str, Any] = {
-            "target_loss": float(target_loss),
-            "compute_flops": c,
-            "reachable": bool(np.isfinite(c)),
-            "accounting": self.accounting_.describe(),
-            "intervals": {},
-            "interval_kind": INTERVAL_KIND_CONFIDENCE,
-            "confidence": self.confidence,
-        }
-        if len(self.samples_):
-            lo, hi = _percentiles(inv(self.samples_), self.confidence)
-            out["intervals"]["compute_flops"] = [float(lo), float(hi)]
-        return out
+        return compute_for_loss_report(
+            self.theta_, self.samples_, 4, target_loss, self.confidence, self.accounting_.describe()
+        )
 
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()

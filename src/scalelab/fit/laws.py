@@ -553,31 +553,54 @@ class PowerLaw(_PowerSumLaw):
         if self.variable != "C":
             raise FitError(f"a power law in {self.variable} cannot give a compute; fit power:C")
 
-        def inv(t: np.ndarray) -> np.ndarray:
-            E, A, al = np.exp(t[..., 0]), np.exp(t[..., 1]), t[..., 2]
-            with np.errstate(all="ignore"):
-                c = (A / (target_loss - E)) ** (1 / al)
-            return np.where(target_loss > E, c, np.inf)
-
-        c = float(inv(self.theta_))
-        out: dict[str, Any] = {
-            "target_loss": float(target_loss),
-            "compute_flops": c,
-            "reachable": bool(np.isfinite(c)),
-            "accounting": "L(C) fitted directly to the runs' compute",
-            "intervals": {},
-            "interval_kind": INTERVAL_KIND_CONFIDENCE,
-            "confidence": self.confidence,
-        }
-        if len(self.samples_):
-            lo, hi = _percentiles(inv(self.samples_), self.confidence)
-            out["intervals"]["compute_flops"] = [float(lo), float(hi)]
-        return out
+        return compute_for_loss_report(
+            self.theta_,
+            self.samples_,
+            0,
+            target_loss,
+            self.confidence,
+            "L(C) fitted directly to the runs' compute",
+        )
 
     def _x(self, x: Any) -> np.ndarray:
         if isinstance(x, RunTable):
             return self._X(self._features(x)[:, 0])
         return self._X(x)
+
+
+def compute_for_loss_report(
+    theta: np.ndarray,
+    samples: np.ndarray,
+    offset: int,
+    target_loss: float,
+    confidence: float,
+    accounting: str,
+) -> dict[str, Any]:
+    """Invert L(C) = E + A/C^α for `target_loss` (inf where target ≤ E), with a bootstrap interval.
+
+    (log E, log A, α) sit at columns `offset`, `offset+1`, `offset+2` of `theta` and of each sample row.
+    """
+
+    def inv(t: np.ndarray) -> np.ndarray:
+        E, A, al = np.exp(t[..., offset]), np.exp(t[..., offset + 1]), t[..., offset + 2]
+        with np.errstate(all="ignore"):
+            c = (A / (target_loss - E)) ** (1 / al)
+        return np.where(target_loss > E, c, np.inf)
+
+    c = float(inv(theta))
+    out: dict[str, Any] = {
+        "target_loss": float(target_loss),
+        "compute_flops": c,
+        "reachable": bool(np.isfinite(c)),
+        "accounting": accounting,
+        "intervals": {},
+        "interval_kind": INTERVAL_KIND_CONFIDENCE,
+        "confidence": confidence,
+    }
+    if len(samples):
+        lo, hi = _percentiles(inv(samples), confidence)
+        out["intervals"]["compute_flops"] = [float(lo), float(hi)]
+    return out
 
 
 def _kaplan_log_predict(theta: np.ndarray, logX: np.ndarray) -> np.ndarray:
