@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -397,11 +399,14 @@ def train(
 
     spec = load_run(config, set_ or ())
     record = run_training(spec, out, resume=resume)
-    console.print(
-        f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "
-        f"eval loss {_fmt_float(record.get('eval_loss'))}, {_fmt_float(record.get('wall_seconds'), '.1f')} s"
-        + (f"\n{record['error']}" if record.get("error") else "")
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank
+        console.print(
+            f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "
+            f"eval loss {_fmt_float(record.get('eval_loss'))}, {_fmt_float(record.get('wall_seconds'), '.1f')} s"
+            + (f"\n{record['error']}" if record.get("error") else ""),
+            markup=False,  # errors carry brackets (gloo's "[/…/pair.cc:152]") that are not rich markup
+            highlight=False,
+        )
     raise typer.Exit(exit_code(record))
 
 
@@ -468,7 +473,7 @@ def main() -> None:
     except ScalelabError as err:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to continue where it stopped")

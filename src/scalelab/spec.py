@@ -151,8 +151,10 @@ class TrainSpec(_Spec):
 class DebugSpec(_Spec):
     """Fault injection, used to test failure handling of trainers and executors. Off by default."""
 
-    crash_at_step: int | None = Field(None, ge=0, description="raise an exception at this step")
-    nan_at_step: int | None = Field(None, ge=0, description="make the loss NaN at this step")
+    crash_at_step: int | None = Field(
+        None, ge=0, description="raise at the start of this step (steps count from 1)"
+    )
+    nan_at_step: int | None = Field(None, ge=0, description="make this step's loss NaN (steps count from 1)")
     sleep_seconds_per_step: float = Field(0.0, ge=0, description="slow every step down (timeouts)")
 
 
