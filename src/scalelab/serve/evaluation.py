@@ -7,35 +7,20 @@ comparable with a run's `eval_loss`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from scalelab.train.run import default_loader_factory
+from scalelab.train.run import heldout_batches as train_heldout_batches
 
 
 def heldout_batches(
     store: Any, context_tokens: int, tokens: int, *, batch_size: int = 16, seed: int = 0
 ) -> list[torch.Tensor]:
     """ceil(tokens / context_tokens) held-out sequences (LongTensor batches of context_tokens + 1)."""
-    n_seqs = max(1, math.ceil(tokens / context_tokens))
-    loader = default_loader_factory(store, "heldout", context_tokens + 1, min(n_seqs, batch_size), seed)
-    batches: list[torch.Tensor] = []
-    have = 0
-    it = iter(loader)
-    try:
-        for batch in it:
-            batches.append(batch[: n_seqs - have].clone())
-            have += batches[-1].shape[0]
-            if have >= n_seqs:
-                break
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-    return batches
+    return train_heldout_batches(default_loader_factory, store, context_tokens, tokens, batch_size, seed)
 
 
 @torch.no_grad()

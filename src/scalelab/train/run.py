@@ -112,12 +112,13 @@ def default_loader_factory(
     )
 
 
-def _eval_batches(loader_factory: LoaderFactory, store: Any, spec: RunSpec, seed: int) -> list[torch.Tensor]:
-    """The fixed held-out set: ceil(eval_tokens / context) sequences, read once."""
-    t = spec.model.context_tokens
-    n_seqs = max(1, math.ceil(spec.train.eval_tokens / t))
-    bs = min(n_seqs, spec.train.micro_batch_size or spec.train.global_batch_size)
-    loader = loader_factory(store, "heldout", t + 1, bs, seed)
+def heldout_batches(
+    loader_factory: LoaderFactory, store: Any, context_tokens: int, tokens: int, batch_size: int, seed: int
+) -> list[torch.Tensor]:
+    """A fixed held-out set: ceil(tokens / context) sequences of context+1 tokens from the store's held-out
+    split in the loader's seeded order, read once (batches of at most `batch_size`)."""
+    n_seqs = max(1, math.ceil(tokens / context_tokens))
+    loader = loader_factory(store, "heldout", context_tokens + 1, min(n_seqs, batch_size), seed)
     batches, have = [], 0
     it = iter(loader)
     try:
@@ -131,6 +132,16 @@ def _eval_batches(loader_factory: LoaderFactory, store: Any, spec: RunSpec, seed
         if close is not None:
             close()
     return batches
+
+
+def eval_batches_for(
+    loader_factory: LoaderFactory, store: Any, spec: RunSpec, seed: int
+) -> list[torch.Tensor]:
+    """The run's held-out set: train.eval_tokens tokens in micro-batch-sized batches."""
+    batch = spec.train.micro_batch_size or spec.train.global_batch_size
+    return heldout_batches(
+        loader_factory, store, spec.model.context_tokens, spec.train.eval_tokens, batch, seed
+    )
 
 
 def _capture_provenance(spec: RunSpec, store: Any) -> dict[str, Any]:
@@ -254,7 +265,7 @@ def run_training(
 
             t = spec.model.context_tokens
             train_loader = loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed)
-            eval_batches = _eval_batches(loader_factory, store, spec, data_seed)
+            eval_batches = eval_batches_for(loader_factory, store, spec, data_seed)
             peak, peak_source = peak_flops(device, spec.train.precision)
             log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
             metrics = MetricsLogger(

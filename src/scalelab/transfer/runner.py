@@ -21,8 +21,8 @@ from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import RunSpec
 from scalelab.train.run import (
     LoaderFactory,
-    _eval_batches,
     default_loader_factory,
+    eval_batches_for,
     resolve_device,
     seed_everything,
 )
@@ -81,7 +81,7 @@ def train_in_process(
         model.to(device)
         t = spec.model.context_tokens
         train_loader = loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed)
-        eval_batches = _eval_batches(loader_factory, store, spec, data_seed)
+        eval_batches = eval_batches_for(loader_factory, store, spec, data_seed)
         trainer = Trainer(
             model,
             groups,

@@ -251,7 +251,7 @@ def _build(
         num_workers=0,
         prefetch=2,
     )
-    eval_batches = single._eval_batches(single.default_loader_factory, store, spec, data_seed)
+    eval_batches = single.eval_batches_for(single.default_loader_factory, store, spec, data_seed)
     peak = None
     if ctx.is_main:  # only rank 0 logs MFU; the others need not measure (nor race on the cache file)
         peak, peak_source = peak_flops(ctx.device, train.precision)
