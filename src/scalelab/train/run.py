@@ -112,6 +112,30 @@ def default_loader_factory(
     )
 
 
+def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
+    """record.json before anything ran: status "failed" until training proves otherwise (docs/contracts.md)."""
+    return {
+        "run_id": spec.run_id,
+        "config_hash": chash,
+        "status": "failed",
+        "error": None,
+        "n_params": None,
+        "n_params_total": None,
+        "tokens": 0,
+        "flops": 0.0,
+        "steps": 0,
+        "final_train_loss": None,
+        "eval_loss": None,
+        "wall_seconds": 0.0,
+        "tokens_per_second": None,
+        "peak_memory_bytes": None,
+        "energy_joules": None,
+        "energy_note": None,
+        "started_at": started,
+        "finished_at": None,
+    }
+
+
 def heldout_batches(
     loader_factory: LoaderFactory, store: Any, context_tokens: int, tokens: int, batch_size: int, seed: int
 ) -> list[torch.Tensor]:
@@ -188,26 +212,7 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     chash = config_hash(spec)
-    record: dict[str, Any] = {
-        "run_id": spec.run_id,
-        "config_hash": chash,
-        "status": "failed",
-        "error": None,
-        "n_params": None,
-        "n_params_total": None,
-        "tokens": 0,
-        "flops": 0.0,
-        "steps": 0,
-        "final_train_loss": None,
-        "eval_loss": None,
-        "wall_seconds": 0.0,
-        "tokens_per_second": None,
-        "peak_memory_bytes": None,
-        "energy_joules": None,
-        "energy_note": None,
-        "started_at": _utc_now(),
-        "finished_at": None,
-    }
+    record = blank_record(spec, chash, _utc_now())
     existing = _existing_config_hash(out / "config.json")
     if resume and existing is not None and existing != chash:
         # Another config's run directory: refuse without touching any of its files.

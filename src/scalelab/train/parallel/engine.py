@@ -48,28 +48,9 @@ log = logging.getLogger(__name__)
 
 
 def _blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
-    return {
-        "run_id": spec.run_id,
-        "config_hash": chash,
-        "status": "failed",
-        "error": None,
-        "n_params": None,
-        "n_params_total": None,
-        "tokens": 0,
-        "flops": 0.0,
-        "steps": 0,
-        "final_train_loss": None,
-        "eval_loss": None,
-        "wall_seconds": 0.0,
-        "tokens_per_second": None,
-        "peak_memory_bytes": None,
-        "energy_joules": None,
-        "energy_note": None,
-        "started_at": started,
-        "finished_at": None,
-        "world_size": None,
-        "strategy": spec.train.strategy,
-    }
+    from scalelab.train.run import blank_record
+
+    return {**blank_record(spec, chash, started), "world_size": None, "strategy": spec.train.strategy}
 
 
 def run_distributed(
