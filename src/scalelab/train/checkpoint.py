@@ -212,19 +212,31 @@ class Checkpoint:
         restore_rng(self.json_state["rng"], self.tensor_state["rng"])
 
 
-def verify_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
-    """The manifest of `path` after checking it is complete, uncorrupted and of this config."""
+def read_manifest(path: Path, config_hash: str, expected_format: str | None = None) -> dict[str, Any]:
+    """The manifest of checkpoint `path`, refused when unreadable, of another format or of another config."""
     manifest_path = path / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
+        manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path}: missing or unreadable manifest ({err})") from None
+    if expected_format is not None and manifest.get("format") != expected_format:
+        raise CheckpointError(
+            f"{path}: not a {expected_format} checkpoint (format {manifest.get('format')!r}); it was written "
+            "by the other kind of run (single-process checkpoints are not sharded DCP ones, and back)"
+        )
     if manifest.get("config_hash") != config_hash:
         raise CheckpointConfigMismatch(
             f"{path}: checkpoint belongs to config {manifest.get('config_hash')}, not to this run's "
             f"config {config_hash}; use a fresh output directory or resume=False"
         )
+    return manifest
+
+
+def verify_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
+    """The manifest of `path` after checking it is complete, uncorrupted and of this config."""
+    manifest = read_manifest(path, config_hash)
+    files = manifest["files"]
     for name, digest in files.items():
         f = path / name
         if not f.is_file():

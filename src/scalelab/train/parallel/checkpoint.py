@@ -42,6 +42,7 @@ from scalelab.train.checkpoint import (
     capture_rng,
     clean_stale,
     list_checkpoints,
+    read_manifest,
     restore_rng,
     step_dir_name,
 )
@@ -160,22 +161,8 @@ def _commit(
 
 def verify_sharded(path: Path, config_hash: str) -> dict[str, Any]:
     """The manifest of a committed sharded checkpoint after checking files, sizes and small-file hashes."""
-    manifest_path = path / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: missing or unreadable manifest ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a sharded (DCP) checkpoint (format {manifest.get('format')!r}); it was written "
-            "by a single-process run"
-        )
-    if manifest.get("config_hash") != config_hash:
-        raise CheckpointConfigMismatch(
-            f"{path}: checkpoint belongs to config {manifest.get('config_hash')}, not to this run's "
-            f"config {config_hash}; use a fresh output directory or resume=False"
-        )
+    manifest = read_manifest(path, config_hash, expected_format=FORMAT)
+    files = manifest["files"]
     for rel, entry in files.items():
         f = path / rel
         if not f.is_file() or f.stat().st_size != entry["bytes"]:
