@@ -71,3 +71,31 @@ def test_forecast_is_measured_cached_and_scheduled(tmp_path: Path) -> None:
     serial = total_wall_seconds(first, 1)
     assert serial == pytest.approx(sum(f.seconds for f in first))
     assert total_wall_seconds(first, 2) <= serial
+
+
+def test_a_measurement_taken_under_another_load_is_retaken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from scalelab.study import forecast as fc
+
+    study = load_study(
+        EXAMPLES / "quickstart.toml", ["design.axes={'model.width'=[16]}", "model.context_tokens=32"]
+    )
+    run = expand_runs(study)[0]
+    path = tmp_path / "forecast.json"
+    first = fc.Forecaster(path).forecast(run)
+    cache = json.loads(path.read_text())
+    (entry,) = [e for per_machine in cache.values() for e in per_machine.values()]
+    assert entry["load_per_cpu"] is not None
+    calls = []
+    monkeypatch.setattr(
+        fc, "measure_throughput", lambda spec: calls.append(spec) or fc.Throughput(1e3, 1, 0.1)
+    )
+    monkeypatch.setattr(fc, "load_per_cpu", lambda: entry["load_per_cpu"])
+    assert fc.Forecaster(path).forecast(run) == first and not calls  # same load: the cache answers
+    monkeypatch.setattr(fc, "load_per_cpu", lambda: entry["load_per_cpu"] + 1.0)
+    assert fc.Forecaster(path, measure=False).forecast(run) == first  # not allowed to measure: keep it
+    again = fc.Forecaster(path).forecast(run)
+    assert len(calls) == 1 and again.tokens_per_second == 1e3  # busier machine: measured again

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -115,6 +116,26 @@ def measure_throughput(spec: RunSpec, steps: int = 5, warmup: int = 2) -> Throug
         torch.set_num_threads(old_threads)
 
 
+#: a cached measurement is re-taken when the machine's 1-minute load per CPU differs by more than this
+#: from when it was measured (a throughput timed on a busy machine says little about an idle one).
+LOAD_TOLERANCE = 0.5
+
+
+def load_per_cpu() -> float | None:
+    """The 1-minute load average per CPU, or None where the OS does not report it."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_changed(measured: float | None) -> bool:
+    now = load_per_cpu()
+    if now is None:
+        return False
+    return measured is None or abs(now - measured) > LOAD_TOLERANCE
+
+
 class Forecaster:
     """Measured-throughput forecasts, cached per machine and shape."""
 
@@ -132,21 +153,26 @@ class Forecaster:
         return self._cache
 
     def throughput(self, spec: RunSpec) -> Throughput | None:
+        """Cached throughput of this shape, measured now when absent or taken under a different machine load."""
         machine = machine_key(_device(spec))
         key = shape_key(spec)
         entry = self._load().get(machine, {}).get(key)
-        if entry is None:
-            if not self.measure:
-                return None
-            tp = measure_throughput(spec)
-            cache = self._load()
-            cache.setdefault(machine, {})[key] = {**tp.__dict__, "measured_at": time.time()}
-            try:
-                atomic_write_json(self.path, cache)
-            except OSError as err:
-                log.warning("cannot write forecast cache %s: %s", self.path, err)
-            return tp
-        return Throughput(entry["tokens_per_second"], entry["peak_memory_bytes"], entry["step_seconds"])
+        if entry is not None and (not self.measure or not _load_changed(entry.get("load_per_cpu"))):
+            return Throughput(entry["tokens_per_second"], entry["peak_memory_bytes"], entry["step_seconds"])
+        if not self.measure:
+            return None
+        tp = measure_throughput(spec)
+        cache = self._load()
+        cache.setdefault(machine, {})[key] = {
+            **tp.__dict__,
+            "measured_at": time.time(),
+            "load_per_cpu": load_per_cpu(),
+        }
+        try:
+            atomic_write_json(self.path, cache)
+        except OSError as err:
+            log.warning("cannot write forecast cache %s: %s", self.path, err)
+        return tp
 
     def forecast(self, planned: PlannedRun) -> Forecast | None:
         """Forecast of one planned run, or None when measuring is off and nothing is cached."""
