@@ -136,6 +136,26 @@ def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
     }
 
 
+def finish_record(
+    record: dict[str, Any], trainer: Any, shape: Any, device: Any, energy: Any, wall_seconds: float
+) -> None:
+    """Fill a run's record from the trainer's final state, the FLOP count, memory, energy and time."""
+    if trainer is not None:
+        st = trainer.state
+        record["steps"] = st.step
+        record["tokens"] = st.tokens
+        record["final_train_loss"] = _finite(st.loss)
+        record["eval_loss"] = _finite(st.eval_loss)
+        record["tokens_per_second"] = st.tokens / st.train_seconds if st.train_seconds > 0 else None
+    if shape is not None:
+        record["flops"] = shape.training_flops(record["tokens"])
+    record["peak_memory_bytes"] = peak_memory_bytes(device)
+    record["energy_joules"] = energy.joules()
+    record["energy_note"] = energy.note
+    record["wall_seconds"] = wall_seconds
+    record["finished_at"] = _utc_now()
+
+
 def heldout_batches(
     loader_factory: LoaderFactory, store: Any, context_tokens: int, tokens: int, batch_size: int, seed: int
 ) -> list[torch.Tensor]:
@@ -335,19 +355,6 @@ def run_training(
     finally:
         if metrics is not None:
             metrics.close()
-    if trainer is not None:
-        st = trainer.state
-        record["steps"] = st.step
-        record["tokens"] = st.tokens
-        record["final_train_loss"] = _finite(st.loss)
-        record["eval_loss"] = _finite(st.eval_loss)
-        record["tokens_per_second"] = st.tokens / st.train_seconds if st.train_seconds > 0 else None
-    if shape is not None:
-        record["flops"] = shape.training_flops(record["tokens"])
-    record["peak_memory_bytes"] = peak_memory_bytes(device)
-    record["energy_joules"] = energy.joules()
-    record["energy_note"] = energy.note
-    record["wall_seconds"] = prior_wall + (time.time() - t_start)
-    record["finished_at"] = _utc_now()
+    finish_record(record, trainer, shape, device, energy, prior_wall + (time.time() - t_start))
     atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
     return record

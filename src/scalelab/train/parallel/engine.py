@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from scalelab.errors import DistributedError
-from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
+from scalelab.hw import EnergyMeter, peak_flops
 from scalelab.io import atomic_write_json
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
@@ -126,20 +126,7 @@ def run_distributed(
     finally:
         if metrics is not None:
             metrics.close()
-    if trainer is not None:
-        st = trainer.state
-        record["steps"] = st.step
-        record["tokens"] = st.tokens
-        record["final_train_loss"] = single._finite(st.loss)
-        record["eval_loss"] = single._finite(st.eval_loss)
-        record["tokens_per_second"] = st.tokens / st.train_seconds if st.train_seconds > 0 else None
-    if shape is not None:
-        record["flops"] = shape.training_flops(record["tokens"])
-    record["peak_memory_bytes"] = peak_memory_bytes(device)
-    record["energy_joules"] = energy.joules()
-    record["energy_note"] = energy.note
-    record["wall_seconds"] = prior_wall + (time.time() - t_start)
-    record["finished_at"] = single._utc_now()
+    single.finish_record(record, trainer, shape, device, energy, prior_wall + (time.time() - t_start))
     try:
         if ctx is not None and ctx.is_main:
             atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
