@@ -41,17 +41,6 @@ kind = "grid"
 """
 
 
-@pytest.fixture()
-def tiny_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    src = Path(json.__file__).parent.parent / "email"  # ~30 real stdlib files: small and always present
-    for i, f in enumerate(sorted(src.glob("*.py"))):
-        (corpus / f"doc{i}.txt").write_text(f.read_text())
-    return corpus
-
-
 def _study(tmp_path: Path, corpus: Path):
     spec = tmp_path / "study.toml"
     spec.write_text(STUDY.format(corpus=corpus))
@@ -161,23 +150,30 @@ def test_killing_the_driver_then_rerunning_finishes_without_redoing(
 
 
 def test_ray_executor_runs_a_small_study_on_local_ray(tmp_path: Path, tiny_corpus: Path) -> None:
+    """One single-process run and one DDP run whose 2 ranks torchrun starts inside its Ray task."""
     pytest.importorskip("ray")
     import ray
 
     from scalelab.study.executors import RayExecutor
 
     spec = tmp_path / "study.toml"
-    spec.write_text(STUDY.format(corpus=tiny_corpus).replace('"debug.crash_at_step" = [1_000_000, 3]', ""))
+    text = STUDY.format(corpus=tiny_corpus).replace('"debug.crash_at_step" = [1_000_000, 3]', "")
+    spec.write_text(text.replace('"model.width" = [8, 16]', '"train.strategy" = ["none", "ddp"]'))
     study = load_study(spec)
     out = tmp_path / "ray"
     try:
-        result = run_study(study, out, executor=RayExecutor(local_cpus=2))
+        result = run_study(study, out, executor=RayExecutor(local_cpus=2, nproc_per_run=2))
     finally:
         ray.shutdown()
     assert sorted(o.status for o in result.outcomes) == ["done", "done"]
     with Registry(out / "registry.sqlite") as reg:
         rows = reg.runs(status="done")
     assert len(rows) == 2 and all(r["eval_loss"] is not None and r["provenance_json"] for r in rows)
+    worlds = {}
+    for r in rows:
+        record = json.loads((Path(r["run_dir"]) / "record.json").read_text())
+        worlds[json.loads(r["config_json"])["train"]["strategy"]] = record.get("world_size", 1)
+    assert worlds == {"none": 1, "ddp": 2}
 
 
 def test_crash_divergence_and_timeout_are_each_recorded_and_the_rest_finish(

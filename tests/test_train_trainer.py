@@ -66,6 +66,7 @@ RECORD_KEYS = {
     "peak_memory_bytes",
     "energy_joules",
     "energy_note",
+    "branch",
     "started_at",
     "finished_at",
 }

@@ -127,6 +127,7 @@ def study_plan(
         "N (total)",
         "D (tokens)",
         "FLOPs",
+        "branch",
         "forecast s",
         "peak mem",
     )
@@ -142,11 +143,17 @@ def study_plan(
             _fmt_int(r["n_params_total"]),
             _fmt_int(r["tokens"]),
             f"{r['flops']:.3g}",
+            f"{r['branch_of'][:6]}@{r['branch_step']}" if r["branch_of"] else "—",
             _fmt_float(r["forecast_seconds"], ".0f"),
             _fmt_bytes(r["forecast_peak_memory_bytes"]),
         )
     console.print(table)
     line = f"total: {total['runs']} runs, {_fmt_int(total['tokens'])} tokens, {total['flops']:.3g} FLOPs"
+    if total["flops_to_spend"] < total["flops"]:
+        line += (
+            f" as a grid; WSD branches train {_fmt_int(total['tokens_to_train'])} tokens, "
+            f"{total['flops_to_spend']:.3g} FLOPs ({1 - total['flops_to_spend'] / total['flops']:.0%} saved)"
+        )
     if total["forecast_wall_seconds"] is not None:
         line += (
             f"; forecast {total['forecast_run_seconds'] / 60:.1f} run-minutes, "
@@ -170,6 +177,14 @@ def study_run(
         str | None, typer.Option(help="Ray cluster address; default: a local Ray instance.")
     ] = None,
     gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs requested per run.")] = 0.0,
+    nproc_per_run: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Ranks per ddp/fsdp run: each such run trains under torchrun with this many processes "
+            "(in its Ray task with --executor ray; one per GPU on GPU nodes).",
+        ),
+    ] = 1,
     forecast: Annotated[
         bool,
         typer.Option("--forecast/--no-forecast", help="Forecast each run's time first (see `study plan`)."),
@@ -183,7 +198,7 @@ def study_run(
     study = load_study(spec, set_ or ())
     if executor_kind == "local":
         executor: LocalExecutor | RayExecutor = LocalExecutor(
-            parallel=parallel, timeout_seconds=timeout, retries=retries
+            parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
         )
     elif executor_kind == "ray":
         executor = RayExecutor(
@@ -192,7 +207,8 @@ def study_run(
             gpus_per_run=gpus_per_run,
             timeout_seconds=timeout,
             retries=retries,
-            local_cpus=None if address else parallel * (study.train.threads or 1),
+            local_cpus=None if address else parallel * (study.train.threads or 1) * nproc_per_run,
+            nproc_per_run=nproc_per_run,
         )
     else:
         raise SpecError(f"--executor: expected 'local' or 'ray', got {executor_kind!r}")
@@ -392,13 +408,30 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue from the last good checkpoint in --out.")
     ] = True,
+    snapshot_at: Annotated[
+        str | None,
+        typer.Option(
+            "--snapshot-at",
+            help="Comma-separated steps at which to keep a checkpoint for good in --out/snapshots/ "
+            "(a WSD trunk: shorter runs branch from these).",
+        ),
+    ] = None,
+    branch_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--branch-from",
+            help="A WSD trunk's snapshot directory (RUN/snapshots/step-N) to start from when --out has no "
+            "checkpoint: only the cooldown is trained, with the same result as from scratch.",
+        ),
+    ] = None,
 ) -> None:
     """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json."""
     from scalelab.spec import load_run
     from scalelab.train.run import exit_code, run_training
 
     spec = load_run(config, set_ or ())
-    record = run_training(spec, out, resume=resume)
+    steps = _parse_steps(snapshot_at) if snapshot_at else ()
+    record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank
         console.print(
             f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "
@@ -408,6 +441,16 @@ def train(
             highlight=False,
         )
     raise typer.Exit(exit_code(record))
+
+
+def _parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ScalelabError(f"--snapshot-at {text!r}: expected comma-separated step numbers") from None
+    if any(s < 1 for s in steps):
+        raise ScalelabError(f"--snapshot-at {text!r}: steps count from 1")
+    return steps
 
 
 # ----------------------------------------------------------------------------------------- report

@@ -95,6 +95,9 @@ class TrainSpec(_Spec):
     lr: float = Field(3e-3, gt=0, le=10)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    warmup_tokens: int | None = Field(
+        None, ge=0, description="warmup length in tokens, overriding warmup_fraction (WSD branches share it)"
+    )
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps in the final decay")
     weight_decay: float = Field(0.1, ge=0)
@@ -181,10 +184,31 @@ class RunSpec(_Spec):
         return run_id(self)
 
     def canonical_json(self) -> str:
-        return canonical_json(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        for (section, name), default in HASH_OMITTED_AT_DEFAULT.items():
+            if data[section].get(name, default) == default:
+                data[section].pop(name, None)
+        return canonical_json(data)
+
+
+#: Fields added after run ids were in use: hashed only when set off their default, so adding them did not
+#: change the id of any existing run (a spec that sets one gets a new id, as it should).
+HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
+    ("train", "warmup_tokens"): None,
+}
 
 
 # ------------------------------------------------------------------------------------------- study
+def _check_axes(axes: dict[str, list[Any]], reserved: tuple[str, ...] = ()) -> dict[str, list[Any]]:
+    """Every axis has values; `reserved` paths are set by the design itself and may not be axes."""
+    for path, values in axes.items():
+        if not values:
+            raise ValueError(f"axis '{path}' has no values")
+        if path in reserved:
+            raise ValueError(f"axis '{path}' is set by the design itself")
+    return axes
+
+
 class GridDesign(_Spec):
     """Cartesian product of axes (dotted RunSpec paths → values) × seeds."""
 
@@ -195,10 +219,7 @@ class GridDesign(_Spec):
     @field_validator("axes")
     @classmethod
     def _axes_nonempty(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for path, values in axes.items():
-            if not values:
-                raise ValueError(f"axis '{path}' has no values")
-        return axes
+        return _check_axes(axes)
 
 
 class ListDesign(_Spec):
@@ -220,6 +241,29 @@ class IsoFLOPDesign(_Spec):
         0.0, ge=0, description="depth = max(1, round(width × this)); 0 keeps model.depth"
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+
+class WSDDesign(_Spec):
+    """Warmup–stable–decay branches: for each model size (axes × seeds) one run per token count in `tokens`.
+
+    All runs of a size share warmup and stable phase, so the longest (the trunk) saves a snapshot where each
+    shorter one starts its cooldown, and the shorter ones (branches) start from that snapshot and train only
+    their cooldown — the same result as training them from scratch, at a fraction of the cost. Every run
+    uses `train.schedule = "wsd"` with warmup in absolute tokens (`train.warmup_tokens`, or
+    warmup_fraction × the smallest token count when it is unset).
+    """
+
+    kind: Literal["wsd"] = "wsd"
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="model-size axes, e.g. model.width")
+    tokens: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, description="token counts D per size")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("axes")
+    @classmethod
+    def _axes_nonempty(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return _check_axes(
+            axes, reserved=("train.tokens", "train.seed", "train.schedule", "train.warmup_tokens")
+        )
 
 
 class FitSpec(_Spec):
@@ -250,8 +294,8 @@ class StudySpec(_Spec):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     debug: DebugSpec = Field(default_factory=DebugSpec)
-    design: Annotated[GridDesign | ListDesign | IsoFLOPDesign, Field(discriminator="kind")] = Field(
-        default_factory=GridDesign
+    design: Annotated[GridDesign | ListDesign | IsoFLOPDesign | WSDDesign, Field(discriminator="kind")] = (
+        Field(default_factory=GridDesign)
     )
     fit: FitSpec = Field(default_factory=FitSpec)
     target: TargetSpec = Field(default_factory=TargetSpec)

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from scalelab.io import atomic_write_text, read_tail
 from scalelab.spec import StudySpec, config_hash
 from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
+from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def train_command(run_dir: Path) -> list[str]:
+def train_command(run_dir: Path, extra_args: Sequence[str] = ()) -> list[str]:
     """The command that trains (or resumes) one run in its directory."""
     return [
         sys.executable,
@@ -84,12 +85,60 @@ def train_command(run_dir: Path) -> list[str]:
         "--out",
         str(run_dir),
         "--resume",
+        *extra_args,
     ]
+
+
+def wsd_args(planned: PlannedRun, run_dir: Path) -> list[str]:
+    """`scalelab train` options of a WSD trunk (its snapshot steps) or branch (its trunk's snapshot, when
+    that exists and verifies later; without it the branch trains from scratch, to the same result)."""
+    args = []
+    if planned.snapshot_steps:
+        args += ["--snapshot-at", ",".join(str(s) for s in planned.snapshot_steps)]
+    if planned.branch_of:
+        from scalelab.train.branch import snapshot_path
+
+        snapshot = snapshot_path(run_dir_for(run_dir.parent.parent, planned.branch_of), planned.branch_step)
+        if (snapshot / "manifest.json").exists():
+            args += ["--branch-from", str(snapshot)]
+    return args
+
+
+def ranks_for(planned: PlannedRun, nproc_per_run: int) -> int:
+    """Processes a run trains in: `nproc_per_run` for ddp/fsdp runs, 1 for single-process ones."""
+    return nproc_per_run if planned.spec.train.strategy != "none" else 1
+
+
+def run_command(planned: PlannedRun, run_dir: Path, nproc_per_run: int = 1) -> list[str]:
+    """The command of one run: `scalelab train` in one process, or — for a ddp/fsdp run when
+    `nproc_per_run` > 1 — under torchrun with that many ranks (one per GPU on a GPU node)."""
+    ranks = ranks_for(planned, nproc_per_run)
+    if ranks > 1:
+        return torchrun_command(run_dir / "config.json", run_dir, nproc=ranks)
+    return train_command(run_dir, wsd_args(planned, run_dir))
+
+
+class Dependencies:
+    """Orders a study's runs so WSD branches start after their trunk (whatever the trunk's outcome)."""
+
+    def __init__(self, todo: list[tuple[PlannedRun, Path]]):
+        in_todo = {p.run_id for p, _ in todo}
+        self.ready: list[tuple[PlannedRun, Path]] = []
+        self._waiting: dict[str, list[tuple[PlannedRun, Path]]] = {}
+        for planned, run_dir in todo:
+            if planned.branch_of in in_todo:
+                self._waiting.setdefault(planned.branch_of, []).append((planned, run_dir))
+            else:
+                self.ready.append((planned, run_dir))
+
+    def finished(self, run_id: str) -> list[tuple[PlannedRun, Path]]:
+        """The runs that may start now that `run_id` has ended."""
+        return self._waiting.pop(run_id, [])
 
 
 def run_env(threads: int | None) -> dict[str, str]:
     """Environment of a training subprocess: BLAS/OpenMP pinned to the run's thread count."""
-    env = dict(os.environ)
+    env = {**os.environ, **TORCHRUN_ENV}
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
@@ -102,6 +151,7 @@ def attempt_run(
     env: dict[str, str],
     timeout_seconds: float | None,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    command: Sequence[str] | None = None,
 ) -> tuple[str, str | None]:
     """Train one run once in a subprocess. Returns (status, error) with status one of
     done / failed / diverged (from record.json), timeout, or crashed (no record: killed, OOM, ...)."""
@@ -109,7 +159,7 @@ def attempt_run(
     record_path.unlink(missing_ok=True)
     with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
         proc = subprocess.Popen(
-            train_command(run_dir),
+            list(command or train_command(run_dir)),
             stdout=out,
             stderr=err,
             env=env,
@@ -140,12 +190,13 @@ def attempt_with_retries(
     retries: int,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
     stopping: threading.Event | None = None,
+    command: Sequence[str] | None = None,
 ) -> tuple[str, str | None, int]:
     """`attempt_run` again while the process crashed without a record, at most `retries` more times."""
     attempts, status, error = 0, "crashed", None
     while attempts <= retries and not (stopping and stopping.is_set()):
         attempts += 1
-        status, error = attempt_run(run_dir, env, timeout_seconds, on_start)
+        status, error = attempt_run(run_dir, env, timeout_seconds, on_start, command)
         if status != "crashed":
             break
         if attempts <= retries:
@@ -181,10 +232,17 @@ def record_outcome(
 class LocalExecutor:
     """Bounded parallel subprocesses on this machine, one run directory each."""
 
-    def __init__(self, parallel: int = 1, timeout_seconds: float | None = None, retries: int = 0):
-        if parallel < 1:
-            raise ValueError("parallel must be ≥ 1")
+    def __init__(
+        self,
+        parallel: int = 1,
+        timeout_seconds: float | None = None,
+        retries: int = 0,
+        nproc_per_run: int = 1,
+    ):
+        if parallel < 1 or nproc_per_run < 1:
+            raise ValueError("parallel and nproc_per_run must be ≥ 1")
         self.parallel = parallel
+        self.nproc_per_run = nproc_per_run
         self.timeout_seconds = timeout_seconds
         self.retries = retries
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -206,6 +264,7 @@ class LocalExecutor:
             self.retries,
             started,
             self._stopping,
+            run_command(planned, run_dir, self.nproc_per_run),
         )
         with self._lock:
             self._procs.pop(planned.run_id, None)
@@ -227,14 +286,21 @@ class LocalExecutor:
         self, todo: list[tuple[PlannedRun, Path]], registry: Registry, progress: ProgressFn | None = None
     ) -> list[RunOutcome]:
         outcomes: list[RunOutcome] = []
+        deps = Dependencies(todo)
         pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="scalelab-run")
         try:
-            futures = {pool.submit(self.run_one, p, d, registry): p for p, d in todo}
-            for fut in as_completed(futures):
-                outcome = fut.result()
-                outcomes.append(outcome)
-                if progress:
-                    progress(outcome)
+            futures = {pool.submit(self.run_one, p, d, registry): p for p, d in deps.ready}
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    planned = futures.pop(fut)
+                    outcome = fut.result()
+                    outcomes.append(outcome)
+                    if progress:
+                        progress(outcome)
+                    for p, d in deps.finished(planned.run_id):
+                        if not self._stopping.is_set():
+                            futures[pool.submit(self.run_one, p, d, registry)] = p
         except KeyboardInterrupt:
             self.stop()
             raise
@@ -258,8 +324,10 @@ class RayExecutor:
         timeout_seconds: float | None = None,
         retries: int = 0,
         local_cpus: int | None = None,
+        nproc_per_run: int = 1,
     ):
         self.address = address
+        self.nproc_per_run = nproc_per_run
         self.cpus_per_run = cpus_per_run
         self.gpus_per_run = gpus_per_run
         self.timeout_seconds = timeout_seconds
@@ -286,21 +354,30 @@ class RayExecutor:
         if not todo:
             return []
         ray = self._init()
-        task = ray.remote(_ray_train_task).options(
-            num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0
-        )
+        task = ray.remote(max_retries=0)(_ray_train_task)
         pending = {}
-        for planned, run_dir in todo:
+        deps = Dependencies(todo)
+
+        def submit(planned: PlannedRun, run_dir: Path) -> None:
             registry.set_status(planned.run_id, "running", "submitted to Ray")
             env = run_env(planned.spec.train.threads)
-            ref = task.remote(str(run_dir), env, self.timeout_seconds, self.retries)
+            command = run_command(planned, run_dir, self.nproc_per_run)
+            ranks = ranks_for(planned, self.nproc_per_run)
+            ref = task.options(num_cpus=self.cpus_per_run * ranks, num_gpus=self.gpus_per_run).remote(
+                str(run_dir), env, self.timeout_seconds, self.retries, command
+            )
             pending[ref] = (planned, run_dir, time.perf_counter())
+
+        for planned, run_dir in deps.ready:
+            submit(planned, run_dir)
         outcomes: list[RunOutcome] = []
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     planned, run_dir, t0 = pending.pop(ref)
+                    for waiting in deps.finished(planned.run_id):
+                        submit(*waiting)
                     try:
                         status, error, attempts = ray.get(ref)
                     except Exception as err:  # noqa: BLE001 - a lost task is one failed run
@@ -329,10 +406,11 @@ class RayExecutor:
 
 
 def _ray_train_task(
-    run_dir: str, env: dict[str, str], timeout_seconds: float | None, retries: int
+    run_dir: str, env: dict[str, str], timeout_seconds: float | None, retries: int, command: list[str]
 ) -> tuple[str, str | None, int]:
-    """Body of the Ray task: the same attempt-with-retries as a local run, on the node Ray chose."""
-    return attempt_with_retries(Path(run_dir), env, timeout_seconds, retries)
+    """Body of the Ray task: the same attempt-with-retries as a local run, on the node Ray chose (a
+    torchrun command starts its ranks there, on the GPUs Ray gave the task)."""
+    return attempt_with_retries(Path(run_dir), env, timeout_seconds, retries, command=command)
 
 
 Executor = LocalExecutor | RayExecutor

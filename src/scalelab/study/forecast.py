@@ -181,7 +181,7 @@ class Forecaster:
             return None
         t = planned.spec.train
         step_tokens = t.global_batch_size * planned.spec.model.context_tokens
-        steps = max(1, planned.tokens // step_tokens)
+        steps = max(1, planned.tokens_to_train // step_tokens)  # a WSD branch trains its cooldown only
         n_evals = steps // t.eval_interval_steps + 1
         eval_tokens = n_evals * t.eval_tokens
         seconds = (
@@ -220,6 +220,10 @@ def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: i
                 "n_params_total": r.n_params_total,
                 "tokens": r.tokens,
                 "flops": r.flops,
+                "tokens_to_train": r.tokens_to_train,
+                "flops_to_spend": r.flops_to_spend,
+                "branch_of": r.branch_of,
+                "branch_step": r.branch_step or None,
                 "forecast_seconds": None if fc is None else fc.seconds,
                 "forecast_peak_memory_bytes": None if fc is None else fc.peak_memory_bytes,
             }
@@ -228,6 +232,8 @@ def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: i
         "runs": len(rows),
         "flops": sum(r["flops"] for r in rows),
         "tokens": sum(r["tokens"] for r in rows),
+        "flops_to_spend": sum(r["flops_to_spend"] for r in rows),
+        "tokens_to_train": sum(r["tokens_to_train"] for r in rows),
         "forecast_run_seconds": sum(f.seconds for f in forecasts if f) if forecaster else None,
         "forecast_wall_seconds": total_wall_seconds(forecasts, parallel) if forecaster else None,
         "parallel": parallel,

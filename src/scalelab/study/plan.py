@@ -1,15 +1,21 @@
-"""Expand a study's design into its runs (grids and IsoFLOP designs) and describe each planned run."""
+"""Expand a study's design into its runs (grids, lists, IsoFLOP and WSD designs) and describe each one.
+
+WSD designs link their runs: per model size the longest run is the trunk and keeps snapshots where each
+shorter run's cooldown starts; the shorter runs are branches that train only from there (train/branch.py).
+A planned run's `tokens`/`flops` are those of the run it stands for (what the fit uses);
+`tokens_to_train`/`flops_to_spend` are what executing it costs.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scalelab.errors import SpecError
 from scalelab.models.flops import ModelShape
-from scalelab.spec import GridDesign, IsoFLOPDesign, ListDesign, RunSpec, StudySpec, set_path
+from scalelab.spec import GridDesign, IsoFLOPDesign, ListDesign, RunSpec, StudySpec, WSDDesign, set_path
 
 #: vocabulary assumed for planning when the spec leaves it to the tokenizer (byte-level: 256 + EOD).
 BYTE_VOCAB = 257
@@ -36,6 +42,22 @@ class PlannedRun:
     n_params_total: int
     tokens: int
     flops: float
+    branch_of: str | None = None  # WSD branch: the trunk run it starts from
+    branch_step: int = 0  # ... at this step
+    snapshot_steps: tuple[int, ...] = ()  # WSD trunk: steps where its branches start
+
+    @property
+    def step_tokens(self) -> int:
+        return self.spec.train.global_batch_size * self.spec.model.context_tokens
+
+    @property
+    def tokens_to_train(self) -> int:
+        """Tokens this run trains itself (a branch starts at its trunk's snapshot)."""
+        return self.tokens - self.branch_step * self.step_tokens
+
+    @property
+    def flops_to_spend(self) -> float:
+        return self.flops * self.tokens_to_train / self.tokens if self.tokens else 0.0
 
 
 def planning_vocab(spec: RunSpec) -> int:
@@ -140,6 +162,53 @@ def _expand_isoflop(
     return out
 
 
+def _expand_wsd(study: StudySpec, design: WSDDesign, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """Per size (axes × seeds) one WSD run per token count, longest first, sharing an absolute warmup."""
+    where = f"{source}: study.design"
+    base = set_path(study.base_run(), "train.schedule", "wsd", source=where)
+    if base.train.warmup_tokens is None:
+        step_tokens = base.train.global_batch_size * base.model.context_tokens
+        warmup_steps = round(base.train.warmup_fraction * min(design.tokens) / step_tokens)
+        base = set_path(base, "train.warmup_tokens", warmup_steps * step_tokens, source=where)
+    out = []
+    for values in itertools.product(*design.axes.values()):
+        size = dict(zip(design.axes, values, strict=True))
+        for tokens in sorted(set(design.tokens), reverse=True):
+            overrides = {**size, "train.tokens": tokens}
+            out += _with_overrides(base, overrides, design.seeds, f"{where}.tokens")
+    return out
+
+
+def link_branches(runs: list[PlannedRun], source: str = "<study>") -> list[PlannedRun]:
+    """Make the longest single-process WSD run of each group of runs differing only in tokens the trunk,
+    and the others its branches (starting at their cooldown); checked with train.branch.check_branch."""
+    from scalelab.train.branch import BranchError, branch_key, branch_step, check_branch
+
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        if r.spec.train.schedule == "wsd" and r.spec.train.strategy == "none":
+            groups.setdefault(branch_key(r.spec), []).append(i)
+    out = list(runs)
+    for members in groups.values():
+        trunk_i = max(members, key=lambda i: runs[i].tokens)
+        trunk = runs[trunk_i]
+        snapshots = set()
+        for i in members:
+            if i == trunk_i or runs[i].tokens == trunk.tokens:
+                continue
+            step = branch_step(runs[i].spec)
+            if step < 1:
+                continue  # the cooldown is the whole run: nothing to share
+            try:
+                check_branch(trunk.spec, runs[i].spec, step)
+            except BranchError as err:
+                raise SpecError(f"{source}: study.design: {err}") from None
+            out[i] = replace(runs[i], branch_of=trunk.run_id, branch_step=step)
+            snapshots.add(step)
+        out[trunk_i] = replace(trunk, snapshot_steps=tuple(sorted(snapshots)))
+    return out
+
+
 def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
     """Every run the study's design makes, validated; duplicate configs appear once."""
     design = study.design
@@ -147,6 +216,8 @@ def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
         pairs = _expand_grid(study, design, source)
     elif isinstance(design, ListDesign):
         pairs = _expand_list(study, design, source)
+    elif isinstance(design, WSDDesign):
+        pairs = _expand_wsd(study, design, source)
     else:
         pairs = _expand_isoflop(study, design, source)
     seen: set[str] = set()
@@ -157,4 +228,4 @@ def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
             continue
         seen.add(planned.run_id)
         runs.append(planned)
-    return runs
+    return link_branches(runs, source) if isinstance(design, WSDDesign) else runs

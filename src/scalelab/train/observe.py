@@ -35,6 +35,21 @@ def _plain(x: Any) -> Any:
     return _finite_or_none(x) if isinstance(x, float) else x
 
 
+def metrics_lines_upto(path: Path, step: int) -> list[str]:
+    """The whole JSON lines of metrics file `path` whose step is at most `step` (none if it is missing)."""
+    if not path.exists():
+        return []
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and int(obj.get("step", 0)) <= step:
+            keep.append(line)
+    return keep
+
+
 class MetricsLogger(Callback):
     """Writes metrics.jsonl and fills `state.extra` with mfu and peak_memory_bytes every step."""
 
@@ -59,14 +74,7 @@ class MetricsLogger(Callback):
         """Drop lines with a step beyond `step` (and a torn last line): the resumed run rewrites them."""
         if not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and int(obj.get("step", 0)) <= step:
-                keep.append(line)
+        keep = metrics_lines_upto(self.path, step)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in keep))
         tmp.replace(self.path)

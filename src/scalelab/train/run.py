@@ -10,6 +10,10 @@ The run directory:
 `train.strategy` "ddp"/"fsdp" runs go to `scalelab.train.parallel.engine.run_distributed` (under
 torchrun, or as a world of one), which writes the same files with sharded checkpoints.
 
+`snapshot_steps` keeps a checkpoint for good at those steps (in snapshots/, for WSD branches), and
+`branch_from` starts a run without checkpoints of its own from another run's snapshot after checking
+that training from scratch would pass through it (train/branch.py); record.json's "branch" says so.
+
 With `resume=True` a run continues from its newest valid checkpoint and ends bitwise identical to an
 uninterrupted run (same weights, optimizer, loader position and RNG); with `resume=False` previous
 checkpoints and metrics in `out_dir` are discarded.
@@ -35,14 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalelab.errors import TrainingError
+from scalelab.errors import CheckpointError, TrainingError
 from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
 from scalelab.io import atomic_write_json
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import RunSpec, config_hash
-from scalelab.train.checkpoint import clean_stale, load_latest, save_checkpoint
+from scalelab.train.branch import SNAPSHOT_DIR
+from scalelab.train.checkpoint import Checkpoint, clean_stale, load_latest, save_checkpoint
 from scalelab.train.observe import MetricsLogger
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
@@ -131,6 +136,7 @@ def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
         "peak_memory_bytes": None,
         "energy_joules": None,
         "energy_note": None,
+        "branch": None,
         "started_at": started,
         "finished_at": None,
     }
@@ -210,6 +216,26 @@ def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
+def _branch_point(
+    snapshot: Path | str, spec: RunSpec, device: torch.device, metrics_path: Path, record: dict[str, Any]
+) -> Checkpoint | None:
+    """The trunk snapshot this run starts from; None (train from scratch) when the snapshot does not
+    verify. A snapshot of an incompatible run is an error (BranchError), not a silent fallback."""
+    from scalelab.train.branch import BranchError, copy_trunk_metrics, load_branch_point
+
+    try:
+        point = load_branch_point(Path(snapshot), spec, device)
+    except BranchError:
+        raise
+    except CheckpointError as err:
+        log.error("cannot branch, training from scratch: %s", err)
+        return None
+    copy_trunk_metrics(point, metrics_path)
+    record["branch"] = point.describe()
+    log.info("branching from %s (run %s, step %d)", snapshot, point.trunk.run_id, point.checkpoint.step)
+    return point.checkpoint
+
+
 def run_training(
     spec: RunSpec,
     out_dir: Path | str,
@@ -218,14 +244,20 @@ def run_training(
     store: Any = None,
     loader_factory: LoaderFactory | None = None,
     callbacks: Sequence[Callback] = (),
+    snapshot_steps: Sequence[int] = (),
+    branch_from: Path | str | None = None,
 ) -> dict[str, Any]:
     """Train `spec` in `out_dir` and return the record (also written to out_dir/record.json).
 
     `store` (default: `ensure_store(spec.data)`), `loader_factory` (default: `BlockLoader`) and extra
     `callbacks` are for tests and embedding; the contract is `run_training(spec, out_dir, resume)`.
+    `snapshot_steps` / `branch_from`: WSD trunks and branches (module docstring).
     """
     if spec.train.strategy != "none":  # ddp/fsdp: the multi-rank engine (also as a world of one)
         from scalelab.train.parallel.engine import run_distributed
+
+        if snapshot_steps or branch_from is not None:
+            log.warning("WSD snapshots and branching are single-process only; %s trains whole", spec.run_id)
 
         return run_distributed(spec, out_dir, resume, store=store, callbacks=callbacks)
     out = Path(out_dir)
@@ -302,18 +334,22 @@ def run_training(
             )
             ckpt_dir = out / "checkpoint"
 
-            def save(tr: Trainer) -> Path:
-                js = tr.json_state()
-                js["wall_seconds"] = prior_wall + (time.time() - t_start)
-                return save_checkpoint(
-                    ckpt_dir,
-                    step=tr.state.step,
-                    model=raw_model,
-                    tensor_state=tr.tensor_state(),
-                    json_state=js,
-                    config_hash=chash,
-                    keep=spec.train.keep_checkpoints,
-                )
+            def save_to(directory: Path, keep: int) -> Callable[[Trainer], Path]:
+                def save(tr: Trainer) -> Path:
+                    js = tr.json_state()
+                    js["wall_seconds"] = prior_wall + (time.time() - t_start)
+                    js["branch"] = record["branch"]
+                    return save_checkpoint(
+                        directory,
+                        step=tr.state.step,
+                        model=raw_model,
+                        tensor_state=tr.tensor_state(),
+                        json_state=js,
+                        config_hash=chash,
+                        keep=keep,
+                    )
+
+                return save
 
             trainer = Trainer(
                 model,
@@ -326,22 +362,29 @@ def run_training(
                 eval_batches=eval_batches,
                 debug=spec.debug,
                 callbacks=[DivergenceGuard(spec.train.divergence_factor), metrics, *callbacks],
-                checkpoint_fn=save,
+                checkpoint_fn=save_to(ckpt_dir, spec.train.keep_checkpoints),
                 raw_model=raw_model,
+                snapshot_fn=save_to(out / SNAPSHOT_DIR, len(snapshot_steps) + 1),
+                snapshot_steps=snapshot_steps,
             )
 
             resumed_step = 0
+            ckpt = None
             if resume:
                 clean_stale(ckpt_dir)
                 ckpt = load_latest(ckpt_dir, chash, map_location=device)
-                if ckpt is not None:
-                    ckpt.restore(raw_model)
-                    trainer.load_state(ckpt.tensor_state, ckpt.json_state)
-                    prior_wall = float(ckpt.json_state.get("wall_seconds", 0.0))
-                    resumed_step = ckpt.step
-                    log.info("resumed from %s", ckpt.path)
             else:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if ckpt is not None:
+                prior_wall = float(ckpt.json_state.get("wall_seconds", 0.0))
+                record["branch"] = ckpt.json_state.get("branch")
+                log.info("resuming from %s", ckpt.path)
+            elif branch_from is not None:
+                ckpt = _branch_point(branch_from, spec, device, metrics.path, record)
+            if ckpt is not None:
+                ckpt.restore(raw_model)
+                trainer.load_state(ckpt.tensor_state, ckpt.json_state)
+                resumed_step = ckpt.step
             metrics.truncate_after(resumed_step)
 
             energy.start()

@@ -197,6 +197,8 @@ class Trainer:
     `train_loader` yields LongTensor (global_batch_size, context+1) batches and has state_dict/
     load_state_dict. `eval_batches` is the fixed held-out set evaluated every eval_interval_steps.
     `checkpoint_fn(trainer) -> Path` saves a checkpoint (see train/checkpoint.py); None: no checkpoints.
+    `snapshot_fn(trainer)` is called after the step's eval and checkpoint at each of `snapshot_steps`: a
+    checkpoint kept for good, from which other runs branch (WSD cooldowns, train/branch.py).
     `model` may be a torch.compile'd wrapper of `raw_model` (whose weights are what gets saved).
 
     Data parallel (train/distributed.py): `world_size` data-parallel ranks each get `global_batch_size /
@@ -227,6 +229,8 @@ class Trainer:
         eval_fn: Callable[[Sequence[torch.Tensor]], float] | None = None,
         grad_norm_group: Any = None,
         grad_norm_skip: frozenset[int] = frozenset(),
+        snapshot_fn: Callable[[Trainer], Path] | None = None,
+        snapshot_steps: Iterable[int] = (),
     ) -> None:
         self.model = model
         self.raw_model = raw_model if raw_model is not None else model
@@ -237,11 +241,13 @@ class Trainer:
         self.debug = debug or DebugSpec()
         self.callbacks = list(callbacks)
         self.checkpoint_fn = checkpoint_fn
+        self.snapshot_fn = snapshot_fn
+        self.snapshot_steps = frozenset(int(s) for s in snapshot_steps)
         self.context_tokens = context_tokens
         self.optimizer = make_optimizer(param_groups, train, self.device)
         self.scaler = make_grad_scaler(train.precision, self.device.type)
         self.base_total_steps = total_steps
-        self.schedule = make_schedule(train, total_steps)
+        self.schedule = make_schedule(train, total_steps, train.global_batch_size * context_tokens)
         if world_size < 1 or train.global_batch_size % world_size:
             raise ValueError(
                 f"train.global_batch_size={train.global_batch_size} must be divisible by the "
@@ -314,6 +320,8 @@ class Trainer:
                 path = self.checkpoint_fn(self)
                 for cb in self.callbacks:
                     cb.on_checkpoint(state, path)
+            if self.snapshot_fn is not None and state.step in self.snapshot_steps:
+                self.snapshot_fn(self)
         self.close()
         if state.status == "running":
             state.status = "done"
