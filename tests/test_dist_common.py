@@ -63,9 +63,11 @@ def build_store(root: Path) -> Path:
     return ensure_store(spec, cache_dir=root / "cache").path
 
 
-def make_spec(store: Path, **train: Any) -> RunSpec:
+def make_spec(store: Path, *, model: dict[str, Any] | None = None, **train: Any) -> RunSpec:
+    """BASE on `store`, with `train` (and `debug=…`) set in [train] and `model` merged into [model]."""
     data = json.loads(json.dumps(BASE))
     data["data"] = {"store": str(store)}
+    data["model"].update(model or {})
     data["train"].update(train)
     debug = data["train"].pop("debug", None)
     if debug:

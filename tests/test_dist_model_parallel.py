@@ -3,6 +3,9 @@
 * tensor parallel: DTensor column/row-parallel attention and MLP, `tensor_parallel=2` on 2 ranks
   (data-parallel size 1, FSDP over it);
 * pipeline parallel: 2 stages, 1F1B over 4 micro-batches, tied embedding/output weight across stages;
+* the cross-rank gradient-norm spread (grad_norm_min/max/std) under both: per-rank norms of the rank's
+  shard / stage, bounded by the global norm as train/distributed.py derives (slow: with untied weights
+  the stages' squared norms add up to the global one);
 * slow: the 2-D mesh data 2 × tensor 2, and pipeline 2 × tensor 2, on 4 ranks.
 Tolerance: float (the all-reduces sum in another order than one process does).
 """
@@ -10,6 +13,8 @@ Tolerance: float (the all-reduces sum in another order than one process does).
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,26 +50,93 @@ def setup(tmp_path_factory):
     return work, store, one
 
 
-def test_tensor_parallel_two_ranks_matches_one_process(setup):
-    work, store, one = setup
-    spec = make_spec(store, strategy="fsdp", tensor_parallel=2)
-    out = work / "tp2"
-    assert torchrun(work, write_config(work / "tp.json", spec), out, 2).returncode == 0
-    assert _close(losses(out), losses(work / "one")), (losses(out), losses(work / "one"))
-    rec = json.loads((out / "record.json").read_text())
-    assert rec["eval_loss"] == pytest.approx(one["eval_loss"], rel=REL)
+def _torchrun_ok(work: Path, name: str, spec, nproc: int = 2, timeout: float = 240) -> Path:
+    """Run `spec` on `nproc` ranks into work/name; the output directory."""
+    out = work / name
+    proc = torchrun(work, write_config(work / f"{name}.json", spec), out, nproc, timeout=timeout)
+    assert proc.returncode == 0
+    return out
 
 
-def test_pipeline_two_stages_matches_one_process(setup):
-    work, store, one = setup
+@pytest.fixture(scope="module")
+def tp_run(setup) -> Path:
+    """tensor_parallel=2 on 2 ranks (data-parallel size 1)."""
+    work, store, _ = setup
+    return _torchrun_ok(work, "tp2", make_spec(store, strategy="fsdp", tensor_parallel=2))
+
+
+@pytest.fixture(scope="module")
+def pp_run(setup) -> Path:
+    """2 pipeline stages on 2 ranks, 4 micro-batches, tied embedding/output weight."""
+    work, store, _ = setup
     spec = make_spec(store, strategy="fsdp", pipeline_parallel=2, pipeline_microbatches=4)
-    out = work / "pp2"
-    assert torchrun(work, write_config(work / "pp.json", spec), out, 2).returncode == 0
-    assert _close(losses(out), losses(work / "one")), (losses(out), losses(work / "one"))
-    rec = json.loads((out / "record.json").read_text())
+    return _torchrun_ok(work, "pp2", spec)
+
+
+def test_tensor_parallel_two_ranks_matches_one_process(setup, tp_run):
+    work, _, one = setup
+    assert _close(losses(tp_run), losses(work / "one")), (losses(tp_run), losses(work / "one"))
+    rec = json.loads((tp_run / "record.json").read_text())
     assert rec["eval_loss"] == pytest.approx(one["eval_loss"], rel=REL)
-    first = step_rows(out)[0]
-    assert first["grad_norm"] == pytest.approx(step_rows(work / "one")[0]["grad_norm"], rel=REL)
+
+
+def test_pipeline_two_stages_matches_one_process(setup, pp_run):
+    work, _, one = setup
+    assert _close(losses(pp_run), losses(work / "one")), (losses(pp_run), losses(work / "one"))
+    rec = json.loads((pp_run / "record.json").read_text())
+    assert rec["eval_loss"] == pytest.approx(one["eval_loss"], rel=REL)
+
+
+def _spread_rows(out: Path, reference: Path, world_size: int = 2) -> list[dict]:
+    """The step rows of `out`, after checking that every one carries the cross-rank spread (finite,
+    min ≤ max, std ≥ 0) and that the global grad_norm equals the single-process run's at every step."""
+    rows = step_rows(out)
+    assert len(rows) == 12
+    for row in rows:
+        for key in ("grad_norm", "grad_norm_min", "grad_norm_max", "grad_norm_std"):
+            assert key in row and math.isfinite(row[key]), (key, row)
+        for key in ("step_seconds_min", "step_seconds_max", "step_seconds_std"):
+            assert key in row and math.isfinite(row[key]), (key, row)
+        assert 0 < row["grad_norm_min"] <= row["grad_norm_max"] and row["grad_norm_std"] >= 0
+        assert row["step_seconds_min"] <= row["step_seconds_max"] == row["step_seconds"]
+        assert row["world_size"] == world_size
+    ref = step_rows(reference)
+    assert _close([r["grad_norm"] for r in rows], [r["grad_norm"] for r in ref])
+    return rows
+
+
+def test_grad_norm_spread_is_logged_under_tensor_and_pipeline_parallel(setup, tp_run, pp_run):
+    """grad_norm_min/max/std in metrics.jsonl under TP and PP; the global norm still matches one process.
+
+    Tensor parallel (data-parallel size 1): rank r's norm² is R² + S_r² (replicated parameters R, its
+    shard S_r) and grad_norm² = R² + S_0² + S_1², so max ≤ grad_norm ≤ sqrt(min² + max²) — a norm of the
+    whole model, or of the shard alone, would break one side.
+    """
+    work, _, _ = setup
+    for row in _spread_rows(tp_run, work / "one"):
+        g, lo, hi = row["grad_norm"], row["grad_norm_min"], row["grad_norm_max"]
+        assert hi <= g * (1 + REL) and g <= math.hypot(lo, hi) * (1 + REL), row
+    _spread_rows(pp_run, work / "one")
+
+
+@pytest.mark.slow
+def test_pipeline_stage_grad_norms_add_up_to_the_global_norm(setup):
+    """Untied weights, 2 stages, data-parallel size 1: the stages hold disjoint parameters, so their
+    local squared norms (measured inside FSDP's reduction, rescaled by 1/micro-batches) sum to
+    grad_norm² — checks the rescaling and that no stage counts a parameter twice."""
+    work, store, _ = setup
+    untied = {"tie_embeddings": False}
+    spec = make_spec(store, strategy="fsdp", pipeline_parallel=2, pipeline_microbatches=4, model=untied)
+    one_spec = make_spec(store, strategy="none", model=untied)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCALELAB_CACHE_DIR", str(work / "cache"))
+    one = run_training(one_spec, work / "one-untied")
+    mp.undo()
+    assert one["status"] == "done", one["error"]
+    out = _torchrun_ok(work, "pp2-untied", spec)
+    for row in _spread_rows(out, work / "one-untied"):
+        g, lo, hi = row["grad_norm"], row["grad_norm_min"], row["grad_norm_max"]
+        assert math.hypot(lo, hi) == pytest.approx(g, rel=1e-5), row
 
 
 def test_stage_blocks_are_contiguous_and_cover_the_model():
@@ -78,15 +150,15 @@ def test_stage_blocks_are_contiguous_and_cover_the_model():
 def test_pipeline_and_tensor_parallel_on_four_ranks(setup):
     work, store, one = setup
     spec = make_spec(store, strategy="fsdp", pipeline_parallel=2, tensor_parallel=2, pipeline_microbatches=4)
-    out = work / "pp2tp2"
-    assert torchrun(work, write_config(work / "pp2tp2.json", spec), out, 4, timeout=400).returncode == 0
+    out = _torchrun_ok(work, "pp2tp2", spec, 4, timeout=400)
     assert _close(losses(out), losses(work / "one")), (losses(out), losses(work / "one"))
+    _spread_rows(out, work / "one", world_size=4)
 
 
 @pytest.mark.slow
 def test_tensor_and_data_parallel_2d_mesh_on_four_ranks(setup):
     work, store, one = setup
     spec = make_spec(store, strategy="fsdp", tensor_parallel=2)
-    out = work / "tp2dp2"
-    assert torchrun(work, write_config(work / "tp2d.json", spec), out, 4, timeout=400).returncode == 0
+    out = _torchrun_ok(work, "tp2dp2", spec, 4, timeout=400)
     assert _close(losses(out), losses(work / "one")), (losses(out), losses(work / "one"))
+    _spread_rows(out, work / "one", world_size=4)

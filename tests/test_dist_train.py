@@ -6,7 +6,10 @@ What must hold (losses per step from metrics.jsonl):
   * FSDP2 on 2 ranks ≡ DDP on 2 ranks (float tolerance);
   * a run saved by 2 ranks resumes at 1 (and at 4, slow) and continues the same global batch sequence;
   * kill -9 of one rank under --max-restarts 1: torchrun restarts the group, it resumes from the last
-    committed checkpoint and ends bitwise equal to the uninterrupted run.
+    committed checkpoint and ends bitwise equal to the uninterrupted run;
+  * elastic jobs (--nnodes 1:2, one process per agent, slow): a second agent joining grows the group from
+    1 to 2 ranks; an agent leaving (kill -9 of it and its worker) shrinks it from 2 to 1. Either way the
+    run resumes from the last committed checkpoint and continues the same global batch sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -166,38 +171,147 @@ def test_kill_minus_nine_restarts_and_matches_uninterrupted_run(work, store, ddp
     assert losses(out) == losses(ddp_run), f"killed after step {killed}"
 
 
+# ------------------------------------------------------------------- elastic jobs (--nnodes 1:2)
+@pytest.fixture()
+def elastic_agent(work) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Starts one torchrun agent (one worker) of the elastic job `--nnodes 1:2`:
+    ``elastic_agent(config, out, endpoint, rdzv_conf, max_restarts=0)``, output piped (see `_finish`).
+    Agents still running when the test ends (it failed) are killed with their workers."""
+    from scalelab.train.parallel.launch import torchrun_command
+
+    started: list[subprocess.Popen] = []
+
+    def start(
+        config: Path, out: Path, endpoint: str, rdzv_conf: str, max_restarts: int = 0
+    ) -> subprocess.Popen:
+        argv = torchrun_command(
+            config,
+            out,
+            nproc=1,
+            nnodes="1:2",
+            max_restarts=max_restarts,
+            rdzv_endpoint=endpoint,
+            rdzv_conf=rdzv_conf,
+        )
+        env = child_env(work)
+        started.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    yield start
+    for agent in started:
+        if agent.poll() is None:
+            _kill_agent(agent)
+            agent.communicate(timeout=60)
+
+
+def _logged_rows(out: Path) -> list[dict[str, Any]]:
+    """The step rows metrics.jsonl holds so far (a line being written is skipped)."""
+    path = out / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in row:
+            rows.append(row)
+    return rows
+
+
+def _wait_for_rows(
+    out: Path,
+    agents: Sequence[subprocess.Popen],
+    enough: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 180,
+) -> list[dict[str, Any]]:
+    """Poll metrics.jsonl until `enough(rows)`; the rows then. Fails if an agent exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = _logged_rows(out)
+        if enough(rows):
+            return rows
+        ended = [a for a in agents if a.poll() is not None]
+        assert not ended, _finish(ended)
+        time.sleep(0.1)
+    raise AssertionError(f"metrics.jsonl never reached the wanted rows: {_logged_rows(out)}")
+
+
+def _finish(agents: Sequence[subprocess.Popen], timeout: float = 300) -> list[str]:
+    """Wait for the agents to exit; their output tails."""
+    return [a.communicate(timeout=timeout)[0].decode()[-4000:] for a in agents]
+
+
+def _same_run_as(out: Path, reference: Path, world_size: int) -> list[dict[str, Any]]:
+    """Check that the run in `out` finished at `world_size` with the losses of `reference`, step for step
+    (float tolerance: a part ran at another world size); its step rows."""
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "done" and rec["world_size"] == world_size and rec["steps"] == 12, rec
+    assert _close(losses(out), losses(reference)), (losses(out), losses(reference))
+    rows = step_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    return rows
+
+
 @pytest.mark.slow
-def test_elastic_job_grows_from_one_to_two_ranks_and_keeps_the_data_order(work, store, ddp_run):
+def test_elastic_job_grows_from_one_to_two_ranks_and_keeps_the_data_order(
+    work, store, ddp_run, elastic_agent
+):
     """`--nnodes 1:2`: one agent starts alone (world 1); a second agent joins the c10d rendezvous on
     127.0.0.1, torchrun restarts the group at world 2, which resumes from the last committed checkpoint
     and continues the same global batch sequence (float tolerance: the world size changed)."""
-    from scalelab.train.parallel.launch import free_port, torchrun_command
+    from scalelab.train.parallel.launch import free_port
 
     spec = make_spec(store, debug={"sleep_seconds_per_step": 1.0})
-    out = work / "elastic"
-    argv = torchrun_command(
-        write_config(work / "elastic.json", spec),
-        out,
-        nproc=1,
-        nnodes="1:2",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        rdzv_conf="last_call_timeout=1",
-    )
-    env = child_env(work)
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and first.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"loss"') >= 2:
-            break
-        time.sleep(0.1)
-    assert first.poll() is None, first.communicate()[0].decode()[-4000:]
-    second = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out1, _ = first.communicate(timeout=300)
-    out2, _ = second.communicate(timeout=300)
-    assert first.returncode == 0 and second.returncode == 0, (out1.decode()[-4000:], out2.decode()[-4000:])
-    rec = json.loads((out / "record.json").read_text())
-    assert rec["status"] == "done" and rec["world_size"] == 2 and rec["steps"] == 12
-    rows = step_rows(out)
+    config, out = write_config(work / "elastic.json", spec), work / "elastic"
+    endpoint, conf = f"127.0.0.1:{free_port()}", "last_call_timeout=1"
+    first = elastic_agent(config, out, endpoint, conf)
+    _wait_for_rows(out, [first], lambda rows: len(rows) >= 2)
+    second = elastic_agent(config, out, endpoint, conf)
+    logs = _finish([first, second])
+    assert first.returncode == 0 and second.returncode == 0, logs
+    rows = _same_run_as(out, ddp_run, world_size=2)
     assert rows[0]["world_size"] == 1 and rows[-1]["world_size"] == 2
-    assert _close(losses(out), losses(ddp_run)), (losses(out), losses(ddp_run))
+
+
+def _kill_agent(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent, then its workers: they run in their own session (torchrun starts them
+    with start_new_session=True) and would outlive it; the agent goes first so it cannot restart them."""
+    workers = _worker_pids(psutil.Process(agent.pid))
+    agent.send_signal(signal.SIGKILL)
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_elastic_job_shrinks_from_two_to_one_rank_when_an_agent_leaves(work, store, ddp_run, elastic_agent):
+    """`--nnodes 1:2 --max-restarts 1`, two agents: the run starts at world 2; after step 4 one agent and
+    its worker are killed (the node is gone for good). The surviving worker's collective fails, its agent
+    restarts it; the dynamic rendezvous drops the dead agent once its keep-alive expires, closes the next
+    round with the one agent left (min 1), and the world-1 group resumes from the last committed sharded
+    checkpoint with the same global batch sequence (float tolerance: the world size changed).
+
+    The agent that stays hosts the rendezvous store (is_host=1), as a stable head node would: the c10d
+    backend keeps it in the process of one agent, so losing that one would end the job.
+    keep_alive_interval=1 × keep_alive_max_attempt=5: the dead agent is dropped after 5 s (default 15 s).
+    """
+    from scalelab.train.parallel.launch import free_port
+
+    spec = make_spec(store, debug={"sleep_seconds_per_step": 0.5})
+    config, out = write_config(work / "shrink.json", spec), work / "shrink"
+    endpoint = f"127.0.0.1:{free_port()}"
+    conf = "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=5"
+    stays = elastic_agent(config, out, endpoint, conf + ",is_host=1", max_restarts=1)
+    leaves = elastic_agent(config, out, endpoint, conf + ",is_host=0", max_restarts=1)
+    _wait_for_rows(out, [stays, leaves], lambda rows: len(rows) >= 4)
+    _kill_agent(leaves)
+    # rows logged at the kill; one more may follow (a step whose all-gather had finished), but no
+    # checkpoint after it can commit without the killed rank
+    before = _logged_rows(out)
+    logs = _finish([stays, leaves])
+    assert stays.returncode == 0 and leaves.returncode == -signal.SIGKILL, logs
+    assert all(r["world_size"] == 2 for r in before), before  # it started with 2 workers
+    rows = _same_run_as(out, ddp_run, world_size=1)
+    resumed = sum(r["world_size"] == 2 for r in rows)  # world-2 rows up to the checkpoint resumed from
+    assert resumed % 3 == 0 and 3 <= resumed <= len(before) < 12, (resumed, len(before))
+    assert [r["world_size"] for r in rows] == [2] * resumed + [1] * (12 - resumed)
+    assert losses(out)[:resumed] == losses(ddp_run)[:resumed]  # the world-2 part: bitwise

@@ -20,8 +20,33 @@ makes it parallel — ``model = parallelize(model, mesh, spec.train)`` — follo
   `regroup` after.
 * **Cross-rank metrics.** `CrossRankMetrics`, the first callback on every rank, all-gathers each rank's
   loss, local gradient norm and step time: the logged loss is the mean over ranks, the spread
-  (min/max/std) of gradient norms and step times shows stragglers, and throughput is the global
-  tokens over the slowest rank's step time.
+  (min/max/std over all ranks) of gradient norms and step times shows stragglers and imbalance, and
+  throughput is the global tokens over the slowest rank's step time. The logged ``grad_norm`` is the
+  global norm the trainer clips by (the same on every rank); ``grad_norm_min/max/std`` spread the
+  per-rank *local* norms, which `parallelize` measures where each rank's gradient enters data-parallel
+  averaging (before it), so they say something different under each layout:
+
+  - ``ddp`` / ``fsdp`` (tp = pp = 1): the norm of the full-model gradient of the rank's own micro-batches.
+    Every rank holds the same parameters, so the spread is data heterogeneity (and a rank whose norm
+    leaves the pack points at its data or its hardware); the global norm is that of the mean gradient.
+  - tensor parallel: the norm of the rank's shard — its column/row slices of the attention and MLP
+    matrices — plus the replicated parameters (embeddings, LayerNorms, output layer), whose gradients are
+    identical on the tensor-parallel ranks of a data-parallel replica. With data-parallel size 1,
+    local_r² = R² + S_r² and grad_norm² = R² + Σ_r S_r² (R: replicated part, S_r: shard r), so
+    every local norm is at most the global one; the spread is how unevenly the heads / MLP columns of
+    the shards carry the gradient.
+  - pipeline parallel: the norm of the gradient the rank's stage computed for the parameters it holds
+    (its blocks; the embeddings on the first stage, the final LayerNorm and output layer on the last),
+    averaged over the pipeline micro-batches. Stages hold disjoint parameters, so the spread is how the
+    gradient is distributed along the depth (an exploding stage stands out), not data noise. With
+    untied embeddings and data-parallel size 1, Σ_stages local² = grad_norm². A tied embedding/output
+    weight is counted on each of its two stages with that stage's contribution only (the embedding
+    lookup's gradient on the first, the output layer's on the last — measured before they are summed).
+  - meshes with several dimensions (e.g. data × tensor): all ranks are pooled, so the spread mixes the
+    data spread with the shard/stage spread above.
+
+  Step-time spread means the same everywhere: the slowest rank sets the step time, the fastest shows
+  what the others wait (under pipeline parallelism the first and last stages do extra work).
 """
 
 from __future__ import annotations
@@ -288,8 +313,7 @@ def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
         for block in _blocks(model):
             fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
         fully_shard(model, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
-        if train.tensor_parallel == 1 and train.pipeline_parallel == 1:
-            _install_fsdp_norm_recorder(model, dp.get_group())
+        _install_fsdp_norm_recorder(model, dp.get_group())
         return model
     raise DistributedError(f"train.strategy: unknown strategy {train.strategy!r}")
 
@@ -367,12 +391,19 @@ def regroup(
 # --------------------------------------------------------------------------- local grad norm
 @dataclass
 class _GradNormHook:
-    """The squared norm of this rank's gradient before averaging (DDP comm-hook state, FSDP recorder)."""
+    """The squared norm of this rank's gradient before averaging (DDP comm-hook state, FSDP recorder).
+
+    `scale` multiplies the reported norm: the pipeline schedule divides gradients by its number of
+    micro-batches only *after* FSDP's reduction (`PipelineStage.perform_reduce_grad` → `scale_grads`),
+    so what the recorder sees there is that many times the step's gradient
+    (`scalelab.train.parallel.pipeline.PipelineRunner.local_norm_scale`).
+    """
 
     group: Any
     world_size: int
     sq_sum: torch.Tensor | None = None  # stays on the device: no host sync inside backward
     buckets: int = 0
+    scale: float = 1.0
 
     @classmethod
     def install(cls, ddp: nn.Module, group: Any) -> _GradNormHook:
@@ -391,7 +422,7 @@ class _GradNormHook:
         """This rank's local gradient norm of the last synchronized backward (None if none ran)."""
         if self.buckets == 0 or self.sq_sum is None:
             return None
-        value = math.sqrt(float(self.sq_sum))
+        value = math.sqrt(float(self.sq_sum)) * self.scale
         self.sq_sum, self.buckets = None, 0
         return value
 
@@ -409,8 +440,16 @@ def _allreduce_measuring_norm(state, bucket):  # noqa: ANN001, ANN201 — DDP re
 
 
 def _install_fsdp_norm_recorder(model: nn.Module, group: Any) -> _GradNormHook:
-    """FSDP2: measure each rank's local gradient in the reduce-scatter input (the unsharded, accumulated
-    local gradients, zero-padded, in the reduce dtype — fp32 here, so FSDP does not pre-divide them)."""
+    """FSDP2 (also under tensor/pipeline parallelism, on each stage): measure each rank's local gradient
+    where FSDP reduces it over the data-parallel `group` — the unsharded, accumulated local gradients
+    (tensor-parallel parameters: this rank's local shards), zero-padded, in the reduce dtype (fp32 here,
+    so FSDP does not pre-divide them).
+
+    With more than one data-parallel rank that is the reduce-scatter input (a custom reduce-scatter that
+    records, then reduces). With one, FSDP skips the collective and copies the input to the output
+    unchanged (no divide factor), so the all-reduce hook — which FSDP calls after every reduction — sees
+    the same gradients.
+    """
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
@@ -424,14 +463,17 @@ def _install_fsdp_norm_recorder(model: nn.Module, group: Any) -> _GradNormHook:
     comm = _Measuring()
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_custom_reduce_scatter(comm)
+            if recorder.world_size > 1:
+                module.set_custom_reduce_scatter(comm)
+            else:
+                module.set_all_reduce_hook(recorder.add)
     model._scalelab_grad_norm = recorder  # type: ignore[attr-defined]
     return recorder
 
 
 def local_grad_norm_source(model: nn.Module) -> _GradNormHook | None:
-    """The local-gradient-norm recorder `parallelize` installed (DDP, and FSDP without tensor/pipeline
-    parallelism); None for others."""
+    """The local-gradient-norm recorder `parallelize` installed (DDP; FSDP, with or without tensor and
+    pipeline parallelism); None for an unwrapped model."""
     return getattr(model, "_scalelab_grad_norm", None)
 
 
@@ -446,8 +488,10 @@ class CrossRankMetrics(Callback):
 
     After it, `state.loss` is the mean of the ranks' losses (so every rank's DivergenceGuard decides the
     same), `state.step_seconds` the slowest rank's time, `state.tokens_per_second` the global throughput,
-    and `state.extra["metrics"]` carries grad_norm_min/max/std (per-rank local gradient norms before
-    averaging; DDP, and FSDP without tensor/pipeline parallelism) and step_seconds_min/max/std for the metrics.jsonl line.
+    and `state.extra["metrics"]` carries, for the metrics.jsonl line, grad_norm_min/max/std (per-rank
+    local gradient norms before data-parallel averaging: the full model under DDP/FSDP, the rank's shard
+    under tensor parallelism, its stage under pipeline parallelism — the module docstring says what their
+    spread means in each case; absent when a rank has no recorder) and step_seconds_min/max/std.
     """
 
     def __init__(self, group: Any = None, grad_norm_source: _GradNormHook | None = None) -> None:

@@ -200,6 +200,9 @@ def _build(
             train.pipeline_microbatches or 2 * train.pipeline_parallel,
             tied=spec.model.tie_embeddings,
         )
+        source = local_grad_norm_source(model)
+        if source is not None:  # measured before the schedule's division by the micro-batch count
+            source.scale = runner.local_norm_scale
         pipeline_kwargs = {
             "forward_backward": runner.forward_backward,
             "eval_fn": partial(runner.evaluate, local_batch=train.global_batch_size // ctx.dp_size),

@@ -5,6 +5,14 @@ set; `run_training` sees a ddp/fsdp strategy and trains as one rank of the group
 127.0.0.1 (or `rdzv_endpoint`) so that `--nnodes MIN:MAX` elastic jobs and `--max-restarts N` work: after
 a worker dies, torchrun restarts the whole group, and `scalelab train` resumes from the newest committed
 checkpoint (`--resume` is the default).
+
+Elastic membership (`--nnodes MIN:MAX`, one agent per node): an agent joining makes the running agents
+restart their workers at the larger world size; an agent that dies (its node gone) fails the others'
+collectives, and those agents restart (this needs `--max-restarts` ≥ 1) into a round the dead agent is
+dropped from once its keep-alive expires (rdzv_conf `keep_alive_interval` × `keep_alive_max_attempt`,
+5 s × 3 by default), closing `last_call_timeout` after MIN agents are in. The c10d rendezvous store lives
+in the process of one agent (the first to bind the endpoint, or the one given `is_host=1`): the job
+survives the loss of any agent but that one.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Per optimizer step, `PipelineRunner.forward_backward(batch)` runs `Schedule1F1B`
 batch split into `pipeline_microbatches` micro-batches (gradients averaged over them), broadcasts the last
 stage's mean loss to every stage, and sums the gradient of a tied embedding/output weight between the
 first and last stage (both hold a copy, kept identical by identical updates). The gradient norm for
-clipping is reduced over the ``pp`` dimension with the tied copy counted once.
+clipping is reduced over the ``pp`` dimension with the tied copy counted once. The per-rank gradient norm
+logged for the cross-rank spread is the stage's own (train/distributed.py says what its spread means).
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ class PipelineRunner:
                 if me in pair:
                     mine = group
         return mine
+
+    @property
+    def local_norm_scale(self) -> float:
+        """Factor for a local gradient norm measured inside FSDP's reduction of this stage: the schedule
+        sums the micro-batches' mean-loss gradients and divides by their number only after that reduction
+        (`scale_grads` in `PipelineStage.perform_reduce_grad`)."""
+        return 1.0 / self.n_microbatches
 
     def norm_skip(self) -> set[int]:
         """Parameters to leave out of the gradient norm: the last stage's copy of a tied weight."""
