@@ -76,6 +76,27 @@ def test_ddp_two_ranks_matches_one_process_with_accumulation(work, store, ddp_ru
     assert [r["step"] for r in step_rows(ddp_run)] == list(range(1, 13))
 
 
+def test_auto_micro_batch_and_batch_schedule_under_ddp_match_one_process(work, store, monkeypatch):
+    """Config-driven controls reach the distributed engine: "auto" resolves per rank (rank 0's choice for
+    all), the batch doubles at 768 tokens on both ranks, and the losses match one process doing the same."""
+    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(work / "cache"))
+    controls = {"micro_batch_size": "auto", "batch_schedule": [[0, 8], [768, 16]]}
+    spec = make_spec(store, **controls)
+    out = work / "ddp-controls"
+    assert torchrun(work, write_config(work / "controls.json", spec), out, 2).returncode == 0
+    one = run_training(make_spec(store, strategy="none", **controls), work / "one-controls")
+    ddp = json.loads((out / "record.json").read_text())
+    assert ddp["status"] == one["status"] == "done"
+    assert ddp["micro_batch_size"] == 4 and one["micro_batch_size"] == 8  # whole per-rank batch fits
+    assert (
+        [(c["step"], c["to"]) for c in ddp["batch_changes"]]
+        == [(6, 16)]
+        == [(c["step"], c["to"]) for c in one["batch_changes"]]
+    )
+    assert [r["global_batch_size"] for r in step_rows(out)] == [8] * 5 + [16] * 4
+    assert _close(losses(out), losses(work / "one-controls"))
+
+
 def test_fsdp_two_ranks_matches_ddp_and_reshards_to_one(work, store, ddp_run, monkeypatch):
     spec = make_spec(store, strategy="fsdp")
     out = work / "fsdp2"

@@ -138,7 +138,9 @@ def test_wsd_study_branches_equal_their_from_scratch_runs(tmp_path: Path, tiny_c
         assert scratch["branch"] is None
         assert scratch["final_train_loss"] == record["final_train_loss"]  # bitwise, on CPU
         assert scratch["eval_loss"] == record["eval_loss"]
-        assert _losses(tmp_path / f"scratch-{tokens}") == _losses(run_dir)  # whole curve, trunk prefix included
+        assert _losses(tmp_path / f"scratch-{tokens}") == _losses(
+            run_dir
+        )  # whole curve, trunk prefix included
 
 
 def test_corrupt_snapshot_trains_the_branch_from_scratch(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -67,6 +67,8 @@ RECORD_KEYS = {
     "energy_joules",
     "energy_note",
     "branch",
+    "micro_batch_size",
+    "batch_changes",
     "started_at",
     "finished_at",
 }

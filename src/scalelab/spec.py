@@ -89,8 +89,10 @@ class TrainSpec(_Spec):
 
     tokens: int = Field(1_000_000, ge=1, description="training token budget D")
     global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step, over all ranks")
-    micro_batch_size: int | None = Field(
-        None, ge=1, description="sequences per forward; None: no accumulation"
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="sequences per forward (the rest is accumulation); None: the whole batch; 'auto': "
+        "the largest that fits in memory (train/batching.py; recorded in record.json)",
     )
     lr: float = Field(3e-3, gt=0, le=10)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -129,6 +131,23 @@ class TrainSpec(_Spec):
     checkpoint_interval_steps: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_interval_steps: int = Field(1, ge=1)
+    batch_schedule: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]] = Field(
+        default_factory=list,
+        description="[[tokens_seen, global_batch_size], ...]: grow the global batch at these token counts",
+    )
+    noise_scale: bool = Field(
+        False,
+        description="estimate the gradient noise scale every step into metrics.jsonl (needs micro-batches)",
+    )
+    max_global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="grow the global batch (doubling) up to this while the noise scale says a larger batch "
+        "is still efficient; needs noise_scale",
+    )
+    sinks: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="metrics sinks besides metrics.jsonl (optional extras)"
+    )
     divergence_factor: float = Field(10.0, gt=1, description="loss above this × its best so far ⇒ diverged")
 
     @model_validator(mode="after")
@@ -143,11 +162,46 @@ class TrainSpec(_Spec):
 
     @model_validator(mode="after")
     def _micro_divides_global(self) -> TrainSpec:
-        if self.micro_batch_size and self.global_batch_size % self.micro_batch_size:
+        micro = self.micro_batch_size
+        if isinstance(micro, int) and self.global_batch_size % micro:
             raise ValueError(
-                f"micro_batch_size: must divide global_batch_size={self.global_batch_size}, "
-                f"got {self.micro_batch_size}"
+                f"micro_batch_size: must divide global_batch_size={self.global_batch_size}, got {micro}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_growth(self) -> TrainSpec:
+        g = self.global_batch_size
+        tokens = [t for t, _ in self.batch_schedule]
+        if tokens != sorted(set(tokens)):
+            raise ValueError(f"batch_schedule: token counts must increase, got {tokens}")
+        for _, size in self.batch_schedule:
+            if size % g:
+                raise ValueError(
+                    f"batch_schedule: batch sizes must be multiples of global_batch_size={g}, got {size}"
+                )
+        if self.noise_scale:
+            micro = self.micro_batch_size
+            if not isinstance(micro, int) or micro >= g:
+                raise ValueError(
+                    "noise_scale: needs at least two micro-batches per step (an integer micro_batch_size "
+                    f"below global_batch_size={g}), got micro_batch_size={micro!r}"
+                )
+            if self.strategy != "none":
+                raise ValueError("noise_scale: single-process runs only (strategy='none') for now")
+        if self.max_global_batch_size is not None:
+            if not self.noise_scale:
+                raise ValueError(
+                    "max_global_batch_size: growing the batch from the noise scale needs noise_scale=true"
+                )
+            if self.batch_schedule:
+                raise ValueError(
+                    "max_global_batch_size: use either batch_schedule or the noise scale, not both"
+                )
+            if self.max_global_batch_size % g:
+                raise ValueError(f"max_global_batch_size: must be a multiple of global_batch_size={g}")
+        if (self.batch_schedule or self.max_global_batch_size) and self.pipeline_parallel > 1:
+            raise ValueError("batch_schedule: a growing batch is not supported with pipeline parallelism")
         return self
 
 
@@ -195,6 +249,10 @@ class RunSpec(_Spec):
 #: change the id of any existing run (a spec that sets one gets a new id, as it should).
 HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
     ("train", "warmup_tokens"): None,
+    ("train", "batch_schedule"): [],
+    ("train", "noise_scale"): False,
+    ("train", "max_global_batch_size"): None,
+    ("train", "sinks"): [],
 }
 
 

@@ -186,7 +186,13 @@ def link_branches(runs: list[PlannedRun], source: str = "<study>") -> list[Plann
 
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(runs):
-        if r.spec.train.schedule == "wsd" and r.spec.train.strategy == "none":
+        t = r.spec.train
+        if (
+            t.schedule == "wsd"
+            and t.strategy == "none"
+            and not t.batch_schedule
+            and not t.max_global_batch_size
+        ):
             groups.setdefault(branch_key(r.spec), []).append(i)
     out = list(runs)
     for members in groups.values():

@@ -5,9 +5,10 @@
   out-of-memory, on CPU from a memory estimate (`estimate_train_bytes`) against a budget.
 * `pack_documents` groups documents into bins of at most `token_budget` tokens (first-fit decreasing),
   for variable-length batches with little padding.
-* `BatchSizeController` is a callback that grows the global batch during training by a schedule
-  (tokens seen → multiple of the base batch), logging each change and its reason. The LR schedule keeps
-  following the tokens seen, and the token budget stays the same (fewer, larger steps).
+* `BatchSizeController` grows the global batch during training by a schedule (tokens seen → multiple of
+  the base batch) and `NoiseScaleBatchController` from the gradient noise scale (transfer/noise.py), each
+  logging every change and its reason. The LR schedule keeps following the tokens seen, and the token
+  budget stays the same (fewer, larger steps).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def estimate_train_bytes(shape: ModelShape, micro_batch_size: int, precision: st
     return shape.total_params * OPTIMIZER_BYTES_PER_PARAM + activations
 
 
-def _cpu_budget() -> int:
+def memory_budget(device: torch.device) -> int:
+    """Default budget for the estimate: 80 % of the GPU's free memory on CUDA, half the available RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
     import psutil
 
     return int(psutil.virtual_memory().available * 0.5)
@@ -67,7 +72,7 @@ def find_micro_batch(
     """The largest divisor of `global_batch_size` whose micro-step fits in memory.
 
     CPU (or no `model`/`try_step` given): the estimate of `estimate_train_bytes` against
-    `memory_budget_bytes` (default: half the available RAM). CUDA with a `model`: a real forward+backward
+    `memory_budget_bytes` (default: `memory_budget(device)`). CUDA with a `model`: a real forward+backward
     on random tokens per candidate, largest first, backing off on `torch.cuda.OutOfMemoryError`
     (`try_step(micro_batch_size)` replaces that probe, e.g. in tests). Returns at least 1.
     """
@@ -76,7 +81,7 @@ def find_micro_batch(
     if try_step is None and device.type == "cuda" and model is not None:
         try_step = _cuda_probe(model, shape, device, precision)
     if try_step is None:
-        budget = memory_budget_bytes if memory_budget_bytes is not None else _cpu_budget()
+        budget = memory_budget_bytes if memory_budget_bytes is not None else memory_budget(device)
         for mb in candidates:
             if estimate_train_bytes(shape, mb, precision) <= budget:
                 log.info("micro batch %d fits the %d-byte budget (estimate)", mb, budget)
@@ -137,18 +142,49 @@ def pack_documents(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     return [sorted(b) for b in bins]
 
 
-class BatchSizeController(Callback):
+class _BatchGrowth(Callback):
+    """Base of the batch-size controllers: applies a new multiplier of the base batch and keeps the log of
+    changes (step, tokens, from, to, reason), which is saved with checkpoints and goes into record.json."""
+
+    def __init__(self) -> None:
+        self.changes: list[dict[str, Any]] = []
+
+    def _grow(self, state: TrainState, multiplier: int, reason: str) -> None:
+        trainer = self.trainer
+        assert trainer is not None
+        base = trainer.train.global_batch_size
+        change = {
+            "step": state.step,
+            "tokens": state.tokens,
+            "from": base * trainer.batch_multiplier,
+            "to": base * multiplier,
+            "reason": reason,
+        }
+        log.info(
+            "global batch %d → %d sequences at step %d (%s)", change["from"], change["to"], state.step, reason
+        )
+        trainer.set_batch_multiplier(multiplier)
+        self.changes.append(change)
+        state.extra.setdefault("metrics", {})["batch_change"] = reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"changes": list(self.changes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.changes = list(state.get("changes", []))
+
+
+class BatchSizeController(_BatchGrowth):
     """Grows the global batch by a schedule: `[(tokens_seen, multiplier), ...]`, multiplier of the base batch.
 
-    After each step the largest entry with `tokens_seen ≤ state.tokens` applies; a change is logged and
-    kept in `changes` (step, tokens, from, to, reason), which is saved with checkpoints.
+    After each step the largest entry with `tokens_seen ≤ state.tokens` applies.
     """
 
     def __init__(self, schedule: Sequence[tuple[int, int]]) -> None:
+        super().__init__()
         self.schedule = sorted((int(t), int(m)) for t, m in schedule)
         if any(m < 1 for _, m in self.schedule):
             raise ValueError("batch multipliers must be ≥ 1")
-        self.changes: list[dict[str, Any]] = []
 
     def target(self, tokens: int) -> tuple[int, int | None]:
         mult, at = 1, None
@@ -162,28 +198,50 @@ class BatchSizeController(Callback):
         if trainer is None or state.stop:
             return
         mult, at = self.target(state.tokens)
-        if mult == trainer.batch_multiplier:
+        if mult != trainer.batch_multiplier:
+            self._grow(state, mult, f"schedule: tokens seen {state.tokens} ≥ {at}")
+
+
+class NoiseScaleBatchController(_BatchGrowth):
+    """Doubles the global batch while the gradient noise scale says a larger batch is still efficient.
+
+    McCandlish et al. (2018): the critical batch size B_crit ≈ B_simple; below it, doubling the batch
+    nearly halves the steps needed. So when the running estimate `estimator.estimate().b_simple` (tokens)
+    is at least `headroom` × the current batch in tokens, the batch doubles, up to `max_multiplier` × the
+    base — after `min_measurements` estimates and at least `min_steps` steps since the last change, so a
+    noisy early estimate does not trigger it. The learning rate keeps following the schedule over tokens.
+    """
+
+    def __init__(
+        self,
+        estimator: Any,
+        max_multiplier: int,
+        *,
+        headroom: float = 2.0,
+        min_measurements: int = 20,
+        min_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        if max_multiplier < 1 or headroom <= 0:
+            raise ValueError("max_multiplier must be ≥ 1 and headroom positive")
+        self.estimator = estimator
+        self.max_multiplier = max_multiplier
+        self.headroom = headroom
+        self.min_measurements = min_measurements
+        self.min_steps = min_steps
+
+    def on_step_end(self, state: TrainState) -> None:
+        trainer = self.trainer
+        if trainer is None or state.stop or 2 * trainer.batch_multiplier > self.max_multiplier:
             return
-        base = trainer.train.global_batch_size
-        change = {
-            "step": state.step,
-            "tokens": state.tokens,
-            "from": base * trainer.batch_multiplier,
-            "to": base * mult,
-            "reason": f"schedule: tokens seen {state.tokens} ≥ {at}",
-        }
-        log.info(
-            "global batch %d → %d sequences at step %d (%s)",
-            change["from"],
-            change["to"],
-            state.step,
-            change["reason"],
-        )
-        trainer.set_batch_multiplier(mult)
-        self.changes.append(change)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"changes": list(self.changes)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.changes = list(state.get("changes", []))
+        last = self.changes[-1]["step"] if self.changes else 0
+        est = self.estimator.estimate()
+        if est.n < self.min_measurements or state.step - last < self.min_steps or not est.b_simple > 0:
+            return
+        batch_tokens = trainer.step_tokens
+        if est.b_simple >= self.headroom * batch_tokens:
+            self._grow(
+                state,
+                2 * trainer.batch_multiplier,
+                f"noise scale B_simple = {est.b_simple:.4g} tokens ≥ {self.headroom:g} × batch {batch_tokens} tokens",
+            )

@@ -82,6 +82,11 @@ def check_branch(trunk: RunSpec, branch: RunSpec, step: int) -> None:
             f"run {branch.run_id} cannot branch from run {trunk.run_id}: their specs differ in "
             f"{', '.join(differing)} (only train.tokens may differ)"
         )
+    for spec in (trunk, branch):
+        if spec.train.batch_schedule or spec.train.max_global_batch_size:
+            raise BranchError(
+                f"run {spec.run_id} grows its batch during training: WSD branching needs a fixed batch"
+            )
     if step > total_steps(branch):
         raise BranchError(f"branch point step {step} is past run {branch.run_id}'s last step")
     lr_trunk = make_schedule(trunk.train, total_steps(trunk), step_tokens(trunk))

@@ -48,6 +48,7 @@ from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import RunSpec, config_hash
 from scalelab.train.branch import SNAPSHOT_DIR
 from scalelab.train.checkpoint import Checkpoint, clean_stale, load_latest, save_checkpoint
+from scalelab.train.controls import build_controls, resolve_micro_batch
 from scalelab.train.observe import MetricsLogger
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
@@ -137,6 +138,8 @@ def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
         "energy_joules": None,
         "energy_note": None,
         "branch": None,
+        "micro_batch_size": None,
+        "batch_changes": None,
         "started_at": started,
         "finished_at": None,
     }
@@ -319,10 +322,15 @@ def run_training(
             groups = apply_parametrization(raw_model, spec.model)
             raw_model.to(device)
             model = torch.compile(raw_model) if spec.train.compile else raw_model
+            train = resolve_micro_batch(spec.train, shape, device, raw_model)
+            record["micro_batch_size"] = train.micro_batch_size or train.global_batch_size
+            controls = build_controls(train, out, spec.run_id)
 
             t = spec.model.context_tokens
             train_loader = loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed)
-            eval_batches = eval_batches_for(loader_factory, store, spec, data_seed)
+            eval_batches = eval_batches_for(
+                loader_factory, store, spec.model_copy(update={"train": train}), data_seed
+            )
             peak, peak_source = peak_flops(device, spec.train.precision)
             log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
             metrics = MetricsLogger(
@@ -354,14 +362,20 @@ def run_training(
             trainer = Trainer(
                 model,
                 groups,
-                spec.train,
+                train,
                 train_loader=train_loader,
                 total_steps=total_steps,
                 context_tokens=t,
                 device=device,
                 eval_batches=eval_batches,
                 debug=spec.debug,
-                callbacks=[DivergenceGuard(spec.train.divergence_factor), metrics, *callbacks],
+                callbacks=[
+                    DivergenceGuard(spec.train.divergence_factor),
+                    *controls.before_metrics,
+                    metrics,
+                    *controls.sinks,
+                    *callbacks,
+                ],
                 checkpoint_fn=save_to(ckpt_dir, spec.train.keep_checkpoints),
                 raw_model=raw_model,
                 snapshot_fn=save_to(out / SNAPSHOT_DIR, len(snapshot_steps) + 1),
@@ -391,6 +405,7 @@ def run_training(
             state = trainer.fit()
             record["status"] = state.status
             record["error"] = state.message if state.status != "done" else None
+            record.update(controls.record())
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
         log.exception("run %s failed", spec.run_id)
         record["status"] = "failed"

@@ -109,7 +109,9 @@ class GradientNoiseCallback(Callback):
 
     Needs gradient accumulation (`train.micro_batch_size` < `train.global_batch_size`): the micro-batches
     are the small batches. After each step, `history` gets `{step, tokens, g2, trace, b_simple}` (the
-    running averages, B in tokens), also appended to `log_path` as JSONL when given. `estimate()` is the
+    running averages, B in tokens), also appended to `log_path` as JSONL when given, and the step's
+    metrics.jsonl line gets noise_scale_tokens, noise_g2 and noise_trace (`train.noise_scale = true` adds
+    this callback ahead of the metrics logger). `estimate()` is the
     current average. With fp16 loss scaling the hooks' gradients are divided by the scale.
     """
 
@@ -172,6 +174,9 @@ class GradientNoiseCallback(Callback):
         tokens_small = trainer.micro_batch_size * trainer.context_tokens
         self.acc.add(sq_small, tokens_small, sq_big, tokens_small * n_micro)
         est = self.acc.estimate()
+        state.extra.setdefault("metrics", {}).update(
+            {"noise_scale_tokens": est.b_simple, "noise_g2": est.g2, "noise_trace": est.trace}
+        )
         entry = {"step": state.step, "tokens": state.tokens, **est.to_dict()}
         self.history.append(entry)
         if self.log_path is not None:

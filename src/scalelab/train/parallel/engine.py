@@ -30,6 +30,7 @@ from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import RunSpec, config_hash
+from scalelab.train.controls import Controls, build_controls, resolve_micro_batch
 from scalelab.train.distributed import (
     CrossRankMetrics,
     DistContext,
@@ -113,12 +114,16 @@ def run_distributed(
                     indent=1,
                     allow_nan=False,
                 )
-            trainer, shape, metrics, prior_wall = _build(ctx, spec, out, store, chash, resume, callbacks)
+            trainer, shape, metrics, prior_wall, controls = _build(
+                ctx, spec, out, store, chash, resume, callbacks
+            )
             record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
+            record["micro_batch_size"] = trainer.micro_batch_size
             energy.start()
             state = trainer.fit()
             record["status"] = state.status
             record["error"] = state.message if state.status != "done" else None
+            record.update(controls.record())
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
         log.exception("run %s failed on rank %s", spec.run_id, ctx.rank if ctx else "?")
         record["status"] = "failed"
@@ -156,7 +161,7 @@ def _build(
     chash: str,
     resume: bool,
     extra_callbacks: Sequence[Callback],
-) -> tuple[Trainer, ModelShape, MetricsLogger | None, float]:
+) -> tuple[Trainer, ModelShape, MetricsLogger | None, float, Controls]:
     """Model, wrapping, loader, callbacks, trainer; restored from the newest committed checkpoint."""
     from scalelab.data.loader import BlockLoader
     from scalelab.train import run as single
@@ -168,6 +173,10 @@ def _build(
             f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({store.vocab_size})"
         )
     shape = ModelShape.from_spec(spec.model, vocab)
+    if train.micro_batch_size == "auto":  # rank 0's memory estimate, so every rank accumulates alike
+        micro = resolve_micro_batch(train, shape, ctx.device, None, ctx.dp_size).micro_batch_size
+        train = train.model_copy(update={"micro_batch_size": ctx.broadcast(micro)})
+        spec = spec.model_copy(update={"train": train})
     total_steps = train.tokens // (train.global_batch_size * spec.model.context_tokens)
     data_seed = train.data_seed if train.data_seed is not None else train.seed
     if train.global_batch_size % ctx.dp_size:
@@ -228,9 +237,11 @@ def _build(
         peak, peak_source = peak_flops(ctx.device, train.precision)
         log.info("MFU reference: %.3g FLOP/s per rank (%s)", peak, peak_source)
 
+    controls = build_controls(train, out, spec.run_id, ctx.is_main)
     callbacks: list[Callback] = [
         CrossRankMetrics(group=None, grad_norm_source=local_grad_norm_source(model)),
         DivergenceGuard(train.divergence_factor),
+        *controls.before_metrics,
     ]
     metrics = None
     if ctx.is_main:
@@ -242,6 +253,7 @@ def _build(
             log_interval_steps=train.log_interval_steps,
         )
         callbacks.append(metrics)
+    callbacks.extend(controls.sinks)
     callbacks.extend(extra_callbacks)
 
     ckpt_dir = out / "checkpoint"
@@ -295,4 +307,4 @@ def _build(
     clock["prior_wall"] = prior_wall
     if metrics is not None:
         metrics.truncate_after(resumed_step)
-    return trainer, shape, metrics, prior_wall
+    return trainer, shape, metrics, prior_wall, controls

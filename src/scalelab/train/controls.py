@@ -1,0 +1,83 @@
+"""The optional training controls a TrainSpec asks for, built once for single-process and distributed runs.
+
+* `train.micro_batch_size = "auto"` → `resolve_micro_batch`: the largest micro-batch that fits
+  (train/batching.py), fixed before training starts and recorded in record.json.
+* `train.noise_scale` → the gradient-noise-scale estimator (transfer/noise.py) writing noise_scale_tokens,
+  noise_g2 and noise_trace into every metrics.jsonl line.
+* `train.batch_schedule` / `train.max_global_batch_size` → a batch-size controller growing the global
+  batch by schedule or from the noise scale; its changes go into record.json ("batch_changes").
+* `train.sinks` → TensorBoard (run_dir/tensorboard) and MLflow sinks.
+
+Callbacks that add to a step's metrics or change the batch run before the metrics logger; sinks after it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalelab.models.flops import ModelShape
+from scalelab.spec import TrainSpec
+from scalelab.train.batching import BatchSizeController, NoiseScaleBatchController, find_micro_batch
+from scalelab.train.observe import MLflowSink, TensorBoardSink
+from scalelab.train.trainer import Callback
+
+log = logging.getLogger(__name__)
+
+
+def resolve_micro_batch(
+    train: TrainSpec, shape: ModelShape, device: torch.device, model: nn.Module | None, dp_size: int = 1
+) -> TrainSpec:
+    """`train` with an "auto" micro-batch replaced by the largest divisor of the per-rank batch that fits
+    (a real forward+backward probe on CUDA, a memory estimate on CPU); other specs are returned as they are."""
+    if train.micro_batch_size != "auto":
+        return train
+    local = train.global_batch_size // dp_size
+    micro = find_micro_batch(shape, local, device=device, precision=train.precision, model=model)
+    log.info("micro_batch_size auto → %d of %d sequences per rank", micro, local)
+    return train.model_copy(update={"micro_batch_size": micro})
+
+
+@dataclass
+class Controls:
+    """The callbacks a TrainSpec asks for, in the order they must run around the metrics logger."""
+
+    before_metrics: list[Callback] = field(default_factory=list)
+    sinks: list[Callback] = field(default_factory=list)
+    growth: Any = None  # the batch-size controller, if any
+
+    def record(self) -> dict[str, Any]:
+        """What record.json says about them."""
+        return {"batch_changes": list(self.growth.changes)} if self.growth is not None else {}
+
+
+def build_controls(train: TrainSpec, out_dir: Path, run_name: str, is_main: bool = True) -> Controls:
+    """Noise-scale estimator, batch-size controller and metrics sinks for `train` (sinks on rank 0 only)."""
+    controls = Controls()
+    noise = None
+    if train.noise_scale:
+        from scalelab.transfer.noise import GradientNoiseCallback
+
+        noise = GradientNoiseCallback()
+        controls.before_metrics.append(noise)
+    base = train.global_batch_size
+    if train.batch_schedule:
+        controls.growth = BatchSizeController(
+            [(tokens, size // base) for tokens, size in train.batch_schedule]
+        )
+    elif train.max_global_batch_size is not None and noise is not None:
+        controls.growth = NoiseScaleBatchController(noise, train.max_global_batch_size // base)
+    if controls.growth is not None:
+        controls.before_metrics.append(controls.growth)
+    if is_main:
+        for sink in train.sinks:
+            if sink == "tensorboard":
+                controls.sinks.append(TensorBoardSink(Path(out_dir) / "tensorboard"))
+            else:
+                controls.sinks.append(MLflowSink(run_name=run_name, params={"run_id": run_name}))
+    return controls
