@@ -73,6 +73,15 @@ def test_forecast_is_measured_cached_and_scheduled(tmp_path: Path) -> None:
     assert total_wall_seconds(first, 2) <= serial
 
 
+def test_wall_forecast_waits_for_wsd_trunks() -> None:
+    from scalelab.study.forecast import Forecast
+
+    runs = [Forecast(10.0, 0, 1.0), Forecast(2.0, 0, 1.0), Forecast(2.0, 0, 1.0)]
+    assert total_wall_seconds(runs, 2) == 10.0  # independent: the branches fit beside the trunk
+    assert total_wall_seconds(runs, 2, [None, 0, 0]) == 12.0  # branches start when the trunk ends
+    assert total_wall_seconds(runs, 1, [None, 0, 0]) == 14.0
+
+
 def test_a_measurement_taken_under_another_load_is_retaken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -192,15 +192,31 @@ class Forecaster:
         return Forecast(seconds, tp.peak_memory_bytes, tp.tokens_per_second)
 
 
-def total_wall_seconds(forecasts: list[Forecast | None], parallel: int) -> float | None:
-    """Wall time of the whole study with `parallel` runs at once (longest-first list scheduling)."""
-    secs = sorted((f.seconds for f in forecasts if f is not None), reverse=True)
-    if not secs:
+def total_wall_seconds(
+    forecasts: list[Forecast | None], parallel: int, after: list[int | None] | None = None
+) -> float | None:
+    """Wall time of the whole study with `parallel` runs at once: longest-first list scheduling, where
+    run i may not start before run `after[i]` has finished (a WSD branch waits for its trunk)."""
+    after = after or [None] * len(forecasts)
+    known = [i for i, f in enumerate(forecasts) if f is not None and math.isfinite(f.seconds)]
+    if not known:
         return None
+    seconds = {i: f.seconds for i, f in enumerate(forecasts) if i in known and f is not None}
     lanes = [0.0] * max(1, parallel)
-    for s in secs:
-        lanes[lanes.index(min(lanes))] += s
-    return max(lanes) if not math.isnan(max(lanes)) else None
+    end: dict[int, float] = {}
+    first = sorted((i for i in known if after[i] not in seconds), key=lambda i: -seconds[i])
+    for i in [*first, *sorted((i for i in known if after[i] in seconds), key=lambda i: -seconds[i])]:
+        lane = lanes.index(min(lanes))
+        dep = after[i]
+        start = max(lanes[lane], end[dep] if dep is not None and dep in end else 0.0)
+        end[i] = lanes[lane] = start + seconds[i]
+    return max(lanes)
+
+
+def _trunk_index(runs: list[PlannedRun]) -> list[int | None]:
+    """For each run, the index of the run it must wait for (its WSD trunk), or None."""
+    index = {r.run_id: i for i, r in enumerate(runs)}
+    return [index.get(r.branch_of) if r.branch_of else None for r in runs]
 
 
 def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: int = 1) -> dict[str, Any]:
@@ -235,7 +251,9 @@ def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: i
         "flops_to_spend": sum(r["flops_to_spend"] for r in rows),
         "tokens_to_train": sum(r["tokens_to_train"] for r in rows),
         "forecast_run_seconds": sum(f.seconds for f in forecasts if f) if forecaster else None,
-        "forecast_wall_seconds": total_wall_seconds(forecasts, parallel) if forecaster else None,
+        "forecast_wall_seconds": total_wall_seconds(forecasts, parallel, _trunk_index(runs))
+        if forecaster
+        else None,
         "parallel": parallel,
     }
     return {"runs": rows, "total": total}
