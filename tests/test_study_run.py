@@ -12,20 +12,11 @@ import pytest
 from scalelab.spec import load_study
 from scalelab.study.executors import LocalExecutor, run_study
 from scalelab.study.registry import Registry
+from tiny_study import tiny_study
 
-STUDY = """
-[study]
-name = "tiny"
-[study.model]
-n_heads = 2
-width = 16
-depth = 1
-context_tokens = 16
-[study.data]
-sources = [{{kind = "text", path = "{corpus}"}}]
-heldout_fraction = 0.2
-shard_tokens = 4096
-[study.train]
+STUDY = tiny_study(
+    "tiny",
+    """[study.train]
 tokens = 2048
 global_batch_size = 4
 lr = 1e-2
@@ -38,7 +29,8 @@ kind = "grid"
 [study.design.axes]
 "model.width" = [8, 16]
 "debug.crash_at_step" = [1_000_000, 3]
-"""
+""",
+)
 
 
 def _study(tmp_path: Path, corpus: Path):

@@ -14,20 +14,11 @@ from scalelab.study.executors import Dependencies, LocalExecutor, run_study
 from scalelab.study.plan import expand_runs
 from scalelab.train.branch import BranchError, branch_step, check_branch, snapshot_path
 from scalelab.train.run import run_training
+from tiny_study import tiny_study
 
-STUDY = """
-[study]
-name = "wsd"
-[study.model]
-n_heads = 2
-width = 16
-depth = 1
-context_tokens = 16
-[study.data]
-sources = [{{kind = "text", path = "{corpus}"}}]
-heldout_fraction = 0.2
-shard_tokens = 4096
-[study.train]
+STUDY = tiny_study(
+    "wsd",
+    """[study.train]
 global_batch_size = 4
 lr = 1e-2
 decay_fraction = 0.25
@@ -41,7 +32,8 @@ kind = "wsd"
 tokens = [1280, 2560, 5120]
 [study.design.axes]
 "model.width" = {widths}
-"""
+""",
+)
 
 
 def _study(tmp_path: Path, corpus: Path | str = "/nonexistent", widths: str = "[16]"):
