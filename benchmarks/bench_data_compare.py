@@ -29,6 +29,9 @@ instead with the libraries beside the venv, its packages untouched::
     #   text/vision datasets; real transformers 4.x rejects tokenizers 0.23.3 and the PyPI
     #   torchvision 0.28.0 wheel fails on the CPU torch ("operator torchvision::nms does not exist").
     PYTHONPATH=/tmp/benchdeps .venv/bin/python benchmarks/bench_data_compare.py --size-gb 1 --steps 1000
+
+On a shared machine add ``--repeats 3`` (rounds interleave the libraries; medians and the paired
+ratios of each round are printed) and ``--baselines litdata`` to skip the slow MDS write.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -220,6 +224,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--order-batches", type=int, default=8, help="batches compared for the order check")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="interleaved rounds of every (library, workers) measurement; medians are reported "
+        "(3+ on a shared machine: a round of ours lasts about a second, so one burst of foreign load "
+        "can halve a single reading)",
+    )
+    ap.add_argument(
+        "--baselines", nargs="+", choices=("streaming", "litdata"), default=["streaming", "litdata"]
+    )
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     args = ap.parse_args()
     import torch
@@ -243,6 +258,8 @@ def main() -> None:
         }
         versions: dict[str, str] = {}
         try:
+            if "streaming" not in args.baselines:
+                raise ImportError("not asked for (--baselines)")
             import streaming
 
             versions["streaming"] = streaming.__version__
@@ -254,6 +271,8 @@ def main() -> None:
         except ImportError as err:
             print(json.dumps({"name": "streaming_skipped", "reason": str(err)}))
         try:
+            if "litdata" not in args.baselines:
+                raise ImportError("not asked for (--baselines)")
             import litdata
 
             versions["litdata"] = litdata.__version__
@@ -292,35 +311,45 @@ def main() -> None:
             )
         )
 
-        # Throughput, same run, same blocks.
-        rates: dict[tuple[str, int], float] = {}
-        per_cpu: dict[tuple[str, int], float] = {}
-        for w in args.workers:
-            for name, make in loaders.items():
-                rates[name, w], per_cpu[name, w] = throughput(
-                    lambda make=make, w=w: make(w, 1), args.steps, args.warmup
-                )
+        # Throughput, same run, same blocks; rounds interleave the libraries so that each paired
+        # ratio compares readings taken seconds apart, under about the same foreign load.
+        rates: dict[tuple[str, int], list[float]] = {}
+        per_cpu: dict[tuple[str, int], list[float]] = {}
+        loads: list[float] = []
+        for _round in range(args.repeats):
+            for w in args.workers:
+                for name, make in loaders.items():
+                    r, c = throughput(lambda make=make, w=w: make(w, 1), args.steps, args.warmup)
+                    rates.setdefault((name, w), []).append(r)
+                    per_cpu.setdefault((name, w), []).append(c)
+            loads.append(os.getloadavg()[0])
         for w in args.workers:
             for other in ("litdata", "streaming"):
                 if (other, w) in rates:
+                    paired = [a / b for a, b in zip(rates["scalelab", w], rates[other, w], strict=True)]
                     emit(
                         f"loader_vs_{other}_tokens_per_second_workers{w}",
-                        rates["scalelab", w],
-                        rates[other, w],
+                        median(rates["scalelab", w]),
+                        median(rates[other, w]),
                         "tokens/s",
                         baseline_name=f"{other} {versions[other]}",
                         cpus=os.cpu_count(),
+                        rounds=args.repeats,
+                        paired_ratios=paired,
+                        median_paired_ratio=median(paired),
+                        loadavg_1m_per_round=loads,
                         **common,
                     )
                     emit(
                         f"loader_vs_{other}_tokens_per_cpu_second_workers{w}",
-                        per_cpu["scalelab", w],
-                        per_cpu[other, w],
+                        median(per_cpu["scalelab", w]),
+                        median(per_cpu[other, w]),
                         "tokens/cpu-s",
                         baseline_name=f"{other} {versions[other]}",
+                        rounds=args.repeats,
                         **common,
                     )
-        best = {name: max(r for (n, _w), r in rates.items() if n == name) for name in loaders}
+        best = {name: max(median(v) for (n, _w), v in rates.items() if n == name) for name in loaders}
         for other in ("litdata", "streaming"):
             if other in best:
                 emit(

@@ -1,13 +1,12 @@
 """Benchmark the data layer; prints JSON lines ``{name, value, baseline, ratio, unit}``.
 
-1. Loader throughput: `BlockLoader` (shuffled blocks, global batch 32, one rank) against the
-   simplest possible baseline measured in the same run on the same files — random block reads from
-   ``numpy.memmap`` into an int64 array, with no order bookkeeping, prefetch or checksums.
-2. Ingest: tokenizing with 2 worker processes against 1 (BPE, where tokenization dominates).
+Loader throughput: `BlockLoader` (shuffled blocks, global batch 32, one rank; 0 and 2 workers)
+against the simplest possible baseline measured in the same run on the same files — random block
+reads from ``numpy.memmap`` into an int64 array, with no order bookkeeping, prefetch or checksums.
+Also the store's build and verify speed. (Parallel ingest: ``bench_data_ingest.py``.)
 
 The store is built from the built-in corpus (Python stdlib sources), repeated to the requested size.
-Defaults are small so `make bench` stays quick; ``--size-gb 1 --ingest-mb 64`` is the real
-measurement (small ingests are dominated by worker start-up).
+Defaults are small so `make bench` stays quick; ``--size-gb 1`` is the real measurement.
 
     .venv/bin/python benchmarks/bench_data_loader.py               # 64 MB store
     .venv/bin/python benchmarks/bench_data_loader.py --size-gb 1   # 1 GB store
@@ -29,7 +28,7 @@ import numpy as np
 from scalelab.data.corpus import BuiltinCorpus, Document, Source
 from scalelab.data.ingest import ingest
 from scalelab.data.store import TokenStore
-from scalelab.data.tokenize import ByteTokenizer, train_bpe
+from scalelab.data.tokenize import ByteTokenizer
 
 
 class RepeatedCorpus(Source):
@@ -161,21 +160,15 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--ingest-mb", type=float, default=4, help="text size for the ingest comparison")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
-    ap.add_argument("--only", choices=("loader", "ingest"), default=None, help="run one part only")
     args = ap.parse_args()
-    import torch  # here, not at the top: ingest workers import this module and need no torch
+    import torch  # here, not at the top: other benchmarks import this module's helpers
 
     torch.set_num_threads(1)
     size_bytes = int((args.size_gb * 1024 if args.size_gb else args.size_mb) * (1 << 20))
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        root = Path(tmp)
-        if args.only != "ingest":
-            bench_loader(args, root, size_bytes)
-        if args.only != "loader":
-            bench_ingest(args, root)
+        bench_loader(args, Path(tmp), size_bytes)
 
 
 def bench_loader(args: argparse.Namespace, root: Path, size_bytes: int) -> None:
@@ -212,37 +205,6 @@ def bench_loader(args: argparse.Namespace, root: Path, size_bytes: int) -> None:
     verify_s = time.perf_counter() - t0
     assert not problems, problems
     emit("store_verify", nbytes / verify_s / 1e6, nbytes / verify_s / 1e6, "MB/s")
-
-
-def bench_ingest(args: argparse.Namespace, root: Path) -> None:
-    """BPE ingest with 2 worker processes against 1; wall time, and CPU time to tell contention
-    (CPU seconds about equal, wall not halved: no free core) from overhead (CPU seconds grow)."""
-    text = [RepeatedCorpus(int(args.ingest_mb * (1 << 20)))]
-    tok = train_bpe(text, vocab_size=2048, max_bytes=1 << 20)
-    times, cpu = {}, {}
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # baseline: one process, one thread
-    for workers in (1, 2):
-        t0, meter = time.perf_counter(), CpuMeter()
-        ingest(text, root / f"bpe{workers}", tok, shard_tokens=1 << 20, workers=workers)
-        times[workers] = time.perf_counter() - t0
-        cpu[workers] = meter.stop()
-    same = all(
-        (root / "bpe1" / f).read_bytes() == (root / "bpe2" / f).read_bytes()
-        for f in os.listdir(root / "bpe1")
-    )
-    mb = args.ingest_mb
-    emit(
-        "ingest_bpe_2_workers_vs_1",
-        mb / times[2],
-        mb / times[1],
-        "MB/s",
-        identical_output=same,
-        baseline_name="1 process, tokenizer threads off",
-        cpus=os.cpu_count(),
-        wall_seconds={str(w): t for w, t in times.items()},
-        cpu_seconds={str(w): c for w, c in cpu.items()},
-        cores_used={str(w): cpu[w] / times[w] for w in times},
-    )
 
 
 if __name__ == "__main__":

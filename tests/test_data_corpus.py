@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,11 +11,15 @@ import pytest
 
 from scalelab.data.corpus import (
     BuiltinCorpus,
+    Document,
     JsonlSource,
     ParquetSource,
+    Source,
     TextSource,
     iter_documents,
+    iter_spans,
     sources_from_spec,
+    span_documents,
     stdlib_dir,
 )
 from scalelab.errors import DataError
@@ -163,3 +168,69 @@ def test_fingerprint_cache_keyed_by_file_stats(tmp_path, monkeypatch):
     assert TextSource(d).fingerprint(cache_dir=cache) != first
     builtin = BuiltinCorpus(root=stdlib_dir() / "json")
     assert builtin.fingerprint(cache_dir=cache) == BuiltinCorpus(root=stdlib_dir() / "json").fingerprint()
+
+
+# ------------------------------------------------------------------------------------------- spans
+def span_sources(root):
+    """One source of every kind, with the awkward cases: blank/CRLF/unterminated JSONL lines,
+    Parquet nulls across row groups, a non-file source."""
+    d = root / "docs"
+    (d / "sub").mkdir(parents=True)
+    for i in range(7):
+        (d / ("sub" if i % 2 else ".") / f"f{i}.txt").write_text(f"file {i} ✓\n" * (i * 40 + 1))
+    jl = root / "d.jsonl"
+    lines = [json.dumps({"text": f"line {i} " * (i % 9 + 1)}) for i in range(40)]
+    lines[5], lines[6] = "", "  "
+    jl.write_bytes(("\n".join(lines[:20]) + "\r\n" + "\n".join(lines[20:])).encode())  # no final newline
+    pqf = root / "t.parquet"
+    texts = [None if i % 13 == 0 else f"row {i} " * (i % 5 + 1) for i in range(300)]
+    pq.write_table(pa.table({"text": texts}), pqf, row_group_size=37)
+    return [
+        TextSource(d),
+        JsonlSource(jl, "text"),
+        ParquetSource(pqf, "text", batch_rows=16),
+        BuiltinCorpus(root=stdlib_dir() / "json"),
+        InMemory([f"doc {i}" * i for i in range(30)]),
+    ]
+
+
+class InMemory(Source):
+    kind = "memory"
+
+    def __init__(self, texts):
+        super().__init__()
+        self.texts = texts
+
+    def documents(self):
+        for i, t in enumerate(self.texts):
+            yield Document(str(i), t)
+
+    def describe(self):
+        return {"kind": "memory", "path": None, "field": None}
+
+
+@pytest.mark.parametrize("target", [1, 300, 1 << 20])
+def test_spans_read_back_exactly_the_documents_in_another_process(tmp_path, target):
+    for src in span_sources(tmp_path):
+        spans = list(src.spans(target))
+        assert spans
+        shipped = [pickle.loads(pickle.dumps(s)) for s in spans]  # what a worker receives
+        assert [d for s in shipped for d in s.documents()] == list(src.documents()), src
+        if src.kind != "memory":  # located, not carried: no text travels
+            assert all(s.reader is not None and len(pickle.dumps(s)) < 2000 for s in spans), src
+        if target == 1 << 20:
+            assert len(spans) == (2 if src.kind == "builtin" else 1)  # builtin: files, then topics
+    both = [TextSource(tmp_path / "docs"), JsonlSource(tmp_path / "d.jsonl", "text")]
+    assert [d for i, s in iter_spans(both, 100) for d in span_documents(i, s)] == list(iter_documents(both))
+
+
+def test_jsonl_span_errors_name_the_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join([json.dumps({"text": "x" * 50})] * 30 + ["{bad"] + ['{"text": "y"}']) + "\n")
+    spans = list(JsonlSource(f, "text").spans(200))
+    with pytest.raises(DataError, match=r"d\.jsonl:31: not valid JSON"):
+        for s in spans:
+            list(s.documents())
+    assert [d.doc_id for s in JsonlSource(f, "text", skip_bad=True).spans(200) for d in s.documents()][
+        -1
+    ] == ("d.jsonl:32")

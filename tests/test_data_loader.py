@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +169,73 @@ def test_permutation_cache_keeps_earlier_epoch_after_going_back(store):
     assert np.array_equal(first, np.random.Generator(np.random.PCG64([3, 0])).permutation(blocks.num_blocks))
     assert blocks.permutation(3) is blocks.permutation(3)
     assert len(blocks._perms) == 2
+
+
+# ------------------------------------------------------------------ worker transport (shared slots)
+@pytest.mark.parametrize(("workers", "prefetch"), [(1, 0), (3, 1), (2, 5)])
+def test_worker_ring_order_for_odd_worker_counts_and_depths(store, reference, workers, prefetch):
+    got = collect(ranks(store, 1, num_workers=workers, prefetch=prefetch), STEPS)
+    np.testing.assert_array_equal(got, reference)
+    assert got.dtype == np.int64
+
+
+@pytest.mark.parametrize("resume_workers", [0, 2])
+def test_resume_exact_from_workers_into_any_worker_count(store, reference, resume_workers):
+    loader = ranks(store, 1, num_workers=2)[0]
+    head = collect([loader], 17)
+    resumed = ranks(store, 1, num_workers=resume_workers)[0]
+    resumed.load_state_dict(loader.state_dict())
+    tail = collect([resumed], STEPS - 17)
+    np.testing.assert_array_equal(np.concatenate([head, tail]), reference)
+
+
+def _loader_children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _shm_maps() -> list[str]:
+    with open("/proc/self/maps") as fh:
+        return [line for line in fh if "/dev/shm" in line]
+
+
+def _stop_by(how: str, loader: BlockLoader) -> None:
+    if how == "break":
+        for k, _ in enumerate(loader):
+            if k == 3:
+                break
+    elif how == "raise":
+
+        def consume() -> None:
+            for k, _ in enumerate(loader):
+                if k == 3:
+                    raise RuntimeError("consumer failed")
+
+        with pytest.raises(RuntimeError, match="consumer failed"):
+            consume()
+    else:  # "drop": an iterator abandoned without close()
+        it = iter(loader)
+        for _ in range(3):
+            next(it)
+        del it
+
+
+@pytest.mark.parametrize("how", ["break", "raise", "drop"])
+def test_early_stop_leaves_no_workers_or_shm_segments(store, reference, how):
+    import gc
+
+    before, shm_before = _loader_children(), set(os.listdir("/dev/shm"))
+    loader = ranks(store, 1, num_workers=2)[0]
+    _stop_by(how, loader)
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while _loader_children() - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _loader_children() <= before  # workers exited and were reaped (no zombies)
+    assert _shm_maps() == []
+    assert not {n for n in set(os.listdir("/dev/shm")) - shm_before if str(os.getpid()) in n}
+    # The consumed batches count, the abandoned prefetched ones do not: resuming continues exactly.
+    position = loader.position
+    assert position == (3 if how == "drop" else 4)  # a batch counts once it was handed out
+    np.testing.assert_array_equal(next(iter(loader)).numpy(), reference[position])

@@ -19,11 +19,15 @@ from scalelab.data.commands import app
 from scalelab.data.corpus import TextSource
 from scalelab.data.ingest import ingest, is_heldout
 from scalelab.data.stats import (
+    DEFAULT_K,
+    TARGET_RANK_ERROR,
     ColumnStats,
     Moments,
     Quantiles,
     RobustScaler,
     column_stats,
+    k_for_rank_error,
+    kll_rank_error,
     token_store_stats,
 )
 from scalelab.data.store import TokenStore
@@ -73,13 +77,23 @@ def test_moments_against_numpy_and_scipy():
     assert Moments.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
+def test_default_k_meets_the_rank_error_target_by_the_librarys_own_bound():
+    from datasketches import kll_doubles_sketch
+
+    assert DEFAULT_K == k_for_rank_error(TARGET_RANK_ERROR) == 269
+    bound = kll_doubles_sketch.get_normalized_rank_error(DEFAULT_K, False)
+    assert Quantiles().rank_error == kll_rank_error(DEFAULT_K) == bound <= 0.01
+    assert kll_rank_error(DEFAULT_K - 1) > 0.01  # the smallest such k
+    assert Quantiles.from_bytes(Quantiles(64).update(np.arange(10.0)).to_bytes()).k == 64
+
+
 @given(
     arrays(np.float64, st.integers(1, 3000), elements=finite),
     st.integers(1, 4),
 )
 @settings(max_examples=40, deadline=None)
 def test_kll_quantiles_within_rank_error(x, n_parts):
-    parts = [Quantiles(200).update(p) for p in np.array_split(x, n_parts)]
+    parts = [Quantiles().update(p) for p in np.array_split(x, n_parts)]
     sk = parts[0]
     for p in parts[1:]:
         sk.merge(Quantiles.from_bytes(p.to_bytes()))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalelab.data.corpus import JsonlSource, TextSource
+from scalelab.data.corpus import JsonlSource, ParquetSource, TextSource
 from scalelab.data.ingest import STATE_NAME, ingest, is_heldout
 from scalelab.data.loader import BlockLoader
 from scalelab.data.store import TokenStore, ensure_store
@@ -65,6 +65,26 @@ def test_ingest_is_deterministic_across_workers(tmp_path):
     index = json.loads((a / "index.json").read_text())
     assert index["format_version"] == 1 and index["tokenizer"]["name"] == "byte"
     assert set(index["splits"]) == {"train", "heldout"}
+
+
+def test_ingest_identical_for_any_workers_and_chunking_with_every_source_kind(tmp_path):
+    """Workers read their own spans (files, JSONL byte ranges, Parquet row groups): same bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = make_corpus(tmp_path / "c", n_docs=25)
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"json doc {i} " * (i + 3)}) + "\n" for i in range(80)))
+    pqf = tmp_path / "t.parquet"
+    pq.write_table(
+        pa.table({"text": [f"row {i} ✓ " * (i % 7 + 1) for i in range(200)]}), pqf, row_group_size=30
+    )
+    sources = [TextSource(corpus), JsonlSource(jl, "text"), ParquetSource(pqf, "text")]
+    kw = dict(heldout_fraction=0.2, shard_tokens=4096)
+    a = ingest(sources, tmp_path / "a", ByteTokenizer(), workers=1, chunk_bytes=1 << 20, **kw)
+    b = ingest(sources, tmp_path / "b", ByteTokenizer(), workers=2, chunk_bytes=700, **kw)
+    assert store_bytes(a) == store_bytes(b)
+    assert TokenStore.open(a).num_documents("train") + TokenStore.open(a).num_documents("heldout") == 305
 
 
 def test_bpe_store(tmp_path):

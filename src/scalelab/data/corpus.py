@@ -11,6 +11,13 @@ Four kinds, matching `scalelab.spec.SourceSpec.kind`:
 
 Every source has a content fingerprint (SHA-256 over document ids and texts, computed streaming) so
 token stores can be keyed by what they contain rather than by where the files live.
+
+Every source also splits into spans (`Span`): consecutive runs of its documents, about a target size each,
+that another process can read back by itself. File-backed sources describe a span by a few paths
+and offsets (files for ``builtin``/``text``, line-aligned byte ranges with their first line number
+for ``jsonl``, row groups with their first row for ``parquet``), so parallel ingest ships no text to
+its workers; any other source's spans carry their documents. Reading the spans in order yields
+exactly `documents()` (same ids, same texts), whatever the target size.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import logging
 import os
 import sysconfig
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -42,6 +50,22 @@ class Document(NamedTuple):
 
     doc_id: str
     text: str
+
+
+@dataclass(frozen=True)
+class Span:
+    """A consecutive run of one source's documents, readable in any process.
+
+    ``reader`` is the (small, picklable) source that reads `part` back, or None when `part` is the
+    list of documents itself. `size_bytes` is about how much text the span holds.
+    """
+
+    reader: Source | None
+    part: Any
+    size_bytes: int
+
+    def documents(self) -> Iterator[Document]:
+        return iter(self.part) if self.reader is None else self.reader.read_part(self.part)
 
 
 class Source(ABC):
@@ -64,6 +88,18 @@ class Source(ABC):
     def files(self) -> list[Path] | None:
         """The files the documents come from (None when not file-backed)."""
         return None
+
+    def spans(self, target_bytes: int) -> Iterator[Span]:
+        """Consecutive spans of about `target_bytes` of text covering `documents()` in order.
+
+        This default reads the documents here and lets each span carry its own; file-backed
+        sources override it (and `read_part`) to describe spans by location instead.
+        """
+        return _group(((d, len(d.text) + 1) for d in self.documents()), target_bytes, lambda docs: docs, None)
+
+    def read_part(self, part: Any) -> Iterator[Document]:
+        """The documents of a span's `part` (see `spans`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read spans by location")
 
     def stat_signature(self) -> str | None:
         """SHA-256 of the description and every file's (path, size, mtime_ns): cheap to compute,
@@ -120,6 +156,26 @@ class Source(ABC):
         return f"{desc['kind']} source {desc.get('path') or ''}".strip()
 
 
+def _group(
+    items: Iterable[tuple[Any, int]],
+    target_bytes: int,
+    part: Callable[[list[Any]], Any],
+    reader: Source | None,
+) -> Iterator[Span]:
+    """Spans of consecutive `items` (item, size) holding at least `target_bytes` each (the last may
+    hold less); ``part(items)`` builds a span's part from its items."""
+    chunk: list[Any] = []
+    size = 0
+    for item, n in items:
+        chunk.append(item)
+        size += n
+        if size >= target_bytes:
+            yield Span(reader, part(chunk), size)
+            chunk, size = [], 0
+    if chunk:
+        yield Span(reader, part(chunk), size)
+
+
 def _update_framed(h: Any, data: bytes) -> None:
     """Length-prefix each piece so that ("ab","c") and ("a","bc") hash differently."""
     h.update(len(data).to_bytes(8, "little"))
@@ -167,22 +223,34 @@ class BuiltinCorpus(Source):
         base = super().stat_signature()
         return hashlib.sha256(f"{base}|{sys.version}|{self.include_topics}".encode()).hexdigest()
 
-    def documents(self) -> Iterator[Document]:
+    def _nonempty_files(self) -> list[str]:
         files = self.relative_files()
         if not files:
             raise DataError(f"{self.root}: no Python sources found for the built-in corpus")
-        for rel in files:
-            path = self.root / rel
-            try:
-                raw = path.read_bytes()
-            except OSError as err:
-                raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-            yield Document(f"stdlib/{rel}", raw.decode("utf-8", errors="replace"))
+        return files
+
+    def documents(self) -> Iterator[Document]:
+        yield from self.read_part(("files", tuple(self._nonempty_files())))
         if self.include_topics:
+            yield from self.read_part(("topics",))
+
+    def spans(self, target_bytes: int) -> Iterator[Span]:
+        sizes = ((rel, _file_size(self.root / rel)) for rel in self._nonempty_files())
+        yield from _group(sizes, target_bytes, lambda rels: ("files", tuple(rels)), self)
+        if self.include_topics:
+            yield Span(self, ("topics",), 0)
+
+    def read_part(self, part: Any) -> Iterator[Document]:
+        """`part`: ``("files", relative paths)``, or ``("topics",)`` for all pydoc topics by key."""
+        if part[0] == "topics":
             from pydoc_data.topics import topics
 
             for key in sorted(topics):
                 yield Document(f"pydoc_data/{key}", topics[key])
+            return
+        for rel in part[1]:
+            raw = _read_bytes(self.root / rel)
+            yield Document(f"stdlib/{rel}", raw.decode("utf-8", errors="replace"))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "builtin", "path": None, "field": None}
@@ -232,11 +300,43 @@ def list_files(path: str) -> list[tuple[str, Path]]:
     return pairs
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _open_binary(path: Path) -> Any:
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _line_ranges(path: Path, target_bytes: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, number of the first line) of consecutive runs of whole lines of `path`, each of
+    at least `target_bytes` bytes (the last may be shorter)."""
+    size = _file_size(path)
+    with _open_binary(path) as fh:
+        start, first_line = 0, 1
+        while start < size:
+            end = size
+            if start + target_bytes < size:
+                fh.seek(start + target_bytes - 1)
+                fh.readline()  # to the end of the line holding the target's last byte
+                end = fh.tell()
+            fh.seek(start)
+            newlines = fh.read(end - start).count(b"\n")
+            yield start, end, first_line
+            start, first_line = end, first_line + newlines
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -253,7 +353,15 @@ class TextSource(Source):
         return [f for _, f in list_files(self.path)]
 
     def documents(self) -> Iterator[Document]:
-        for rel, f in list_files(self.path):
+        return self.read_part(list_files(self.path))
+
+    def spans(self, target_bytes: int) -> Iterator[Span]:
+        sizes = (((rel, f), _file_size(f)) for rel, f in list_files(self.path))
+        return _group(sizes, target_bytes, lambda pairs: pairs, self)
+
+    def read_part(self, part: Any) -> Iterator[Document]:
+        """`part`: (relative id, path) pairs, one document per file."""
+        for rel, f in part:
             raw = _read_bytes(f)
             try:
                 text = raw.decode("utf-8")
@@ -287,23 +395,41 @@ class JsonlSource(Source):
     def documents(self) -> Iterator[Document]:
         self.skipped = 0
         for rel, f in list_files(self.path):
-            try:
-                fh = open(f, "rb")  # noqa: SIM115 - closed below, also on errors
-            except OSError as err:
-                raise DataError(f"{f}: cannot read ({err.strerror or err})") from None
-            with fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    text, problem = self._parse(line)
-                    if problem is not None:
-                        if self.skip_bad:
-                            self.skipped += 1
-                            continue
-                        raise DataError(f"{f}:{lineno}: {problem} (use skip_bad to skip such lines)")
-                    yield Document(f"{rel}:{lineno}", text)
+            with _open_binary(f) as fh:
+                yield from self._documents_of_lines(rel, f, fh, 1)
         if self.skipped:
             log.warning("%s: skipped %d bad line(s)", self.path, self.skipped)
+
+    def spans(self, target_bytes: int) -> Iterator[Span]:
+        """Line-aligned byte ranges of each file, with the number of their first line (the one
+        pass over the bytes here counts newlines; the JSON is parsed where the span is read)."""
+        for rel, f in list_files(self.path):
+            for start, end, first_line in _line_ranges(f, target_bytes):
+                yield Span(self, (rel, f, start, end, first_line), end - start)
+
+    def read_part(self, part: Any) -> Iterator[Document]:
+        """`part`: (relative id, path, start byte, end byte, number of the line at start)."""
+        rel, f, start, end, first_line = part
+        with _open_binary(f) as fh:
+            fh.seek(start)
+            lines = fh.read(end - start).split(b"\n")
+        if lines[-1] == b"":  # the range ends with a newline (always, except at a file's end)
+            lines.pop()
+        yield from self._documents_of_lines(rel, f, lines, first_line)
+
+    def _documents_of_lines(
+        self, rel: str, f: Path, lines: Iterable[bytes], first_line: int
+    ) -> Iterator[Document]:
+        for lineno, line in enumerate(lines, start=first_line):
+            if not line.strip():
+                continue
+            text, problem = self._parse(line)
+            if problem is not None:
+                if self.skip_bad:
+                    self.skipped += 1
+                    continue
+                raise DataError(f"{f}:{lineno}: {problem} (use skip_bad to skip such lines)")
+            yield Document(f"{rel}:{lineno}", text)
 
     def _parse(self, line: bytes) -> tuple[str, str | None]:
         try:
@@ -342,36 +468,59 @@ class ParquetSource(Source):
         return [f for _, f in list_files(self.path)]
 
     def documents(self) -> Iterator[Document]:
+        self.skipped = 0
+        for rel, f in list_files(self.path):
+            yield from self.read_part((rel, f, None, 0))
+
+    def spans(self, target_bytes: int) -> Iterator[Span]:
+        """Runs of row groups (sized by their uncompressed bytes), with the index of their first row."""
+        for rel, f in list_files(self.path):
+            meta = self._open(f).metadata
+            groups, row = [], 0
+            for i in range(meta.num_row_groups):
+                groups.append((i, row, meta.row_group(i).total_byte_size))
+                row += meta.row_group(i).num_rows
+            for span in _group(((g, g[2]) for g in groups), target_bytes, tuple, None):
+                rgs = span.part
+                yield Span(self, (rel, f, tuple(g[0] for g in rgs), rgs[0][1]), span.size_bytes)
+
+    def read_part(self, part: Any) -> Iterator[Document]:
+        """`part`: (relative id, path, row groups or None for all, index of the first row)."""
+        import pyarrow as pa
+
+        rel, f, row_groups, row = part
+        pf = self._open(f)
+        try:
+            for batch in pf.iter_batches(
+                batch_size=self.batch_rows, row_groups=row_groups, columns=[self.field]
+            ):
+                for value in batch.column(0).to_pylist():
+                    if value is None:
+                        self.skipped += 1
+                    else:
+                        yield Document(f"{rel}:{row}", value)
+                    row += 1
+        except pa.ArrowException as err:
+            raise DataError(f"{f}: cannot read row group near row {row} ({err})") from None
+
+    def _open(self, f: Path) -> Any:
+        """The file as a ``pyarrow.parquet.ParquetFile`` whose `field` is a string column."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.skipped = 0
-        for rel, f in list_files(self.path):
-            try:
-                pf = pq.ParquetFile(f)
-            except OSError as err:
-                raise DataError(f"{f}: cannot read Parquet file ({err})") from None
-            except pa.ArrowException as err:
-                raise DataError(f"{f}: not a valid Parquet file ({err})") from None
-            schema = pf.schema_arrow
-            if self.field not in schema.names:
-                raise DataError(
-                    f"{f}: no column '{self.field}' (columns: {', '.join(schema.names) or 'none'})"
-                )
-            col_type = schema.field(self.field).type
-            if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
-                raise DataError(f"{f}: column '{self.field}' has type {col_type}, expected a string column")
-            row = 0
-            try:
-                for batch in pf.iter_batches(batch_size=self.batch_rows, columns=[self.field]):
-                    for value in batch.column(0).to_pylist():
-                        if value is None:
-                            self.skipped += 1
-                        else:
-                            yield Document(f"{rel}:{row}", value)
-                        row += 1
-            except pa.ArrowException as err:
-                raise DataError(f"{f}: cannot read row group near row {row} ({err})") from None
+        try:
+            pf = pq.ParquetFile(f)
+        except OSError as err:
+            raise DataError(f"{f}: cannot read Parquet file ({err})") from None
+        except pa.ArrowException as err:
+            raise DataError(f"{f}: not a valid Parquet file ({err})") from None
+        schema = pf.schema_arrow
+        if self.field not in schema.names:
+            raise DataError(f"{f}: no column '{self.field}' (columns: {', '.join(schema.names) or 'none'})")
+        col_type = schema.field(self.field).type
+        if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+            raise DataError(f"{f}: column '{self.field}' has type {col_type}, expected a string column")
+        return pf
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "parquet", "path": self.path, "field": self.field}
@@ -401,8 +550,25 @@ def sources_from_spec(data_spec: DataSpec, skip_bad: bool = False) -> list[Sourc
 def iter_documents(sources: Sequence[Source]) -> Iterator[Document]:
     """All documents of all sources, in order; doc ids are prefixed with the source's position."""
     for i, src in enumerate(sources):
-        for doc in src.documents():
-            yield Document(f"{i}:{doc.doc_id}", doc.text)
+        yield from _numbered(i, src.documents())
+
+
+def iter_spans(sources: Sequence[Source], target_bytes: int) -> Iterator[tuple[int, Span]]:
+    """(source position, span) for all sources in order: `span_documents` of each, concatenated,
+    is `iter_documents(sources)`."""
+    for i, src in enumerate(sources):
+        for span in src.spans(target_bytes):
+            yield i, span
+
+
+def span_documents(source_index: int, span: Span) -> Iterator[Document]:
+    """A span's documents with ids prefixed as `iter_documents` prefixes them."""
+    return _numbered(source_index, span.documents())
+
+
+def _numbered(i: int, docs: Iterable[Document]) -> Iterator[Document]:
+    for doc in docs:
+        yield Document(f"{i}:{doc.doc_id}", doc.text)
 
 
 def combined_fingerprint(sources: Iterable[Source]) -> str:

@@ -2,10 +2,15 @@
 
 How it stays deterministic and resumable:
 
-- The main process reads documents in source order and groups them into chunks of about
-  `chunk_bytes` of text. Chunk boundaries depend only on the data, never on the number of workers.
-- Worker processes tokenize chunks; results are consumed strictly in chunk order (a bounded window
-  of in-flight chunks), so the token stream — and every shard byte — is independent of `workers`.
+- The sources are cut into chunks (`scalelab.data.corpus.Span`) of about `chunk_bytes` of text,
+  never crossing a source. Chunk boundaries depend only on the data, never on the number of workers
+  (and the token stream does not depend on them at all: shards are cut by token count).
+- Worker processes read and tokenize chunks. A chunk of a file-backed source travels as a few paths
+  and offsets and the worker reads its text itself, so the main process neither reads, decodes nor
+  pickles the text (other sources' chunks carry their documents). Results are consumed strictly in
+  chunk order (a bounded window of in-flight chunks), so the token stream — and every shard byte —
+  is independent of `workers`. What stays serial here: the sources' fingerprint pass, cutting
+  chunks, and writing and hashing shards.
 - A document goes to ``heldout`` when a hash of its id falls below `heldout_fraction`.
 - Each split's tokens are cut into shards of exactly `shard_tokens` (the last may be shorter). A
   shard is written atomically as soon as it is full. After a chunk that completed a shard, the
@@ -28,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from scalelab.data.corpus import Document, Source, combined_fingerprint, iter_documents
+from scalelab.data.corpus import Source, Span, combined_fingerprint, iter_spans, span_documents
 from scalelab.data.procs import worker_context
 from scalelab.data.shards import (
     FORMAT_NAME,
@@ -48,7 +53,8 @@ from scalelab.errors import DataError
 log = logging.getLogger(__name__)
 
 STATE_NAME = ".ingest-state.json"
-DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_CHUNK_BYTES = 1 << 18  # ~0.2 s of BPE per chunk: little idle time for workers at the end
+_CHUNKING = 2  # version of how chunks are cut (part of the resume key): 2 = spans within a source
 _HELDOUT_SALT = b"scalelab-heldout-v1:"
 
 
@@ -69,14 +75,15 @@ def _init_worker(definition: dict[str, Any]) -> None:
 
 
 def _tokenize_chunk(
-    chunk: list[Document], heldout_fraction: float, tokenizer: Tokenizer | None = None
+    chunk: tuple[int, Span], heldout_fraction: float, tokenizer: Tokenizer | None = None
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(train tokens, heldout tokens, train docs, heldout docs) of one chunk; each doc ends with EOD."""
+    """(train tokens, heldout tokens, train docs, heldout docs) of one chunk (source index, span),
+    read here; each document ends with EOD."""
     tok = tokenizer if tokenizer is not None else _worker_tokenizer
     assert tok is not None
     train_texts: list[str] = []
     heldout_texts: list[str] = []
-    for doc in chunk:
+    for doc in span_documents(*chunk):
         (heldout_texts if is_heldout(doc.doc_id, heldout_fraction) else train_texts).append(doc.text)
     return (
         tok.encode_documents(train_texts),
@@ -84,19 +91,6 @@ def _tokenize_chunk(
         len(train_texts),
         len(heldout_texts),
     )
-
-
-def _chunks(docs: Iterator[Document], chunk_bytes: int) -> Iterator[list[Document]]:
-    chunk: list[Document] = []
-    size = 0
-    for doc in docs:
-        chunk.append(doc)
-        size += len(doc.text) + 1
-        if size >= chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 # ---------------------------------------------------------------------------------- split writer
@@ -203,6 +197,7 @@ def _job_key(
             "heldout_fraction": heldout_fraction,
             "shard_tokens": shard_tokens,
             "chunk_bytes": chunk,
+            "chunking": _CHUNKING,
         },
         sort_keys=True,
     )
@@ -261,7 +256,7 @@ def ingest(
     else:
         log.info("%s: resuming ingest at chunk %d", out, next_chunk)
 
-    chunks = (c for i, c in enumerate(_chunks(iter_documents(sources), chunk_bytes)) if i >= next_chunk)
+    chunks = (c for i, c in enumerate(iter_spans(sources, chunk_bytes)) if i >= next_chunk)
     if workers == 1:
         results: Iterator[Any] = (_tokenize_chunk(c, heldout_fraction, tokenizer) for c in chunks)
     else:

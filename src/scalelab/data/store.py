@@ -51,6 +51,15 @@ _verified: set[tuple[Any, ...]] = set()
 _verify_lock = threading.Lock()
 
 
+def _renew_verify_lock() -> None:
+    """In a forked child (loader workers): a parent thread may have held the lock at fork time."""
+    global _verify_lock
+    _verify_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_verify_lock)
+
+
 def default_cache_dir() -> Path:
     """$SCALELAB_CACHE_DIR, else ~/.cache/scalelab."""
     env = os.environ.get("SCALELAB_CACHE_DIR")
