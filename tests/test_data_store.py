@@ -210,6 +210,31 @@ def test_killed_ingest_resumes_to_identical_store(tmp_path):
     assert TokenStore.open(out).content_hash == TokenStore.open(clean).content_hash
 
 
+def test_tail_files_survive_a_crash_between_tail_and_state(tmp_path):
+    """Tails are appended (and a new generation started after a shard); a crash after the tails but
+    before the state leaves what the saved state names intact."""
+    from scalelab.data.ingest import _load_state, _save_state, _SplitWriter
+
+    def writers():
+        return {s: _SplitWriter(tmp_path, s, 100, np.dtype(np.uint16)) for s in ("train", "heldout")}
+
+    w = writers()
+    w["train"].add(np.arange(130, dtype=np.uint16))  # one shard + 30 tail tokens
+    w["heldout"].add(np.arange(7, dtype=np.uint16))
+    _save_state(tmp_path / "state.json", "job", 1, w)
+    saved = {s: x.tail().copy() for s, x in w.items()}
+    w["heldout"].add(np.arange(5, dtype=np.uint16))  # appended to the same heldout tail file...
+    w["train"].add(np.arange(90, dtype=np.uint16))  # ...while train fills a shard: a new generation
+    for x in w.values():
+        x.save_tail()  # crash here: the state still names generation 1 of both
+    assert len(w["train"].tail_files()) == 2 and len(w["heldout"].tail_files()) == 1
+    again = writers()
+    assert _load_state(tmp_path / "state.json", "job", again) == 1
+    for s in saved:
+        np.testing.assert_array_equal(again[s].tail(), saved[s])
+    assert len(again["train"].shards) == 1
+
+
 def test_ensure_store_caches_by_content(tmp_path):
     corpus = make_corpus(tmp_path / "c", n_docs=30)
     spec = DataSpec(

@@ -14,7 +14,11 @@ How it stays deterministic and resumable:
 - A document goes to ``heldout`` when a hash of its id falls below `heldout_fraction`.
 - Each split's tokens are cut into shards of exactly `shard_tokens` (the last may be shorter). A
   shard is written atomically as soon as it is full. After a chunk that completed a shard, the
-  unfinished tails and a small state file (next chunk, finished shards) are saved atomically.
+  unfinished tails and then a small state file (next chunk, finished shards, tail file and length)
+  are made durable. A tail is appended to, not rewritten: only after a shard took its tokens does a
+  new tail file (the next generation) start, and the older one is deleted once the state naming
+  the new one is saved. (Rewriting the whole held-out tail at every train shard wrote ~45% more
+  bytes than the shards themselves: 227 MiB of tails for 512 MiB of shards at 256 MB of text.)
 - A re-run after a crash loads that state, skips the chunks already done without tokenizing them
   again, and continues; finished shards are kept. ``index.json`` is written last, so a store that
   looks complete is complete.
@@ -103,10 +107,15 @@ class _SplitWriter:
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.documents = 0
+        self.generation = 0  # of the tail file; a new one starts when a shard took the tail's tokens
+        self.saved_tokens = 0  # tokens at the start of the current tail file that are the tail's
+        self.stale = True  # the current tail file does not start with the tail (or does not exist)
 
-    @property
-    def tail_path(self) -> Path:
-        return self.out / f".{self.split}.tail.bin"
+    def tail_path(self, generation: int | None = None) -> Path:
+        return self.out / f".{self.split}.tail-{self.generation if generation is None else generation}.bin"
+
+    def tail_files(self) -> list[Path]:
+        return sorted(self.out.glob(f".{self.split}.tail-*.bin"))
 
     def add(self, tokens: np.ndarray) -> bool:
         """Append tokens; write every shard that became full. True when at least one was written."""
@@ -121,6 +130,7 @@ class _SplitWriter:
             rest = buf[self.shard_tokens :]
             self.pending = [rest] if rest.size else []
             self.pending_tokens = rest.size
+            self.stale = True
             wrote = True
         return wrote
 
@@ -143,12 +153,30 @@ class _SplitWriter:
     def state(self) -> dict[str, Any]:
         return {
             "shards": shard_dicts(self.shards),
+            "tail_generation": self.generation,
             "tail_tokens": int(self.pending_tokens),
             "documents": self.documents,
         }
 
     def save_tail(self) -> None:
-        atomic_write_bytes(self.tail_path, memoryview(np.ascontiguousarray(self.tail())).cast("B"))
+        """Make the tail durable: append its new tokens, or start the next generation's file."""
+        tail = self.tail()
+        self.pending = [tail] if tail.size else []
+        if self.stale:
+            self.generation += 1
+            atomic_write_bytes(self.tail_path(), memoryview(np.ascontiguousarray(tail)).cast("B"))
+        elif tail.size > self.saved_tokens:
+            with open(self.tail_path(), "ab") as fh:
+                fh.write(memoryview(np.ascontiguousarray(tail[self.saved_tokens :])).cast("B"))
+                fh.flush()
+                os.fsync(fh.fileno())
+        self.saved_tokens, self.stale = int(tail.size), False
+
+    def drop_old_tails(self) -> None:
+        """Delete tail files of earlier generations (call once a state naming the current is saved)."""
+        for p in self.tail_files():
+            if p != self.tail_path():
+                p.unlink(missing_ok=True)
 
     def restore(self, state: dict[str, Any]) -> bool:
         """Load finished shards and the tail from a checkpoint; False when files do not match it."""
@@ -158,15 +186,18 @@ class _SplitWriter:
             if not p.is_file() or p.stat().st_size != s.tokens * self.dtype.itemsize:
                 return False
         try:
-            tail = np.fromfile(self.tail_path, dtype=self.dtype)
-        except OSError:
+            generation, n = int(state["tail_generation"]), int(state["tail_tokens"])
+            tail = np.fromfile(self.tail_path(generation), dtype=self.dtype)
+        except (KeyError, OSError):
             return False
-        if tail.size != state["tail_tokens"]:
+        if tail.size < n:  # longer is fine: tokens appended after the state was saved
             return False
+        tail = tail[:n]
         self.shards = shards
         self.pending = [tail] if tail.size else []
         self.pending_tokens = int(tail.size)
         self.documents = int(state["documents"])
+        self.generation, self.saved_tokens, self.stale = generation, n, True  # next save: a clean file
         return True
 
 
@@ -207,7 +238,7 @@ def _job_key(
 def _clean_partial(out: Path) -> None:
     for p in out.iterdir():
         n = p.name
-        if n.endswith(".bin") and n.split("-")[0] in SPLITS or n.endswith(".tmp") or n.endswith(".tail.bin"):
+        if n.endswith(".bin") and n.split("-")[0] in SPLITS or n.endswith(".tmp") or ".tail-" in n:
             p.unlink()
 
 
@@ -309,7 +340,7 @@ def ingest(
         },
     }
     atomic_write_json(out / INDEX_NAME, index)
-    for p in [state_path, *(w.tail_path for w in writers.values())]:
+    for p in [state_path, *(f for w in writers.values() for f in w.tail_files())]:
         p.unlink(missing_ok=True)
     log.info(
         "%s: %d train / %d heldout tokens",
@@ -331,6 +362,8 @@ def _save_state(path: Path, job: str, next_chunk: int, writers: dict[str, _Split
     atomic_write_json(
         path, {"job": job, "next_chunk": next_chunk, "splits": {s: w.state() for s, w in writers.items()}}
     )
+    for w in writers.values():
+        w.drop_old_tails()
 
 
 def _load_state(path: Path, job: str, writers: dict[str, _SplitWriter]) -> int:

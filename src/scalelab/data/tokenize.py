@@ -183,7 +183,9 @@ class BPETokenizer(Tokenizer):
         return np.asarray(self._tok.encode(text).ids, dtype=np.int32)
 
     def _encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(list(texts))]
+        # encode_batch_fast (tokenizers >= 0.21) skips character offsets: same ids, ~15% less CPU.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encode(list(texts))]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         arr = np.asarray(ids, dtype=np.int64)
