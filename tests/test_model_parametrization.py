@@ -60,6 +60,23 @@ def test_mup_scalings_at_4x_width():
     assert std == pytest.approx(0.02 / 2, rel=0.05)  # σ / sqrt(width/base_width)
 
 
+def test_output_multiplier_is_a_base_hyperparameter():
+    """α_out multiplies the logits at the base width; μP carries it to other widths as α_out·base/width."""
+    for kind, width, expected in (("sp", 128, 4.0), ("mup", 32, 4.0), ("mup", 128, 1.0)):
+        spec = _spec(parametrization=kind, width=width, base_width=32, output_multiplier=4.0)
+        model = build_model(spec, 50)
+        apply_parametrization(model, spec)
+        assert model.output_multiplier == pytest.approx(expected)
+    torch.manual_seed(0)
+    plain = build_model(_spec(), 50)
+    apply_parametrization(plain, _spec())
+    torch.manual_seed(0)
+    scaled = build_model(_spec(output_multiplier=3.0), 50)
+    apply_parametrization(scaled, _spec(output_multiplier=3.0))
+    idx = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(scaled(idx), 3.0 * plain(idx))
+
+
 def test_depth_mup_residual_multiplier_and_groups():
     spec = _spec(parametrization="depth_mup", width=64, depth=8, base_width=32, base_depth=2)
     model = build_model(spec, 50)

@@ -45,6 +45,12 @@ class ModelSpec(_Spec):
     base_width: int = Field(64, ge=1, description="μP base shape: width the hyperparameters were tuned at")
     base_depth: int = Field(2, ge=1, description="depth-μP base depth")
     init_std: float = Field(0.02, gt=0, description="init std of hidden weights at the base shape")
+    output_multiplier: float = Field(
+        1.0,
+        gt=0,
+        description="logit multiplier α_out at the base width (a base hyperparameter; μP scales it by "
+        "base_width/width)",
+    )
 
     @field_validator("width")
     @classmethod
@@ -248,6 +254,7 @@ class RunSpec(_Spec):
 #: Fields added after run ids were in use: hashed only when set off their default, so adding them did not
 #: change the id of any existing run (a spec that sets one gets a new id, as it should).
 HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
+    ("model", "output_multiplier"): 1.0,
     ("train", "warmup_tokens"): None,
     ("train", "batch_schedule"): [],
     ("train", "noise_scale"): False,
