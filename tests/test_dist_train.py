@@ -97,6 +97,16 @@ def test_auto_micro_batch_and_batch_schedule_under_ddp_match_one_process(work, s
     assert _close(losses(out), losses(work / "one-controls"))
 
 
+def test_per_rank_grad_norms_are_unscaled_under_fp16(work, store):
+    """Per-rank norms come from hooks that see fp16-scaled gradients (×2^16 at the start); the spread
+    must be in the units of the global (unscaled) norm."""
+    out = work / "ddp-fp16"
+    spec = make_spec(store, precision="fp16", tokens=16 * 8 * 4)
+    assert torchrun(work, write_config(work / "fp16.json", spec), out, 2).returncode == 0
+    for row in step_rows(out):
+        assert 0.3 < row["grad_norm_max"] / row["grad_norm"] < 3.0, row
+
+
 def test_fsdp_two_ranks_matches_ddp_and_reshards_to_one(work, store, ddp_run, monkeypatch):
     spec = make_spec(store, strategy="fsdp")
     out = work / "fsdp2"

@@ -100,6 +100,16 @@ def test_noise_scale_goes_into_metrics(tmp_path) -> None:
     assert any(r["noise_scale_tokens"] is not None and r["noise_scale_tokens"] > 0 for r in rows)
 
 
+def test_noise_scale_under_fp16_loss_scaling_matches_fp32(tmp_path) -> None:
+    """The hooks see gradients × the fp16 loss scale (2^16 here); the estimate divides it out."""
+    rows = {}
+    for precision in ("fp32", "fp16"):
+        run(spec(steps=6, micro_batch_size=1, noise_scale=True, precision=precision), tmp_path / precision)
+        rows[precision] = metrics(tmp_path / precision)[-1]
+    for key in ("noise_g2", "noise_trace"):
+        assert 0.5 < rows["fp16"][key] / rows["fp32"][key] < 2.0, key
+
+
 def test_noise_scale_controller_runs_in_training(tmp_path) -> None:
     s = spec(steps=40, micro_batch_size=1, noise_scale=True, max_global_batch_size=16)
     record = run(s, tmp_path / "c")

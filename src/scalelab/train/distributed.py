@@ -505,6 +505,8 @@ class CrossRankMetrics(Callback):
 
     def on_step_end(self, state: TrainState) -> None:
         local_norm = self.grad_norm_source.take() if self.grad_norm_source is not None else None
+        if local_norm is not None:
+            local_norm /= state.loss_scale  # hooks saw the fp16-scaled gradients
         mine = torch.tensor(
             [state.loss, math.nan if local_norm is None else local_norm, state.step_seconds],
             dtype=torch.float64,

@@ -38,11 +38,23 @@ class NoScaler:
     def update(self) -> None:
         pass
 
+    def is_enabled(self) -> bool:
+        return False
+
+    def get_scale(self) -> float:
+        return 1.0
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def current_loss_scale(scaler: Any) -> float:
+    """The factor the scaler multiplied this step's loss by (1.0 without loss scaling); read it before
+    `scaler.update()` changes it. Gradients seen by hooks during backward carry this factor."""
+    return float(scaler.get_scale()) if scaler.is_enabled() else 1.0
 
 
 def make_grad_scaler(precision: str, device_type: str) -> Any:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from scalelab.spec import DebugSpec, TrainSpec
-from scalelab.train.precision import autocast, make_grad_scaler
+from scalelab.train.precision import autocast, current_loss_scale, make_grad_scaler
 from scalelab.train.schedule import make_schedule
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class TrainState:
     loss: float = math.nan
     lr: float = 0.0
     grad_norm: float = math.nan  # before clipping
+    loss_scale: float = 1.0  # the fp16 loss scale this step's backward ran with (1 otherwise)
     step_seconds: float = 0.0
     tokens_per_second: float = 0.0
     train_seconds: float = 0.0  # sum of step_seconds (all steps, including before a resume)
@@ -371,6 +372,7 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.train.grad_clip if self.train.grad_clip is not None else math.inf
         grad_norm = clip_gradients(params, max_norm, group=self.grad_norm_group, skip=self.grad_norm_skip)
+        loss_scale = current_loss_scale(self.scaler)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -384,6 +386,7 @@ class Trainer:
         state.loss = loss_value
         state.lr = self.train.lr * lr_scale
         state.grad_norm = float(grad_norm)
+        state.loss_scale = loss_scale
         state.step_seconds = dt
         state.train_seconds += dt
         state.tokens_per_second = self.step_tokens / dt if dt > 0 else 0.0

@@ -125,20 +125,11 @@ class GradientNoiseCallback(Callback):
         self._backwards = 0
         self._first: torch.Tensor | None = None
         self._warned = False
-        self._scale = 1.0
-
-    def _loss_scale(self) -> float:
-        scaler = self.trainer.scaler if self.trainer is not None else None
-        if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
-            return float(scaler.get_scale())
-        return 1.0
 
     # --------------------------------------------------------------------------------- hooks
     def _hook_for(self, param: torch.Tensor) -> Any:
         def hook(grad: torch.Tensor) -> None:
             sq = grad.detach().float().pow(2).sum()
-            if self._sq is None:  # first gradient of this step: the loss scale it was computed with
-                self._scale = self._loss_scale()
             self._sq = sq if self._sq is None else self._sq + sq
             if param is self._first:
                 self._backwards += 1
@@ -167,7 +158,7 @@ class GradientNoiseCallback(Callback):
                 )
                 self._warned = True
             return
-        scale = self._scale
+        scale = state.loss_scale  # the hooks saw gradients scaled by the fp16 loss scale
         # each backward's gradient is g_i / n_micro (the trainer scales the loss by 1/n_micro)
         sq_small = float(sq) * n_micro / scale**2  # mean over micro-batches of |g_i|²
         sq_big = float(state.grad_norm) ** 2
