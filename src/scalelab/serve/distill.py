@@ -39,15 +39,13 @@ from torch import nn
 from scalelab.errors import SpecError
 from scalelab.hw import peak_flops
 from scalelab.io import atomic_write_json
-from scalelab.models.flops import ModelShape
-from scalelab.models.gpt import GPT, build_model
-from scalelab.models.parametrization import apply_parametrization
-from scalelab.serve.evaluation import heldout_batches, heldout_loss
+from scalelab.models.gpt import GPT
+from scalelab.serve.evaluation import heldout_loss
 from scalelab.serve.loading import LoadedRun, load_run
 from scalelab.spec import RunSpec, apply_overrides, config_hash, read_toml, run_from_dict
 from scalelab.train.checkpoint import save_checkpoint
 from scalelab.train.observe import MetricsLogger
-from scalelab.train.run import default_loader_factory, resolve_device, run_training, seed_everything
+from scalelab.train.run import default_loader_factory, prepare_run, resolve_device, run_training
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 log = logging.getLogger(__name__)
@@ -179,22 +177,9 @@ def train_student(
     if student.train.threads:
         torch.set_num_threads(student.train.threads)
     try:
-        seed_everything(student.train.seed)
-        model = build_model(student.model, vocab)
-        groups = apply_parametrization(model, student.model)
-        model.to(device)
+        prepared = prepare_run(student, store, default_loader_factory, device)
+        model, shape, eval_set = prepared.raw_model, prepared.shape, prepared.eval_batches
         objective = DistillationObjective(model, teacher.model.to(device), dspec)
-        shape = ModelShape.from_spec(student.model, vocab)
-        t = student.model.context_tokens
-        data_seed = student.train.data_seed if student.train.data_seed is not None else student.train.seed
-        loader = default_loader_factory(store, "train", t + 1, student.train.global_batch_size, data_seed)
-        eval_set = heldout_batches(
-            store,
-            t,
-            student.train.eval_tokens,
-            batch_size=student.train.micro_batch_size or student.train.global_batch_size,
-            seed=data_seed,
-        )
         metrics = MetricsLogger(
             out / "metrics.jsonl",
             flops_per_token=shape.training_flops_per_token,
@@ -216,11 +201,11 @@ def train_student(
 
         trainer = Trainer(
             objective,
-            groups,
-            student.train,
-            train_loader=loader,
-            total_steps=student.train.tokens // (student.train.global_batch_size * t),
-            context_tokens=t,
+            prepared.groups,
+            prepared.train,
+            train_loader=prepared.train_loader,
+            total_steps=prepared.total_steps,
+            context_tokens=student.model.context_tokens,
             device=device,
             eval_batches=eval_set,
             callbacks=[DivergenceGuard(student.train.divergence_factor), metrics, *callbacks],

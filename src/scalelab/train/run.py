@@ -33,11 +33,13 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from scalelab.errors import CheckpointError, TrainingError
 from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
@@ -45,7 +47,7 @@ from scalelab.io import atomic_write_json
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
-from scalelab.spec import RunSpec, config_hash
+from scalelab.spec import RunSpec, TrainSpec, config_hash
 from scalelab.train.branch import SNAPSHOT_DIR
 from scalelab.train.checkpoint import Checkpoint, clean_stale, load_latest, save_checkpoint
 from scalelab.train.controls import build_controls, resolve_micro_batch
@@ -197,6 +199,55 @@ def eval_batches_for(
     )
 
 
+@dataclass
+class PreparedRun:
+    """A run's pieces, built the same way by every training entry point (run_training, in-process sweeps,
+    distillation): the seeded model with its parametrization, optimizer groups, loaders, held-out set."""
+
+    train: TrainSpec  # spec.train with micro_batch_size "auto" resolved
+    shape: ModelShape
+    raw_model: nn.Module
+    model: nn.Module  # torch.compile(raw_model) when train.compile
+    groups: list[dict[str, Any]]
+    total_steps: int
+    train_loader: Any
+    eval_batches: list[torch.Tensor]
+
+
+def prepare_run(
+    spec: RunSpec, store: Any, loader_factory: LoaderFactory, device: torch.device
+) -> PreparedRun:
+    """Build `spec`'s model (seeded by train.seed, re-initialised by its parametrization), loaders and
+    held-out set on `device`; raises TrainingError when model.vocab_size is smaller than the store's."""
+    vocab = spec.model.vocab_size or int(store.vocab_size)
+    if vocab < int(store.vocab_size):
+        raise TrainingError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+            f"({store.vocab_size}); leave it unset to use the tokenizer's"
+        )
+    shape = ModelShape.from_spec(spec.model, vocab)
+    data_seed = spec.train.data_seed if spec.train.data_seed is not None else spec.train.seed
+    seed_everything(spec.train.seed)
+    raw_model = build_model(spec.model, vocab)
+    groups = apply_parametrization(raw_model, spec.model)
+    raw_model.to(device)
+    model = torch.compile(raw_model) if spec.train.compile else raw_model
+    train = resolve_micro_batch(spec.train, shape, device, raw_model)
+    t = spec.model.context_tokens
+    return PreparedRun(
+        train=train,
+        shape=shape,
+        raw_model=raw_model,
+        model=model,
+        groups=groups,
+        total_steps=spec.train.tokens // (spec.train.global_batch_size * t),
+        train_loader=loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed),
+        eval_batches=eval_batches_for(
+            loader_factory, store, spec.model_copy(update={"train": train}), data_seed
+        ),
+    )
+
+
 def _capture_provenance(spec: RunSpec, store: Any) -> dict[str, Any]:
     try:
         from scalelab.study.provenance import capture_provenance
@@ -306,31 +357,11 @@ def run_training(
                 out / "provenance.json", _capture_provenance(spec, store), indent=1, allow_nan=False
             )
 
-            vocab = spec.model.vocab_size or int(store.vocab_size)
-            if vocab < int(store.vocab_size):
-                raise TrainingError(
-                    f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
-                    f"({store.vocab_size}); leave it unset to use the tokenizer's"
-                )
-            shape = ModelShape.from_spec(spec.model, vocab)
+            prepared = prepare_run(spec, store, loader_factory, device)
+            shape, raw_model, train = prepared.shape, prepared.raw_model, prepared.train
             record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
-            total_steps = spec.train.tokens // (spec.train.global_batch_size * spec.model.context_tokens)
-            data_seed = spec.train.data_seed if spec.train.data_seed is not None else spec.train.seed
-
-            seed_everything(spec.train.seed)
-            raw_model = build_model(spec.model, vocab)
-            groups = apply_parametrization(raw_model, spec.model)
-            raw_model.to(device)
-            model = torch.compile(raw_model) if spec.train.compile else raw_model
-            train = resolve_micro_batch(spec.train, shape, device, raw_model)
             record["micro_batch_size"] = train.micro_batch_size or train.global_batch_size
             controls = build_controls(train, out, spec.run_id)
-
-            t = spec.model.context_tokens
-            train_loader = loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed)
-            eval_batches = eval_batches_for(
-                loader_factory, store, spec.model_copy(update={"train": train}), data_seed
-            )
             peak, peak_source = peak_flops(device, spec.train.precision)
             log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
             metrics = MetricsLogger(
@@ -360,14 +391,14 @@ def run_training(
                 return save
 
             trainer = Trainer(
-                model,
-                groups,
+                prepared.model,
+                prepared.groups,
                 train,
-                train_loader=train_loader,
-                total_steps=total_steps,
-                context_tokens=t,
+                train_loader=prepared.train_loader,
+                total_steps=prepared.total_steps,
+                context_tokens=spec.model.context_tokens,
                 device=device,
-                eval_batches=eval_batches,
+                eval_batches=prepared.eval_batches,
                 debug=spec.debug,
                 callbacks=[
                     DivergenceGuard(spec.train.divergence_factor),

@@ -2,7 +2,7 @@
 
 Transfer sweeps train many tiny models; starting a subprocess and writing checkpoints per run costs more
 than the training itself. `train_in_process` builds the model and parametrization exactly as
-`scalelab.train.run.run_training` does (same seeding, same `Trainer`, same eval set), but keeps
+`scalelab.train.run.run_training` does (`prepare_run`: same seeding, same eval set; the same `Trainer`), but keeps
 everything in memory. Use `run_training` when you want a recorded run; use this for sweeps and checks.
 """
 
@@ -15,17 +15,8 @@ from typing import Any
 
 import torch
 
-from scalelab.errors import TrainingError
-from scalelab.models.gpt import build_model
-from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import RunSpec
-from scalelab.train.run import (
-    LoaderFactory,
-    default_loader_factory,
-    eval_batches_for,
-    resolve_device,
-    seed_everything,
-)
+from scalelab.train.run import LoaderFactory, default_loader_factory, prepare_run, resolve_device
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 
@@ -66,33 +57,20 @@ def train_in_process(
             from scalelab.data.store import ensure_store
 
             store = ensure_store(spec.data)
-        loader_factory = loader_factory or default_loader_factory
         device = resolve_device(spec.train.device)
-        vocab = spec.model.vocab_size or int(store.vocab_size)
-        if vocab < int(store.vocab_size):
-            raise TrainingError(
-                f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({store.vocab_size})"
-            )
-        total_steps = spec.train.tokens // (spec.train.global_batch_size * spec.model.context_tokens)
-        data_seed = spec.train.data_seed if spec.train.data_seed is not None else spec.train.seed
-        seed_everything(spec.train.seed)
-        model = build_model(spec.model, vocab)
-        groups = apply_parametrization(model, spec.model)
-        model.to(device)
-        t = spec.model.context_tokens
-        train_loader = loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed)
-        eval_batches = eval_batches_for(loader_factory, store, spec, data_seed)
+        p = prepare_run(spec, store, loader_factory or default_loader_factory, device)
         trainer = Trainer(
-            model,
-            groups,
-            spec.train,
-            train_loader=train_loader,
-            total_steps=total_steps,
-            context_tokens=t,
+            p.model,
+            p.groups,
+            p.train,
+            train_loader=p.train_loader,
+            total_steps=p.total_steps,
+            context_tokens=spec.model.context_tokens,
             device=device,
-            eval_batches=eval_batches,
+            eval_batches=p.eval_batches,
             debug=spec.debug,
             callbacks=[DivergenceGuard(spec.train.divergence_factor), *callbacks],
+            raw_model=p.raw_model,
         )
         state = trainer.fit()
         out["status"] = state.status
