@@ -23,11 +23,11 @@ from scalelab.errors import FitError
 from scalelab.fit import estimate as est
 from scalelab.fit._blas import one_blas_thread
 from scalelab.fit.laws import (
-    INTERVAL_KIND_CONFIDENCE,
     ScalingLaw,
     _floats,
     _percentiles,
     compute_for_loss_report,
+    optimal_report,
 )
 from scalelab.fit.optimal import Accounting, check_budget
 from scalelab.fit.table import RunTable
@@ -213,18 +213,8 @@ class IsoFLOPLaw(ScalingLaw):
         self._check_fitted()
         check_budget(compute, None)
         pt = self._optimal_arrays(self.theta_, compute)
-        out: dict[str, Any] = {
-            "compute_flops": float(compute),
-            "accounting": self.accounting_.describe(),
-            **{k: float(v) for k, v in pt.items()},
-            "intervals": {},
-            "interval_kind": INTERVAL_KIND_CONFIDENCE,
-            "confidence": self.confidence,
-        }
-        if len(self.samples_):
-            for k, v in self._optimal_arrays(self.samples_, compute).items():
-                lo, hi = _percentiles(v, self.confidence)
-                out["intervals"][k] = [float(lo), float(hi)]
+        draws = self._optimal_arrays(self.samples_, compute) if len(self.samples_) else None
+        out = optimal_report(compute, self.accounting_, pt, draws, self.confidence)
         f = compute / self.largest_run_flops_
         out["extrapolation"] = {
             "largest_run_flops": self.largest_run_flops_,

@@ -435,22 +435,14 @@ class ChinchillaLaw(_NDPredictMixin, _PowerSumLaw):
         check_budget(compute, None)
         p = self._params_from_theta(self.theta_)
         pt = optimal_allocation(p["E"], p["A"], p["B"], p["alpha"], p["beta"], compute, self.accounting_)
-        out: dict[str, Any] = {
-            "compute_flops": float(compute),
-            "accounting": self.accounting_.describe(),
-            **{k: float(v) for k, v in pt.items()},
-            "intervals": {},
-            "interval_kind": INTERVAL_KIND_CONFIDENCE,
-            "confidence": self.confidence,
-        }
+        ss = None
         if len(self.samples_):
             ps = self._params_from_theta(self.samples_)
             ss = optimal_allocation(
                 ps["E"], ps["A"], ps["B"], ps["alpha"], ps["beta"], compute, self.accounting_
             )
-            for k, v in ss.items():
-                lo, hi = _percentiles(v, self.confidence)
-                out["intervals"][k] = [float(lo), float(hi)]
+        out = optimal_report(compute, self.accounting_, pt, ss, self.confidence)
+        if ss is not None:
             undefined = undefined_fraction(ss["N_opt"])
             if undefined:
                 out["undefined_draw_fraction"] = undefined
@@ -566,6 +558,29 @@ class PowerLaw(_PowerSumLaw):
         if isinstance(x, RunTable):
             return self._X(self._features(x)[:, 0])
         return self._X(x)
+
+
+def optimal_report(
+    compute: float,
+    accounting: Accounting,
+    point: dict[str, Any],
+    draws: dict[str, np.ndarray] | None,
+    confidence: float,
+) -> dict[str, Any]:
+    """The result dict of a law's `optimal(compute)`: the point estimates (N_opt, D_opt, …) and, from
+    bootstrap `draws` of the same quantities, their percentile confidence intervals."""
+    out: dict[str, Any] = {
+        "compute_flops": float(compute),
+        "accounting": accounting.describe(),
+        **{k: float(v) for k, v in point.items()},
+        "intervals": {},
+        "interval_kind": INTERVAL_KIND_CONFIDENCE,
+        "confidence": confidence,
+    }
+    for k, v in (draws or {}).items():
+        lo, hi = _percentiles(v, confidence)
+        out["intervals"][k] = [float(lo), float(hi)]
+    return out
 
 
 def compute_for_loss_report(
