@@ -5,12 +5,14 @@ How it stays deterministic and resumable:
 - The sources are cut into chunks (`scalelab.data.corpus.Span`) of about `chunk_bytes` of text,
   never crossing a source. Chunk boundaries depend only on the data, never on the number of workers
   (and the token stream does not depend on them at all: shards are cut by token count).
-- Worker processes read and tokenize chunks. A chunk of a file-backed source travels as a few paths
-  and offsets and the worker reads its text itself, so the main process neither reads, decodes nor
-  pickles the text (other sources' chunks carry their documents). Results are consumed strictly in
-  chunk order (a bounded window of in-flight chunks), so the token stream — and every shard byte —
-  is independent of `workers`. What stays serial here: the sources' fingerprint pass, cutting
-  chunks, and writing and hashing shards.
+- With ``workers=W > 1``, this process and ``W - 1`` pool processes read and tokenize chunks
+  (`scalelab.data.procs.ordered_map`): the pool starts in the background while this process
+  already tokenizes, and afterwards this process takes whatever chunk the pool has not, whenever
+  the oldest result is not ready. A chunk of a file-backed source travels as a few paths and
+  offsets and the worker reads its text itself, so nothing reads, decodes or pickles text on its
+  behalf (other sources' chunks carry their documents). Results are consumed strictly in chunk
+  order, so the token stream — and every shard byte — is independent of `workers`. What stays
+  serial: the sources' fingerprint pass, cutting chunks, and writing and hashing shards.
 - A document goes to ``heldout`` when a hash of its id falls below `heldout_fraction`.
 - Each split's tokens are cut into shards of exactly `shard_tokens` (the last may be shorter). A
   shard is written atomically as soon as it is full. After a chunk that completed a shard, the
@@ -26,7 +28,7 @@ How it stays deterministic and resumable:
 
 from __future__ import annotations
 
-import collections
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from scalelab.data.corpus import Source, Span, combined_fingerprint, iter_spans, span_documents
-from scalelab.data.procs import worker_context
+from scalelab.data.procs import ordered_map
 from scalelab.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -76,6 +78,20 @@ def _init_worker(definition: dict[str, Any]) -> None:
     global _worker_tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; parallelism is ours
     _worker_tokenizer = tokenizer_from_definition(definition)
+
+
+def _tokenizer_threads_off(results: Iterator[Any]) -> Iterator[Any]:
+    """`results`, consumed with HF `tokenizers`' own threads off in this process (it tokenizes a
+    worker's share beside the pool's processes: one thread each); the setting is restored after."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield from results
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _tokenize_chunk(
@@ -202,21 +218,6 @@ class _SplitWriter:
 
 
 # ---------------------------------------------------------------------------------------- ingest
-def _ordered_map(
-    fn: Callable[..., Any], items: Iterator[Any], workers: int, initargs: tuple[Any, ...], extra: tuple
-) -> Iterator[Any]:
-    """Like Pool.imap but with a bounded window of in-flight items (imap reads its input eagerly)."""
-    ctx = worker_context()
-    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-        window: collections.deque = collections.deque()
-        for item in items:
-            window.append(pool.apply_async(fn, (item, *extra)))
-            if len(window) >= 2 * workers:
-                yield window.popleft().get()
-        while window:
-            yield window.popleft().get()
-
-
 def _job_key(
     sources: Sequence[Source], tokenizer: Tokenizer, heldout_fraction: float, shard_tokens: int, chunk: int
 ) -> str:
@@ -255,8 +256,9 @@ def ingest(
 ) -> Path:
     """Tokenize `sources` into a token store at `out`; returns `out`.
 
-    `workers` > 1 tokenizes in that many processes (each single-threaded); with ``workers=1`` the
-    tokenizer runs in this process with its own threading (HF `tokenizers` uses all cores unless
+    `workers` > 1 tokenizes in that many single-threaded processes: this one and ``workers - 1``
+    pool processes (`scalelab.data.procs.ordered_map`); with ``workers=1`` the tokenizer runs in
+    this process with its own threading (HF `tokenizers` uses all cores unless
     ``TOKENIZERS_PARALLELISM=false``). The result is byte-identical for any value.
     Re-running after an interruption resumes from the last checkpoint. `progress` (if given) is
     called after each chunk with the number of tokens it produced.
@@ -288,11 +290,13 @@ def ingest(
         log.info("%s: resuming ingest at chunk %d", out, next_chunk)
 
     chunks = (c for i, c in enumerate(iter_spans(sources, chunk_bytes)) if i >= next_chunk)
+    here = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction, tokenizer=tokenizer)
     if workers == 1:
-        results: Iterator[Any] = (_tokenize_chunk(c, heldout_fraction, tokenizer) for c in chunks)
+        results: Iterator[Any] = map(here, chunks)
     else:
-        results = _ordered_map(
-            _tokenize_chunk, chunks, workers, (tokenizer.definition(),), (heldout_fraction,)
+        there = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction)
+        results = _tokenizer_threads_off(
+            ordered_map(here, there, chunks, workers, _init_worker, (tokenizer.definition(),))
         )
 
     chunk_index = next_chunk
