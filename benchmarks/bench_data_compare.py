@@ -6,6 +6,9 @@ crossing a shard) are written once in each library's own format — MDS (``ndarr
 one block per sample) for `streaming`, ``optimize(..., item_loader=TokensLoader())`` chunks for
 `litdata` — and read back shuffled, batch `--batch`, with 0 and 2 loader workers, in the same run.
 
+Every throughput reading runs in a freshly spawned process (see `measure_in_fresh_process`), with
+our shards' checksums verified before timing, as in any process that has been training a while.
+
 Besides throughput it prints the order guarantees it observes: whether the first batches are the
 same with 0 and 2 workers (ours and `streaming` promise it; `litdata` does not), and whether our
 loader resumed from `state_dict()` continues with exactly the batches an uninterrupted one yields.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -47,6 +51,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import numpy as np
 
@@ -166,6 +171,45 @@ def lit(path: Path, block: int, batch: int, workers: int, seed: int) -> Iterator
     dl = StreamingDataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
     for b in dl:
         yield b.numpy().astype(np.int64)
+
+
+def measure_in_fresh_process(
+    name: str, root: Path, block: int, batch: int, workers: int, steps: int, warmup: int
+) -> tuple[float, float]:
+    """`throughput` of one library's loader in a newly spawned process. Isolation matters: after its
+    iterator is dropped, `streaming` keeps preparing the epoch in threads of the process that ran
+    it (at 1 GB this slowed every later measurement in that process, ours included, 3-5x)."""
+    ctx = mp.get_context("spawn")  # not a Pool: its daemonic processes may not start loader workers
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure, args=(send, name, str(root), block, batch, workers, steps, warmup))
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        raise SystemExit(f"measuring {name} with {workers} workers failed (see above)") from None
+    proc.join()
+    return result
+
+
+def _measure(
+    out: Any, name: str, root: str, block: int, batch: int, workers: int, steps: int, warmup: int
+) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    store = TokenStore.open(Path(root) / "store")
+    if name == "scalelab":
+        # Shards are checksum-verified on first open in a process; a training process has done that
+        # long before, so do it here, before timing (the other libraries verify nothing).
+        for i in range(len(store.shards("train"))):
+            store.shard_array("train", i)
+        make: Callable[[], Iterator[np.ndarray]] = lambda: ours(store, block, batch, workers, 1)  # noqa: E731
+    elif name == "streaming":
+        make = lambda: mosaic(Path(root) / "mds", block, batch, workers, 1)  # noqa: E731
+    else:
+        make = lambda: lit(Path(root) / "litdata", block, batch, workers, 1)  # noqa: E731
+    out.send(throughput(make, steps, warmup))
 
 
 def throughput(make: Callable[[], Iterator[np.ndarray]], steps: int, warmup: int) -> tuple[float, float]:
@@ -311,15 +355,16 @@ def main() -> None:
             )
         )
 
-        # Throughput, same run, same blocks; rounds interleave the libraries so that each paired
-        # ratio compares readings taken seconds apart, under about the same foreign load.
+        # Throughput, same run, same blocks, each reading in its own fresh process; rounds
+        # interleave the libraries so that each paired ratio compares readings taken seconds
+        # apart, under about the same foreign load.
         rates: dict[tuple[str, int], list[float]] = {}
         per_cpu: dict[tuple[str, int], list[float]] = {}
         loads: list[float] = []
         for _round in range(args.repeats):
             for w in args.workers:
-                for name, make in loaders.items():
-                    r, c = throughput(lambda make=make, w=w: make(w, 1), args.steps, args.warmup)
+                for name in loaders:
+                    r, c = measure_in_fresh_process(name, root, T, B, w, args.steps, args.warmup)
                     rates.setdefault((name, w), []).append(r)
                     per_cpu.setdefault((name, w), []).append(c)
             loads.append(os.getloadavg()[0])

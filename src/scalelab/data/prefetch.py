@@ -10,8 +10,9 @@ caller passes the function that fills one.
 into a ring of preallocated slots in one anonymous shared mapping; only slot-ready and slot-free
 notices (9 and 1 bytes) cross plain pipes, so no batch is ever pickled. Worker ``w`` produces
 positions ``start + w + j*num_workers`` into its own `depth` slots, slot ``j % depth``, and may refill
-a slot only after the consumer has copied it out (one credit per consumed batch), so the consumer
-reads batch ``k`` from a slot it can compute itself. Why these choices:
+a slot only after the consumer has copied it out, so the consumer reads batch ``k`` from a slot it
+can compute itself. Credits for copied slots go back half a worker's slots at a time, so a worker
+refills several slots per wake-up. Why these choices:
 
 - ``fork``, like torch's DataLoader on Linux: workers share the parent's open memmaps, its verified
   shard checksums and the anonymous mapping, and start in milliseconds (no re-import, nothing
@@ -57,7 +58,7 @@ T = TypeVar("T")
 _HEAD = struct.Struct("<cQ")  # worker → consumer notice: tag, then a position or a payload length
 _READY = b"R"  # the slot for this position is full
 _ERROR = b"E"  # a pickled exception of this length follows; the worker has exited
-_CREDIT = b"C"  # consumer → worker: one slot of yours is free again
+_CREDIT = b"C"  # consumer → worker: one slot of yours is free again (sent several at a time)
 _STOP = b"S"  # consumer → worker: exit now
 JOIN_SECONDS = 5.0
 
@@ -152,6 +153,10 @@ class WorkerRing(Generic[T]):
         self._workers = num_workers
         self._depth = depth
         self._k = 0  # batches handed out
+        self._owed = [0] * num_workers  # slots taken out but not yet handed back to their worker
+        # Credits go back in batches of half a worker's slots: the worker then refills several
+        # slots per wake-up, while the other half keeps this process fed.
+        self._credit_batch = max(1, depth // 2)
         dtype = np.dtype(dtype)
         count = num_workers * depth * math.prod(shape)
         self._map = mmap.mmap(-1, max(1, count * dtype.itemsize))  # anonymous, MAP_SHARED
@@ -217,8 +222,11 @@ class WorkerRing(Generic[T]):
             self.close()
             raise DataError(f"loader worker {w} sent {head!r} where batch {position} was expected")
         out = self._take(slots[w, j % self._depth])
-        with contextlib.suppress(OSError):  # a worker that died after filling shows as EOF next time
-            os.write(self._credits[w], _CREDIT)
+        self._owed[w] += 1
+        if self._owed[w] >= self._credit_batch:  # one wake-up per credit batch, not per batch
+            with contextlib.suppress(OSError):  # a worker that died shows as EOF next time
+                os.write(self._credits[w], _CREDIT * self._owed[w])
+            self._owed[w] = 0
         self._k += 1
         return out
 
@@ -266,9 +274,10 @@ def _serve(
             init()
         while True:
             if credits == 0:
-                if os.read(credits_fd, 1) != _CREDIT:  # b"" (consumer gone) or a stop
+                got = os.read(credits_fd, depth)
+                if not got or _STOP in got:  # the consumer is gone, or stops us
                     return
-                credits = 1
+                credits = len(got)
             position = first + j * step
             fill(position, slots[j % depth])
             os.write(notices, _HEAD.pack(_READY, position))  # < PIPE_BUF: one atomic write
