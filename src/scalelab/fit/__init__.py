@@ -14,9 +14,33 @@ Modules: `table` (loading/validation), `estimate` (Huber objective, variable pro
 `optimal`, `api` (fit_source / recommend / FitReport), `commands` (CLI).
 """
 
-from scalelab.fit.api import FitReport, fit_source, fit_study, fit_table, recommend
-from scalelab.fit.laws import ChinchillaLaw, KaplanLaw, PowerLaw, law_from_dict, make_law
-from scalelab.fit.table import RunTable, load_table, make_table
+import importlib
+from typing import Any
+
+#: public name → submodule; imported on first use so that `scalelab --help` (which mounts fit.commands)
+#: does not pay for scipy
+_LAZY = {
+    "FitReport": "api",
+    "fit_source": "api",
+    "fit_study": "api",
+    "fit_table": "api",
+    "recommend": "api",
+    "ChinchillaLaw": "laws",
+    "KaplanLaw": "laws",
+    "PowerLaw": "laws",
+    "law_from_dict": "laws",
+    "make_law": "laws",
+    "RunTable": "table",
+    "load_table": "table",
+    "make_table": "table",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"scalelab.fit.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'scalelab.fit' has no attribute {name!r}")
+
 
 __all__ = [
     "ChinchillaLaw",
