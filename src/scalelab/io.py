@@ -1,10 +1,12 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, rename over it.
 
 A crash at any moment leaves either the old file or the new one, never a half-written one.
+Also the one streaming file hash (`sha256_file`) that shards and checkpoints are verified with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -61,3 +63,14 @@ def read_tail(path: str | Path, max_bytes: int) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Streaming SHA-256 of a file (constant memory; hashlib releases the GIL on large chunks)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()

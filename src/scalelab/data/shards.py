@@ -15,7 +15,6 @@ sources with the same settings produce byte-identical stores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from scalelab.errors import DataError
 from scalelab.io import atomic_write_bytes, fsync_dir  # noqa: F401 - re-exported for data/ modules
+from scalelab.io import sha256_file as io_sha256_file
 
 FORMAT_NAME = "scalelab-token-store"
 FORMAT_VERSION = 1
@@ -54,17 +54,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 # --------------------------------------------------------------------------------------- hashing
 def sha256_file(path: Path, chunk_bytes: int = _HASH_CHUNK_BYTES) -> str:
-    """Streaming SHA-256 of a file (constant memory; hashlib releases the GIL on large chunks)."""
-    h = hashlib.sha256()
-    buf = bytearray(chunk_bytes)
-    view = memoryview(buf)
+    """Streaming SHA-256 of a shard (`scalelab.io.sha256_file`); a read failure is a DataError naming it."""
     try:
-        with open(path, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                h.update(view[:n])
+        return io_sha256_file(path, chunk_bytes)
     except OSError as err:
         raise DataError(f"{path}: cannot read shard ({err.strerror or err})") from None
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ index

@@ -17,7 +17,6 @@ different config is refused with a CheckpointError naming both config hashes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scalelab.errors import CheckpointError
-from scalelab.io import fsync_dir
+from scalelab.io import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +73,6 @@ def restore_rng(plain: dict[str, Any], tensors: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -165,7 +158,7 @@ def save_checkpoint(
             "step": step,
             "config_hash": config_hash,
             "aliases": aliases,
-            "files": {name: _sha256(tmp / name) for name in _FILES},
+            "files": {name: sha256_file(tmp / name) for name in _FILES},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -241,7 +234,7 @@ def verify_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: file listed in the manifest is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted or truncated)")
     return manifest
 

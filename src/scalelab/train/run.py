@@ -147,6 +147,15 @@ def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
     }
 
 
+def fit_into_record(trainer: Trainer, controls: Any, energy: Any, record: dict[str, Any]) -> None:
+    """Train to the end (energy metered) and put the outcome — status, error, batch changes — in `record`."""
+    energy.start()
+    state = trainer.fit()
+    record["status"] = state.status
+    record["error"] = state.message if state.status != "done" else None
+    record.update(controls.record())
+
+
 def finish_record(
     record: dict[str, Any], trainer: Any, shape: Any, device: Any, energy: Any, wall_seconds: float
 ) -> None:
@@ -432,11 +441,7 @@ def run_training(
                 resumed_step = ckpt.step
             metrics.truncate_after(resumed_step)
 
-            energy.start()
-            state = trainer.fit()
-            record["status"] = state.status
-            record["error"] = state.message if state.status != "done" else None
-            record.update(controls.record())
+            fit_into_record(trainer, controls, energy, record)
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
         log.exception("run %s failed", spec.run_id)
         record["status"] = "failed"

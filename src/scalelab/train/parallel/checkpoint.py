@@ -22,7 +22,6 @@ count of global batches, so the data order continues unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from scalelab.errors import CheckpointError
-from scalelab.io import fsync_dir
+from scalelab.io import fsync_dir, sha256_file
 from scalelab.train.checkpoint import (
     CheckpointConfigMismatch,
     capture_rng,
@@ -53,14 +52,6 @@ FORMAT = "dcp"
 FORMAT_VERSION = 1
 #: files up to this size get a sha256 in the manifest; larger ones (DCP shards) are checked by size
 HASH_LIMIT_BYTES = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -81,7 +72,7 @@ def _file_table(root: Path) -> dict[str, dict[str, Any]]:
         size = path.stat().st_size
         entry: dict[str, Any] = {"bytes": size}
         if size <= HASH_LIMIT_BYTES:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = sha256_file(path)
         table[rel] = entry
     return table
 
@@ -167,7 +158,7 @@ def verify_sharded(path: Path, config_hash: str) -> dict[str, Any]:
         f = path / rel
         if not f.is_file() or f.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"{f}: missing or of the wrong size (truncated checkpoint)")
-        if "sha256" in entry and _sha256(f) != entry["sha256"]:
+        if "sha256" in entry and sha256_file(f) != entry["sha256"]:
             raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted)")
     return manifest
 

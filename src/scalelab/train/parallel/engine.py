@@ -119,11 +119,7 @@ def run_distributed(
             )
             record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
             record["micro_batch_size"] = trainer.micro_batch_size
-            energy.start()
-            state = trainer.fit()
-            record["status"] = state.status
-            record["error"] = state.message if state.status != "done" else None
-            record.update(controls.record())
+            single.fit_into_record(trainer, controls, energy, record)
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
         log.exception("run %s failed on rank %s", spec.run_id, ctx.rank if ctx else "?")
         record["status"] = "failed"
