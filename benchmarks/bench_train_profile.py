@@ -1,0 +1,166 @@
+"""Where a training step's time goes on a GPU: the MFU gap, kernel category by category.
+
+Runs the trainer as `bench_train_strategies` builds it (unwrapped, or ``--strategy ddp|fsdp`` on a
+world of one; compiled, bf16 by default, a GPT-2-small shape) under `torch.profiler`, sorts every CUDA
+kernel into a category by its name, and prints JSON lines {name, value, baseline, ratio, unit}: each category's share of the step's wall time
+(value) and its kernel time per step (baseline, ms), then the GPU's idle share (wall time no kernel
+covers), and the FLOP rate inside the matrix-multiply and attention kernels against the device peak —
+so MFU = Σ (share × rate) over the categories that do the model's FLOPs, and the rest of the gap is
+idle time, memory-bound kernels and the optimizer. Needs CUDA; prints a note and exits 0 without it.
+
+  python benchmarks/bench_train_profile.py [--width 768] [--depth 12] [--context 1024] [--batch 16]
+      [--vocab 50304] [--precision bf16] [--no-compile] [--steps 10] [--strategy none|ddp|fsdp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_strategies import build_variant  # noqa: E402
+
+# first match wins; names are lower-cased kernel names
+CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("communication", ("nccl",)),
+    ("copy", ("memcpy", "memset")),
+    ("fused_triton", ("triton",)),
+]
+
+
+def category(kernel: str) -> str:
+    name = kernel.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "other_elementwise"
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (kernels on several streams may overlap)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument(
+        "--strategy", default="none", choices=["none", "ddp", "fsdp"], help="ddp/fsdp: a world of one"
+    )
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("skipping: bench_train_profile needs a CUDA device", file=sys.stderr)
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    from scalelab.hw import peak_flops
+    from scalelab.models.flops import ModelShape
+    from scalelab.spec import ModelSpec
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    args.device = "cuda"
+    steps = args.steps
+    mesh = None
+    if args.strategy != "none":
+        from scalelab.spec import TrainSpec
+        from scalelab.train.distributed import DistEnv, init_distributed
+
+        train = TrainSpec(strategy=args.strategy, device="cuda", global_batch_size=args.batch)
+        mesh = init_distributed(train, DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)).mesh
+    one_step = argparse.Namespace(**{**vars(args), "steps": 1, "compile_scope": "whole"})
+    run = build_variant(args.strategy, one_step, mesh)
+    for _ in range(5):  # compilation and warm-up
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    per_cat: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    intervals = []
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
+            continue  # kernels only: GPU-side annotations (e.g. "Optimizer.step#AdamW.step") span kernels
+        if "#" in evt.name or evt.name.startswith("ProfilerStep"):
+            continue
+        start, end = evt.time_range.start, evt.time_range.end
+        per_cat[category(evt.name)] += end - start
+        per_kernel[evt.name] += end - start
+        intervals.append((start, end))
+    idle = max(0.0, wall_us - busy_us(intervals))
+
+    mspec = ModelSpec(
+        width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context
+    )
+    shape = ModelShape.from_spec(mspec, args.vocab)
+    tokens = steps * args.batch * args.context
+    d, L, T, V = shape.width, shape.depth, shape.context_tokens, shape.vocab_size
+    flops = {
+        "matmul": 6.0 * (shape.block_matmul_params + V * d) * tokens,
+        "attention": 12.0 * L * T * d * tokens,  # the MFU convention: full (not causal-halved) attention
+    }
+    peak, source = peak_flops(torch.device("cuda"), args.precision)
+    mfu = shape.training_flops_per_token * tokens / (wall_us * 1e-6) / peak
+    tag = f"{args.strategy}_{args.precision}{'' if args.no_compile else '_compiled'}_w{args.width}_d{args.depth}"
+    tag += f"_t{args.context}_b{args.batch}_v{args.vocab}"
+    common = {"device": torch.cuda.get_device_name(), "steps": steps}
+
+    def emit(name: str, value: float, baseline: float, unit: str, **extra) -> None:
+        ratio = value / baseline if baseline else None
+        rec = {
+            "name": f"train_profile_{name}_{tag}",
+            "value": round(value, 4),
+            "baseline": round(baseline, 4),
+        }
+        rec.update(ratio=None if ratio is None else round(ratio, 4), unit=unit, **common, **extra)
+        print(json.dumps(rec))
+
+    emit(
+        "mfu", mfu, 1.0, f"fraction of {peak:.3g} FLOP/s ({source})", step_ms=round(wall_us / steps / 1e3, 2)
+    )
+    for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+        emit(f"share_{cat}", us / wall_us, us / steps / 1e3, "fraction of wall time (baseline: ms/step)")
+    emit("share_gpu_idle", idle / wall_us, idle / steps / 1e3, "fraction of wall time (baseline: ms/step)")
+    for cat, f in flops.items():
+        if per_cat.get(cat):
+            rate = f / (per_cat[cat] * 1e-6)
+            emit(f"{cat}_flop_rate", rate / peak, rate / 1e12, "fraction of peak (baseline: TFLOP/s)")
+    from torch._dynamo.utils import counters
+
+    compiled = {"graph_breaks": sum(counters["graph_break"].values()), **dict(counters["stats"])}
+    print(json.dumps({"name": f"train_profile_dynamo_{tag}", **compiled}))
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    ms = {f"{category(k)}: {k[:80]}": round(v / steps / 1e3, 3) for k, v in top}
+    print(json.dumps({"name": f"train_profile_top_kernels_{tag}", "kernels_ms_per_step": ms}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""One GPU: the trainer under DDP and FSDP (world of one, NCCL) against the same trainer unwrapped.
+
+Prints JSON lines {name, value, baseline, ratio, unit}: tokens/s and MFU of each strategy (value)
+against the single-process trainer on the same model, data and settings (baseline), so the ratio is
+what the wrapper costs on one device (1.0 = nothing). Every variant is built as a run builds it:
+μP/SP groups, `parallelize` and `compile_for_training` (``--compile-scope blocks`` compiles only the
+blocks, for comparison), the trainer with clipping, the divergence guard and the cross-rank metrics
+callback; the unwrapped baseline is compiled whole, as `scalelab train` does for a single process. Each variant runs in a fresh process
+(variants compiled in one process were seen to slow each other: the same unwrapped baseline measured
+25 % apart), the baseline before and after the others; the fastest round of each is reported. Needs CUDA; prints a note and exits 0 without it.
+
+  python benchmarks/bench_train_strategies.py [--width 768] [--depth 12] [--context 1024] [--batch 16]
+      [--vocab 50304] [--precision bf16] [--no-compile] [--steps 20] [--rounds 3]
+      [--compile-scope whole|blocks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def build_variant(strategy: str, args: argparse.Namespace, mesh) -> Callable[[], float]:  # noqa: ANN001
+    """A function running `args.steps` trainer steps of `strategy` and returning tokens/s."""
+    from scalelab.models.gpt import build_model
+    from scalelab.models.parametrization import apply_parametrization
+    from scalelab.spec import ModelSpec, TrainSpec
+    from scalelab.train.distributed import (
+        CrossRankMetrics,
+        compile_blocks,
+        compile_for_training,
+        grad_sync,
+        local_grad_norm_source,
+        parallelize,
+        param_group_index,
+        regroup,
+    )
+    from scalelab.train.trainer import DivergenceGuard, Trainer
+
+    device = torch.device(args.device)
+    train = TrainSpec(
+        strategy=strategy,
+        global_batch_size=args.batch,
+        tokens=10**12,
+        lr=3e-4,
+        schedule="constant",
+        warmup_fraction=0.0,
+        device=args.device,
+        threads=1 if args.device == "cpu" else None,
+        precision=args.precision,
+        compile=not args.no_compile,
+    )
+    mspec = ModelSpec(
+        width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context
+    )
+    torch.manual_seed(0)
+    raw = build_model(mspec, args.vocab)
+    groups = apply_parametrization(raw, mspec)
+    raw.to(device)
+    callbacks: list = [DivergenceGuard(10.0)]
+    kwargs: dict = {}
+    if strategy == "none":
+        model = torch.compile(raw) if train.compile else raw
+    else:
+        index = param_group_index(raw, groups)
+        wrapped = parallelize(raw, mesh, train)
+        groups = regroup(wrapped, groups, index)
+        if args.compile_scope == "blocks" and train.compile:
+            compile_blocks(wrapped)
+            model = wrapped
+        else:
+            model = compile_for_training(wrapped, train)
+        callbacks.insert(0, CrossRankMetrics(grad_norm_source=local_grad_norm_source(wrapped)))
+        kwargs = {"world_size": 1, "grad_sync": lambda enabled: grad_sync(wrapped, enabled)}
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, args.vocab, (8, args.batch, args.context + 1), generator=gen)
+
+    def batches():
+        while True:
+            yield from data
+
+    trainer = Trainer(
+        model,
+        groups,
+        train,
+        train_loader=batches(),
+        total_steps=10**9,
+        context_tokens=args.context,
+        device=device,
+        callbacks=callbacks,
+        raw_model=raw,
+        **kwargs,
+    )
+    trainer._iterator = iter(trainer.train_loader)
+    for cb in trainer.callbacks:
+        cb.on_fit_start(trainer)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def one_round() -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer._step()
+            for cb in trainer.callbacks:
+                cb.on_step_end(trainer.state)
+        sync()
+        return args.steps * args.batch * args.context / (time.perf_counter() - t0)
+
+    return one_round
+
+
+def measure_variant(args: argparse.Namespace) -> dict:
+    """{"variant", "rates"}: tokens/s of `args.variant` over `args.rounds` rounds, after a warm-up round."""
+    from scalelab.spec import TrainSpec
+    from scalelab.train.distributed import DistEnv, init_distributed
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    mesh = None
+    if args.variant != "none":
+        train = TrainSpec(strategy=args.variant, device=args.device, global_batch_size=args.batch)
+        mesh = init_distributed(train, DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)).mesh
+    run = build_variant(args.variant, args, mesh)
+    run()  # warm-up: compilation, allocator, cuBLAS heuristics
+    return {"variant": args.variant, "rates": [run() for _ in range(args.rounds)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--strategies", default="ddp,fsdp")
+    ap.add_argument(
+        "--compile-scope",
+        default="whole",
+        choices=["blocks", "whole"],
+        help="ddp/fsdp: compile the whole wrapped model (what a run does) or only each block",
+    )
+    ap.add_argument("--device", default="cuda", help="cpu only to smoke-test the script (gloo)")
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, this process
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("skipping: bench_train_strategies needs a CUDA device", file=sys.stderr)
+        return
+    if args.variant:
+        print(json.dumps(measure_variant(args)))
+        return
+    from scalelab.hw import peak_flops
+    from scalelab.models.flops import ModelShape
+    from scalelab.spec import ModelSpec
+
+    order = ["none", *args.strategies.split(","), "none"]  # the baseline again: drift shows up
+    rates: dict[str, list[float]] = {s: [] for s in order}
+    for s in order:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", s]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rates[s] += json.loads(out.strip().splitlines()[-1])["rates"]
+    shape = ModelShape.from_spec(
+        ModelSpec(width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context),
+        args.vocab,
+    )
+    peak, source = peak_flops(torch.device(args.device), args.precision)
+    fpt = shape.training_flops_per_token
+    base = max(rates["none"])
+    tag = f"{args.precision}{'' if args.no_compile else '_compiled'}_w{args.width}_d{args.depth}"
+    tag += f"_t{args.context}_b{args.batch}_v{args.vocab}"
+    tag += "_blocks" if args.compile_scope == "blocks" and not args.no_compile else ""
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    common = {"params": shape.total_params, "device": device_name}
+    print(
+        json.dumps(
+            {
+                "name": f"train_mfu_single_{tag}",
+                "value": round(fpt * base / peak, 4),
+                "baseline": 1.0,
+                "ratio": round(fpt * base / peak, 4),
+                "unit": f"fraction of {peak:.3g} FLOP/s ({source})",
+                "tokens_per_second": round(base, 1),
+                "rounds": [round(x, 1) for x in rates["none"]],
+                **common,
+            }
+        )
+    )
+    for s in order[1:-1]:
+        value = max(rates[s])
+        for name, v, b, unit in (
+            ("tokens_per_second", value, base, "tokens/s"),
+            ("mfu", fpt * value / peak, fpt * base / peak, f"fraction of {peak:.3g} FLOP/s"),
+        ):
+            print(
+                json.dumps(
+                    {
+                        "name": f"train_{s}_world1_vs_single_{name}_{tag}",
+                        "value": round(v, 4 if name == "mfu" else 1),
+                        "baseline": round(b, 4 if name == "mfu" else 1),
+                        "ratio": round(value / base, 4),
+                        "unit": unit,
+                        "rounds": [round(x, 1) for x in rates[s]],
+                        **common,
+                    }
+                )
+            )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
