@@ -91,7 +91,9 @@ def main() -> None:
 
         train = TrainSpec(strategy=args.strategy, device="cuda", global_batch_size=args.batch)
         mesh = init_distributed(train, DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)).mesh
-    one_step = argparse.Namespace(**{**vars(args), "steps": 1, "compile_scope": "whole"})
+    one_step = argparse.Namespace(
+        **{**vars(args), "steps": 1, "compile_scope": "whole", "fsdp_keep_params": False}
+    )
     run = build_variant(args.strategy, one_step, mesh)
     for _ in range(5):  # compilation and warm-up
         run()

@@ -55,6 +55,7 @@ def build_variant(strategy: str, args: argparse.Namespace, mesh) -> Callable[[],
         threads=1 if args.device == "cpu" else None,
         precision=args.precision,
         compile=not args.no_compile,
+        fsdp_reshard_after_forward=not args.fsdp_keep_params,
     )
     mspec = ModelSpec(
         width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context
@@ -151,6 +152,11 @@ def main() -> None:
         choices=["blocks", "whole"],
         help="ddp/fsdp: compile the whole wrapped model (what a run does) or only each block",
     )
+    ap.add_argument(
+        "--fsdp-keep-params",
+        action="store_true",
+        help="fsdp: keep gathered parameters from forward to backward (train.fsdp_reshard_after_forward=false)",
+    )
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test the script (gloo)")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, this process
     args = ap.parse_args()
@@ -180,6 +186,7 @@ def main() -> None:
     tag = f"{args.precision}{'' if args.no_compile else '_compiled'}_w{args.width}_d{args.depth}"
     tag += f"_t{args.context}_b{args.batch}_v{args.vocab}"
     tag += "_blocks" if args.compile_scope == "blocks" and not args.no_compile else ""
+    tag += "_keepparams" if args.fsdp_keep_params else ""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     common = {"params": shape.total_params, "device": device_name}
     print(

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,19 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    atomic_write_parts(path, [data])
+
+
+def atomic_write_parts(path: str | Path, parts: Iterable[bytes | memoryview]) -> None:
+    """Write the parts one after another (no joined copy of them is made) to a temporary file beside
+    `path`, fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

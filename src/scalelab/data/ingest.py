@@ -11,8 +11,18 @@ How it stays deterministic and resumable:
   the oldest result is not ready. A chunk of a file-backed source travels as a few paths and
   offsets and the worker reads its text itself, so nothing reads, decodes or pickles text on its
   behalf (other sources' chunks carry their documents). Results are consumed strictly in chunk
-  order, so the token stream — and every shard byte — is independent of `workers`. What stays
-  serial: the sources' fingerprint pass, cutting chunks, and writing and hashing shards.
+  order, so the token stream — and every shard byte — is independent of `workers`.
+- Also with ``workers > 1``, the two other passes leave this process's main thread. A fresh ingest
+  of file-backed sources computes their fingerprints (`Source.fingerprint`, a full re-read) in one
+  more process (`scalelab.data.procs.BackgroundCall`) while tokenizing starts at once; its error
+  (an empty source, the first bad line) is the one raised, as the serial code would. One writer
+  thread does every file operation — shard writes and their SHA-256, tail writes, state files,
+  deleting old tails — in the order the serial code does them (FIFO; at most four shards' bytes,
+  or 32 MiB, queued). So a state file still names only shards and tails made durable before it, and
+  an error in the writer stops the operations after it and is raised here before ``index.json``
+  is written. What stays serial in this process: cutting chunks (for JSONL a read of the file
+  that counts its lines), receiving results, and the bookkeeping (shards are cut as views, never
+  copied). ``workers=1`` does everything here, in order, on one core.
 - A document goes to ``heldout`` when a hash of its id falls below `heldout_fraction`.
 - Each split's tokens are cut into shards of exactly `shard_tokens` (the last may be shorter). A
   shard is written atomically as soon as it is full. After a chunk that completed a shard, the
@@ -21,26 +31,31 @@ How it stays deterministic and resumable:
   new tail file (the next generation) start, and the older one is deleted once the state naming
   the new one is saved. (Rewriting the whole held-out tail at every train shard wrote ~45% more
   bytes than the shards themselves: 227 MiB of tails for 512 MiB of shards at 256 MB of text.)
+  The state is keyed by the sources' fingerprints, so while a background fingerprint is not ready
+  no state is saved (a crash then starts over, as it would without a state file); the first shard
+  after it is ready saves one.
 - A re-run after a crash loads that state, skips the chunks already done without tokenizing them
-  again, and continues; finished shards are kept. ``index.json`` is written last, so a store that
-  looks complete is complete.
+  again, and continues; finished shards are kept (temporary files of atomic writes the crash cut
+  short are deleted). ``index.json`` is written last, so a store that looks complete is complete.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scalelab.data.corpus import Source, Span, combined_fingerprint, iter_spans, span_documents
-from scalelab.data.procs import ordered_map
+from scalelab.data.procs import BackgroundCall, ordered_map
 from scalelab.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -48,13 +63,13 @@ from scalelab.data.shards import (
     SPLITS,
     TOKENIZER_FILE,
     ShardInfo,
-    atomic_write_bytes,
     atomic_write_json,
     shard_dicts,
     shard_name,
 )
 from scalelab.data.tokenize import BPETokenizer, Tokenizer, tokenizer_from_definition
 from scalelab.errors import DataError
+from scalelab.io import atomic_write_parts
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +128,97 @@ def _tokenize_chunk(
     )
 
 
+# ------------------------------------------------------------------------------------ file writes
+def _now(fn: Callable[..., object], *args: Any, nbytes: int = 0) -> None:
+    """Run a file operation at once, in this thread (``workers=1``)."""
+    fn(*args)
+
+
+class _Writes:
+    """Runs the store's file operations on one background thread, in the order they are issued.
+
+    Call it like `_now`. A single thread (FIFO) keeps the serial order, so crash safety is that of
+    the serial code; operations whose bytes would make more than `max_bytes` queued wait for the
+    oldest first (the arrays they hold are never changed afterwards). Once one fails, the later
+    ones do nothing, and the error is raised in the issuing thread by the next call, `check`,
+    `drain` — always before the caller writes the index.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalelab-ingest-writer")
+        self._queued: collections.deque[tuple[Future[None], int]] = collections.deque()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._failed = False
+
+    def __call__(self, fn: Callable[..., object], *args: Any, nbytes: int = 0) -> None:
+        self.check()
+        while self._queued and self._bytes + nbytes > self._max_bytes:
+            self._wait_oldest()
+        self._queued.append((self._pool.submit(self._run, fn, args), nbytes))
+        self._bytes += nbytes
+
+    def _run(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        if self._failed:  # nothing may follow a failed operation (a state naming a missing shard)
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _wait_oldest(self) -> None:
+        done, nbytes = self._queued.popleft()
+        self._bytes -= nbytes
+        done.result()  # raises the operation's error
+
+    def check(self) -> None:
+        """Raise the error of a finished operation, if any (cheap: never waits)."""
+        while self._queued and self._queued[0][0].done():
+            self._wait_oldest()
+
+    def drain(self) -> None:
+        """Wait for every queued operation; raise the first error."""
+        while self._queued:
+            self._wait_oldest()
+
+    def close(self) -> None:
+        """Let queued operations finish (each is whole and in order) and stop the thread."""
+        self._pool.shutdown(wait=True)
+
+
+def _bytes_of(parts: list[np.ndarray]) -> list[memoryview]:
+    return [memoryview(np.ascontiguousarray(p)).cast("B") for p in parts]
+
+
+def _write_tail(path: Path, parts: list[np.ndarray]) -> None:
+    atomic_write_parts(path, _bytes_of(parts))
+
+
+def _append_tail(path: Path, parts: list[np.ndarray]) -> None:
+    with open(path, "ab") as fh:
+        for b in _bytes_of(parts):
+            fh.write(b)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 # ---------------------------------------------------------------------------------- split writer
 class _SplitWriter:
-    """Accumulates one split's tokens and writes full shards atomically."""
+    """Accumulates one split's tokens and writes full shards atomically.
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, dtype: np.dtype) -> None:
-        self.out, self.split, self.shard_tokens, self.dtype = out, split, shard_tokens, dtype
+    The bookkeeping (which shard, which tail generation, how many tokens saved) happens in the
+    calling thread; the file operations go through `io` (`_now`, or a `_Writes` queue), each with
+    the arrays and paths it needs. `shards` holds what has been written, so it lags behind
+    `n_shards` while writes are queued.
+    """
+
+    def __init__(
+        self, out: Path, split: str, shard_tokens: int, dtype: np.dtype, io: Callable[..., None] = _now
+    ) -> None:
+        self.out, self.split, self.shard_tokens, self.dtype, self.io = out, split, shard_tokens, dtype, io
         self.shards: list[ShardInfo] = []
+        self.n_shards = 0  # shards issued: named and queued for writing
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.documents = 0
@@ -141,57 +240,99 @@ class _SplitWriter:
         self.pending_tokens += tokens.size
         wrote = False
         while self.pending_tokens >= self.shard_tokens:
-            buf = np.concatenate(self.pending)
-            self._write_shard(buf[: self.shard_tokens])
-            rest = buf[self.shard_tokens :]
-            self.pending = [rest] if rest.size else []
-            self.pending_tokens = rest.size
+            self._write_shard(self._take(self.shard_tokens))
             self.stale = True
             wrote = True
         return wrote
+
+    def _take(self, n: int) -> list[np.ndarray]:
+        """Remove the first `n` pending tokens; they are returned as views of the pending arrays
+        (which are never written to), so cutting a shard copies nothing."""
+        parts: list[np.ndarray] = []
+        while n:
+            head = self.pending[0]
+            if head.size <= n:
+                parts.append(self.pending.pop(0))
+            else:
+                parts.append(head[:n])
+                self.pending[0] = head[n:]
+            n -= parts[-1].size
+            self.pending_tokens -= parts[-1].size
+        return parts
+
+    def _after(self, n: int) -> list[np.ndarray]:
+        """Views of the pending tokens after the first `n`."""
+        parts: list[np.ndarray] = []
+        for a in self.pending:
+            if n >= a.size:
+                n -= a.size
+            else:
+                parts.append(a[n:])
+                n = 0
+        return parts
 
     def tail(self) -> np.ndarray:
         return np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=self.dtype)
 
     def finish(self) -> None:
         if self.pending_tokens:
-            self._write_shard(self.tail())
-            self.pending, self.pending_tokens = [], 0
+            self._write_shard(self._take(self.pending_tokens))
 
-    def _write_shard(self, tokens: np.ndarray) -> None:
-        data = np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<"))
-        name = shard_name(self.split, len(self.shards))
-        atomic_write_bytes(self.out / name, memoryview(data).cast("B"))
-        self.shards.append(ShardInfo(name, int(data.size), hashlib.sha256(data).hexdigest()))
-        log.debug("wrote %s (%d tokens)", name, data.size)
+    def _write_shard(self, parts: list[np.ndarray]) -> None:
+        name = shard_name(self.split, self.n_shards)
+        self.n_shards += 1
+        self.io(self._store_shard, name, parts, nbytes=sum(p.nbytes for p in parts))
+
+    def _store_shard(self, name: str, parts: list[np.ndarray]) -> None:
+        data = [np.ascontiguousarray(p, dtype=self.dtype.newbyteorder("<")) for p in parts]
+        atomic_write_parts(self.out / name, [memoryview(d).cast("B") for d in data])
+        h = hashlib.sha256()
+        for d in data:
+            h.update(d)
+        tokens = sum(d.size for d in data)
+        self.shards.append(ShardInfo(name, tokens, h.hexdigest()))
+        log.debug("wrote %s (%d tokens)", name, tokens)
 
     # -- resume
-    def state(self) -> dict[str, Any]:
-        return {
-            "shards": shard_dicts(self.shards),
-            "tail_generation": self.generation,
-            "tail_tokens": int(self.pending_tokens),
-            "documents": self.documents,
-        }
+    def deferred_state(self) -> Callable[[], dict[str, Any]]:
+        """This split's part of the state file as it is now, built when called (by the operation
+        that writes the state, after the shards issued before it are written)."""
+        n_shards, generation, tail_tokens, documents = (
+            self.n_shards,
+            self.generation,
+            int(self.pending_tokens),
+            self.documents,
+        )
+
+        def build() -> dict[str, Any]:
+            assert len(self.shards) == n_shards, "state built before its shards were written"
+            return {
+                "shards": shard_dicts(self.shards),
+                "tail_generation": generation,
+                "tail_tokens": tail_tokens,
+                "documents": documents,
+            }
+
+        return build
 
     def save_tail(self) -> None:
         """Make the tail durable: append its new tokens, or start the next generation's file."""
-        tail = self.tail()
-        self.pending = [tail] if tail.size else []
         if self.stale:
             self.generation += 1
-            atomic_write_bytes(self.tail_path(), memoryview(np.ascontiguousarray(tail)).cast("B"))
-        elif tail.size > self.saved_tokens:
-            with open(self.tail_path(), "ab") as fh:
-                fh.write(memoryview(np.ascontiguousarray(tail[self.saved_tokens :])).cast("B"))
-                fh.flush()
-                os.fsync(fh.fileno())
-        self.saved_tokens, self.stale = int(tail.size), False
+            new = self._after(0)
+            self.io(_write_tail, self.tail_path(), new, nbytes=sum(p.nbytes for p in new))
+        elif self.pending_tokens > self.saved_tokens:
+            new = self._after(self.saved_tokens)
+            self.io(_append_tail, self.tail_path(), new, nbytes=sum(p.nbytes for p in new))
+        self.saved_tokens, self.stale = int(self.pending_tokens), False
 
     def drop_old_tails(self) -> None:
         """Delete tail files of earlier generations (call once a state naming the current is saved)."""
+        self.io(self._drop_tails_but, self.tail_path())
+
+    def _drop_tails_but(self, keep: Path) -> None:
         for p in self.tail_files():
-            if p != self.tail_path():
+            if p != keep:
                 p.unlink(missing_ok=True)
 
     def restore(self, state: dict[str, Any]) -> bool:
@@ -210,11 +351,69 @@ class _SplitWriter:
             return False
         tail = tail[:n]
         self.shards = shards
+        self.n_shards = len(shards)
         self.pending = [tail] if tail.size else []
         self.pending_tokens = int(tail.size)
         self.documents = int(state["documents"])
         self.generation, self.saved_tokens, self.stale = generation, n, True  # next save: a clean file
         return True
+
+
+# ----------------------------------------------------------------------------------- fingerprints
+def _fingerprints_there(sources: list[Source]) -> tuple[list[tuple[str, int]], list[tuple[str, int, str]]]:
+    """In the background process: each source's (fingerprint, skipped documents), and what the pass
+    logged under ``scalelab`` as (logger, level, message) for the caller to log."""
+    records: list[tuple[str, int, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.name, record.levelno, record.getMessage()))
+
+    logger, keep = logging.getLogger("scalelab"), Keep()
+    before = logger.level, logger.propagate
+    logger.addHandler(keep)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        return [(s.fingerprint(), s.skipped) for s in sources], records
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+
+class _BackgroundFingerprints:
+    """Sources' fingerprints computed in another process (`BackgroundCall`) while this one goes on.
+
+    `wait` puts the results on the sources (their cached fingerprints) and logs what the pass
+    logged, or raises the pass's error — the same `DataError` `Source.fingerprint` raises here.
+    """
+
+    def __init__(self, sources: Sequence[Source]) -> None:
+        self.sources = list(sources)
+        self._call = BackgroundCall(_fingerprints_there, self.sources)
+
+    def ready(self) -> bool:
+        return self._call.ready()
+
+    def wait(self) -> None:
+        """Wait for the pass; set each source's fingerprint, or raise the pass's error."""
+        fingerprints, records = self._call.result()
+        for src, (fp, skipped) in zip(self.sources, fingerprints, strict=True):
+            src._fingerprint, src.skipped = fp, skipped
+        for name, level, message in records:
+            logging.getLogger(name).log(level, "%s", message)
+
+    def close(self) -> None:
+        self._call.close()
+
+
+def _fingerprint_in_background(sources: Sequence[Source]) -> bool:
+    """Whether a background pass pays: some source is not fingerprinted yet, and every source is a
+    small, picklable reader of its own spans (file-backed) that another process can re-read."""
+    return any(s._fingerprint is None for s in sources) and all(
+        type(s).read_part is not Source.read_part for s in sources
+    )
 
 
 # ---------------------------------------------------------------------------------------- ingest
@@ -236,10 +435,13 @@ def _job_key(
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _clean_partial(out: Path) -> None:
+def _clean_partial(out: Path, temporary_only: bool = False) -> None:
+    """Delete shards, tails and temporary files of an earlier attempt (with `temporary_only`: only
+    the temporary files of atomic writes a crash interrupted, which nothing names)."""
     for p in out.iterdir():
         n = p.name
-        if n.endswith(".bin") and n.split("-")[0] in SPLITS or n.endswith(".tmp") or ".tail-" in n:
+        partial = n.endswith(".bin") and n.split("-")[0] in SPLITS or ".tail-" in n
+        if n.endswith(".tmp") or (partial and not temporary_only):
             p.unlink()
 
 
@@ -257,9 +459,10 @@ def ingest(
     """Tokenize `sources` into a token store at `out`; returns `out`.
 
     `workers` > 1 tokenizes in that many single-threaded processes: this one and ``workers - 1``
-    pool processes (`scalelab.data.procs.ordered_map`); with ``workers=1`` the tokenizer runs in
-    this process with its own threading (HF `tokenizers` uses all cores unless
-    ``TOKENIZERS_PARALLELISM=false``). The result is byte-identical for any value.
+    pool processes (`scalelab.data.procs.ordered_map`), with the fingerprint pass in one more
+    process and file writes on a writer thread (see the module docstring); with ``workers=1``
+    everything runs here, in order, and the tokenizer with its own threading (HF `tokenizers` uses
+    all cores unless ``TOKENIZERS_PARALLELISM=false``). The result is byte-identical for any value.
     Re-running after an interruption resumes from the last checkpoint. `progress` (if given) is
     called after each chunk with the number of tokens it produced.
     """
@@ -279,43 +482,81 @@ def ingest(
     except OSError as err:
         raise DataError(f"{out}: cannot create the store directory ({err.strerror or err})") from None
 
-    job = _job_key(sources, tokenizer, heldout_fraction, shard_tokens, chunk_bytes)  # also fingerprints
-    dtype = tokenizer.dtype
-    writers = {s: _SplitWriter(out, s, shard_tokens, dtype) for s in SPLITS}
     state_path = out / STATE_NAME
-    next_chunk = _load_state(state_path, job, writers)
-    if next_chunk == 0:
-        _clean_partial(out)
+
+    def job_key() -> str:  # also fingerprints the sources (unless they already are)
+        return _job_key(sources, tokenizer, heldout_fraction, shard_tokens, chunk_bytes)
+
+    background = workers > 1
+    fingerprints: _BackgroundFingerprints | None = None
+    job: str | None = None
+    if background and not state_path.exists() and _fingerprint_in_background(sources):
+        fingerprints = _BackgroundFingerprints(sources)  # nothing to resume: the key can wait
     else:
-        log.info("%s: resuming ingest at chunk %d", out, next_chunk)
+        job = job_key()
+    dtype = tokenizer.dtype
+    io = _Writes(max_bytes=max(4 * shard_tokens * dtype.itemsize, 1 << 25)) if background else None
+    writers = {s: _SplitWriter(out, s, shard_tokens, dtype, io or _now) for s in SPLITS}
+    results: Iterator[Any] | None = None
+    try:
+        next_chunk = 0 if job is None else _load_state(state_path, job, writers)
+        if next_chunk == 0:
+            _clean_partial(out)
+        else:
+            log.info("%s: resuming ingest at chunk %d", out, next_chunk)
+            _clean_partial(out, temporary_only=True)
 
-    chunks = (c for i, c in enumerate(iter_spans(sources, chunk_bytes)) if i >= next_chunk)
-    here = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction, tokenizer=tokenizer)
-    if workers == 1:
-        results: Iterator[Any] = map(here, chunks)
-    else:
-        there = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction)
-        results = _tokenizer_threads_off(
-            ordered_map(here, there, chunks, workers, _init_worker, (tokenizer.definition(),))
-        )
+        chunks = (c for i, c in enumerate(iter_spans(sources, chunk_bytes)) if i >= next_chunk)
+        here = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction, tokenizer=tokenizer)
+        if workers == 1:
+            results = map(here, chunks)
+        else:
+            there = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction)
+            results = _tokenizer_threads_off(
+                ordered_map(here, there, chunks, workers, _init_worker, (tokenizer.definition(),))
+            )
 
-    chunk_index = next_chunk
-    for train, heldout, n_train, n_heldout in results:
-        writers["train"].documents += n_train
-        writers["heldout"].documents += n_heldout
-        wrote = writers["train"].add(train)
-        wrote = writers["heldout"].add(heldout) or wrote
-        chunk_index += 1
-        if wrote:
-            _save_state(state_path, job, chunk_index, writers)
-        if progress is not None:
-            progress(int(train.size + heldout.size))
+        chunk_index = next_chunk
+        for train, heldout, n_train, n_heldout in results:
+            if fingerprints is not None and job is None and fingerprints.ready():
+                fingerprints.wait()  # raises the fingerprint pass's error, if any
+                job = job_key()
+            if io is not None:
+                io.check()
+            writers["train"].documents += n_train
+            writers["heldout"].documents += n_heldout
+            wrote = writers["train"].add(train)
+            wrote = writers["heldout"].add(heldout) or wrote
+            chunk_index += 1
+            if wrote and job is not None:  # without the key (not fingerprinted yet) no state
+                _save_state(state_path, job, chunk_index, writers)
+            if progress is not None:
+                progress(int(train.size + heldout.size))
 
-    total_docs = sum(w.documents for w in writers.values())
-    if total_docs == 0:
-        raise DataError("the sources contain no documents (empty corpus)")
-    for w in writers.values():
-        w.finish()
+        if fingerprints is not None and job is None:
+            fingerprints.wait()
+            job = job_key()
+        total_docs = sum(w.documents for w in writers.values())
+        if total_docs == 0:
+            raise DataError("the sources contain no documents (empty corpus)")
+        for w in writers.values():
+            w.finish()
+        if io is not None:
+            io.drain()
+    except DataError:
+        if fingerprints is not None and job is None:  # the serial code fingerprints first: its
+            try:  # error (a bad line, an empty source) is the one to report
+                fingerprints.wait()
+            except DataError as err:
+                raise err from None
+        raise
+    finally:
+        if isinstance(results, Generator):
+            results.close()  # stops the pool processes now, also when this raises
+        if io is not None:
+            io.close()
+        if fingerprints is not None:
+            fingerprints.close()
 
     if isinstance(tokenizer, BPETokenizer):
         tokenizer.save(out / TOKENIZER_FILE)
@@ -361,13 +602,21 @@ def store_fingerprint(source_fingerprint: str, tokenizer_hash: str) -> str:
 
 
 def _save_state(path: Path, job: str, next_chunk: int, writers: dict[str, _SplitWriter]) -> None:
+    """Tails, then the state naming them and the shards before, then old tails gone (via `io`)."""
     for w in writers.values():
         w.save_tail()
-    atomic_write_json(
-        path, {"job": job, "next_chunk": next_chunk, "splits": {s: w.state() for s, w in writers.items()}}
-    )
+    splits = {s: w.deferred_state() for s, w in writers.items()}
+    next(iter(writers.values())).io(_write_state, path, job, next_chunk, splits)
     for w in writers.values():
         w.drop_old_tails()
+
+
+def _write_state(
+    path: Path, job: str, next_chunk: int, splits: dict[str, Callable[[], dict[str, Any]]]
+) -> None:
+    atomic_write_json(
+        path, {"job": job, "next_chunk": next_chunk, "splits": {s: b() for s, b in splits.items()}}
+    )
 
 
 def _load_state(path: Path, job: str, writers: dict[str, _SplitWriter]) -> int:
@@ -383,6 +632,6 @@ def _load_state(path: Path, job: str, writers: dict[str, _SplitWriter]) -> int:
         if not w.restore(state["splits"][split]):
             log.warning("%s: shard files do not match the ingest state; starting over", path)
             for w2 in writers.values():
-                w2.__init__(w2.out, w2.split, w2.shard_tokens, w2.dtype)  # type: ignore[misc]
+                w2.__init__(w2.out, w2.split, w2.shard_tokens, w2.dtype, w2.io)  # type: ignore[misc]
             return 0
     return int(state["next_chunk"])

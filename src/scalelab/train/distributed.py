@@ -324,13 +324,14 @@ def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
 def compile_for_training(model: nn.Module, train: TrainSpec, *, pipelined: bool = False) -> nn.Module:
     """The module the trainer calls: `model` (as `parallelize` returned it) compiled when ``train.compile``.
 
-    The whole wrapped model is compiled (DDP's graph is split at its gradient buckets, FSDP2's
-    all-gathers and reduce-scatters are traced), so the embeddings, the output layer and the loss are
-    fused too: on one H100 (GPT-2-small shape, bf16, `benchmarks/bench_train_strategies.py`) DDP and
-    FSDP ran at 0.94× and 0.84× of the compiled single-process trainer this way, against 0.65× and
-    0.45× with only the blocks compiled. Pipeline stages are driven by the schedule, not called as a
-    whole, so there each block is compiled in place (`compile_blocks`). Keep using `model` itself for
-    `grad_sync`, norms and checkpoints: the compiled module shares its parameters.
+    The whole wrapped model is compiled (DDP's graph is split at its gradient buckets), so the
+    embeddings, the output layer and the loss are fused too. On one H100 (GPT-2-small shape, bf16,
+    world of one, `benchmarks/bench_train_strategies.py`, each variant in its own process) DDP ran at
+    0.92× the compiled single-process trainer this way and 0.63× with only the blocks compiled; FSDP2
+    ran at 0.50× either way (0.65× with ``fsdp_reshard_after_forward = false``), its per-block hooks
+    leaving the GPU idle about half the step at this size. Pipeline stages are driven by the schedule,
+    not called as a whole, so there each block is compiled in place (`compile_blocks`). Keep using
+    `model` itself for `grad_sync`, norms and checkpoints: the compiled module shares its parameters.
     """
     if not train.compile:
         return model
