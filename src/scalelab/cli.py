@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scalelab import __version__
+import scalelab
 from scalelab.errors import ScalelabError
 from scalelab.units import binary_bytes, si
 
@@ -53,7 +53,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"scalelab {__version__}")
+        console.print(f"scalelab {scalelab.__version__}")
         raise typer.Exit()
 
 
