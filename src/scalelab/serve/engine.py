@@ -164,13 +164,13 @@ class Engine:
         tokens = torch.zeros(len(jobs), width, dtype=torch.long)
         for row, (job, s) in enumerate(zip(jobs, starts, strict=True)):
             tokens[row, : len(job.ids) - s] = torch.tensor(job.ids[s:], dtype=torch.long)
-        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long, device=self.device)
-        start_t = torch.tensor(starts, dtype=torch.long, device=self.device)
-        lens_t = torch.tensor([len(j.ids) - s for j, s in zip(jobs, starts, strict=True)], device=self.device)
-        logits = extend(self.model, self.pool, slots, tokens.to(self.device), start_t, lens_t)
+        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
+        start_t = torch.tensor(starts, dtype=torch.long)
+        lens_t = torch.tensor([len(j.ids) - s for j, s in zip(jobs, starts, strict=True)], dtype=torch.long)
+        logits = extend(self.model, self.pool, slots, tokens, start_t, lens_t)
         if self.metrics is not None:
             self.metrics.observe("scalelab_serve_prefill_batch_size", len(jobs))
-        last = (lens_t - 1).clamp(min=0)
+        last = (lens_t - 1).clamp(min=0).to(self.device, non_blocking=True)
         rows = logits[torch.arange(len(jobs), device=self.device), last].float().cpu()
         for job in jobs:
             assert job.slot is not None
@@ -191,10 +191,10 @@ class Engine:
         jobs = list(self.active)
         if not jobs:
             return 0
-        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long, device=self.device)
-        tokens = torch.tensor([[j.generated[-1]] for j in jobs], dtype=torch.long, device=self.device)
-        starts = torch.tensor([len(j.ids) + len(j.generated) - 1 for j in jobs], device=self.device)
-        ones = torch.ones(len(jobs), dtype=torch.long, device=self.device)
+        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
+        tokens = torch.tensor([[j.generated[-1]] for j in jobs], dtype=torch.long)
+        starts = torch.tensor([len(j.ids) + len(j.generated) - 1 for j in jobs], dtype=torch.long)
+        ones = torch.ones(len(jobs), dtype=torch.long)
         logits = extend(self.model, self.pool, slots, tokens, starts, ones)[:, 0].float().cpu()
         if self.metrics is not None:
             self.metrics.observe("scalelab_serve_decode_batch_size", len(jobs))

@@ -75,31 +75,39 @@ def extend(
 
     Only the first lengths[b] tokens of row b are real (the rest is padding: its keys/values are not
     stored and its logits are meaningless). The pool must already hold positions 0..starts[b]-1.
+    `slots`, `starts` and `lengths` are small host (CPU) tensors: every index is worked out here and
+    sent to the device ahead of the kernels, so a call never waits for the GPU (a boolean mask or a
+    `.max()` on device tensors would, once per layer). `tokens` may live on either.
     """
     b, t = tokens.shape
-    device = tokens.device
+    device = pool.k.device
+    slots, starts, lengths = slots.cpu(), starts.cpu(), lengths.cpu()
     ctx = model.shape.context_tokens
-    steps = torch.arange(t, device=device)
-    pos = starts[:, None] + steps[None, :]  # (B, T) absolute positions
-    valid = steps[None, :] < lengths[:, None]
     end = int((starts + lengths).max())
     if end > ctx:
         raise ValueError(f"sequence of {end} tokens exceeds context_tokens={ctx}")
-    pos_emb = pos.clamp(max=ctx - 1)
-    x = model.tok_emb(tokens) + model.pos_emb(pos_emb)
+    steps = torch.arange(t)
+    pos = starts[:, None] + steps[None, :]  # (B, T) absolute positions
+    rows = (steps[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1)  # real (b, t) as b·T + t
+    write_slot = slots[:, None].expand(b, t).reshape(-1)[rows]
+    write_pos = pos.reshape(-1)[rows]
+
+    def there(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, non_blocking=True)
+
+    rows, write_slot, write_pos, slots, pos = map(there, (rows, write_slot, write_pos, slots, pos))
+    x = model.tok_emb(tokens.to(device, non_blocking=True)) + model.pos_emb(pos.clamp(max=ctx - 1))
     keys = torch.arange(end, device=device)
     mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B, 1, T, end): causal within the slot
-    write_slot = slots[:, None].expand(b, t)[valid]
-    write_pos = pos[valid]
     d = model.shape.width
     for layer, block in enumerate(model.blocks):
         attn = block.attn
         q, k, v = attn.qkv(block.ln1(x)).split(d, dim=2)
         q = q.view(b, t, attn.n_heads, attn.d_head).transpose(1, 2)
-        k = k.view(b, t, attn.n_heads, attn.d_head)
-        v = v.view(b, t, attn.n_heads, attn.d_head)
-        pool.k[layer][write_slot, :, write_pos] = k[valid]
-        pool.v[layer][write_slot, :, write_pos] = v[valid]
+        k = k.reshape(b * t, attn.n_heads, attn.d_head).index_select(0, rows)
+        v = v.reshape(b * t, attn.n_heads, attn.d_head).index_select(0, rows)
+        pool.k[layer][write_slot, :, write_pos] = k
+        pool.v[layer][write_slot, :, write_pos] = v
         keys_l = pool.k[layer][slots, :, :end]
         vals_l = pool.v[layer][slots, :, :end]
         y = F.scaled_dot_product_attention(q, keys_l, vals_l, attn_mask=mask, scale=attn.scale)

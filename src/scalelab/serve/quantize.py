@@ -7,9 +7,9 @@ when it is gone we fall back to the weight-only path below.
 GPU: weight-only int8 (`Int8WeightOnlyLinear`: per-output-channel symmetric int8 weights, converted to
 the activations' dtype at each call). Its gain on a GPU is memory, not speed: the quantized layers take
 a quarter of their fp32 bytes, but without a fused int8 × bf16 kernel the conversion adds work. On one
-H100 (GPT-2-small shape, `benchmarks/bench_serve_gpu.py`) int8 decoded at 0.83× (batch 1) and 0.85×
-(batch 16) of bf16, and with the product under `torch.compile` at 0.55× / 0.70×; the held-out loss
-moved by 1e-4 nats.
+H100 (GPT-2-small shape, `benchmarks/bench_serve_gpu.py`) int8 decoded at 0.72× (batch 1) and 0.78×
+(batch 16) of bf16 (195 and 2,376 tokens/s), and with the product under `torch.compile` slower still;
+the held-out loss moved by 1e-4 nats.
 Embeddings and LayerNorms stay in floating point (the token embedding is also the tied output weight,
 but the output Linear is quantized as its own copy).
 """
