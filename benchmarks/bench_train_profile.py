@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_strategies import build_variant  # noqa: E402
+from bench_train_strategies import add_shape_args, build_variant, world_of_one_mesh  # noqa: E402
 
 # first match wins; names are lower-cased kernel names
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
@@ -60,14 +60,7 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--steps", type=int, default=10)
+    add_shape_args(ap, steps=10)
     ap.add_argument(
         "--strategy", default="none", choices=["none", "ddp", "fsdp"], help="ddp/fsdp: a world of one"
     )
@@ -84,13 +77,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     args.device = "cuda"
     steps = args.steps
-    mesh = None
-    if args.strategy != "none":
-        from scalelab.spec import TrainSpec
-        from scalelab.train.distributed import DistEnv, init_distributed
-
-        train = TrainSpec(strategy=args.strategy, device="cuda", global_batch_size=args.batch)
-        mesh = init_distributed(train, DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)).mesh
+    mesh = world_of_one_mesh(args.strategy, "cuda", args.batch)
     one_step = argparse.Namespace(
         **{**vars(args), "steps": 1, "compile_scope": "whole", "fsdp_keep_params": False}
     )

@@ -119,23 +119,27 @@ def build_variant(strategy: str, args: argparse.Namespace, mesh) -> Callable[[],
     return one_round
 
 
-def measure_variant(args: argparse.Namespace) -> dict:
-    """{"variant", "rates"}: tokens/s of `args.variant` over `args.rounds` rounds, after a warm-up round."""
+def world_of_one_mesh(strategy: str, device: str, batch: int):  # noqa: ANN201
+    """The device mesh of a one-rank process group for `strategy` (None for "none")."""
+    if strategy == "none":
+        return None
     from scalelab.spec import TrainSpec
     from scalelab.train.distributed import DistEnv, init_distributed
 
+    train = TrainSpec(strategy=strategy, device=device, global_batch_size=batch)
+    return init_distributed(train, DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)).mesh
+
+
+def measure_variant(args: argparse.Namespace) -> dict:
+    """{"variant", "rates"}: tokens/s of `args.variant` over `args.rounds` rounds, after a warm-up round."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    mesh = None
-    if args.variant != "none":
-        train = TrainSpec(strategy=args.variant, device=args.device, global_batch_size=args.batch)
-        mesh = init_distributed(train, DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)).mesh
-    run = build_variant(args.variant, args, mesh)
+    run = build_variant(args.variant, args, world_of_one_mesh(args.variant, args.device, args.batch))
     run()  # warm-up: compilation, allocator, cuBLAS heuristics
     return {"variant": args.variant, "rates": [run() for _ in range(args.rounds)]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_shape_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The model shape and step options both GPU training benchmarks take (GPT-2 small by default)."""
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--context", type=int, default=1024)
@@ -143,7 +147,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=steps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_shape_args(ap, steps=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--strategies", default="ddp,fsdp")
     ap.add_argument(

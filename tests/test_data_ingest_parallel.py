@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from proc_helpers import worker_processes
 from scalelab.data import ingest as ingest_mod
 from scalelab.data.corpus import BuiltinCorpus, JsonlSource, TextSource, stdlib_dir
 from scalelab.data.ingest import STATE_NAME, ingest
 from scalelab.data.procs import ordered_map
+from scalelab.data.store import TokenStore
 from scalelab.data.tokenize import ByteTokenizer
 from scalelab.errors import DataError
 
@@ -48,21 +50,6 @@ class SlowBytes(ByteTokenizer):
     def encode_documents(self, texts, dtype=None):
         time.sleep(0.01)
         return super().encode_documents(texts, dtype)
-
-
-def worker_processes() -> set[int]:
-    """Descendants other than the long-lived forkserver and resource tracker."""
-    import psutil
-
-    out = set()
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "forkserver" not in cmd and "resource_tracker" not in cmd:
-            out.add(p.pid)
-    return out
 
 
 def check_state_names_durable_files(out: Path) -> None:
@@ -163,13 +150,15 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("resume_workers", [2, 1])
-def test_killed_two_worker_ingest_resumes_to_identical_store(tmp_path, resume_workers):
+@pytest.mark.parametrize(("workers", "resume_workers"), [(1, 1), (2, 2), (2, 1)])
+def test_killed_ingest_resumes_to_identical_store(tmp_path, workers, resume_workers):
+    """kill -9 midway (serial or parallel), re-run with any worker count: the store one clean ingest
+    gives, finished shards kept, and a state that only ever named durable files."""
     corpus = make_corpus(tmp_path / "c", n_docs=120)
     out = tmp_path / "killed"
     script = tmp_path / "slow.py"
     script.write_text(SLOW_INGEST)
-    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), "2"])
+    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), str(workers)])
     state_file = out / STATE_NAME
     deadline = time.monotonic() + 60
     try:
@@ -195,6 +184,7 @@ def test_killed_two_worker_ingest_resumes_to_identical_store(tmp_path, resume_wo
     assert (first.stat().st_mtime_ns, first.stat().st_ino) == before  # finished shard kept
     clean = ingest([TextSource(corpus)], tmp_path / "clean", ByteTokenizer(), workers=1, **kw)
     assert store_bytes(out) == store_bytes(clean)
+    assert TokenStore.open(out).content_hash == TokenStore.open(clean).content_hash
 
 
 def test_fingerprint_errors_are_the_serial_ones(tmp_path):

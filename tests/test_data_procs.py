@@ -5,23 +5,10 @@ from __future__ import annotations
 import math
 import time
 
-import psutil
 import pytest
 
+from proc_helpers import worker_processes
 from scalelab.data.procs import ordered_map
-
-
-def pool_processes() -> set[int]:
-    """Descendants other than the long-lived forkserver and resource tracker."""
-    out = set()
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if "forkserver" not in cmd and "resource_tracker" not in cmd:
-            out.add(p.pid)
-    return out
 
 
 def test_results_in_order_computed_here_and_in_the_pool():
@@ -45,19 +32,19 @@ def slow_abs_isqrt(x: int) -> int:
 
 @pytest.mark.parametrize("where", ["here", "there"])
 def test_an_error_propagates_and_the_pool_stops(where):
-    before = pool_processes()
+    before = worker_processes()
     here, there = (math.isqrt, abs) if where == "here" else (slow_abs_isqrt, math.isqrt)
     with pytest.raises(ValueError, match="nonnegative"):  # isqrt(-1)
         list(ordered_map(here, there, [4] + [-1] * 30, 2))
-    _wait_until(lambda: pool_processes() <= before)
+    _wait_until(lambda: worker_processes() <= before)
 
 
 def test_early_stop_terminates_the_pool():
-    before = pool_processes()
+    before = worker_processes()
     it = ordered_map(math.isqrt, math.isqrt, range(10**6), 2)
     assert [next(it) for _ in range(5)] == [0, 1, 1, 1, 2]
     it.close()
-    _wait_until(lambda: pool_processes() <= before)
+    _wait_until(lambda: worker_processes() <= before)
 
 
 def _wait_until(cond, seconds: float = 10.0) -> None:

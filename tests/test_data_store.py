@@ -5,17 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scalelab.data.corpus import JsonlSource, ParquetSource, TextSource
-from scalelab.data.ingest import STATE_NAME, ingest, is_heldout
+from scalelab.data.ingest import ingest, is_heldout
 from scalelab.data.loader import BlockLoader
 from scalelab.data.store import TokenStore, ensure_store
 from scalelab.data.tokenize import BPETokenizer, ByteTokenizer
@@ -157,57 +155,6 @@ def test_ingest_errors(tmp_path):
     out = ingest([JsonlSource(bad, "text", skip_bad=True)], tmp_path / "s3", ByteTokenizer())
     with pytest.raises(DataError, match="already contains"):
         ingest([JsonlSource(bad, "text", skip_bad=True)], out, ByteTokenizer())
-
-
-SLOW_INGEST = """
-import sys, time
-from scalelab.data.corpus import TextSource
-from scalelab.data.ingest import ingest
-from scalelab.data.tokenize import ByteTokenizer
-
-class SlowBytes(ByteTokenizer):  # same definition and hash as ByteTokenizer, just slow
-    def encode_documents(self, texts, dtype=None):
-        time.sleep(0.05)
-        return super().encode_documents(texts, dtype)
-
-ingest([TextSource(sys.argv[1])], sys.argv[2], SlowBytes(), heldout_fraction=0.2,
-       shard_tokens=4096, chunk_bytes=2000)
-"""
-
-
-def test_killed_ingest_resumes_to_identical_store(tmp_path):
-    corpus = make_corpus(tmp_path / "c", n_docs=80)
-    out = tmp_path / "killed"
-    script = tmp_path / "slow.py"
-    script.write_text(SLOW_INGEST)
-    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out)])
-    state_file = out / STATE_NAME
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            try:
-                if json.loads(state_file.read_text())["next_chunk"] >= 8:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            assert proc.poll() is None, "ingest finished before it could be killed"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not (out / "index.json").exists()
-    state = json.loads(state_file.read_text())
-    done = state["splits"]["train"]["shards"]
-    assert done
-    first = out / done[0]["file"]
-    before = first.stat().st_mtime_ns, first.stat().st_ino
-
-    kw = dict(heldout_fraction=0.2, shard_tokens=4096, chunk_bytes=2000)
-    ingest([TextSource(corpus)], out, ByteTokenizer(), **kw)
-    assert (first.stat().st_mtime_ns, first.stat().st_ino) == before  # finished shard not rewritten
-    clean = ingest([TextSource(corpus)], tmp_path / "clean", ByteTokenizer(), **kw)
-    assert store_bytes(out) == store_bytes(clean)
-    assert TokenStore.open(out).content_hash == TokenStore.open(clean).content_hash
 
 
 def test_tail_files_survive_a_crash_between_tail_and_state(tmp_path):
