@@ -283,8 +283,8 @@ def _mixed_precision(precision: str) -> Any:
 
 
 def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
-    """Make `model` (a built, parametrized GPT on its device) parallel as `train` says; returns the module
-    to wrap further (compilation: `compile_for_training`). ``none``: unchanged;
+    """Make `model` (a built, parametrized GPT on its device) parallel as `train` says; returns the wrapped
+    module (the trainer calls it through `compile_for_training`). ``none``: unchanged;
     ``ddp``: a DDP wrapper over the ``dp`` mesh dimension; ``fsdp``: tensor parallelism on ``tp`` (if > 1),
     then FSDP2 per block and at the root over ``dp``. Pipeline stages are split by
     `scalelab.train.parallel.pipeline` before this is called on each stage.
