@@ -20,10 +20,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_throughput import step_timer  # noqa: E402
 
 
 def build_variant(strategy: str, args: argparse.Namespace, mesh) -> Callable[[], float]:  # noqa: ANN001
@@ -98,23 +101,10 @@ def build_variant(strategy: str, args: argparse.Namespace, mesh) -> Callable[[],
         raw_model=raw,
         **kwargs,
     )
-    trainer._iterator = iter(trainer.train_loader)
-    for cb in trainer.callbacks:
-        cb.on_fit_start(trainer)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    run_steps = step_timer(trainer)
 
     def one_round() -> float:
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer._step()
-            for cb in trainer.callbacks:
-                cb.on_step_end(trainer.state)
-        sync()
-        return args.steps * args.batch * args.context / (time.perf_counter() - t0)
+        return args.steps * args.batch * args.context / run_steps(args.steps)
 
     return one_round
 

@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,31 @@ from scalelab.spec import ModelSpec, TrainSpec
 from scalelab.train.observe import MetricsLogger
 from scalelab.train.precision import autocast
 from scalelab.train.trainer import DivergenceGuard, Trainer
+
+
+def step_timer(trainer: Trainer) -> Callable[[int], float]:
+    """Start `trainer`'s callbacks; returns ``run(n)``: n trainer steps, each followed by its callbacks'
+    ``on_step_end`` as in `Trainer.fit`, and the seconds they took (the device synchronised around)."""
+    device = trainer.device
+    trainer._iterator = iter(trainer.train_loader)
+    for cb in trainer.callbacks:
+        cb.on_fit_start(trainer)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run(n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            trainer._step()
+            for cb in trainer.callbacks:
+                cb.on_step_end(trainer.state)
+        sync()
+        return time.perf_counter() - t0
+
+    return run
 
 
 def main() -> None:
@@ -96,19 +122,10 @@ def main() -> None:
         device=device,
         callbacks=[] if args.no_callbacks else [DivergenceGuard(10.0), metrics],
     )
-    trainer._iterator = iter(trainer.train_loader)
-    for cb in trainer.callbacks:
-        cb.on_fit_start(trainer)
+    run_steps = step_timer(trainer)
 
     def trainer_round() -> float:
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer._step()
-            for cb in trainer.callbacks:
-                cb.on_step_end(trainer.state)
-        sync()
-        return tokens_per_round / (time.perf_counter() - t0)
+        return tokens_per_round / run_steps(args.steps)
 
     # ---- bare loop
     # Same groups, LR and decay as the trainer, so both models follow the same trajectory (CPU kernels'
