@@ -37,7 +37,13 @@ import numpy as np
 from scalelab.errors import FitError, ScalelabError
 from scalelab.fit.laws import _floats, law_from_dict, make_law
 from scalelab.fit.table import COMPUTE_TABLE, RunTable, load_table, make_table
-from scalelab.fit.validate import backtest, information_criteria, kfold, residual_diagnostics
+from scalelab.fit.validate import (
+    backtest,
+    frontier_bracketing,
+    information_criteria,
+    kfold,
+    residual_diagnostics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +65,16 @@ class FitReport:
     cross_validation: dict[str, Any] | None = None
     recommendation: dict[str, Any] | None = None
     groups: dict[str, Any] | None = None
+    extra_warnings: list[str] = field(default_factory=list)
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property
     def warnings(self) -> list[str]:
         out = list(self.law.warnings_)
         out += self.diagnostics.get("flags", [])
+        out += self.extra_warnings
         if self.recommendation and self.recommendation.get("extrapolation", {}).get("far"):
-            f = self.recommendation["extrapolation"]["factor"]
-            out.append(f"the recommendation extrapolates {f:.0f}x beyond the largest run's compute")
+            out.append(extrapolation_warning(self.recommendation))
         if self.groups and "shared" in self.groups:
             out.append(
                 f"the table has {len(self.groups['shared']['groups'])} groups; the main fit pools them "
@@ -76,7 +83,7 @@ class FitReport:
         if self.backtest and self.backtest.get("coverage") is not None and self.backtest["coverage"] < 0.5:
             out.append(
                 f"backtest: only {100 * self.backtest['coverage']:.0f}% of held-out runs fall inside their "
-                "prediction intervals"
+                f"{self.backtest.get('interval_kind') or ''} intervals"
             )
         return out
 
@@ -111,6 +118,48 @@ class FitReport:
         tmp.write_text(self.to_json())
         tmp.replace(path)
         return path
+
+
+def extrapolation_warning(rec: dict[str, Any]) -> str:
+    """How far a recommendation reaches beyond the runs, in C, N and D, with the calibration's verdict."""
+    ext = rec["extrapolation"]
+    parts = [f"{ext['factor']:.3g}x in compute"]
+    for k in ("N", "D"):
+        if f"factor_{k}" in ext:
+            parts.append(f"{ext[f'factor_{k}']:.3g}x in {k}")
+    msg = f"the recommendation extrapolates beyond the largest run: {', '.join(parts)}"
+    verdict = (rec.get("calibration") or {}).get("verdict")
+    return f"{msg}; {verdict}" if verdict else msg
+
+
+def preferred_law_warning(
+    law: str, comparison: list[dict[str, Any]], fitted: dict[str, Any], target_compute: float | None
+) -> str | None:
+    """A warning when another law form is preferred by ΔAIC ≥ 10 on the same runs, with what it predicts
+    at the target."""
+    ok = [c for c in comparison if "aic" in c]
+    mine = next((c for c in ok if c["law"] == law), None)
+    if mine is None or mine["delta_aic"] < DELTA_AIC_WARN:
+        return None
+    best = min(ok, key=lambda c: c["aic"])
+    msg = (
+        f"law {best['law']!r} fits these runs far better than {law!r} (ΔAIC = {mine['delta_aic']:.1f} >= "
+        f"{DELTA_AIC_WARN:g}): the {law} form is likely wrong over this range"
+    )
+    other = fitted.get(best["law"])
+    if target_compute is not None and other is not None:
+        try:
+            if hasattr(other, "optimal"):
+                pred = float(other.optimal(target_compute)["loss"])
+            else:
+                pred = float(other.predict([target_compute])[0])
+            msg += f"; at the target {target_compute:.3g} FLOPs it predicts a loss of {pred:.4g}"
+        except (FitError, KeyError, ValueError):
+            pass
+    return msg + "; refit with --law " + best["law"] + " and compare"
+
+
+DELTA_AIC_WARN = 10.0
 
 
 # --------------------------------------------------------------------------------------- sources
@@ -232,13 +281,15 @@ def fit_table(
     crit = information_criteria(est.residuals_, n_par) if hasattr(est, "residuals_") else {}
     diag = residual_diagnostics(table, est.residuals_) if hasattr(est, "residuals_") else {}
     comparison = []
+    fitted: dict[str, Any] = {}
     if compare:
         for other in COMPARE_LAWS:
             try:
-                o = est if other == law else make_law(other, delta=delta).fit(table)
+                o = est if other == law else make_law(other, delta=delta, calibrate=False).fit(table)
             except FitError as err:
                 comparison.append({"law": other, "error": str(err)})
                 continue
+            fitted[other] = o
             ic = information_criteria(o.residuals_, len(o.param_names))
             comparison.append({"law": other, **ic, "converged": bool(o.result_.converged)})
         ok = [c for c in comparison if "aic" in c]
@@ -288,7 +339,15 @@ def fit_table(
         **(extra_settings or {}),
     }
     settings["cv_folds"] = cv_folds
-    return FitReport(est, table, settings, crit, diag, comparison, bt, cv, rec, groups)
+    extra = [
+        w
+        for w in (
+            preferred_law_warning(law, comparison, fitted, target_compute),
+            frontier_bracketing(est, table),
+        )
+        if w
+    ]
+    return FitReport(est, table, settings, crit, diag, comparison, bt, cv, rec, groups, extra)
 
 
 def fit_source(
@@ -400,18 +459,21 @@ def recommend(
     c_max = data.get("data", {}).get("C_range", [None, None])[1]
     if compute is not None:
         out = law.optimal(compute)
-        if c_max:
-            factor = float(compute) / float(c_max)
-            out["extrapolation"] = {"largest_run_flops": c_max, "factor": factor, "far": factor > 100}
     else:
         out = law.compute_for_loss(float(target_loss))  # type: ignore[arg-type]
-        if c_max and np.isfinite(out["compute_flops"]):
-            factor = out["compute_flops"] / float(c_max)
-            out["extrapolation"] = {"largest_run_flops": c_max, "factor": factor, "far": factor > 100}
-    warnings = list(data.get("warnings", [])) + list(out.pop("warnings", []))
-    ext = out.get("extrapolation")
-    if ext and ext.get("far"):
-        warnings.append(f"extrapolating {ext['factor']:.0f}x beyond the largest run's compute")
+    if c_max and "extrapolation" not in out and np.isfinite(out["compute_flops"]):
+        factor = float(out["compute_flops"]) / float(c_max)
+        out["extrapolation"] = {"largest_run_flops": c_max, "factor": factor, "far": factor > 100}
+    stale = ("the recommendation extrapolates", "extrapolating ")
+    warnings = [w for w in data.get("warnings", []) if not w.startswith(stale)]
+    warnings += list(out.pop("warnings", []))
+    if out.get("extrapolation", {}).get("far"):
+        warnings.append(extrapolation_warning(out))
+    if getattr(law, "calibration_", None) is None and getattr(law, "variables", ()) != ("C",):
+        warnings.append(
+            f"{fit_json_path}: no calibration stored (an older fit.json, or calibrate=False): the loss interval "
+            "is parameter-only and will be too narrow beyond the runs; re-run `scalelab fit`"
+        )
     out["law"] = data["fit"]["law"]
     out["fit_json"] = str(fit_json_path)
     out["warnings"] = warnings

@@ -198,7 +198,7 @@ class MAPChinchillaLaw(ChinchillaLaw):
         self.posterior_cov_ = M @ cov_z[:5, :5] @ M.T
         self.bootstrap_ = None
         self.samples_at_bound_ = {}
-        self._finish()
+        self._finish_fit(table)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

@@ -47,6 +47,9 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
     console.print(t)
     conv = f.get("convergence", {})
     boot = f.get("bootstrap", {})
+    cal = f.get("calibration")
+    if cal:
+        console.print(calibration_line(cal), highlight=False)
     console.print(
         f"objective {_fmt(conv.get('objective'))}, converged: {conv.get('converged')}; bootstrap "
         f"{boot.get('n', 0)} resamples by {boot.get('unit') or 'run'} "
@@ -100,9 +103,25 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
 
+def calibration_line(cal: dict[str, Any]) -> str:
+    """One line on where the interval's model-form error comes from."""
+    g = cal.get("growth", {})
+    growth = ", ".join(f"{k} {100 * v:.2g} %" for k, v in g.items() if v)
+    if cal.get("method") == "fallback":
+        return (
+            f"intervals: no calibration from these runs ({cal.get('reason', '')}); conservative rule: "
+            f"{100 * cal['floor']:.2g} % + per e-fold of extrapolation {growth}"
+        )
+    return (
+        f"intervals calibrated by {len(cal.get('folds', []))} rolling-origin backtest folds: error floor "
+        f"{100 * cal['floor']:.2g} %, growth per e-fold of extrapolation {growth or 'none'}"
+    )
+
+
 def render_recommendation(rec: dict[str, Any], console: Console) -> None:
     iv = rec.get("intervals", {})
-    t = Table(title=f"recommendation ({rec.get('interval_kind', '')})")
+    conf = int(round(100 * rec.get("confidence", 0.9)))
+    t = Table(title=f"recommendation ({conf} % intervals)")
     t.add_column("quantity")
     t.add_column("value", justify="right")
     t.add_column("interval", justify="right")
@@ -115,12 +134,15 @@ def render_recommendation(rec: dict[str, Any], console: Console) -> None:
             _fmt(rec["tokens_per_param"], ".3g"),
             _iv(iv.get("tokens_per_param"), ".3g").strip(),
         )
-        t.add_row("predicted loss (mean)", _fmt(rec["loss"]), _iv(iv.get("loss")).strip())
-        if iv.get("loss_single_run"):
+        calibrated = "calibrated" in (rec.get("interval_kinds") or {}).get("loss", "")
+        t.add_row(
+            "predicted loss" + (" (calibrated interval)" if calibrated else ""),
+            _fmt(rec["loss"]),
+            _iv(iv.get("loss")).strip(),
+        )
+        if iv.get("loss_parameter_only"):
             t.add_row(
-                "predicted loss (one run, prediction interval)",
-                _fmt(rec["loss"]),
-                _iv(iv["loss_single_run"]).strip(),
+                "  parameter-only interval (no model-form error)", "", _iv(iv["loss_parameter_only"]).strip()
             )
     else:
         t.add_row("target loss", _fmt(rec["target_loss"]), "")
@@ -129,11 +151,23 @@ def render_recommendation(rec: dict[str, Any], console: Console) -> None:
             _fmt(rec["compute_flops"], ".3g"),
             _iv(iv.get("compute_flops"), ".3g").strip(),
         )
+        if iv.get("compute_flops_parameter_only"):
+            t.add_row(
+                "  parameter-only interval (no model-form error)",
+                "",
+                _iv(iv["compute_flops_parameter_only"], ".3g").strip(),
+            )
         for k, v in (rec.get("at_optimum") or {}).items():
             t.add_row(f"  {k}", _fmt(v, ".3g"), "")
     console.print(t)
     if rec.get("accounting"):
         console.print(f"FLOP accounting: {rec['accounting']}")
+    kinds = rec.get("interval_kinds") or {}
+    if kinds.get("N_opt"):
+        console.print(f"N_opt, D_opt intervals: {kinds['N_opt']}", highlight=False)
+    cal = rec.get("calibration")
+    if cal and cal.get("verdict"):
+        console.print(f"loss interval: {cal['verdict']}", highlight=False)
     for w in rec.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 

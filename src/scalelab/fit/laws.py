@@ -28,13 +28,25 @@ import numpy as np
 from scalelab.errors import FitError
 from scalelab.fit import estimate as est
 from scalelab.fit._blas import one_blas_thread
+from scalelab.fit.calibrate import Calibration, calibrate_law, unidentified_params
 from scalelab.fit.optimal import Accounting, compute_for_loss, optimal_allocation
 from scalelab.fit.table import RunTable, make_table
 
 log = logging.getLogger(__name__)
 
-INTERVAL_KIND_CONFIDENCE = "confidence (parameter uncertainty: bootstrap percentiles)"
-INTERVAL_KIND_PREDICTION = "prediction (parameter uncertainty + residual scatter of single runs)"
+#: a recommendation is flagged as far when it extrapolates more than this in compute, or in N or D
+FAR_C = 100.0
+FAR_ND = 10.0
+
+INTERVAL_KIND_CONFIDENCE = "parameter-only (bootstrap percentiles: parameter noise, no model-form error)"
+INTERVAL_KIND_PREDICTION = (
+    "parameter-only prediction (bootstrap + residual scatter of single runs; no model-form error)"
+)
+INTERVAL_KIND_CALIBRATED = (
+    "calibrated (model-form error measured by rolling-origin backtests, growing with the extrapolation "
+    "in C, N and D, combined with the bootstrap's parameter noise)"
+)
+INTERVAL_KINDS = ("calibrated", "confidence", "prediction")
 
 
 def _percentiles(samples: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +57,11 @@ def _percentiles(samples: np.ndarray, level: float, axis: int = 0) -> tuple[np.n
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanpercentile(samples, q, axis=axis)
     return lo, hi
+
+
+def _num(v: Any) -> float:
+    """A number from fit.json, where infinities are written as "inf"/"-inf" and NaN as null."""
+    return float("nan") if v is None else float(v)
 
 
 def undefined_fraction(samples: np.ndarray) -> float:
@@ -78,6 +95,8 @@ class ScalingLaw:
     confidence: nominal coverage of every interval (default 0.9).
     seed: seeds the resampling (results do not depend on the number of workers).
     n_jobs: worker processes for the bootstrap (None: the CPUs this process may use).
+    calibrate: measure model-form error by rolling-origin backtests (`scalelab.fit.calibrate`) so that
+        prediction intervals hold beyond the fitted runs (default True; False: parameter-only).
     """
 
     name: ClassVar[str] = "law"
@@ -91,6 +110,7 @@ class ScalingLaw:
         confidence: float = 0.9,
         seed: int = 0,
         n_jobs: int | None = None,
+        calibrate: bool = True,
     ) -> None:
         if not (isinstance(delta, int | float) and np.isfinite(delta) and delta > 0):
             raise FitError(f"delta must be a positive number, got {delta!r}")
@@ -105,6 +125,7 @@ class ScalingLaw:
         self.confidence = float(confidence)
         self.seed = int(seed)
         self.n_jobs = n_jobs
+        self.calibrate = bool(calibrate)
 
     # -- sklearn-style introspection
     def get_params(self) -> dict[str, Any]:
@@ -114,6 +135,7 @@ class ScalingLaw:
             "confidence": self.confidence,
             "seed": self.seed,
             "n_jobs": self.n_jobs,
+            "calibrate": self.calibrate,
         }
 
     def set_params(self, **params: Any) -> ScalingLaw:
@@ -201,6 +223,14 @@ class _PowerSumLaw(ScalingLaw):
             self.bootstrap_ = None
             self.samples_ = np.zeros((0, n_par))
             self.samples_at_bound_ = {}
+        self._finish_fit(table)
+
+    def _finish_fit(self, table: RunTable) -> None:
+        """After the point fit and its draws: ranges, identifiability, the calibration, the summaries."""
+        cols = (("N", table.N), ("D", table.D), ("C", table.C))
+        self.range_ = {k: (float(v.min()), float(v.max())) for k, v in cols}
+        self.unidentified_ = unidentified_params(self, table)
+        self.calibration_ = calibrate_law(self, table, self._calibration_dims()) if self.calibrate else None
         self._finish()
 
     def _make_problem(self, table: RunTable, w: np.ndarray) -> Any:
@@ -232,6 +262,10 @@ class _PowerSumLaw(ScalingLaw):
             out[e] = theta[..., 1 + K + k]
         return out
 
+    def _calibration_dims(self) -> tuple[str, ...]:
+        """Dimensions whose extrapolation widens the calibrated interval (C follows from N and D)."""
+        return ("C", "N", "D") if set(self.variables) == {"N", "D"} else tuple(self.variables)
+
     def _finish(self) -> None:
         p = self._params_from_theta(self.theta_)
         self.params_ = {k: float(v) for k, v in p.items()}
@@ -241,6 +275,8 @@ class _PowerSumLaw(ScalingLaw):
             for k, v in ps.items():
                 lo, hi = _percentiles(v, self.confidence)
                 self.intervals_[k] = (float(lo), float(hi))
+        for k in getattr(self, "unidentified_", ()):
+            self.intervals_[k] = (float("-inf") if k not in ("E", "A", "B") else 0.0, float("inf"))
         self.derived_, self.derived_intervals_ = self._derived()
         self.warnings_ = self._warnings()
 
@@ -267,15 +303,46 @@ class _PowerSumLaw(ScalingLaw):
         self._check_fitted()
         return np.exp(self._log_predict_theta(self.theta_, X))
 
+    def _coords(self, X: np.ndarray) -> np.ndarray:
+        """Extrapolation coordinates (x_C, x_N, x_D) of query rows X (in the law's variables)."""
+        cols = dict(zip(self.variables, X.T, strict=True))
+        rng = getattr(self, "range_", None) or {}
+        if "N" in cols and "D" in cols and "C" not in cols:
+            cols["C"] = self.accounting_.k * cols["N"] ** self.accounting_.gamma * cols["D"]
+        x = np.zeros((X.shape[0], 3))
+        for i, k in enumerate(("C", "N", "D")):
+            if k in cols and k in rng:
+                x[:, i] = np.maximum(np.log(cols[k] / rng[k][1]), 0.0)
+        return x
+
+    def _calibrated_X(self, X: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+        cal = getattr(self, "calibration_", None)
+        if cal is None:
+            raise FitError(
+                f"{self.name}: no calibration (fitted with calibrate=False, or from an older fit.json); "
+                "refit, or ask for kind='confidence' (parameter-only)"
+            )
+        logp = self._log_predict_theta(self.theta_, X)
+        h = cal.half_width(self._coords(X), level)
+        lo_b = hi_b = np.zeros_like(logp)
+        if len(self.samples_):
+            lo, hi = self._interval_X(X, "confidence", level)
+            lo_b, hi_b = np.maximum(logp - np.log(lo), 0.0), np.maximum(np.log(hi) - logp, 0.0)
+        return np.exp(logp - np.hypot(lo_b, h)), np.exp(logp + np.hypot(hi_b, h))
+
     def _interval_X(
-        self, X: np.ndarray, kind: str = "confidence", level: float | None = None
+        self, X: np.ndarray, kind: str = "calibrated", level: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
-        if not len(self.samples_):
-            raise FitError(f"{self.name}: intervals need a bootstrap (fit with n_bootstrap > 0)")
-        if kind not in ("confidence", "prediction"):
-            raise FitError(f"interval kind must be 'confidence' or 'prediction', got {kind!r}")
+        if kind not in INTERVAL_KINDS:
+            raise FitError(f"interval kind must be one of {', '.join(INTERVAL_KINDS)}, got {kind!r}")
         level = self.confidence if level is None else level
+        if kind == "calibrated":
+            return self._calibrated_X(X, level)
+        if not len(self.samples_):
+            raise FitError(
+                f"{self.name}: parameter-only intervals need a bootstrap (fit with n_bootstrap > 0)"
+            )
         logp = np.stack([self._log_predict_theta(t, X) for t in self.samples_])  # (B, m)
         if kind == "prediction":
             rng = np.random.default_rng(self.seed + 1)
@@ -330,6 +397,9 @@ class _PowerSumLaw(ScalingLaw):
                 "accounting": self.accounting_.to_dict(),
                 "n_runs": self.n_runs_,
                 "largest_run_flops": self.largest_run_flops_,
+                "range": {k: list(v) for k, v in getattr(self, "range_", {}).items()},
+                "unidentified": list(getattr(self, "unidentified_", ())),
+                "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
                 "warnings": self.warnings_,
             }
         )
@@ -339,7 +409,7 @@ class _PowerSumLaw(ScalingLaw):
         """Rebuild a fitted law from `to_dict()` output (predictions and intervals work; the table
         itself is not stored)."""
         s = d.get("settings", {})
-        kw = {k: s[k] for k in ("delta", "n_bootstrap", "confidence", "seed") if k in s}
+        kw = {k: s[k] for k in ("delta", "n_bootstrap", "confidence", "seed", "calibrate") if k in s}
         law = _LAWS[d["law"]]._new_from(d, kw)
         law.theta_ = np.asarray(d["theta"]["values"], dtype=np.float64)
         samples = d.get("bootstrap", {}).get("theta_samples") or []
@@ -352,8 +422,11 @@ class _PowerSumLaw(ScalingLaw):
         law.accounting_ = Accounting.from_dict(d.get("accounting", {}))
         law.n_runs_ = int(d.get("n_runs", 0))
         law.largest_run_flops_ = float(d.get("largest_run_flops") or "nan")
+        law.range_ = {k: (float(v[0]), float(v[1])) for k, v in (d.get("range") or {}).items()}
+        law.unidentified_ = tuple(d.get("unidentified") or ())
+        law.calibration_ = Calibration.from_dict(d["calibration"]) if d.get("calibration") else None
         law.params_ = {k: float(v) for k, v in d["params"].items()}
-        law.intervals_ = {k: (float(v[0]), float(v[1])) for k, v in d.get("intervals", {}).items()}
+        law.intervals_ = {k: (_num(v[0]), _num(v[1])) for k, v in d.get("intervals", {}).items()}
         law.derived_ = dict(d.get("derived", {}))
         law.derived_intervals_ = {k: tuple(v) for k, v in d.get("derived_intervals", {}).items()}
         law.warnings_ = list(d.get("warnings", []))
@@ -378,10 +451,12 @@ class _NDPredictMixin:
         return self._predict_X(self._nd(N, D))  # type: ignore[attr-defined]
 
     def predict_interval(
-        self, N: Any, D: Any | None = None, kind: str = "confidence", level: float | None = None
+        self, N: Any, D: Any | None = None, kind: str = "calibrated", level: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Percentile interval of the predicted loss. ``kind="confidence"``: parameter uncertainty only
-        (the mean law); ``"prediction"``: also the residual scatter of single runs."""
+        """Interval of the loss a run at (N, D) will reach. ``kind="calibrated"`` (default): model-form
+        error measured by rolling-origin backtests, widening with the extrapolation, combined with the
+        bootstrap; ``"confidence"``: parameter uncertainty only (the mean law); ``"prediction"``:
+        parameter uncertainty plus the residual scatter of single runs (no model-form error)."""
         return self._interval_X(self._nd(N, D), kind, level)  # type: ignore[attr-defined]
 
     def _nd(self, N: Any, D: Any | None) -> np.ndarray:
@@ -446,12 +521,30 @@ class ChinchillaLaw(_NDPredictMixin, _PowerSumLaw):
             undefined = undefined_fraction(ss["N_opt"])
             if undefined:
                 out["undefined_draw_fraction"] = undefined
-            # a single run at the recommended point: add residual scatter to the loss
-            N_opt, D_opt = pt["N_opt"], pt["D_opt"]
-            lo, hi = self._interval_X(self._X(N_opt, D_opt), "prediction")
-            out["intervals"]["loss_single_run"] = [float(lo[0]), float(hi[0])]
-        out["extrapolation"] = self._extrapolation(float(compute))
+        X = self._X(pt["N_opt"], pt["D_opt"])
+        self._calibrate_loss(out, X)
+        out["extrapolation"] = self._extrapolation(float(compute), X)
+        if getattr(self, "unidentified_", ()):
+            for k in ("N_opt", "D_opt", "tokens_per_param", "loss"):
+                out["intervals"][k] = [0.0, float("inf")]
+            out["unidentified"] = list(self.unidentified_)
         return out
+
+    def _calibrate_loss(self, out: dict[str, Any], X: np.ndarray) -> None:
+        """Make the loss interval of an `optimal`-style result the calibrated one (the parameter-only
+        interval stays, labelled as such) and add where the calibration came from."""
+        kinds = dict.fromkeys(out["intervals"], INTERVAL_KIND_CONFIDENCE)
+        if "loss" in out["intervals"]:
+            out["intervals"]["loss_parameter_only"] = out["intervals"].pop("loss")
+            kinds["loss_parameter_only"] = kinds.pop("loss")
+        cal = getattr(self, "calibration_", None)
+        if cal is not None:
+            lo, hi = self._calibrated_X(X, self.confidence)
+            out["intervals"]["loss"] = [float(lo[0]), float(hi[0])]
+            kinds["loss"] = INTERVAL_KIND_CALIBRATED
+            out["calibration"] = cal.describe(self._coords(X))
+            out["interval_kind"] = INTERVAL_KIND_CALIBRATED + " for the loss; parameter-only for the rest"
+        out["interval_kinds"] = kinds
 
     def compute_for_loss(self, target_loss: float) -> dict[str, Any]:
         """The compute (FLOPs) whose optimal allocation reaches `target_loss`, with an interval; inf
@@ -488,6 +581,9 @@ class ChinchillaLaw(_NDPredictMixin, _PowerSumLaw):
             lo, hi = _percentiles(np.where(np.isfinite(cs), cs, np.inf), self.confidence)
             out["intervals"]["compute_flops"] = [float(lo), float(hi)]
             out["unreachable_fraction"] = float(np.mean(~np.isfinite(cs)))
+        out["interval_kinds"] = dict.fromkeys(out["intervals"], INTERVAL_KIND_CONFIDENCE)
+        if np.isfinite(c) and getattr(self, "calibration_", None) is not None:
+            self._calibrate_compute(out, p, c, float(target_loss))
         if not np.isfinite(c):
             out["warnings"] = [
                 f"target loss {target_loss:g} is at or below the fitted irreducible loss E = "
@@ -495,10 +591,44 @@ class ChinchillaLaw(_NDPredictMixin, _PowerSumLaw):
             ]
         return out
 
-    def _extrapolation(self, compute: float) -> dict[str, Any]:
+    def _calibrate_compute(self, out: dict[str, Any], p: dict[str, Any], c: float, target: float) -> None:
+        """Calibrated interval of the compute that reaches `target`: where the lower and the upper edge
+        of the calibrated loss band at the optimal allocation cross the target (scanned in log C)."""
+        grid = c * np.geomspace(1e-4, 1e6, 1001)
+        alloc = optimal_allocation(p["E"], p["A"], p["B"], p["alpha"], p["beta"], grid, self.accounting_)
+        X = np.stack([alloc["N_opt"], alloc["D_opt"]], axis=1)
+        lo, hi = self._calibrated_X(X, self.confidence)
+
+        def first_below(edge: np.ndarray) -> float:
+            idx = np.flatnonzero(edge <= target)
+            return float(grid[idx[0]]) if idx.size else float("inf")
+
+        if "compute_flops" in out["intervals"]:
+            out["intervals"]["compute_flops_parameter_only"] = out["intervals"].pop("compute_flops")
+            out["interval_kinds"]["compute_flops_parameter_only"] = out["interval_kinds"].pop("compute_flops")
+        out["intervals"]["compute_flops"] = [first_below(lo), first_below(hi)]
+        out["interval_kinds"]["compute_flops"] = INTERVAL_KIND_CALIBRATED
+        out["interval_kind"] = INTERVAL_KIND_CALIBRATED
+        Xc = self._X(*(np.interp(np.log(c), np.log(grid), X[:, i]) for i in range(2)))
+        out["calibration"] = self._calibration_describe(Xc)
+        out["extrapolation"] = self._extrapolation(c, Xc)
+
+    def _calibration_describe(self, X: np.ndarray) -> dict[str, Any]:
+        return self.calibration_.describe(self._coords(X))
+
+    def _extrapolation(self, compute: float, X: np.ndarray | None = None) -> dict[str, Any]:
+        """How far a point lies beyond the runs: in compute (``factor``) and, given its (N, D), in N
+        and D; ``far`` when C > 100x or N or D > 10x beyond the largest run."""
         cmax = float(getattr(self, "largest_run_flops_", float("nan")))
         factor = compute / cmax if np.isfinite(cmax) else float("nan")
-        return {"largest_run_flops": cmax, "factor": factor, "far": bool(factor > 100)}
+        out: dict[str, Any] = {"largest_run_flops": cmax, "factor": factor, "far": bool(factor > FAR_C)}
+        rng = getattr(self, "range_", None)
+        if X is not None and rng:
+            for i, k in enumerate(("N", "D")):
+                f = float(X[0, i] / rng[k][1])
+                out[f"factor_{k}"] = f
+                out["far"] = bool(out["far"] or f > FAR_ND)
+        return out
 
 
 class PowerLaw(_PowerSumLaw):
@@ -532,8 +662,9 @@ class PowerLaw(_PowerSumLaw):
         return self._predict_X(self._x(x))
 
     def predict_interval(
-        self, x: Any, kind: str = "confidence", level: float | None = None
+        self, x: Any, kind: str = "calibrated", level: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Interval of the loss at x (kinds as for `ChinchillaLaw.predict_interval`)."""
         return self._interval_X(self._x(x), kind, level)
 
     def compute_for_loss(self, target_loss: float) -> dict[str, Any]:

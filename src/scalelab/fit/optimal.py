@@ -65,7 +65,7 @@ def optimal_allocation(
 ) -> dict[str, np.ndarray]:
     """N_opt, D_opt, the loss there and tokens per parameter for a budget (arrays over samples)."""
     E, A, B, alpha, beta = (np.asarray(v, dtype=np.float64) for v in (E, A, B, alpha, beta))
-    C = float(compute)
+    C = np.asarray(compute, dtype=np.float64)
     g = acc.gamma
     with np.errstate(all="ignore"):
         log_n = (np.log(alpha * A) - np.log(g * beta * B) - beta * np.log(acc.k) + beta * np.log(C)) / (

@@ -65,6 +65,7 @@ def fit_warnings(law: Any) -> list[str]:
                 "E, B and beta are weakly identified (E trades off against B/D^beta); train some sizes "
                 "on several token budgets"
             )
+    out += degeneracy_warnings(law)
     for name in ("E", "B"):
         iv = getattr(law, "intervals_", {}).get(name)
         if iv and iv[0] > 0 and iv[1] / max(iv[0], 1e-300) > 20 and name not in getattr(law, "at_bound_", []):
@@ -72,6 +73,76 @@ def fit_warnings(law: Any) -> list[str]:
     if table is not None and table.notes:
         out.extend(table.notes)
     return out
+
+
+#: E below this fraction of the smallest observed loss counts as collapsed (no floor visible)
+E_COLLAPSE_FRACTION = 0.05
+#: a coefficient above this (N in parameters, D in tokens) has run away (it trades off with its exponent)
+HUGE_COEFFICIENT = 1e5
+
+
+def degeneracy_warnings(law: Any) -> list[str]:
+    """E collapsing towards 0, coefficients running to huge values, parameters the table cannot
+    identify (every run with one N, or one D): each with what to do."""
+    out: list[str] = []
+    params = getattr(law, "params_", {})
+    table = getattr(law, "table_", None)
+    unidentified = tuple(getattr(law, "unidentified_", ()))
+    if unidentified:
+        same = [
+            v
+            for v in getattr(law, "variables", ())
+            if table is not None and np.ptp(np.log(getattr(table, v))) < 0.01
+        ]
+        out.append(
+            f"every run has the same {' and '.join(same) or 'value of a variable'}: "
+            f"{', '.join(unidentified)} are not identified (their intervals are unbounded, not zero-width); "
+            f"vary {' and '.join(same) or 'it'} across runs"
+        )
+    if (
+        "E" in params
+        and table is not None
+        and "E" not in unidentified
+        and "E" not in getattr(law, "at_bound_", [])
+    ):
+        floor = E_COLLAPSE_FRACTION * float(table.loss.min())
+        if params["E"] < floor:
+            out.append(
+                f"E collapses towards 0 (E = {params['E']:.3g}, below {100 * E_COLLAPSE_FRACTION:.0f} % of the "
+                "smallest loss): no loss floor is visible in these runs, so predictions far beyond them fall "
+                "without limit; add runs at larger N and D, or fit with a prior on E"
+            )
+    for name in ("A", "B"):
+        if name in params and name not in unidentified and params[name] > HUGE_COEFFICIENT:
+            out.append(
+                f"coefficient {name} = {params[name]:.3g} has run to a huge value (it trades off against its "
+                "exponent and E): the form is barely constrained along that axis; widen the range of "
+                + ("model sizes" if name == "A" else "token budgets")
+                + " or fit with a prior"
+            )
+    return out
+
+
+def frontier_bracketing(law: Any, table: RunTable) -> str | None:
+    """A warning when every run lies on one side of the fitted compute-optimal frontier N_opt(C)."""
+    from scalelab.fit.optimal import optimal_allocation
+
+    p = getattr(law, "params_", {})
+    if not {"E", "A", "B", "alpha", "beta"} <= set(p) or getattr(law, "unidentified_", ()):
+        return None
+    n_opt = optimal_allocation(p["E"], p["A"], p["B"], p["alpha"], p["beta"], table.C, law.accounting_)[
+        "N_opt"
+    ]
+    side = np.log(table.N / n_opt)
+    if not np.all(np.isfinite(side)) or (np.any(side < 0) and np.any(side > 0)):
+        return None
+    where = "larger" if side.min() > 0 else "smaller"
+    fix = "smaller models trained on more tokens" if where == "larger" else "larger models on fewer tokens"
+    return (
+        f"the design never brackets the compute-optimal frontier: every run is {where} than N_opt(C) for "
+        f"its own compute (by {np.exp(np.abs(side).min()):.2g}x to {np.exp(np.abs(side).max()):.2g}x), so "
+        f"N_opt is extrapolated from one side; add runs of {fix} at the same compute"
+    )
 
 
 def d_spread_at_fixed_n(table: RunTable) -> float:
@@ -165,7 +236,7 @@ def backtest(
     largest: int | None = None,
     threshold_flops: float | None = None,
     n_bootstrap: int | None = None,
-    interval: str = "prediction",
+    interval: str = "calibrated",
 ) -> dict[str, Any]:
     """Fit on runs below a compute threshold, predict the rest.
 
@@ -191,7 +262,7 @@ def backtest(
     rel = (pred - test.loss) / test.loss
     rows = []
     inside = None
-    if sub.n_bootstrap:
+    if interval == "calibrated" and getattr(sub, "calibration_", None) is not None or sub.n_bootstrap:
         lo, hi = sub.predict_interval(test, kind=interval)
         inside = (test.loss >= lo) & (test.loss <= hi)
     for i in range(len(test)):

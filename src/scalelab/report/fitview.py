@@ -83,6 +83,28 @@ class FitView:
             rows.append((f"compare: {c.get('law')}", f"AIC {fmt(c.get('aic'))}, BIC {fmt(c.get('bic'))}"))
         return rows
 
+    @staticmethod
+    def _loss_interval_name(rec: dict[str, Any]) -> str:
+        kind = (rec.get("interval_kinds") or {}).get("loss", "")
+        if "calibrated" in kind:
+            return "calibrated interval: model-form error from backtests + parameter noise"
+        return "parameter-only interval: no model-form error"
+
+    @staticmethod
+    def _calibration_rows(rec: dict[str, Any]) -> list[tuple[str, str]]:
+        cal = rec.get("calibration")
+        if not cal:
+            return []
+        if cal.get("method") == "fallback":
+            source = f"none from these runs ({cal.get('reason', '')}); a stated conservative rule"
+        else:
+            seen = cal.get("max_extrapolation_seen", {})
+            source = (
+                f"{cal.get('folds')} rolling-origin backtest folds, reaching {fmt(seen.get('C'), '.3g')}× in "
+                f"compute, {fmt(seen.get('N'), '.3g')}× in N, {fmt(seen.get('D'), '.3g')}× in D"
+            )
+        return [("interval calibration", source), ("verdict", str(cal.get("verdict", "")))]
+
     def recommendation_rows(self) -> list[tuple[str, str]]:
         rec = self.raw.get("recommendation")
         if not rec:
@@ -101,21 +123,26 @@ class FitView:
                     "predicted loss",
                     fmt(rec.get("loss"))
                     + fmt_interval(iv.get("loss"))
-                    + f" ({int(100 * self.confidence)} % confidence interval of the mean)",
+                    + f" ({int(100 * self.confidence)} % {self._loss_interval_name(rec)})",
                 ),
             ]
-            if iv.get("loss_single_run"):
+            if iv.get("loss_parameter_only"):
                 rows.append(
                     (
-                        "predicted loss, one run",
+                        "predicted loss, parameter-only",
                         fmt(rec.get("loss"))
-                        + fmt_interval(iv["loss_single_run"])
-                        + " (prediction interval: adds run-to-run scatter)",
+                        + fmt_interval(iv["loss_parameter_only"])
+                        + " (bootstrap only: no model-form error; too narrow beyond the runs)",
                     )
                 )
+            rows += self._calibration_rows(rec)
             ex = rec.get("extrapolation") or {}
             if ex:
-                rows.append(("extrapolation", f"{fmt(ex.get('factor'), '.3g')}× the largest run's compute"))
+                parts = [f"{fmt(ex.get('factor'), '.3g')}× the largest run's compute"]
+                parts += [
+                    f"{fmt(ex[f'factor_{k}'], '.3g')}× in {k}" for k in ("N", "D") if f"factor_{k}" in ex
+                ]
+                rows.append(("extrapolation", ", ".join(parts)))
             if rec.get("accounting"):
                 rows.append(("FLOP accounting", str(rec["accounting"])))
             return rows
@@ -185,7 +212,7 @@ class FitView:
                 "relative_error": (float(actual) - pred) / pred,
             }
             try:
-                lo, hi = law.predict_interval([n], [d], kind="prediction")
+                lo, hi = law.predict_interval([n], [d])  # calibrated when the fit has a calibration
                 row["interval"] = [float(lo[0]), float(hi[0])]
                 row["inside"] = bool(lo[0] <= float(actual) <= hi[0])
             except Exception as err:  # noqa: BLE001 - a fit without bootstrap draws has no interval

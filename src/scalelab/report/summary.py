@@ -266,7 +266,9 @@ def _headline(s: StudySummary, target: dict[str, Any]) -> str:
         core = (
             f"for a budget of {rec['compute budget']}, train N ≈ {rec.get('N_opt (parameters)', '?')} "
             f"parameters on D ≈ {rec.get('D_opt (tokens)', '?')} tokens; predicted loss "
-            f"{rec.get('predicted loss', '?')}. Based on {done} finished runs."
+            f"{rec.get('predicted loss', '?')}"
+            + (f"; {rec['verdict']}" if rec.get("verdict") else "")
+            + f". Based on {done} finished runs."
         )
         if s.warnings:
             return (
