@@ -133,10 +133,14 @@ def extrapolation_warning(rec: dict[str, Any]) -> str:
 
 
 def preferred_law_warning(
-    law: str, comparison: list[dict[str, Any]], fitted: dict[str, Any], target_compute: float | None
+    law: str,
+    comparison: list[dict[str, Any]],
+    fitted: dict[str, Any],
+    target_compute: float | None,
+    rec: dict[str, Any] | None = None,
 ) -> str | None:
     """A warning when another law form is preferred by ΔAIC ≥ 10 on the same runs, with what it predicts
-    at the target."""
+    at the target (at the recommended N and D for laws of N and D)."""
     ok = [c for c in comparison if "aic" in c]
     mine = next((c for c in ok if c["law"] == law), None)
     if mine is None or mine["delta_aic"] < DELTA_AIC_WARN:
@@ -149,12 +153,18 @@ def preferred_law_warning(
     other = fitted.get(best["law"])
     if target_compute is not None and other is not None:
         try:
-            if hasattr(other, "optimal"):
-                pred = float(other.optimal(target_compute)["loss"])
-            else:
+            if tuple(other.variables) == ("C",):
                 pred = float(other.predict([target_compute])[0])
-            msg += f"; at the target {target_compute:.3g} FLOPs it predicts a loss of {pred:.4g}"
-        except (FitError, KeyError, ValueError):
+                where = f"at the target {target_compute:.3g} FLOPs"
+            elif rec and "N_opt" in rec:
+                pred = float(other.predict([rec["N_opt"]], [rec["D_opt"]])[0])
+                where = f"at the recommended N = {rec['N_opt']:.3g}, D = {rec['D_opt']:.3g}"
+            else:
+                pred = float(other.optimal(target_compute)["loss"])
+                where = f"at the target {target_compute:.3g} FLOPs"
+            mine_pred = f" (this law: {rec['loss']:.4g})" if rec and "loss" in rec else ""
+            msg += f"; {where} it predicts a loss of {pred:.4g}{mine_pred}"
+        except (FitError, KeyError, ValueError, AttributeError):
             pass
     return msg + "; refit with --law " + best["law"] + " and compare"
 
@@ -342,7 +352,7 @@ def fit_table(
     extra = [
         w
         for w in (
-            preferred_law_warning(law, comparison, fitted, target_compute),
+            preferred_law_warning(law, comparison, fitted, target_compute, rec),
             frontier_bracketing(est, table),
         )
         if w
