@@ -225,3 +225,27 @@ def test_calibrated_coverage_on_misspecified_studies():
     print("coverage of nominal 90 % intervals:", cov)
     assert 0.80 <= cov["calibrated"] <= 0.97, cov
     assert cov["prediction"] < cov["calibrated"], cov
+
+
+# ------------------------------------------------------------------------------------------ IsoFLOP
+def test_isoflop_n_opt_interval_holds_the_budget_optima():
+    """The N_opt interval includes the parabola-fit error and the vertices' scatter: at each budget's
+    compute it holds that budget's own optimum."""
+    from scalelab.fit.isoflop import IsoFLOPLaw
+
+    N, D = synthetic.isoflop_design(np.geomspace(1e17, 1e20, 6), 5, span=4.0)
+    law = IsoFLOPLaw(n_bootstrap=400, seed=0).fit(synthetic.simulate(TRUTH, N, D, noise=0.01, seed=4))
+    inside = []
+    for m in law.to_dict()["minima"]:
+        lo, hi = law.optimal(m["C"])["intervals"]["N_opt"]
+        inside.append(lo <= m["N_opt"] <= hi)
+    assert np.mean(inside) >= 5 / 6, inside
+
+
+def test_isoflop_loss_law_on_four_minima_is_flagged():
+    from scalelab.fit.isoflop import IsoFLOPLaw
+
+    N, D = synthetic.isoflop_design(np.geomspace(1e17, 1e19, 4), 7, span=4.0)
+    law = IsoFLOPLaw(n_bootstrap=200, seed=0).fit(synthetic.simulate(TRUTH, N, D, noise=0.01, seed=1))
+    assert law.has_loss_law_
+    assert any("rests on 4 budget minima" in w for w in law.warnings_)
