@@ -79,7 +79,7 @@ def test_batched_and_unbatched_generation_give_the_same_tokens(
     assert [r.status_code for r in responses] == [200] * len(REQUESTS), [r.text for r in responses]
     batched = [r.json() for r in responses]
     assert all(not b["cached"] for b in batched), batched
-    hist = server.metrics.render()
+    hist = server.metrics.render().decode()
     count = _metric(hist, "scalelab_serve_decode_batch_size_count")
     assert _metric(hist, "scalelab_serve_decode_batch_size_sum") > count  # some decode steps were batched
     assert server.metrics.value("scalelab_serve_generated_tokens_total") > before
@@ -196,25 +196,23 @@ def test_caches_hit_and_show_in_metrics(served: tuple[InferenceServer, str]) -> 
         other = c.post("/v1/generate", json={"prompt": head + "two", "max_tokens": 5, "seed": 9}).json()
         assert other["prefix_cached_tokens"] >= 48
         text = c.get("/metrics").text
-    assert _metric(text, "scalelab_serve_response_cache_hits_total") >= 1
-    assert _metric(text, "scalelab_serve_prefix_cache_hits_total") >= 1
-    assert (
-        0
-        < _metric(text, "scalelab_serve_response_cache_bytes")
-        <= _metric(text, "scalelab_serve_response_cache_max_bytes")
-    )
-    assert (
-        0
-        < _metric(text, "scalelab_serve_prefix_cache_bytes")
-        <= _metric(text, "scalelab_serve_prefix_cache_max_bytes")
-    )
+    for cache in ("response", "prefix"):
+        label = f'{{cache="{cache}"}}'
+        assert _metric(text, f"scalelab_serve_cache_hits_total{label}") >= 1
+        assert 0 < _metric(text, f"scalelab_serve_cache_hit_rate{label}") <= 1
+        assert (
+            0
+            < _metric(text, f"scalelab_serve_cache_bytes{label}")
+            <= _metric(text, f"scalelab_serve_cache_max_bytes{label}")
+        )
     for name in (
         "scalelab_serve_queue_depth",
         "scalelab_serve_tokens_per_second",
+        "scalelab_serve_batch_occupancy",
         "scalelab_serve_decode_batch_size_count",
     ):
         _metric(text, name)
-    assert 'scalelab_serve_request_latency_seconds_bucket{endpoint="generate",le="+Inf"}' in text
+    assert 'scalelab_serve_request_latency_seconds_bucket{le="+Inf",route="/v1/generate"}' in text
 
 
 def test_score_is_the_models_log_likelihood(served: tuple[InferenceServer, str]) -> None:

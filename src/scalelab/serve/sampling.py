@@ -1,10 +1,14 @@
-"""Per-request sampling: greedy at temperature 0, else temperature + top-k with the request's own generator.
+"""Per-request sampling: greedy at temperature 0 (or below `MIN_TEMPERATURE`), else temperature, top-k and
+top-p (nucleus) with the request's own generator.
 
 Each request draws from its own `torch.Generator` seeded from its seed, so the tokens it gets do not
 depend on which other requests share its batch (batched and unbatched generation agree). Sampling is by
 inverse CDF on float64 NumPy rows — one uniform draw per token from the request's generator — which
 costs microseconds per row where `torch.multinomial` (with its input checks) cost ~0.2 ms; at batch 32
 that was a third of a decode step.
+A temperature below `MIN_TEMPERATURE` is greedy: dividing logits by 5e-324 overflows to ±inf and the
+softmax to NaN, and any temperature that small is argmax to within float64 anyway. A row whose weights
+are not finite (a model that produced NaN) also falls back to argmax rather than sampling garbage.
 """
 
 from __future__ import annotations
@@ -16,20 +20,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+#: temperatures below this sample greedily (see the module docstring)
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a generate request asks for. `seed=None` with temperature > 0 draws a random seed."""
+    """What a generate request asks for. `seed=None` with temperature > 0 draws a random seed;
+    `top_p` keeps the smallest set of tokens whose probability reaches it (1.0: all)."""
 
     max_tokens: int = 32
     temperature: float = 1.0
     top_k: int | None = None
     seed: int | None = None
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def deterministic(self) -> bool:
         """Same request ⇒ same tokens: greedy, or a fixed seed."""
-        return self.temperature == 0 or self.seed is not None
+        return self.greedy or self.seed is not None
 
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else secrets.randbits(63)
@@ -37,13 +50,22 @@ class SamplingParams:
 
 
 def _sample_row(row: np.ndarray, params: SamplingParams, generator: torch.Generator) -> int:
-    if params.temperature == 0:
+    if params.greedy:
         return int(np.argmax(row))
     scaled = row / params.temperature
     if params.top_k is not None and params.top_k < scaled.size:
         kth = np.partition(scaled, -params.top_k)[-params.top_k]
         scaled = np.where(scaled < kth, -np.inf, scaled)
-    cdf = np.cumsum(np.exp(scaled - scaled.max()))
+    weights = np.exp(scaled - scaled.max())
+    if params.top_p < 1.0:
+        order = np.argsort(-weights, kind="stable")
+        sorted_w = weights[order]
+        keep = int(np.searchsorted(np.cumsum(sorted_w), params.top_p * sorted_w.sum(), side="left")) + 1
+        weights = np.zeros_like(weights)
+        weights[order[:keep]] = sorted_w[:keep]
+    cdf = np.cumsum(weights)
+    if not np.isfinite(cdf[-1]) or cdf[-1] <= 0:
+        return int(np.argmax(row))
     u = float(torch.rand((), generator=generator, dtype=torch.float64)) * cdf[-1]
     return min(int(np.searchsorted(cdf, u, side="right")), scaled.size - 1)
 
