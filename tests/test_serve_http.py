@@ -224,3 +224,47 @@ def test_score_is_the_models_log_likelihood(served: tuple[InferenceServer, str])
         logp = torch.log_softmax(server.model(ids[:, :-1]), dim=-1)[0]
     expected = float(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
     assert got["tokens"] == len(text.encode()) and got["logprob"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_metrics_are_valid_prometheus_labelled_by_route_template(served: tuple[InferenceServer, str]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, url = served
+
+    def series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())))
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    with httpx.Client(base_url=url, timeout=10) as c:
+        c.post("/v1/generate", json={"prompt": "a", "max_tokens": 2, "seed": 1})
+        c.get("/no/such/url/0")
+        before = series(c.get("/metrics").text)
+        for i in range(1, 25):  # every unknown URL falls into the one `unmatched` series
+            assert c.get(f"/no/such/url/{i}?q={i}").status_code == 404
+            assert c.post(f"/v1/generate/{i}", json={}).status_code in (404, 405)
+        text = c.get("/metrics").text
+    after = series(text)
+    routes = {dict(lbl).get("route") for _, lbl in after if dict(lbl).get("route")}
+    assert routes <= {"/v1/generate", "/v1/score", "/health", "/metrics", "/v1/completions", "unmatched"}
+    assert {n for n, _ in after - before} <= {
+        "scalelab_serve_requests_total",
+        "scalelab_serve_requests_created",
+    }
+    families = {fam.name: fam.type for fam in text_string_to_metric_families(text)}
+    for name, kind in {
+        "scalelab_serve_request_latency_seconds": "histogram",
+        "scalelab_serve_time_to_first_token_seconds": "histogram",
+        "scalelab_serve_decode_batch_size": "histogram",
+        "scalelab_serve_step_seconds": "histogram",
+        "scalelab_serve_tokens_per_second": "gauge",
+        "scalelab_serve_batch_occupancy": "gauge",
+        "scalelab_serve_queue_depth": "gauge",
+        "scalelab_serve_cache_hit_rate": "gauge",
+        "scalelab_serve_generated_tokens": "counter",
+        "scalelab_serve_requests": "counter",
+    }.items():
+        assert families.get(name) == kind, (name, families.get(name))
+    assert server.metrics.value("scalelab_serve_request_latency_seconds_count", route="unmatched") >= 25
