@@ -46,6 +46,7 @@ class GenerateRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, le=1 << 20)
     top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    ignore_eos: bool = False
 
 
 class ScoreRequest(BaseModel):
@@ -134,7 +135,9 @@ def create_app(server: InferenceServer, *, manage_lifecycle: bool = True) -> Fas
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request) -> Any:
-        params = SamplingParams(body.max_tokens, body.temperature, body.top_k, body.seed, body.top_p)
+        params = SamplingParams(
+            body.max_tokens, body.temperature, body.top_k, body.seed, body.top_p, body.ignore_eos
+        )
         return await handle(request, server.generate(body.prompt, params, until_disconnected(request)))
 
     @app.post("/v1/score")

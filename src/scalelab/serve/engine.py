@@ -56,7 +56,7 @@ class Job:
     finished_at: float | None = None
     # engine state
     slot: int | None = None
-    generator: torch.Generator | None = None
+    generator: np.random.Generator | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -220,7 +220,7 @@ class Engine:
     def decode(self) -> int:
         """One token for every active request (one batched call); returns the batch size."""
         self.drop_cancelled()
-        jobs = list(self.active)
+        jobs = sorted(self.active, key=lambda j: j.slot or 0)  # consecutive slots: `extend` reads a view
         if not jobs:
             return 0
         slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`

@@ -3,7 +3,7 @@ POST /v1/chat/completions (streaming as server-sent events), errors in OpenAI's 
 
 What is supported: `prompt` as a string or a list of strings, `max_tokens`, `temperature` (0–2; below
 1e-5 it is greedy), `top_p`, `top_k` (an extension, as in vLLM), `stop` (a string or up to 4), `seed`,
-`n`, `logprobs` (completions: 0–5 alternatives; chat: `logprobs` + `top_logprobs`), `stream` (SSE ending
+`n`, `ignore_eos` (an extension), `logprobs` (completions: 0–5 alternatives; chat: `logprobs` + `top_logprobs`), `stream` (SSE ending
 in `data: [DONE]`; `stream_options.include_usage`), `usage`. Not supported (400 naming the field):
 `echo`, `logit_bias`, `best_of`, non-zero penalties, tools, and `logprobs` together with `stream`.
 
@@ -91,12 +91,13 @@ class _Sampling(BaseModel):
     presence_penalty: Zero = 0.0
     frequency_penalty: Zero = 0.0
     user: Text | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): do not stop at the end-of-document token
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         seed = None if self.seed is None else self.seed % (1 << 63)
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
-        return SamplingParams(max_tokens, temperature, self.top_k, seed, top_p)
+        return SamplingParams(max_tokens, temperature, self.top_k, seed, top_p, self.ignore_eos)
 
     @property
     def stops(self) -> list[str]:

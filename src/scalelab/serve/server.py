@@ -191,7 +191,7 @@ class InferenceServer:
             "generate",
             ids,
             params,
-            stop_id=self.tokenizer.eod_id,
+            stop_id=None if params.ignore_eos else self.tokenizer.eod_id,
             should_stop=(lambda j: stops.hit(j.generated)) if stops.stops else None,
             top_logprobs=top_logprobs,
         )
@@ -257,7 +257,11 @@ class InferenceServer:
         Raises PromptTooLong, QueueFull, ClientGone or ServerError."""
         key = None
         if params.deterministic:
-            norm = params if not params.greedy else SamplingParams(params.max_tokens, 0.0, None, None)
+            norm = (
+                replace(params, temperature=0.0, top_k=None, seed=None, top_p=1.0)
+                if params.greedy
+                else params
+            )
             key = json.dumps(
                 {"prompt": prompt, **asdict(norm), "stop": list(stop), "top": top_logprobs, "n": n},
                 sort_keys=True,
