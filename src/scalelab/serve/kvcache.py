@@ -30,7 +30,7 @@ class KVPool:
         shape = model.shape
         heads = shape.n_heads
         d_head = shape.width // heads
-        dtype = model.tok_emb.weight.dtype
+        dtype = model.ln_f.weight.dtype  # LayerNorms stay floating point under any quantization
         size = (shape.depth, slots, heads, shape.context_tokens, d_head)
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
