@@ -165,7 +165,7 @@ class Engine:
             self.finish(job, "context")
 
     # ---------------------------------------------------------------------------------- steps
-    @torch.no_grad()
+    @torch.inference_mode()
     def admit(self, jobs: Sequence[Job]) -> None:
         """Give each job a slot, prefill all of them in one batched call and sample their first tokens."""
         for job in [j for j in jobs if j.cancelled]:
@@ -216,7 +216,7 @@ class Engine:
                 self.metrics.queue_wait.observe(job.admitted_at - job.submitted_at)
         self._accept_all(jobs, rows)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self) -> int:
         """One token for every active request (one batched call); returns the batch size."""
         self.drop_cancelled()
@@ -235,7 +235,7 @@ class Engine:
         self._accept_all(jobs, logits)
         return len(jobs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, jobs: Sequence[Job]) -> None:
         """Log-probability of every token of each job after the first (one padded full forward)."""
         if not jobs:

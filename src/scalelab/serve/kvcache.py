@@ -64,7 +64,7 @@ class KVPool:
         self.v[:, slot, :, :n] = v
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extend(
     model: GPT,
     pool: KVPool,
