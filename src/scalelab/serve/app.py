@@ -122,7 +122,7 @@ def create_app(server: InferenceServer, *, manage_lifecycle: bool = True) -> Fas
 
     async def handle(request: Request, coro: Any) -> Any:
         try:
-            return await coro
+            return JSONResponse(await coro)  # a plain dict: skips FastAPI's jsonable_encoder walk
         except PromptTooLong as err:
             return _error(413, err.field, str(err), limit_tokens=err.limit, got_tokens=err.tokens)
         except QueueFull as err:

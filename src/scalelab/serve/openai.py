@@ -173,7 +173,8 @@ def invalid_body(errors: Sequence[dict[str, Any]]) -> JSONResponse:
 
 async def _guard(coro: Any, param: str) -> Any:
     try:
-        return await coro
+        result = await coro
+        return JSONResponse(result) if isinstance(result, dict) else result  # skips jsonable_encoder
     except PromptTooLong as err:
         return openai_error(400, str(err), "invalid_request_error", param, "context_length_exceeded")
     except QueueFull as err:
