@@ -268,3 +268,24 @@ def test_metrics_are_valid_prometheus_labelled_by_route_template(served: tuple[I
     }.items():
         assert families.get(name) == kind, (name, families.get(name))
     assert server.metrics.value("scalelab_serve_request_latency_seconds_count", route="unmatched") >= 25
+
+
+def test_dropped_stream_frees_its_slot(served: tuple[InferenceServer, str]) -> None:
+    server, url = served
+    before = server.metrics.value("scalelab_serve_cancelled_total")
+    body = {
+        "model": server.run.spec.run_id,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 40,
+        "stream": True,
+    }
+    with server.scheduler.paused():  # the engine holds still: the request cannot finish on its own
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=10) as r:
+            assert r.status_code == 200
+            assert '"role": "assistant"' in next(r.iter_lines())  # the stream has started; now leave
+    deadline = time.monotonic() + 10
+    while server.metrics.value("scalelab_serve_cancelled_total") <= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metrics.value("scalelab_serve_cancelled_total") == before + 1
+    assert server.scheduler.active == 0 and server.engine.free_slots == MAX_BATCH
+    _healthy(url)

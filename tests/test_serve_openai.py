@@ -141,3 +141,15 @@ def test_errors_come_back_in_openai_shape(client: openai.OpenAI, model: str, url
         and set(err) == {"message", "type", "param", "code"}
         and err["param"] == "messages"
     )
+
+
+def test_stream_with_n_and_usage(client: openai.OpenAI, model: str) -> None:
+    chunks = list(
+        client.completions.create(
+            model=model, prompt=["a", "b"], n=2, max_tokens=5, seed=1, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1, 2, 3}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4 * 5
