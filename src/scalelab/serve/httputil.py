@@ -3,6 +3,7 @@ the client-disconnect signal, the Retry-After value, and the route-template labe
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -20,14 +21,23 @@ def until_disconnected(request: Request) -> Disconnect:
     """An awaitable factory that completes when the client of `request` disconnects.
 
     It waits on the ASGI `receive` channel (the body has been read; the next message is the disconnect),
-    so a waiting request costs one suspended task — not a poll every few milliseconds.
+    so a waiting request costs one suspended task — not a poll every few milliseconds. Every call
+    shares that one reader (several generations of one request may wait at once); it ends by itself
+    when the response is complete.
     """
+    reader: asyncio.Future[None] | None = None
 
-    async def wait() -> None:
+    async def read() -> None:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 return
+
+    async def wait() -> None:
+        nonlocal reader
+        if reader is None:
+            reader = asyncio.ensure_future(read())
+        await asyncio.shield(reader)
 
     return wait
 

@@ -25,6 +25,7 @@ field), 404 for an unknown model, 400 `context_length_exceeded` for a prompt lon
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -314,13 +315,20 @@ def create_router(server: InferenceServer) -> APIRouter:
             return await _guard(_call(stream_response, reqs, body.stops, body, chat=False), "prompt")
 
         async def run() -> Any:
-            per_prompt = [
-                await server.complete(
-                    p, params, stop=body.stops, top_logprobs=body.logprobs, n=body.n,
-                    until_disconnected=until_disconnected(request),
+            gone = until_disconnected(request)
+            per_prompt = await asyncio.gather(
+                *(
+                    server.complete(
+                        p,
+                        params,
+                        stop=body.stops,
+                        top_logprobs=body.logprobs,
+                        n=body.n,
+                        until_disconnected=gone,
+                    )
+                    for p in prompts
                 )
-                for p in prompts
-            ]  # fmt: skip
+            )  # all prompts at once, so they share batches
             choices = [c for cs in per_prompt for c in cs]
             return {
                 "id": f"cmpl-{secrets.token_hex(12)}",
