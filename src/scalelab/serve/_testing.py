@@ -1,5 +1,6 @@
-"""A tiny trained run for tests and benchmarks, and a real server process to talk to: real text (the standard library's `email` package
-sources), real training through `run_training`, a few seconds on one core.
+"""A tiny trained run for tests and benchmarks — real text (the standard library's `email` package
+sources), real training through `run_training`, a few seconds on one core — and a real server process
+on loopback to talk to.
 """
 
 from __future__ import annotations
