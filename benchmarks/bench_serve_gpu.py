@@ -1,10 +1,12 @@
-"""Serving on a GPU: int8 weight-only decode against bf16, and the int8 loss check on the device.
+"""Serving on a GPU: int8 (torchao) and group-wise int4 weight-only decode against bf16, and their loss
+check on the device.
 
 Prints JSON lines {name, value, baseline, ratio, unit}:
   1. decode tokens/s of the engine (in process, no HTTP) for a GPT-2-small-shaped model in bf16 (random
-     weights: speed does not depend on them), at batch 1 and 16: int8 weight-only (`quantize_model` on
-     CUDA) against the bf16 model; weight bytes of both.
-  2. the held-out loss of a small trained run, int8 on CUDA against fp32 on CUDA (`quantization_report`).
+     weights: speed does not depend on them), at batch 1 and 16: int8 and int4 weight-only
+     (`quantize_model` on CUDA) against the bf16 model; weight bytes of each.
+  2. the held-out loss of a small trained run, int8 and int4 on CUDA against fp32 on CUDA
+     (`quantization_report`).
 Needs CUDA; prints a note and exits 0 without it.
 
   python benchmarks/bench_serve_gpu.py [--width 768] [--depth 12] [--vocab 50304] [--new-tokens 64]
@@ -77,19 +79,20 @@ def main() -> None:
     model = build_model(mspec, args.vocab)
     apply_parametrization(model, mspec)
     bf16 = model.to("cuda", torch.bfloat16).eval()
-    int8 = quantize_model(bf16, "int8", "cuda")
+    quantized = {mode: quantize_model(bf16, mode, "cuda") for mode in ("int8", "int4")}
     tag = f"w{args.width}_d{args.depth}_v{args.vocab}"
     common = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens}
-    for batch in (1, 16):
-        with torch.inference_mode():
-            q, b = decode_rate(int8, batch, args.new_tokens), decode_rate(bf16, batch, args.new_tokens)
-        emit(f"serve_gpu_int8_decode_vs_bf16_batch{batch}_{tag}", q, b, "tokens/s", **common)
-    emit(
-        f"serve_gpu_int8_weight_bytes_vs_bf16_{tag}",
-        model_size_bytes(int8),
-        model_size_bytes(bf16),
-        "bytes",
-    )
+    for mode, qmodel in quantized.items():
+        for batch in (1, 16):
+            with torch.inference_mode():
+                q, b = decode_rate(qmodel, batch, args.new_tokens), decode_rate(bf16, batch, args.new_tokens)
+            emit(f"serve_gpu_{mode}_decode_vs_bf16_batch{batch}_{tag}", q, b, "tokens/s", **common)
+        emit(
+            f"serve_gpu_{mode}_weight_bytes_vs_bf16_{tag}",
+            model_size_bytes(qmodel),
+            model_size_bytes(bf16),
+            "bytes",
+        )
 
     root = Path(tempfile.mkdtemp(prefix="scalelab-bench-serve-gpu-"))
     os.environ["SCALELAB_CACHE_DIR"] = str(root / "cache")
@@ -98,15 +101,16 @@ def main() -> None:
     run_dir = train_tiny_run(
         root, **{"model.width": 128, "train.tokens": 8 * 64 * 150, "train.eval_tokens": 8192}
     )
-    rep = quantization_report(run_dir, "int8", device="cuda")
-    emit(
-        "serve_gpu_int8_heldout_loss_vs_fp32",
-        rep["quantized_heldout_loss"],
-        rep["fp32_heldout_loss"],
-        "nats/token",
-        within_tolerance=rep["within_tolerance"],
-        **common,
-    )
+    for mode in ("int8", "int4"):
+        rep = quantization_report(run_dir, mode, device="cuda")  # type: ignore[arg-type]
+        emit(
+            f"serve_gpu_{mode}_heldout_loss_vs_fp32",
+            rep["quantized_heldout_loss"],
+            rep["fp32_heldout_loss"],
+            "nats/token",
+            within_tolerance=rep["within_tolerance"],
+            **common,
+        )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_batched_and_unbatched_generation_give_the_same_tokens(
     assert [r.status_code for r in responses] == [200] * len(REQUESTS), [r.text for r in responses]
     batched = [r.json() for r in responses]
     assert all(not b["cached"] for b in batched), batched
-    hist = server.metrics.render()
+    hist = server.metrics.render().decode()
     count = _metric(hist, "scalelab_serve_decode_batch_size_count")
     assert _metric(hist, "scalelab_serve_decode_batch_size_sum") > count  # some decode steps were batched
     assert server.metrics.value("scalelab_serve_generated_tokens_total") > before
@@ -196,25 +196,23 @@ def test_caches_hit_and_show_in_metrics(served: tuple[InferenceServer, str]) -> 
         other = c.post("/v1/generate", json={"prompt": head + "two", "max_tokens": 5, "seed": 9}).json()
         assert other["prefix_cached_tokens"] >= 48
         text = c.get("/metrics").text
-    assert _metric(text, "scalelab_serve_response_cache_hits_total") >= 1
-    assert _metric(text, "scalelab_serve_prefix_cache_hits_total") >= 1
-    assert (
-        0
-        < _metric(text, "scalelab_serve_response_cache_bytes")
-        <= _metric(text, "scalelab_serve_response_cache_max_bytes")
-    )
-    assert (
-        0
-        < _metric(text, "scalelab_serve_prefix_cache_bytes")
-        <= _metric(text, "scalelab_serve_prefix_cache_max_bytes")
-    )
+    for cache in ("response", "prefix"):
+        label = f'{{cache="{cache}"}}'
+        assert _metric(text, f"scalelab_serve_cache_hits_total{label}") >= 1
+        assert 0 < _metric(text, f"scalelab_serve_cache_hit_rate{label}") <= 1
+        assert (
+            0
+            < _metric(text, f"scalelab_serve_cache_bytes{label}")
+            <= _metric(text, f"scalelab_serve_cache_max_bytes{label}")
+        )
     for name in (
         "scalelab_serve_queue_depth",
         "scalelab_serve_tokens_per_second",
+        "scalelab_serve_batch_occupancy",
         "scalelab_serve_decode_batch_size_count",
     ):
         _metric(text, name)
-    assert 'scalelab_serve_request_latency_seconds_bucket{endpoint="generate",le="+Inf"}' in text
+    assert 'scalelab_serve_request_latency_seconds_bucket{le="+Inf",route="/v1/generate"}' in text
 
 
 def test_score_is_the_models_log_likelihood(served: tuple[InferenceServer, str]) -> None:
@@ -226,3 +224,68 @@ def test_score_is_the_models_log_likelihood(served: tuple[InferenceServer, str])
         logp = torch.log_softmax(server.model(ids[:, :-1]), dim=-1)[0]
     expected = float(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
     assert got["tokens"] == len(text.encode()) and got["logprob"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_metrics_are_valid_prometheus_labelled_by_route_template(served: tuple[InferenceServer, str]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, url = served
+
+    def series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())))
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    with httpx.Client(base_url=url, timeout=10) as c:
+        c.post("/v1/generate", json={"prompt": "a", "max_tokens": 2, "seed": 1})
+        c.get("/no/such/url/0")
+        before = series(c.get("/metrics").text)
+        for i in range(1, 25):  # every unknown URL falls into the one `unmatched` series
+            assert c.get(f"/no/such/url/{i}?q={i}").status_code == 404
+            assert c.post(f"/v1/generate/{i}", json={}).status_code in (404, 405)
+        text = c.get("/metrics").text
+    after = series(text)
+    routes = {dict(lbl).get("route") for _, lbl in after if dict(lbl).get("route")}
+    assert routes <= {"/v1/generate", "/v1/score", "/health", "/metrics", "/v1/completions", "unmatched"}
+    assert {n for n, _ in after - before} <= {
+        "scalelab_serve_requests_total",
+        "scalelab_serve_requests_created",
+    }
+    families = {fam.name: fam.type for fam in text_string_to_metric_families(text)}
+    for name, kind in {
+        "scalelab_serve_request_latency_seconds": "histogram",
+        "scalelab_serve_time_to_first_token_seconds": "histogram",
+        "scalelab_serve_decode_batch_size": "histogram",
+        "scalelab_serve_step_seconds": "histogram",
+        "scalelab_serve_tokens_per_second": "gauge",
+        "scalelab_serve_batch_occupancy": "gauge",
+        "scalelab_serve_queue_depth": "gauge",
+        "scalelab_serve_cache_hit_rate": "gauge",
+        "scalelab_serve_generated_tokens": "counter",
+        "scalelab_serve_requests": "counter",
+    }.items():
+        assert families.get(name) == kind, (name, families.get(name))
+    assert server.metrics.value("scalelab_serve_request_latency_seconds_count", route="unmatched") >= 25
+
+
+def test_dropped_stream_frees_its_slot(served: tuple[InferenceServer, str]) -> None:
+    server, url = served
+    before = server.metrics.value("scalelab_serve_cancelled_total")
+    body = {
+        "model": server.run.spec.run_id,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 40,
+        "stream": True,
+    }
+    with server.scheduler.paused():  # the engine holds still: the request cannot finish on its own
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=10) as r:
+            assert r.status_code == 200
+            assert '"role": "assistant"' in next(r.iter_lines())  # the stream has started; now leave
+    deadline = time.monotonic() + 10
+    while server.metrics.value("scalelab_serve_cancelled_total") <= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metrics.value("scalelab_serve_cancelled_total") == before + 1
+    assert server.scheduler.active == 0 and server.engine.free_slots == MAX_BATCH
+    _healthy(url)

@@ -1,10 +1,17 @@
-"""A tiny trained run for tests and benchmarks: real text (the standard library's `email` package
-sources), real training through `run_training`, a few seconds on one core.
+"""A tiny trained run for tests and benchmarks — real text (the standard library's `email` package
+sources), real training through `run_training`, a few seconds on one core — and a real server process
+on loopback to talk to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +67,51 @@ def train_tiny_run(root: Path, **overrides: Any) -> Path:
     if record["status"] != "done":
         raise RuntimeError(f"tiny run failed: {record['error']}")
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_process(
+    run_dir: Path, *args: str, timeout: float = 60.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`python -m scalelab.serve serve RUN_DIR --port P ARGS…` as a real process on 127.0.0.1; yields
+    (base URL, process) once /health answers, and terminates it on exit."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "scalelab.serve", "serve", str(run_dir), "--host", "127.0.0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"server exited with {proc.returncode}: {err}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer /health within {timeout:g} s")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -1,9 +1,12 @@
 """The HTTP front end: FastAPI routes over an `InferenceServer`, and uvicorn to run them.
 
-Routes: POST /v1/generate, POST /v1/score, GET /health, GET /metrics (Prometheus text).
-Status codes: 422 names the offending field (malformed JSON, out-of-range values — FastAPI's
-validation), 413 when the prompt does not fit the context (with the limit), 503 + Retry-After when the
-queue is full, 499 (logged only; the client is gone) when the client disconnects mid-request.
+Native routes: POST /v1/generate, POST /v1/score, GET /health, GET /metrics (Prometheus, through
+`prometheus_client`); OpenAI-compatible routes from `serve/openai.py` beside them.
+Status codes (native routes): 422 names the offending field (malformed JSON, out-of-range values, NaN or
+Infinity, lone surrogates — FastAPI's validation, made JSON-safe), 400 for a body that is not parseable
+at all, 413 when the prompt does not fit the context (with the limit), 503 + Retry-After when the queue
+is full, 499 (logged only; the client is gone) when the client disconnects mid-request. The OpenAI
+routes answer in OpenAI's error shape instead (see there). No input is a 500: that is an engine failure.
 FastAPI and uvicorn are the optional extra `serve`; this module imports them, so import it lazily.
 """
 
@@ -14,42 +17,48 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scalelab.serve.httputil import CLIENT_CLOSED, RETRY_AFTER_SECONDS, route_label, until_disconnected
+from scalelab.serve.openai import create_router, invalid_body, is_openai_path, openai_error
 from scalelab.serve.sampling import SamplingParams
 from scalelab.serve.server import ClientGone, InferenceServer, PromptTooLong, QueueFull, ServerError
+from scalelab.serve.validation import MAX_SEED, Finite, Text, safe_errors
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 1 << 20
-RETRY_AFTER_SECONDS = 1
-
 
 class GenerateRequest(BaseModel):
-    """POST /v1/generate body. `seed` makes sampling reproducible; temperature 0 is greedy."""
+    """POST /v1/generate body. `seed` makes sampling reproducible; temperature 0 (or < 1e-5) is greedy."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: Text
     max_tokens: int = Field(32, ge=1, le=65536)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_k: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: Annotated[Finite, Field(ge=0.0, le=100.0)] = 1.0
+    top_k: int | None = Field(None, ge=1, le=1 << 20)
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    ignore_eos: bool = False
 
 
 class ScoreRequest(BaseModel):
     """POST /v1/score body: the text whose log-likelihood is wanted."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    text: Annotated[Text, Field(min_length=1)]
 
 
 class _CountRequests:
-    """ASGI middleware counting responses by endpoint and status (pure ASGI: keeps disconnect detection)."""
+    """ASGI middleware: count and time responses by route template and status (pure ASGI, so it keeps
+    disconnect detection and sees streamed responses to their end)."""
 
     def __init__(self, app: Any, server: InferenceServer) -> None:
         self.app, self.server = app, server
@@ -59,6 +68,7 @@ class _CountRequests:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
+        t0 = time.perf_counter()
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -68,10 +78,8 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.server.metrics.inc(
-                "scalelab_serve_requests_total",
-                endpoint=scope.get("path", "?")[:64],
-                code=str(status["code"]),
+            self.server.metrics.request_done(
+                route_label(scope), str(scope.get("method", "")), status["code"], time.perf_counter() - t0
             )
 
 
@@ -98,27 +106,43 @@ def create_app(server: InferenceServer, *, manage_lifecycle: bool = True) -> Fas
 
     app = FastAPI(title="scalelab serve", lifespan=lifespan)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = safe_errors(exc.errors())
+        if is_openai_path(request.url.path):
+            return invalid_body(errors)
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if is_openai_path(request.url.path):
+            return openai_error(exc.status_code, message, "invalid_request_error")
+        return JSONResponse({"detail": message}, status_code=exc.status_code, headers=exc.headers)
+
     async def handle(request: Request, coro: Any) -> Any:
         try:
-            return await coro
+            return JSONResponse(await coro)  # a plain dict: skips FastAPI's jsonable_encoder walk
         except PromptTooLong as err:
             return _error(413, err.field, str(err), limit_tokens=err.limit, got_tokens=err.tokens)
         except QueueFull as err:
             return _error(503, None, f"{err}; retry after {RETRY_AFTER_SECONDS} s")
         except ClientGone:
             log.info("client of %s disconnected; request dropped", request.url.path)
-            return _error(499, None, "client closed the request")
+            return _error(CLIENT_CLOSED, None, "client closed the request")
         except ServerError as err:
             return _error(500, None, str(err))
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request) -> Any:
-        params = SamplingParams(body.max_tokens, body.temperature, body.top_k, body.seed)
-        return await handle(request, server.generate(body.prompt, params, request.is_disconnected))
+        params = SamplingParams(
+            body.max_tokens, body.temperature, body.top_k, body.seed, body.top_p, body.ignore_eos
+        )
+        return await handle(request, server.generate(body.prompt, params, until_disconnected(request)))
 
     @app.post("/v1/score")
     async def score(body: ScoreRequest, request: Request) -> Any:
-        return await handle(request, server.score(body.text, request.is_disconnected))
+        return await handle(request, server.score(body.text, until_disconnected(request)))
 
     @app.get("/health")
     async def health() -> Any:
@@ -126,9 +150,10 @@ def create_app(server: InferenceServer, *, manage_lifecycle: bool = True) -> Fas
         return JSONResponse(info, status_code=200 if info["status"] == "ok" else 503)
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(create_router(server))
     return _CountRequests(app, server)  # type: ignore[return-value]
 
 

@@ -22,6 +22,7 @@ console = Console()
 
 class Quantize(StrEnum):
     int8 = "int8"
+    int4 = "int4"
 
 
 def _mib(n: float) -> str:
@@ -43,7 +44,11 @@ def serve(
         typer.Option("--max-queue", min=1, help="Requests that may wait beyond the free slots (then 503)."),
     ] = 256,
     quantize: Annotated[
-        Quantize | None, typer.Option("--quantize", help="int8: quantize the Linear layers.")
+        Quantize | None,
+        typer.Option(
+            "--quantize",
+            help="int8: torchao int8 weight-only Linears; int4: group-wise int4 Linears and embeddings.",
+        ),
     ] = None,
     report: Annotated[
         bool,
@@ -58,7 +63,8 @@ def serve(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="--report as JSON.")] = False,
 ) -> None:
-    """Serve a trained run over HTTP: POST /v1/generate, POST /v1/score, GET /health, GET /metrics.
+    """Serve a trained run over HTTP: POST /v1/generate, POST /v1/score, GET /health, GET /metrics, and the
+    OpenAI-compatible GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 
     Requests are batched dynamically (continuous batching with a KV cache); identical deterministic
     requests and repeated prompt prefixes are cached. Weights are read from the newest checkpoint whose
@@ -66,7 +72,7 @@ def serve(
     """
     if report:
         if quantize is None:
-            raise typer.BadParameter("--report needs --quantize int8", param_hint="--report")
+            raise typer.BadParameter("--report needs --quantize int8 or int4", param_hint="--report")
         from scalelab.serve.quantize import quantization_report
 
         if threads:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,9 +37,16 @@ class Job:
     params: SamplingParams = field(default_factory=SamplingParams)
     on_done: Callable[[Job], None] | None = None
     stop_id: int | None = None
+    #: called in the engine thread after each generated token (streaming); must be quick
+    on_token: Callable[[Job], None] | None = None
+    #: checked after each generated token; True finishes the job with reason "stop" (stop strings)
+    should_stop: Callable[[Job], bool] | None = None
+    #: record each generated token's log-probability and this many most likely alternatives
+    top_logprobs: int | None = None
     # results
     generated: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # score: per token; generate: per generated token
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # generate with top_logprobs
     finish_reason: str | None = None
     prefix_hit_tokens: int = 0
     # timing (time.monotonic)
@@ -48,7 +56,7 @@ class Job:
     finished_at: float | None = None
     # engine state
     slot: int | None = None
-    generator: torch.Generator | None = None
+    generator: np.random.Generator | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -62,6 +70,19 @@ class Job:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+
+def _record_logprobs(job: Job, row: torch.Tensor, token: int) -> None:
+    """Log-probability (the model's distribution, before temperature) of `token` and the top alternatives."""
+    logp = torch.log_softmax(row.double(), dim=-1).numpy()
+    job.logprobs.append(float(logp[token]))
+    k = min(int(job.top_logprobs or 0), logp.size)
+    if k:
+        best = np.argpartition(-logp, k - 1)[:k]
+        best = best[np.argsort(-logp[best], kind="stable")]
+        job.top.append([(int(i), float(logp[i])) for i in best])
+    else:
+        job.top.append([])
 
 
 class Engine:
@@ -98,7 +119,7 @@ class Engine:
         if job in self.active:
             self.active.remove(job)
         if self.metrics is not None and reason == "cancelled":
-            self.metrics.inc("scalelab_serve_cancelled_total")
+            self.metrics.cancelled.inc()
         if job.on_done is not None:
             try:
                 job.on_done(job)
@@ -115,27 +136,36 @@ class Engine:
     def _accept_all(self, jobs: Sequence[Job], logits: torch.Tensor) -> None:
         """Sample the next token of each job from its row of (B, V) logits."""
         tokens = sample_tokens(logits, [j.params for j in jobs], [j.generator for j in jobs])  # type: ignore[misc]
-        for job, token in zip(jobs, tokens, strict=True):
+        before = sum(len(j.generated) for j in jobs)
+        for row, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
+            if job.top_logprobs is not None and token != job.stop_id:
+                _record_logprobs(job, logits[row], token)
             self._accept(job, token)
+        if self.metrics is not None:
+            self.metrics.tokens_generated(sum(len(j.generated) for j in jobs) - before)
 
     def _accept(self, job: Job, token: int) -> None:
         """Append `token` to `job`; finish it when a stop condition holds."""
         now = time.monotonic()
         if job.first_token_at is None:
             job.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.observe(now - job.submitted_at)
         if job.stop_id is not None and token == job.stop_id:
             self.finish(job, "stop")
             return
         job.generated.append(token)
-        if self.metrics is not None:
-            self.metrics.tokens_generated(1)
-        if len(job.generated) >= job.params.max_tokens:
+        if job.on_token is not None:
+            job.on_token(job)
+        if job.should_stop is not None and job.should_stop(job):
+            self.finish(job, "stop")
+        elif len(job.generated) >= job.params.max_tokens:
             self.finish(job, "length")
         elif len(job.ids) + len(job.generated) >= self.context_tokens:
             self.finish(job, "context")
 
     # ---------------------------------------------------------------------------------- steps
-    @torch.no_grad()
+    @torch.inference_mode()
     def admit(self, jobs: Sequence[Job]) -> None:
         """Give each job a slot, prefill all of them in one batched call and sample their first tokens."""
         for job in [j for j in jobs if j.cancelled]:
@@ -167,11 +197,13 @@ class Engine:
         slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
         start_t = torch.tensor(starts, dtype=torch.long)
         lens_t = torch.tensor([len(j.ids) - s for j, s in zip(jobs, starts, strict=True)], dtype=torch.long)
+        t0 = time.perf_counter()
         logits = extend(self.model, self.pool, slots, tokens, start_t, lens_t)
-        if self.metrics is not None:
-            self.metrics.observe("scalelab_serve_prefill_batch_size", len(jobs))
         last = (lens_t - 1).clamp(min=0).to(self.device, non_blocking=True)
         rows = logits[torch.arange(len(jobs), device=self.device), last].float().cpu()
+        if self.metrics is not None:
+            self.metrics.prefill_batch.observe(len(jobs))
+            self.metrics.step_seconds.labels("prefill").observe(time.perf_counter() - t0)
         for job in jobs:
             assert job.slot is not None
             self.active.append(job)
@@ -181,27 +213,29 @@ class Engine:
                     k, v = self.pool.read(job.slot, n)
                     self.prefix_cache.store(job.ids[:n], k, v)
             if self.metrics is not None:
-                self.metrics.observe("scalelab_serve_queue_wait_seconds", job.admitted_at - job.submitted_at)
+                self.metrics.queue_wait.observe(job.admitted_at - job.submitted_at)
         self._accept_all(jobs, rows)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self) -> int:
         """One token for every active request (one batched call); returns the batch size."""
         self.drop_cancelled()
-        jobs = list(self.active)
+        jobs = sorted(self.active, key=lambda j: j.slot or 0)  # consecutive slots: `extend` reads a view
         if not jobs:
             return 0
         slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
         tokens = torch.tensor([[j.generated[-1]] for j in jobs], dtype=torch.long)
         starts = torch.tensor([len(j.ids) + len(j.generated) - 1 for j in jobs], dtype=torch.long)
         ones = torch.ones(len(jobs), dtype=torch.long)
+        t0 = time.perf_counter()
         logits = extend(self.model, self.pool, slots, tokens, starts, ones)[:, 0].float().cpu()
         if self.metrics is not None:
-            self.metrics.observe("scalelab_serve_decode_batch_size", len(jobs))
+            self.metrics.decode_batch.observe(len(jobs))
+            self.metrics.step_seconds.labels("decode").observe(time.perf_counter() - t0)
         self._accept_all(jobs, logits)
         return len(jobs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, jobs: Sequence[Job]) -> None:
         """Log-probability of every token of each job after the first (one padded full forward)."""
         if not jobs:
@@ -210,7 +244,10 @@ class Engine:
         x = torch.zeros(len(jobs), width, dtype=torch.long)
         for row, job in enumerate(jobs):
             x[row, : len(job.ids) - 1] = torch.tensor(job.ids[:-1], dtype=torch.long)
+        t0 = time.perf_counter()
         logp = F.log_softmax(self.model(x.to(self.device)).float(), dim=-1).cpu()
+        if self.metrics is not None:
+            self.metrics.step_seconds.labels("score").observe(time.perf_counter() - t0)
         for row, job in enumerate(jobs):
             job.admitted_at = job.first_token_at = time.monotonic()
             n = len(job.ids) - 1

@@ -12,6 +12,8 @@ leaks into real tokens and sequences of any length share one batched call.
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 import torch.nn.functional as F
 
@@ -28,12 +30,12 @@ class KVPool:
         shape = model.shape
         heads = shape.n_heads
         d_head = shape.width // heads
-        dtype = model.tok_emb.weight.dtype
+        dtype = model.ln_f.weight.dtype  # LayerNorms stay floating point under any quantization
         size = (shape.depth, slots, heads, shape.context_tokens, d_head)
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
         self.slots = slots
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots))  # a heap: the lowest free slot first, so busy slots stay compact
 
     @property
     def nbytes(self) -> int:
@@ -46,10 +48,10 @@ class KVPool:
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError("KV pool exhausted: no free slot")
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def release(self, slot: int) -> None:
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the first `length` positions of `slot`: (depth, heads, length, d_head) each."""
@@ -62,7 +64,7 @@ class KVPool:
         self.v[:, slot, :, :n] = v
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extend(
     model: GPT,
     pool: KVPool,
@@ -95,7 +97,17 @@ def extend(
     def there(x: torch.Tensor) -> torch.Tensor:
         return x.to(device, non_blocking=True)
 
+    first = int(slots[0])
+    contiguous = bool(torch.equal(slots, torch.arange(first, first + b)))
     rows, write_slot, write_pos, slots, pos = map(there, (rows, write_slot, write_pos, slots, pos))
+
+    def rows_of(pool_layer: torch.Tensor) -> torch.Tensor:
+        # a view when the batch is a run of consecutive slots (a full decode batch is); else a gather.
+        # index_select, not pool_layer[slots]: advanced indexing was ~4x slower (450 vs 125 µs at 32 slots)
+        if contiguous:
+            return pool_layer[first : first + b, :, :end]
+        return pool_layer.index_select(0, slots)[:, :, :end]
+
     x = model.tok_emb(tokens.to(device, non_blocking=True)) + model.pos_emb(pos.clamp(max=ctx - 1))
     keys = torch.arange(end, device=device)
     mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B, 1, T, end): causal within the slot
@@ -108,8 +120,8 @@ def extend(
         v = v.reshape(b * t, attn.n_heads, attn.d_head).index_select(0, rows)
         pool.k[layer][write_slot, :, write_pos] = k
         pool.v[layer][write_slot, :, write_pos] = v
-        keys_l = pool.k[layer][slots, :, :end]
-        vals_l = pool.v[layer][slots, :, :end]
+        keys_l = rows_of(pool.k[layer])
+        vals_l = rows_of(pool.v[layer])
         y = F.scaled_dot_product_attention(q, keys_l, vals_l, attn_mask=mask, scale=attn.scale)
         x = x + block.residual_multiplier * attn.proj(y.transpose(1, 2).reshape(b, t, d))
         x = x + block.residual_multiplier * block.mlp(block.ln2(x))

@@ -1,112 +1,153 @@
-"""Serving metrics in Prometheus text format (counters, gauges, histograms), without a client library.
+"""Serving metrics through `prometheus_client`: one registry per server (so two servers in one process
+never share series), request series labelled by route *template* (never the raw path), and gauges read
+from the engine and the caches at scrape time.
 
-Why hand-written: the exposition format is a few lines of text, and the server's needs (thread-safe
-updates from the engine thread, a handful of series) do not justify another dependency.
+Series (all prefixed `scalelab_serve_`): requests_total{route,method,code},
+request_latency_seconds{route} (HTTP, first byte in → last byte out), time_to_first_token_seconds,
+queue_wait_seconds, decode_batch_size, prefill_batch_size, decode_step_seconds, generated_tokens_total,
+tokens_per_second, batch_occupancy, queue_depth, active_requests, cancelled_total, rejected_total, and
+per cache (response, prefix): {hits,misses,evictions}_total, hit_rate, bytes, max_bytes, entries.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
-LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: the `route` label of a request no route matched (404s): one series, whatever the URL
+UNMATCHED_ROUTE = "unmatched"
+KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+PREFIX = "scalelab_serve"
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(
-        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in sorted(labels.items())
-    )
-    return "{" + inner + "}"
+class CacheStats(Protocol):
+    """What the cache collector reads (see `serve/cache.py`)."""
+
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+    max_bytes: int
+
+    def __len__(self) -> int: ...
 
 
-def _num(x: float) -> str:
-    if math.isinf(x):
-        return "+Inf" if x > 0 else "-Inf"
-    return repr(float(x)) if not float(x).is_integer() else str(int(x))
+class _CacheCollector(Collector):
+    """Counters and gauges of byte-bounded caches, read at scrape time (the caches keep the numbers)."""
 
+    def __init__(self, caches: dict[str, CacheStats]) -> None:
+        self.caches = caches
 
-class Histogram:
-    """Cumulative-bucket histogram (Prometheus semantics: `le` upper bounds, plus sum and count)."""
+    def collect(self) -> Iterator[Any]:
+        fams: dict[str, Any] = {}
 
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
+        def fam(kind: type, name: str, help_: str) -> Any:
+            if name not in fams:
+                fams[name] = kind(f"{PREFIX}_{name}", help_, labels=["cache"])
+            return fams[name]
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+        for label, c in self.caches.items():
+            looked = c.hits + c.misses
+            fam(CounterMetricFamily, "cache_hits", "cache hits").add_metric([label], c.hits)
+            fam(CounterMetricFamily, "cache_misses", "cache misses").add_metric([label], c.misses)
+            fam(CounterMetricFamily, "cache_evictions", "cache evictions").add_metric([label], c.evictions)
+            fam(GaugeMetricFamily, "cache_hit_rate", "hits / lookups since start (0 before any)").add_metric(
+                [label], c.hits / looked if looked else 0.0
+            )
+            fam(GaugeMetricFamily, "cache_bytes", "bytes held").add_metric([label], c.bytes)
+            fam(GaugeMetricFamily, "cache_max_bytes", "byte bound").add_metric([label], c.max_bytes)
+            fam(GaugeMetricFamily, "cache_entries", "entries held").add_metric([label], len(c))
+        yield from fams.values()
 
-    def lines(self, name: str, labels: dict[str, str]) -> list[str]:
-        out, acc = [], 0
-        for le, c in zip((*self.buckets, math.inf), self.counts, strict=True):
-            acc += c
-            out.append(f"{name}_bucket{_labels({**labels, 'le': _num(le)})} {acc}")
-        out.append(f"{name}_sum{_labels(labels)} {_num(self.sum)}")
-        out.append(f"{name}_count{_labels(labels)} {self.count}")
-        return out
+    def describe(self) -> Iterable[Any]:
+        return []
 
 
 class Metrics:
-    """A registry of named series; every update takes one lock (the engine thread and the event loop write).
-
-    Gauges may also be callables read at exposition time (queue depth, cache bytes).
-    """
+    """The server's series in its own `CollectorRegistry`; updates are thread-safe (prometheus_client)."""
 
     def __init__(self, rate_window_seconds: float = 10.0) -> None:
-        self._lock = threading.Lock()
-        self._help: dict[str, tuple[str, str]] = {}
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._gauges: dict[str, Callable[[], float]] = {}
-        self._hists: dict[tuple[str, tuple[tuple[str, str], ...]], Histogram] = {}
-        self._buckets: dict[str, Sequence[float]] = {}
+        self.registry = reg = CollectorRegistry()
+        p = PREFIX
+        self.requests = Counter(
+            f"{p}_requests",
+            "HTTP responses by route template, method and status",
+            ["route", "method", "code"],
+            registry=reg,
+        )
+        self.request_latency = Histogram(
+            f"{p}_request_latency_seconds",
+            "HTTP request latency by route template (request in → response complete)",
+            ["route"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.time_to_first_token = Histogram(
+            f"{p}_time_to_first_token_seconds",
+            "submit → first token",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            f"{p}_queue_wait_seconds",
+            "submit → admitted to a slot",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.decode_batch = Histogram(
+            f"{p}_decode_batch_size", "requests per decode step", buckets=BATCH_BUCKETS, registry=reg
+        )
+        self.prefill_batch = Histogram(
+            f"{p}_prefill_batch_size", "requests per batched prefill", buckets=BATCH_BUCKETS, registry=reg
+        )
+        self.step_seconds = Histogram(
+            f"{p}_step_seconds",
+            "engine step time by kind (prefill, decode, score)",
+            ["kind"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.generated_tokens = Counter(f"{p}_generated_tokens", "tokens generated", registry=reg)
+        self.cancelled = Counter(
+            f"{p}_cancelled", "requests dropped because the client disconnected", registry=reg
+        )
+        self.rejected = Counter(
+            f"{p}_rejected", "requests refused with 503 because the queue was full", registry=reg
+        )
         self._rate_window = rate_window_seconds
         self._token_events: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+        self.gauge("tokens_per_second", "generated tokens/s over the last 10 s", self.tokens_per_second)
 
-    # -- declaration
-    def counter(self, name: str, help_: str) -> None:
-        self._help[name] = ("counter", help_)
+    def gauge(self, name: str, help_: str, fn: Callable[[], float]) -> None:
+        """A gauge `scalelab_serve_<name>` whose value is read from `fn` at scrape time."""
+        Gauge(f"{PREFIX}_{name}", help_, registry=self.registry).set_function(fn)
 
-    def gauge(self, name: str, help_: str, fn: Callable[[], float], *, kind: str = "gauge") -> None:
-        """A series read from `fn` at exposition; `kind="counter"` for monotonic values kept elsewhere."""
-        self._help[name] = (kind, help_)
-        self._gauges[name] = fn
+    def caches(self, caches: dict[str, CacheStats]) -> None:
+        """Expose hits, misses, evictions, hit rate, bytes and entries of `caches` (label `cache`)."""
+        self.registry.register(_CacheCollector(caches))
 
-    def histogram(self, name: str, help_: str, buckets: Sequence[float]) -> None:
-        self._help[name] = ("histogram", help_)
-        self._buckets[name] = buckets
-
-    # -- updates
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0.0) + amount
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            hist = self._hists.get(key)
-            if hist is None:
-                hist = self._hists[key] = Histogram(self._buckets[name])
-            hist.observe(value)
+    def request_done(self, route: str, method: str, code: int, seconds: float) -> None:
+        """Count one HTTP response; `route` must be a route template or UNMATCHED_ROUTE."""
+        method = method if method in KNOWN_METHODS else "other"
+        self.requests.labels(route, method, str(code)).inc()
+        self.request_latency.labels(route).observe(seconds)
 
     def tokens_generated(self, n: int) -> None:
         """Count `n` generated tokens (for the total and the recent tokens/s)."""
         now = time.monotonic()
+        self.generated_tokens.inc(n)
         with self._lock:
             self._token_events.append((now, n))
-            key = ("scalelab_serve_generated_tokens_total", ())
-            self._counters[key] = self._counters.get(key, 0.0) + n
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last `rate_window_seconds`."""
@@ -118,29 +159,10 @@ class Metrics:
         return total / self._rate_window
 
     def value(self, name: str, **labels: str) -> float:
-        """Current value of a counter (0 when never incremented) — for tests and reports."""
-        with self._lock:
-            return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
+        """Current value of a sample by its exposed name (0 when absent) — for tests and reports."""
+        got = self.registry.get_sample_value(name, labels)
+        return 0.0 if got is None else float(got)
 
-    # -- exposition
-    def render(self) -> str:
-        """The Prometheus text exposition (version 0.0.4)."""
-        gauges = {name: float(fn()) for name, fn in self._gauges.items()}
-        with self._lock:
-            counters = dict(self._counters)
-            hists = {k: h for k, h in self._hists.items()}
-            lines: list[str] = []
-            for name, (kind, help_) in sorted(self._help.items()):
-                lines.append(f"# HELP {name} {help_}")
-                lines.append(f"# TYPE {name} {kind}")
-                if name in gauges:
-                    lines.append(f"{name} {_num(gauges[name])}")
-                elif kind == "counter":
-                    series = [(dict(lbl), v) for (n, lbl), v in counters.items() if n == name]
-                    for lbl, v in sorted(series, key=lambda s: sorted(s[0].items())) or [({}, 0.0)]:
-                        lines.append(f"{name}{_labels(lbl)} {_num(v)}")
-                else:
-                    for (n, lbl), h in sorted(hists.items()):
-                        if n == name:
-                            lines.extend(h.lines(name, dict(lbl)))
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

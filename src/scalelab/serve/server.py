@@ -10,8 +10,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,14 +21,28 @@ from scalelab.errors import ScalelabError
 from scalelab.serve.cache import LRUCache, PrefixCache
 from scalelab.serve.engine import Engine, Job
 from scalelab.serve.loading import LoadedRun, load_run
-from scalelab.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_SECONDS, Metrics
+from scalelab.serve.metrics import Metrics
 from scalelab.serve.quantize import model_size_bytes, quantize_model
 from scalelab.serve.sampling import SamplingParams
 from scalelab.serve.scheduler import QueueFull, Scheduler
+from scalelab.serve.text import StopText
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClientGone", "InferenceServer", "PromptTooLong", "QueueFull", "ServeConfig", "ServerError"]
+__all__ = [
+    "ClientGone",
+    "Completion",
+    "Disconnect",
+    "InferenceServer",
+    "PromptTooLong",
+    "QueueFull",
+    "ServeConfig",
+    "ServerError",
+    "TextStream",
+]
+
+#: an awaitable factory that completes when the client has gone (the HTTP layer's disconnect signal)
+Disconnect = Callable[[], Awaitable[Any]]
 
 
 class PromptTooLong(ScalelabError):
@@ -54,7 +68,7 @@ class ServeConfig:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 256
-    quantize: Literal["int8"] | None = None
+    quantize: Literal["int8", "int4"] | None = None
     device: str = "cpu"
     threads: int | None = None
     response_cache_bytes: int = 16 << 20
@@ -114,72 +128,18 @@ class InferenceServer:
 
     # ------------------------------------------------------------------------------- metrics
     def _declare_metrics(self) -> None:
-        m, rc, pc = self.metrics, self.response_cache, self.prefix_cache.lru
-        m.counter("scalelab_serve_requests_total", "HTTP requests by endpoint and status code")
-        m.counter("scalelab_serve_generated_tokens_total", "tokens generated")
-        m.counter("scalelab_serve_cancelled_total", "requests dropped because the client disconnected")
-        m.counter("scalelab_serve_rejected_total", "requests refused with 503 because the queue was full")
+        m = self.metrics
+        m.gauge("queue_depth", "requests waiting for a slot", lambda: self.scheduler.queue_depth)
+        m.gauge("active_requests", "requests holding a KV slot", lambda: self.scheduler.active)
+        m.gauge("max_batch", "KV slots (maximum decode batch)", lambda: self.config.max_batch)
         m.gauge(
-            "scalelab_serve_queue_depth", "requests waiting for a slot", lambda: self.scheduler.queue_depth
+            "batch_occupancy",
+            "fraction of the KV slots in use",
+            lambda: self.scheduler.active / self.config.max_batch,
         )
-        m.gauge("scalelab_serve_active_requests", "requests holding a KV slot", lambda: self.scheduler.active)
-        m.gauge("scalelab_serve_max_batch", "KV slots (maximum decode batch)", lambda: self.config.max_batch)
-        m.gauge(
-            "scalelab_serve_tokens_per_second", "generated tokens/s over the last 10 s", m.tokens_per_second
-        )
-        m.gauge(
-            "scalelab_serve_model_size_bytes",
-            "serialized size of the served weights",
-            lambda: self.size_bytes,
-        )
-        m.gauge(
-            "scalelab_serve_kv_pool_bytes",
-            "bytes of the preallocated KV slot pool",
-            lambda: self.engine.pool.nbytes,
-        )
-        for name, cache in (("response", rc), ("prefix", pc)):
-            m.gauge(
-                f"scalelab_serve_{name}_cache_hits_total",
-                f"{name} cache hits",
-                lambda c=cache: c.hits,
-                kind="counter",
-            )
-            m.gauge(
-                f"scalelab_serve_{name}_cache_misses_total",
-                f"{name} cache misses",
-                lambda c=cache: c.misses,
-                kind="counter",
-            )
-            m.gauge(
-                f"scalelab_serve_{name}_cache_bytes",
-                f"bytes held by the {name} cache",
-                lambda c=cache: c.bytes,
-            )
-            m.gauge(
-                f"scalelab_serve_{name}_cache_max_bytes",
-                f"bound of the {name} cache",
-                lambda c=cache: c.max_bytes,
-            )
-            m.gauge(
-                f"scalelab_serve_{name}_cache_entries", f"entries in the {name} cache", lambda c=cache: len(c)
-            )
-            m.gauge(
-                f"scalelab_serve_{name}_cache_evictions_total",
-                f"{name} cache evictions",
-                lambda c=cache: c.evictions,
-                kind="counter",
-            )
-        m.histogram(
-            "scalelab_serve_request_latency_seconds", "request latency by endpoint", LATENCY_BUCKETS_SECONDS
-        )
-        m.histogram(
-            "scalelab_serve_time_to_first_token_seconds", "submit → first token", LATENCY_BUCKETS_SECONDS
-        )
-        m.histogram(
-            "scalelab_serve_queue_wait_seconds", "submit → admitted to a slot", LATENCY_BUCKETS_SECONDS
-        )
-        m.histogram("scalelab_serve_decode_batch_size", "requests per decode step", BATCH_BUCKETS)
-        m.histogram("scalelab_serve_prefill_batch_size", "requests per batched prefill", BATCH_BUCKETS)
+        m.gauge("model_size_bytes", "serialized size of the served weights", lambda: self.size_bytes)
+        m.gauge("kv_pool_bytes", "bytes of the preallocated KV slot pool", lambda: self.engine.pool.nbytes)
+        m.caches({"response": self.response_cache, "prefix": self.prefix_cache.lru})
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -214,105 +174,255 @@ class InferenceServer:
         """Token ids with the end-of-document token first: a prompt starts a new document."""
         return [self.tokenizer.eod_id, *self.tokenizer.encode(text).tolist()]
 
-    async def _run_job(self, job: Job, disconnected: Callable[[], Awaitable[bool]] | None) -> Job:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Job] = loop.create_future()
-        job.on_done = lambda j: loop.call_soon_threadsafe(_resolve, fut, j)
-        try:
-            self.scheduler.submit(job)
-        except QueueFull:
-            self.metrics.inc("scalelab_serve_rejected_total")
-            raise
-        watcher: asyncio.Task[None] | None = None
-        if disconnected is not None:
+    def prepare(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        stop: Sequence[str] = (),
+        top_logprobs: int | None = None,
+    ) -> tuple[Job, StopText]:
+        """The engine job for one generation and its stop-string view; raises PromptTooLong."""
+        ids = self.encode(prompt)
+        limit = self.context_tokens - 1
+        if len(ids) > limit:
+            raise PromptTooLong("prompt", len(ids), limit)
+        stops = StopText(self.tokenizer.decode, stop)
+        job = Job(
+            "generate",
+            ids,
+            params,
+            stop_id=None if params.ignore_eos else self.tokenizer.eod_id,
+            should_stop=(lambda j: stops.hit(j.generated)) if stops.stops else None,
+            top_logprobs=top_logprobs,
+        )
+        return job, stops
 
-            async def watch() -> None:
-                while not await disconnected():
-                    await asyncio.sleep(0.02)
+    def _submit(self, jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> list[asyncio.Future[Job]]:
+        """Queue all of `jobs` or none of them (QueueFull withdraws the ones already queued)."""
+        futures: list[asyncio.Future[Job]] = []
+        for job in jobs:
+            fut: asyncio.Future[Job] = loop.create_future()
+            job.on_done = lambda j, f=fut: loop.call_soon_threadsafe(_resolve, f, j)
+            try:
+                self.scheduler.submit(job)
+            except QueueFull:
+                self.metrics.rejected.inc()
+                for queued in jobs[: len(futures)]:
+                    self._abandon(queued)
+                raise
+            futures.append(fut)
+        return futures
 
-            watcher = asyncio.create_task(watch())
+    async def _run_jobs(self, jobs: Sequence[Job], until_disconnected: Disconnect | None) -> None:
+        """Run `jobs` to the end; raises QueueFull, ClientGone (jobs dropped) or ServerError."""
+        futures = self._submit(jobs, asyncio.get_running_loop())
+        watcher = asyncio.ensure_future(until_disconnected()) if until_disconnected is not None else None
         try:
-            waiting: set[asyncio.Future[Any]] = {fut, *([watcher] if watcher else [])}
+            everything = asyncio.gather(*futures)
+            waiting: set[asyncio.Future[Any]] = {everything, *([watcher] if watcher else [])}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if fut not in done:
-                self._abandon(job)
+            if everything not in done:
+                everything.cancel()
                 raise ClientGone("client disconnected")
-        except asyncio.CancelledError:
-            self._abandon(job)
+        except BaseException:
+            for job in jobs:
+                if not job.done:
+                    self._abandon(job)
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await watcher
-        if job.finish_reason in ("error", "shutdown"):
-            raise ServerError(f"request failed in the engine ({job.finish_reason})")
-        return job
+        if any(j.finish_reason in ("error", "shutdown") for j in jobs):
+            raise ServerError("request failed in the engine (see the server log)")
 
     def _abandon(self, job: Job) -> None:
         job.cancel()
         if self.scheduler.withdraw(job):  # still waiting: nothing in the engine to free
             self.engine.finish(job, "cancelled")
 
+    async def complete(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        stop: Sequence[str] = (),
+        top_logprobs: int | None = None,
+        n: int = 1,
+        until_disconnected: Disconnect | None = None,
+    ) -> list[Completion]:
+        """`n` generations after `prompt` (choice i uses seed + i when a seed is given), cut at the first
+        stop string. Identical deterministic requests hit the response cache.
+        Raises PromptTooLong, QueueFull, ClientGone or ServerError."""
+        key = None
+        if params.deterministic:
+            norm = (
+                replace(params, temperature=0.0, top_k=None, seed=None, top_p=1.0)
+                if params.greedy
+                else params
+            )
+            key = json.dumps(
+                {"prompt": prompt, **asdict(norm), "stop": list(stop), "top": top_logprobs, "n": n},
+                sort_keys=True,
+            )
+            hit = self.response_cache.get(key)
+            if hit is not None:
+                return [replace(c, cached=True) for c in hit]
+        prepared = [self.prepare(prompt, choice_params(params, i), stop, top_logprobs) for i in range(n)]
+        jobs = [job for job, _ in prepared]
+        await self._run_jobs(jobs, until_disconnected)
+        result = [_completion(job, stops) for job, stops in prepared]
+        if key is not None:
+            self.response_cache.put(key, result, len(key) + sum(c.nbytes for c in result))
+        return result
+
     async def generate(
         self,
         prompt: str,
         params: SamplingParams,
-        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        until_disconnected: Disconnect | None = None,
     ) -> dict[str, Any]:
-        """Generate up to `params.max_tokens` tokens after `prompt`; identical deterministic requests hit
-        the response cache. Raises PromptTooLong, QueueFull, ClientGone or ServerError."""
-        t0 = time.monotonic()
-        ids = self.encode(prompt)
-        limit = self.context_tokens - 1
-        if len(ids) > limit:
-            raise PromptTooLong("prompt", len(ids), limit)
-        key = None
-        if params.deterministic:
-            norm = params if params.temperature else SamplingParams(params.max_tokens, 0.0, None, None)
-            key = json.dumps({"prompt": prompt, **asdict(norm)}, sort_keys=True)
-            hit = self.response_cache.get(key)
-            if hit is not None:
-                self.metrics.observe(
-                    "scalelab_serve_request_latency_seconds", time.monotonic() - t0, endpoint="generate"
-                )
-                return {**hit, "cached": True}
-        job = await self._run_job(Job("generate", ids, params, stop_id=self.tokenizer.eod_id), disconnected)
-        result = {
-            "text": self.tokenizer.decode(job.generated),
-            "tokens": job.generated,
-            "finish_reason": job.finish_reason,
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(job.generated)},
-            "prefix_cached_tokens": job.prefix_hit_tokens,
-            "cached": False,
+        """The native /v1/generate result: text, tokens, finish_reason, usage, cache information."""
+        (c,) = await self.complete(prompt, params, until_disconnected=until_disconnected)
+        return {
+            "text": c.text,
+            "tokens": c.tokens,
+            "finish_reason": c.engine_reason,
+            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens)},
+            "prefix_cached_tokens": c.prefix_cached_tokens,
+            "cached": c.cached,
         }
-        if key is not None:
-            self.response_cache.put(key, result, len(key) + len(json.dumps(result)))
-        now = time.monotonic()
-        self.metrics.observe("scalelab_serve_request_latency_seconds", now - t0, endpoint="generate")
-        if job.first_token_at is not None:
-            self.metrics.observe(
-                "scalelab_serve_time_to_first_token_seconds", job.first_token_at - job.submitted_at
-            )
-        return result
 
-    async def score(
-        self, text: str, disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> dict[str, Any]:
+    def stream(
+        self,
+        requests: Sequence[tuple[str, SamplingParams]],
+        *,
+        stop: Sequence[str] = (),
+    ) -> TextStream:
+        """Queue one generation per (prompt, params) now (raising PromptTooLong or QueueFull before any
+        byte is sent); iterate the returned stream's `events()` for text deltas."""
+        prepared = [self.prepare(p, params, stop) for p, params in requests]
+        return TextStream(self, prepared, asyncio.get_running_loop())
+
+    async def score(self, text: str, until_disconnected: Disconnect | None = None) -> dict[str, Any]:
         """Log-likelihood (nats) of `text` as a new document: the sum over its tokens, and per token."""
-        t0 = time.monotonic()
         ids = self.encode(text)
         if len(ids) - 1 > self.context_tokens:
             raise PromptTooLong("text", len(ids) - 1, self.context_tokens)
-        job = await self._run_job(Job("score", ids), disconnected)
+        job = Job("score", ids)
+        await self._run_jobs([job], until_disconnected)
         total = float(sum(job.logprobs))
         n = len(job.logprobs)
-        self.metrics.observe(
-            "scalelab_serve_request_latency_seconds", time.monotonic() - t0, endpoint="score"
-        )
         return {
             "logprob": total,
             "tokens": n,
             "mean_logprob": total / n if n else 0.0,
             "token_logprobs": job.logprobs,
         }
+
+
+def choice_params(params: SamplingParams, i: int) -> SamplingParams:
+    """Sampling parameters of choice `i` of a request: seed + i, so n choices differ but reproduce."""
+    if i == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + i) % (1 << 63))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished generation. `finish_reason` is OpenAI's ("stop" | "length"); `engine_reason` the
+    engine's ("stop", "length", "context"). `logprobs`/`top` are per generated token (with top_logprobs)."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    engine_reason: str
+    prompt_tokens: int
+    prefix_cached_tokens: int
+    logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
+    cached: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return 64 + 4 * len(self.text) + 40 * len(self.tokens) * (2 + len(self.top[0]) if self.top else 1)
+
+
+def _completion(job: Job, stops: StopText) -> Completion:
+    text, _ = stops.text(job.generated)
+    reason = job.finish_reason or "stop"
+    return Completion(
+        text=text,
+        tokens=list(job.generated),
+        finish_reason="stop" if reason == "stop" else "length",
+        engine_reason=reason,
+        prompt_tokens=len(job.ids),
+        prefix_cached_tokens=job.prefix_hit_tokens,
+        logprobs=list(job.logprobs) if job.top_logprobs is not None else None,
+        top=list(job.top) if job.top_logprobs is not None else None,
+    )
+
+
+class TextStream:
+    """Generations in flight, read as text deltas: `async for index, delta, finish in stream.events()`.
+
+    `finish` is None until choice `index` ends, then "stop" or "length" (with its last delta). Leaving
+    the loop early (client gone) cancels whatever is still running.
+    """
+
+    def __init__(
+        self,
+        server: InferenceServer,
+        prepared: Sequence[tuple[Job, StopText]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.server = server
+        self.jobs = [job for job, _ in prepared]
+        self.stops = [stops for _, stops in prepared]
+        # (choice, tokens generated so far) after each token; (choice, None) once it has finished
+        self._queue: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+        for i, job in enumerate(self.jobs):
+            job.on_token = lambda j, i=i: loop.call_soon_threadsafe(
+                self._queue.put_nowait, (i, len(j.generated))
+            )
+        futures = server._submit(self.jobs, loop)
+        for i, fut in enumerate(futures):
+            fut.add_done_callback(lambda _f, i=i: self._queue.put_nowait((i, None)))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(j.ids) for j in self.jobs)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(j.generated) for j in self.jobs)
+
+    async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
+        sent = [0] * len(self.jobs)
+        open_ = set(range(len(self.jobs)))
+        try:
+            while open_:
+                i, count = await self._queue.get()
+                if i not in open_:
+                    continue
+                job = self.jobs[i]
+                done = count is None
+                if done and job.finish_reason in ("error", "shutdown", "cancelled"):
+                    raise ServerError(f"request failed in the engine ({job.finish_reason})")
+                text = self.stops[i].emittable(job.generated[:count], done)
+                delta, sent[i] = text[sent[i] :], max(sent[i], len(text))
+                finish = None
+                if done:
+                    open_.discard(i)
+                    finish = "stop" if job.finish_reason == "stop" else "length"
+                if delta or finish:
+                    yield i, delta, finish
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the generations that have not finished (idempotent)."""
+        for job in self.jobs:
+            if not job.done:
+                self.server._abandon(job)
