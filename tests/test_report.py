@@ -193,3 +193,45 @@ def test_batch_size_from_a_measured_noise_scale(tmp_path: Path) -> None:
     with pytest.raises(ScalelabError, match="not the JSON of `scalelab transfer noise-scale --json`"):
         build_report(study, noise_scale=noise)
     assert "no gradient-noise measurement given" in build_report(study).read_text()
+
+
+def test_report_shows_calibrated_interval_its_source_and_verdict(report: tuple[Path, str, dict]) -> None:
+    _, page, fit = report
+    rec = fit["recommendation"]
+    assert "calibrated" in rec["interval_kinds"]["loss"]
+    assert "calibrated interval: model-form error from backtests" in page
+    assert "predicted loss, parameter-only" in page
+    assert "interval calibration" in page and "run-to-run spread (seeds)" in page
+    verdict = rec["calibration"]["verdict"]
+    assert verdict.replace("'", "&#x27;") in page
+    summary = re.search(r"<div class=summary>(.*?)</div>", page, flags=re.S).group(1)
+    assert verdict.split(":")[0].replace("'", "&#x27;") in summary
+
+
+def test_seed_spread_is_measured_and_shown() -> None:
+    from scalelab.fit.api import fit_table
+    from scalelab.fit.synthetic import grid_design, simulate
+    from scalelab.report.fitview import FitView
+
+    N, D = grid_design((1e7, 3e7, 1e8, 3e8, 1e9), (5, 20, 80))
+    table = simulate(noise=0.02, seed=0, seeds_per_config=2, N=N, D=D)
+    raw = json.loads(fit_table(table, bootstrap=0, compare=False).to_json())
+    rows = dict(FitView(raw).noise_rows())
+    assert "between seeds, 15 points with 2+ seeds" in rows["run-to-run spread (seeds)"]
+
+
+def test_add_run_checks_the_big_run_against_the_calibrated_interval(tmp_path: Path) -> None:
+    from report_fixtures import TRUTH
+    from scalelab.fit.synthetic import chinchilla_loss
+    from scalelab.models.flops import ModelShape
+    from scalelab.spec import ModelSpec
+    from scalelab.study.add_run import add_run, check_against_fit
+
+    study = fake_study(tmp_path)
+    n = ModelShape.from_spec(ModelSpec(width=256), 257).non_embedding_params
+    good = _target_run(tmp_path, "good", 256, 8_000_000, float(chinchilla_loss(TRUTH, n, 8_000_000)))
+    bad = _target_run(tmp_path, "bad", 256, 4_000_000, float(chinchilla_loss(TRUTH, n, 4_000_000)) + 0.8)
+    got = {name: check_against_fit(study, add_run(study, d)) for name, d in (("good", good), ("bad", bad))}
+    assert got["good"]["inside"] is True and got["good"]["interval_kind"] == "calibrated"
+    assert got["bad"]["inside"] is False
+    assert "beyond the largest run" in got["good"]["verdict"] or "inside" in got["good"]["verdict"]

@@ -327,13 +327,27 @@ def study_add_run(
 ) -> None:
     """Add a finished run from outside the design, e.g. the big run trained with the recommended settings;
     `scalelab report` then shows its actual loss against the predicted interval."""
-    from scalelab.study.add_run import add_run
+    from scalelab.study.add_run import add_run, check_against_fit
 
     row = add_run(study_dir, run_dir, role=role)
     console.print(
         f"added {row['run_id']} as a {row['role']} run: N={_fmt_int(row['n_params'])}, "
         f"D={_fmt_int(row['tokens'])}, eval loss {_fmt_float(row['eval_loss'])}"
     )
+    check = check_against_fit(study_dir, row)
+    if check is None:
+        console.print("no fit to compare with yet: run `scalelab fit` on the study, then `scalelab report`")
+    elif "interval" in check:
+        lo, hi = check["interval"]
+        where = "[green]inside[/]" if check["inside"] else "[red]OUTSIDE[/]"
+        console.print(
+            f"the fit predicted {check['predicted']:.4g} ({check['interval_kind']} interval "
+            f"[{lo:.4g}, {hi:.4g}]); actual {check['actual']:.4g}: {where}"
+        )
+        if check.get("verdict"):
+            console.print(f"  ({check['verdict']})", highlight=False)
+    else:
+        console.print(f"the fit predicted {check['predicted']:.4g}; actual {check['actual']:.4g}")
 
 
 @study_app.command("watch")

@@ -12,13 +12,16 @@ fit.json (``FitReport.to_json()``) shape::
      "settings": {law, bootstrap, holdout, seed, delta, confidence, n_params, loss_column, n_jobs},
      "data": {n_runs, compute_source, N_range, D_range, C_range, loss_range, has_seed, groups, notes},
      "fit": {law, form, params, intervals, derived, derived_intervals, theta, convergence, bootstrap
-             {n, unit, seed, converged_fraction, theta_samples}, residuals, accounting, warnings, settings},
+             {n, unit, seed, converged_fraction, theta_samples}, residuals, accounting, range, unidentified,
+             calibration {method, floor, growth, scores, folds, noise, reason} | null, warnings, settings},
      "information_criteria": {aic, aicc, bic, log_likelihood, n_params, n},
      "residual_diagnostics": {...}, "comparison": [{law, aic, bic, delta_aic, delta_bic, ...}],
      "backtest": {train_runs, test_runs, threshold_flops, mean_abs_relative_error, coverage, rows} | null,
      "cross_validation": {k, rmse_log, mean_abs_relative_error, per_fold_rmse_log} | null,
-     "recommendation": {compute_flops, N_opt, D_opt, loss, tokens_per_param, intervals, interval_kind,
-                        accounting, extrapolation} | null (from the study's [study.target]),
+     "recommendation": {compute_flops, N_opt, D_opt, loss, tokens_per_param, intervals (loss: calibrated,
+                        loss_parameter_only), interval_kind, interval_kinds, calibration {method, folds,
+                        max_extrapolation_seen, verdict, ...}, accounting, extrapolation {factor,
+                        factor_N, factor_D, far}} | null (from the study's [study.target]),
      "groups": {shared, separate, delta_aic_separate_minus_shared, preferred_by_aic, ...} | null,
      "warnings": [...]}
 """

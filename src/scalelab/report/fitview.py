@@ -81,6 +81,35 @@ class FitView:
             rows.append(("AIC / BIC", f"{fmt(ic.get('aic'))} / {fmt(ic.get('bic'))}"))
         for c in self.raw.get("comparison") or []:
             rows.append((f"compare: {c.get('law')}", f"AIC {fmt(c.get('aic'))}, BIC {fmt(c.get('bic'))}"))
+        rows += self.noise_rows()
+        return rows
+
+    def noise_rows(self) -> list[tuple[str, str]]:
+        """The run-to-run spread from seed replicates, and the calibration it floors."""
+        cal = self.fit.get("calibration")
+        if cal is None:
+            return [("interval calibration", "none (parameter-only intervals: too narrow beyond the runs)")]
+        noise = cal.get("noise")
+        if noise:
+            spread = (
+                f"{100 * noise['log_sd']:.2g} % (sd of log loss between seeds, {noise['configs']} points "
+                f"with 2+ seeds); the floor of every interval"
+            )
+        else:
+            spread = "not measured (one seed per point): add design.seeds = [0, 1] to measure it"
+        rows = [("run-to-run spread (seeds)", spread)]
+        g = cal.get("growth", {})
+        growth = ", ".join(f"{k} {100 * v:.2g} %" for k, v in g.items() if v)
+        if cal.get("method") == "fallback":
+            rows.append(("interval calibration", f"conservative rule ({cal.get('reason', '')})"))
+        else:
+            rows.append(
+                (
+                    "interval calibration",
+                    f"{len(cal.get('folds', []))} rolling-origin backtest folds: error floor "
+                    f"{100 * cal['floor']:.2g} %, growth per e-fold of extrapolation {growth}",
+                )
+            )
         return rows
 
     @staticmethod

@@ -1,0 +1,198 @@
+"""Do the fitted intervals hold on larger runs the fit never saw, and what does calibrating them cost?
+
+Coverage (one JSON line per level, plus a Markdown per-case table with ``--markdown``): on every public
+backtest in ``../shared/reference`` (`scalelab.fit.coverage.reference_cases`: the larger runs of each
+ladder held out) and, when a study directory is given (``--study runs/quickstart``), on its 3
+largest-compute runs, fit `chinchilla` on the rest and check each held-out loss against the calibrated
+interval (value) and against the parameter-only bootstrap prediction interval (baseline). The baseline
+is the fair one because it is exactly what scalelab reported before calibration, from the same fit,
+the same bootstrap draws and the same runs; only the model-form error term differs. Goals (issue 16):
+pooled coverage ≥ 0.90 at 95 % and ≥ 0.70 at 80 %, median half-width ≤ 3× the median error.
+
+Speed: fit + calibration + 1,000 bootstrap refits on Chinchilla's runs against fit + 1,000 bootstrap
+without calibration (what a fit cost before), interleaved A/B rounds in this process, wall and CPU
+time (children included: the bootstrap pool), min/median/max. Same data, same seed, same workers, so
+the ratio is the cost of the calibration alone. Goal: ≤ 3×.
+
+IsoFLOP bootstrap: `IsoFLOPLaw` fit + 1,000 bootstrap draws against a whole Chinchilla fit + 1,000
+bootstrap refits (one worker each, no calibration) on the same 54 simulated IsoFLOP runs (6 budgets ×
+9 sizes), interleaved; the issue's goal is "at the parametric law's speed", so the parametric law's
+fit and bootstrap on the same runs is the yardstick.
+
+Usage: python benchmarks/bench_fit_calibration.py [--rounds 3] [--bootstrap 200] [--study DIR] [--markdown]
+Skips (prints a note, exits 0) when ../shared/reference is absent.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+    os.environ[_k] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from scalelab.fit import coverage, reference  # noqa: E402
+from scalelab.fit.laws import ChinchillaLaw  # noqa: E402
+
+REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"min": float(np.min(xs)), "median": float(np.median(xs)), "max": float(np.max(xs))}
+
+
+def cases(study: Path | None) -> list[tuple[str, object, np.ndarray]]:
+    out = coverage.reference_cases(REF)
+    if study is not None:
+        from scalelab.fit.api import table_from_study
+
+        t = table_from_study(study)
+        cut = np.sort(t.C)[-3]
+        out.append((f"{study.name} study, 3 largest held out", t, t.C < cut))
+    return out
+
+
+def coverage_results(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    results, lines = [], []
+    header = (
+        "| case | train → test runs | extrapolation C / N / D | median error | 95 %: calibrated (param-only) "
+        "| 80 %: calibrated (param-only) | median half-width 95 % | calibration |"
+    )
+    lines += [header, "|" + "---|" * 8]
+    for name, table, mask in cases(args.study):
+        r = coverage.evaluate_split(table, mask, n_bootstrap=args.bootstrap, n_jobs=1)
+        results.append(r)
+        lv = r["levels"]
+        cov = {
+            (lev, k): float(np.mean(lv[lev][k]["inside"]))
+            for lev in ("0.95", "0.8")
+            for k in ("calibrated", "prediction")
+        }
+        cal = r["calibration"] or {}
+        lines.append(
+            f"| {name} | {r['train_runs']} → {r['test_runs']} | {r['extrapolation_C']:.3g}× / "
+            f"{r['extrapolation_N']:.3g}× / {r['extrapolation_D']:.3g}× | "
+            f"{100 * np.median(np.abs(r['relative_error'])):.2f} % | "
+            f"{cov[('0.95', 'calibrated')]:.0%} ({cov[('0.95', 'prediction')]:.0%}) | "
+            f"{cov[('0.8', 'calibrated')]:.0%} ({cov[('0.8', 'prediction')]:.0%}) | "
+            f"{100 * np.median(lv['0.95']['calibrated']['half_width']):.2f} % | "
+            f"{cal.get('method', '—')}, {cal.get('folds', 0)} folds |"
+        )
+    return results, lines
+
+
+def speed(args: argparse.Namespace) -> dict:
+    t = reference.chinchilla_epoch(REF / "chinchilla_epoch.csv")
+    times: dict[bool, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in (False, True)}
+    for _ in range(args.rounds):
+        for cal in (False, True):
+            w0, c0 = time.perf_counter(), _cpu_seconds()
+            ChinchillaLaw(n_bootstrap=1000, seed=0, n_jobs=args.jobs, calibrate=cal).fit(t)
+            times[cal]["wall"].append(time.perf_counter() - w0)
+            times[cal]["cpu"].append(_cpu_seconds() - c0)
+    new, old = times[True], times[False]
+    return {
+        "name": "fit_calibration_cost_chinchilla",
+        "value": float(np.median(new["wall"])),
+        "baseline": float(np.median(old["wall"])),
+        "ratio": float(np.median(new["wall"]) / np.median(old["wall"])),
+        "unit": "s (fit + 1,000 bootstrap; value with calibration, baseline without)",
+        "rounds": args.rounds,
+        "wall": {"calibrated": _stats(new["wall"]), "uncalibrated": _stats(old["wall"])},
+        "cpu": {"calibrated": _stats(new["cpu"]), "uncalibrated": _stats(old["cpu"])},
+        "cpu_ratio": float(np.median(new["cpu"]) / np.median(old["cpu"])),
+        "load": os.getloadavg()[0],
+        "goal": "ratio <= 3",
+        "runs": len(t),
+    }
+
+
+def isoflop_speed(args: argparse.Namespace) -> dict:
+    from scalelab.fit import synthetic
+    from scalelab.fit.isoflop import IsoFLOPLaw
+
+    N, D = synthetic.isoflop_design(np.geomspace(1e17, 1e20, 6), 9, span=4.0)
+    t = synthetic.simulate(synthetic.HOFFMANN, N, D, noise=0.005, seed=0)
+    fits = {
+        "isoflop": lambda: IsoFLOPLaw(n_bootstrap=1000, seed=0).fit(t),
+        "chinchilla": lambda: ChinchillaLaw(n_bootstrap=1000, n_jobs=1, calibrate=False).fit(t),
+    }
+    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in fits}
+    for _ in range(args.rounds):
+        for k, f in fits.items():
+            w0, c0 = time.perf_counter(), _cpu_seconds()
+            f()
+            times[k]["wall"].append(time.perf_counter() - w0)
+            times[k]["cpu"].append(_cpu_seconds() - c0)
+    new, old = times["isoflop"], times["chinchilla"]
+    return {
+        "name": "fit_isoflop_bootstrap_1000",
+        "value": float(np.median(new["cpu"])),
+        "baseline": float(np.median(old["cpu"])),
+        "ratio": float(np.median(new["cpu"]) / np.median(old["cpu"])),
+        "unit": "CPU s (fit + 1,000 bootstrap draws: IsoFLOP vs Chinchilla, same runs)",
+        "rounds": args.rounds,
+        "wall": {"isoflop": _stats(new["wall"]), "chinchilla": _stats(old["wall"])},
+        "cpu": {"isoflop": _stats(new["cpu"]), "chinchilla": _stats(old["cpu"])},
+        "load": os.getloadavg()[0],
+        "goal": "ratio <= 1 (at the parametric law's speed)",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--study", type=Path, default=None, help="also backtest this study directory")
+    ap.add_argument("--markdown", action="store_true", help="print the per-case table")
+    args = ap.parse_args()
+    if not REF.is_dir():
+        print(json.dumps({"name": "fit_calibration", "skipped": f"{REF} not present"}))
+        return
+    logging.getLogger("scalelab").setLevel(logging.ERROR)
+    results, lines = coverage_results(args)
+    s = coverage.summarize(results)
+    for level, goal in (("0.95", 0.90), ("0.8", 0.70)):
+        row = s[level]
+        print(
+            json.dumps(
+                {
+                    "name": f"fit_interval_coverage_{level}",
+                    "value": row["calibrated"]["coverage"],
+                    "baseline": row["prediction"]["coverage"],
+                    "ratio": row["calibrated"]["coverage"] / max(row["prediction"]["coverage"], 1e-12),
+                    "unit": "fraction of held-out larger runs inside (calibrated vs parameter-only)",
+                    "held_out_runs": s["held_out_runs"],
+                    "cases": len(results),
+                    "median_abs_relative_error": s["median_abs_relative_error"],
+                    "half_width_over_error": row["calibrated"]["half_width_over_error"],
+                    "goal": f"coverage >= {goal}, half_width_over_error <= 3",
+                    "met": bool(
+                        row["calibrated"]["coverage"] >= goal
+                        and row["calibrated"]["half_width_over_error"] <= 3
+                    ),
+                }
+            )
+        )
+    print(json.dumps(speed(args)))
+    print(json.dumps(isoflop_speed(args)))
+    if args.markdown:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
