@@ -230,16 +230,18 @@ def test_calibrated_coverage_on_misspecified_studies():
 # ------------------------------------------------------------------------------------------ IsoFLOP
 def test_isoflop_n_opt_interval_holds_the_budget_optima():
     """The N_opt interval includes the parabola-fit error and the vertices' scatter: at each budget's
-    compute it holds that budget's own optimum."""
+    compute it holds that budget's own optimum (the run bootstrap it replaced held 87.5 % here)."""
     from scalelab.fit.isoflop import IsoFLOPLaw
 
-    N, D = synthetic.isoflop_design(np.geomspace(1e17, 1e20, 6), 5, span=4.0)
-    law = IsoFLOPLaw(n_bootstrap=400, seed=0).fit(synthetic.simulate(TRUTH, N, D, noise=0.01, seed=4))
+    N, D = synthetic.isoflop_design(np.geomspace(1e17, 1e20, 6), 7, span=4.0)
     inside = []
-    for m in law.to_dict()["minima"]:
-        lo, hi = law.optimal(m["C"])["intervals"]["N_opt"]
-        inside.append(lo <= m["N_opt"] <= hi)
-    assert np.mean(inside) >= 5 / 6, inside
+    for seed in range(8):
+        table = synthetic.simulate(TRUTH, N, D, noise=0.01, seed=seed)
+        law = IsoFLOPLaw(n_bootstrap=300, seed=0).fit(table)
+        for m in law.to_dict()["minima"]:
+            lo, hi = law.optimal(m["C"])["intervals"]["N_opt"]
+            inside.append(lo <= m["N_opt"] <= hi)
+    assert np.mean(inside) >= 0.95, np.mean(inside)
 
 
 def test_isoflop_loss_law_on_four_minima_is_flagged():
