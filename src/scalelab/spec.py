@@ -341,6 +341,10 @@ class FitSpec(_Spec):
     bootstrap: int = Field(200, ge=0)
     holdout_largest: int = Field(0, ge=0, description="leave the K largest-compute runs out for a backtest")
     seed: int = 0
+    prior: str | None = Field(
+        None,
+        description="MAP fit under a prior: published:chinchilla, published:epoch, or an earlier fit.json",
+    )
 
 
 class TargetSpec(_Spec):

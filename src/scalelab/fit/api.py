@@ -276,17 +276,18 @@ def fit_table(
 ) -> FitReport:
     """Fit `law` to `table` with bootstrap intervals, validate it and (given a target) recommend.
 
-    ``prior``: a published fit name (``hoffmann2022``, ``besiroglu2024``) or an earlier fit.json — then
+    ``prior``: ``published:NAME`` (``chinchilla``/``hoffmann2022``, ``epoch``/``besiroglu2024``) or an
+    earlier fit.json — then
     the chinchilla law is fitted by MAP with a Laplace posterior instead of the bootstrap
     (see `scalelab.fit.bayes`)."""
     k_hold = parse_holdout(holdout)
     kw = {"delta": delta, "n_bootstrap": bootstrap, "confidence": confidence, "seed": seed, "n_jobs": n_jobs}
     if prior is not None:
-        from scalelab.fit.bayes import PUBLISHED, MAPChinchillaLaw, Prior
+        from scalelab.fit.bayes import MAPChinchillaLaw, parse_prior
 
         if law != "chinchilla":
             raise FitError(f"--prior works with --law chinchilla, not {law!r}")
-        pr = Prior.published(str(prior)) if str(prior) in PUBLISHED else Prior.from_fit(prior)
+        pr = parse_prior(prior)
         est = MAPChinchillaLaw(pr, confidence=confidence, seed=seed, delta=delta).fit(table)
     else:
         est = make_law(law, **kw).fit(table)
@@ -398,6 +399,8 @@ def fit_source(
         raise FitError(f"{path}: no such study directory or table file")
     if holdout is None and spec.holdout_largest:
         holdout = spec.holdout_largest
+    if prior is None and spec.prior:
+        prior = spec.prior
     return fit_table(
         table,
         law or spec.law,

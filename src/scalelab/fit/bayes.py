@@ -102,6 +102,32 @@ class Prior:
         return {"source": self.source, "terms": {k: {"mean": m, "sd": s} for k, (m, s) in self.terms.items()}}
 
 
+#: names a user may give after ``published:`` (the paper's short name, or the fit it is known by)
+PUBLISHED_ALIASES = {"chinchilla": "hoffmann2022", "hoffmann": "hoffmann2022", "epoch": "besiroglu2024"}
+
+
+def parse_prior(value: str | Path, flag: str = "--prior") -> Prior:
+    """A prior from the command line or [study.fit] prior: ``published:NAME`` (chinchilla = hoffmann2022,
+    epoch = besiroglu2024), a bare published name, or the path of an earlier chinchilla fit.json."""
+    text = str(value).strip()
+    kind, sep, name = text.partition(":")
+    if sep and kind == "published":
+        key = PUBLISHED_ALIASES.get(name, name)
+        if key not in PUBLISHED:
+            known = ", ".join(sorted({*PUBLISHED, *PUBLISHED_ALIASES}))
+            raise FitError(f"{flag} {text!r}: unknown published fit {name!r}; known: {known}")
+        return Prior.published(key)
+    if text in PUBLISHED or text in PUBLISHED_ALIASES:
+        return Prior.published(PUBLISHED_ALIASES.get(text, text))
+    path = Path(text)
+    if not path.is_file():
+        raise FitError(
+            f"{flag} {text!r}: not a published fit (published:chinchilla, published:epoch, ...) "
+            "and no such fit.json file"
+        )
+    return Prior.from_fit(path)
+
+
 class MAPChinchillaLaw(ChinchillaLaw):
     """ChinchillaLaw fitted by MAP under `prior`, intervals from the Laplace approximation.
 
@@ -200,6 +226,15 @@ class MAPChinchillaLaw(ChinchillaLaw):
         self.samples_at_bound_ = {}
         self._finish_fit(table)
 
+    def prior_vs_posterior(self) -> dict[str, dict[str, float]]:
+        """How much the data moved each prior: posterior/prior sd (< 1: the data narrowed it) and the
+        shift of the mean in prior sds."""
+        out = {}
+        for k, (m, sd) in self.prior.terms.items():
+            i = THETA_NAMES.index(k)
+            out[k] = _prior_shift(m, sd, float(self.theta_[i]), float(np.sqrt(self.posterior_cov_[i, i])))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d["settings"]["prior"] = self.prior.source
@@ -211,8 +246,20 @@ class MAPChinchillaLaw(ChinchillaLaw):
             "sd": {n: float(np.sqrt(self.posterior_cov_[i, i])) for i, n in enumerate(THETA_NAMES)},
             "n_draws": self.n_draws,
         }
+        d["prior_vs_posterior"] = self.prior_vs_posterior()
         d["bootstrap"]["kind"] = "posterior draws (Laplace)"
         return d
+
+
+def _prior_shift(prior_mean: float, prior_sd: float, post_mean: float, post_sd: float) -> dict[str, float]:
+    return {
+        "prior_mean": prior_mean,
+        "prior_sd": prior_sd,
+        "posterior_mean": post_mean,
+        "posterior_sd": post_sd,
+        "width_ratio": post_sd / prior_sd,
+        "shift_in_prior_sds": (post_mean - prior_mean) / prior_sd,
+    }
 
 
 def _hessian(f: Any, z: np.ndarray) -> np.ndarray:

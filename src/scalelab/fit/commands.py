@@ -50,6 +50,8 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
     cal = f.get("calibration")
     if cal:
         console.print(calibration_line(cal), highlight=False)
+    for line in prior_lines(f):
+        console.print(line, highlight=False)
     console.print(
         f"objective {_fmt(conv.get('objective'))}, converged: {conv.get('converged')}; bootstrap "
         f"{boot.get('n', 0)} resamples by {boot.get('unit') or 'run'} "
@@ -116,6 +118,21 @@ def calibration_line(cal: dict[str, Any]) -> str:
         f"intervals calibrated by {len(cal.get('folds', []))} rolling-origin backtest folds: error floor "
         f"{100 * cal['floor']:.2g} %, growth per e-fold of extrapolation {growth or 'none'}"
     )
+
+
+def prior_lines(f: dict[str, Any]) -> list[str]:
+    """What the prior said, what the posterior says, and how much the data moved it."""
+    pvp = f.get("prior_vs_posterior")
+    if not pvp:
+        return []
+    out = [f"MAP fit under the prior {f.get('prior', {}).get('source', '?')} (Laplace posterior):"]
+    for k, r in pvp.items():
+        out.append(
+            f"  {k}: prior {r['prior_mean']:.4g} ± {r['prior_sd']:.3g} → posterior {r['posterior_mean']:.4g} "
+            f"± {r['posterior_sd']:.3g} (width {r['width_ratio']:.2f}x the prior's; moved "
+            f"{r['shift_in_prior_sds']:+.2f} prior sd)"
+        )
+    return out
 
 
 def render_recommendation(rec: dict[str, Any], console: Console) -> None:
@@ -185,6 +202,14 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option("--bootstrap", help="Bootstrap resamples (default 1000).")
         ] = None,
         holdout: Annotated[str | None, typer.Option("--holdout", help="Backtest: largest:K.")] = None,
+        prior: Annotated[
+            str | None,
+            typer.Option(
+                "--prior",
+                help="Fit by MAP under a prior: published:chinchilla (Hoffmann et al. 2022), "
+                "published:epoch (Besiroglu et al. 2024), or an earlier fit.json. Default: [study.fit] prior.",
+            ),
+        ] = None,
         seed: Annotated[int | None, typer.Option("--seed", help="Bootstrap seed.")] = None,
         jobs: Annotated[
             int | None, typer.Option("--jobs", help="Worker processes for the bootstrap.")
@@ -206,7 +231,13 @@ def register(app: typer.Typer) -> None:
         console = Console()
         with console.status("fitting…") if console.is_terminal and not json_ else _null():
             rep = fit_source(
-                source, law=law or None, bootstrap=bootstrap, holdout=holdout, seed=seed, n_jobs=jobs
+                source,
+                law=law or None,
+                bootstrap=bootstrap,
+                holdout=holdout,
+                seed=seed,
+                n_jobs=jobs,
+                prior=prior,
             )
         path = rep.save(out or default_output(source))
         d = rep.to_dict()

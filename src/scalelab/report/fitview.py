@@ -82,6 +82,24 @@ class FitView:
         for c in self.raw.get("comparison") or []:
             rows.append((f"compare: {c.get('law')}", f"AIC {fmt(c.get('aic'))}, BIC {fmt(c.get('bic'))}"))
         rows += self.noise_rows()
+        rows += self.prior_rows()
+        return rows
+
+    def prior_rows(self) -> list[tuple[str, str]]:
+        """The prior of a MAP fit, the posterior, and how much the data moved each term."""
+        pvp = self.fit.get("prior_vs_posterior")
+        if not pvp:
+            return []
+        rows = [("prior", f"{self.fit.get('prior', {}).get('source', '?')} (MAP fit, Laplace posterior)")]
+        for k, r in pvp.items():
+            moved = "the data narrowed it" if r["width_ratio"] < 0.8 else "the prior still dominates"
+            rows.append(
+                (
+                    f"prior → posterior: {k}",
+                    f"{fmt(r['prior_mean'])} ± {fmt(r['prior_sd'], '.3g')} → {fmt(r['posterior_mean'])} ± "
+                    f"{fmt(r['posterior_sd'], '.3g')} (width {r['width_ratio']:.2f}× the prior's: {moved})",
+                )
+            )
         return rows
 
     def noise_rows(self) -> list[tuple[str, str]]:
