@@ -102,3 +102,22 @@ def test_fit_table_reports_groups_and_prior(tmp_path):
     assert d2["settings"]["prior"] == "hoffmann2022" and d2["fit"]["prior"]["terms"]["alpha"]["mean"] == 0.34
     with pytest.raises(FitError, match="--prior"):
         fit_table(_study(4, 1), "kaplan", bootstrap=0, prior="hoffmann2022")
+
+
+def test_groups_get_bootstrap_intervals_and_a_transfer_verdict():
+    same = _grouped({**TRUTH, "E": 1.2, "A": 300.0, "B": 600.0})
+    c = compare_groups(same, n_bootstrap=60)
+    assert c["transfers"] is True and "transfers across the groups" in c["verdict"]
+    iv = c["separate"]["intervals"]["code"]["alpha"]
+    assert iv[0] < c["separate"]["params"]["code"]["alpha"] < iv[1]
+    assert all(not d["excludes_zero"] for d in c["exponent_differences"].values())
+    diff = _grouped({**TRUTH, "E": 1.2, "alpha": 0.5, "beta": 0.4, "A": 1500.0, "B": 3000.0})
+    c2 = compare_groups(diff, n_bootstrap=60)
+    assert c2["transfers"] is False and "does NOT transfer" in c2["verdict"]
+    assert c2["exponent_differences"]["alpha[code] - alpha[web]"]["excludes_zero"]
+    rep = fit_table(diff, bootstrap=60, compare=False)
+    assert any("does NOT transfer" in w for w in rep.warnings)
+    from scalelab.report.fitview import FitView
+
+    rows = dict(FitView(json.loads(rep.to_json())).group_rows())
+    assert "group code" in rows and "does NOT transfer" in rows["across groups"]

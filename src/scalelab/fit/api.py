@@ -83,6 +83,8 @@ class FitReport:
                 f"the table has {len(self.groups['shared']['groups'])} groups; the main fit pools them "
                 f"(see 'groups': {self.groups['preferred_by_bic']} exponents preferred by BIC)"
             )
+            if self.groups.get("transfers") is False:
+                out.append(self.groups["verdict"])
         if self.backtest and self.backtest.get("coverage") is not None and self.backtest["coverage"] < 0.5:
             out.append(
                 f"backtest: only {100 * self.backtest['coverage']:.0f}% of held-out runs fall inside their "
@@ -338,7 +340,14 @@ def fit_table(
         from scalelab.fit.groups import compare_groups
 
         try:
-            groups = compare_groups(table, delta=delta)
+            groups = compare_groups(
+                table,
+                delta=delta,
+                n_bootstrap=min(bootstrap, 200),
+                confidence=confidence,
+                seed=seed,
+                n_jobs=n_jobs,
+            )
         except FitError as err:
             groups = {"error": str(err)}
     settings = {

@@ -101,6 +101,14 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
             f"ΔBIC {_fmt(grp['delta_bic_separate_minus_shared'], '.1f')}; preferred: "
             f"{grp['preferred_by_aic']} (AIC), {grp['preferred_by_bic']} (BIC)"
         )
+        for g, iv in (grp["separate"].get("intervals") or {}).items():
+            p = grp["separate"]["params"][g]
+            console.print(
+                f"  {g}: alpha {_fmt(p['alpha'], '.3f')}{_iv(iv.get('alpha'), '.3f')}, "
+                f"beta {_fmt(p['beta'], '.3f')}{_iv(iv.get('beta'), '.3f')}"
+            )
+        if grp.get("verdict"):
+            console.print(grp["verdict"], highlight=False)
     for w in d.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 

@@ -7,7 +7,10 @@
 * separate: an independent `ChinchillaLaw` per group (5G parameters).
 
 `compare_groups` fits both and reports AIC/BIC (Gaussian log-residual likelihood, as in
-`scalelab.fit.validate.information_criteria`) with the preferred model.
+`scalelab.fit.validate.information_criteria`) with the preferred model, bootstrap intervals of every
+group's exponents (separate fits, runs resampled within each group), intervals of each group's
+difference in α and β from the first group, and a verdict: the law transfers across the groups when
+shared exponents are preferred and no difference interval excludes 0.
 """
 
 from __future__ import annotations
@@ -59,10 +62,21 @@ class GroupedChinchillaLaw(ScalingLaw):
     def _fit_separate(self, table: RunTable, idx: dict[str, np.ndarray]) -> None:
         self.params_ = {}
         self.residuals_ = np.empty(len(table))
+        self.draws_ = {}
+        self.intervals_ = {}
         conv = []
         for g, rows in idx.items():
-            law = ChinchillaLaw(delta=self.delta).fit(table.subset(rows))
+            law = ChinchillaLaw(
+                delta=self.delta,
+                n_bootstrap=self.n_bootstrap,
+                seed=self.seed,
+                n_jobs=self.n_jobs,
+                calibrate=False,
+            ).fit(table.subset(rows))
             self.params_[g] = law.params_
+            self.intervals_[g] = {k: list(v) for k, v in law.intervals_.items()}
+            if len(law.samples_):
+                self.draws_[g] = {k: np.asarray(v) for k, v in law._params_from_theta(law.samples_).items()}
             self.residuals_[rows] = law.residuals_
             conv.append(law.result_.converged)
         self.n_params_ = 5 * len(idx)
@@ -162,15 +176,68 @@ class GroupedChinchillaLaw(ScalingLaw):
                 "n_params": self.n_params_,
                 "information_criteria": self.criteria_,
                 "converged": self.converged_,
+                "intervals": getattr(self, "intervals_", {}),
             }
         )
 
 
-def compare_groups(table: RunTable, delta: float = est.DEFAULT_DELTA) -> dict[str, Any]:
-    """Fit shared-exponent and separate-exponent models; AIC/BIC and the preferred one for each."""
+def exponent_differences(separate: GroupedChinchillaLaw, confidence: float) -> dict[str, Any]:
+    """Bootstrap intervals of α_g − α_ref and β_g − β_ref (ref = the first group; draws of different
+    groups are independent, so they are paired by index)."""
+    from scalelab.fit.laws import _percentiles
+
+    draws = separate.draws_
+    if len(draws) < 2:
+        return {}
+    ref = separate.groups_[0]
+    out: dict[str, Any] = {}
+    for g in separate.groups_[1:]:
+        m = min(len(draws[ref]["alpha"]), len(draws[g]["alpha"]))
+        for k in ("alpha", "beta"):
+            diff = draws[g][k][:m] - draws[ref][k][:m]
+            lo, hi = _percentiles(diff, confidence)
+            out[f"{k}[{g}] - {k}[{ref}]"] = {
+                "estimate": separate.params_[g][k] - separate.params_[ref][k],
+                "interval": [float(lo), float(hi)],
+                "excludes_zero": bool(lo > 0 or hi < 0),
+            }
+    return out
+
+
+def compare_groups(
+    table: RunTable,
+    delta: float = est.DEFAULT_DELTA,
+    n_bootstrap: int = 100,
+    confidence: float = 0.9,
+    seed: int = 0,
+    n_jobs: int | None = None,
+) -> dict[str, Any]:
+    """Fit shared-exponent and separate-exponent models: AIC/BIC and the preferred one for each,
+    bootstrap intervals of each group's exponents and of their differences, and whether the law
+    transfers across the groups."""
     shared = GroupedChinchillaLaw(True, delta=delta).fit(table)
-    separate = GroupedChinchillaLaw(False, delta=delta).fit(table)
+    separate = GroupedChinchillaLaw(
+        False, delta=delta, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed, n_jobs=n_jobs
+    ).fit(table)
     cs, cp = shared.criteria_, separate.criteria_
+    diffs = exponent_differences(separate, confidence) if n_bootstrap else {}
+    differ = [k for k, v in diffs.items() if v["excludes_zero"]]
+    prefers_shared = cs["aic"] <= cp["aic"]
+    if prefers_shared and not differ:
+        verdict = "the law transfers across the groups: shared exponents are preferred by AIC"
+        if diffs:
+            verdict += f" and every {int(100 * confidence)} % interval of an exponent difference contains 0"
+        transfers = True
+    else:
+        why = []
+        if not prefers_shared:
+            why.append(f"separate exponents are preferred by AIC (ΔAIC {cp['aic'] - cs['aic']:.1f})")
+        if differ:
+            why.append("the intervals of " + ", ".join(differ) + " exclude 0")
+        verdict = (
+            "the law does NOT transfer across the groups: " + "; ".join(why) + "; fit each group on its own"
+        )
+        transfers = False
     return _floats(
         {
             "shared": shared.to_dict(),
@@ -179,5 +246,9 @@ def compare_groups(table: RunTable, delta: float = est.DEFAULT_DELTA) -> dict[st
             "delta_bic_separate_minus_shared": cp["bic"] - cs["bic"],
             "preferred_by_aic": "shared" if cs["aic"] <= cp["aic"] else "separate",
             "preferred_by_bic": "shared" if cs["bic"] <= cp["bic"] else "separate",
+            "exponent_differences": diffs,
+            "transfers": transfers,
+            "verdict": verdict,
+            "confidence": confidence,
         }
     )

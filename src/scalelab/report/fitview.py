@@ -83,6 +83,26 @@ class FitView:
             rows.append((f"compare: {c.get('law')}", f"AIC {fmt(c.get('aic'))}, BIC {fmt(c.get('bic'))}"))
         rows += self.noise_rows()
         rows += self.prior_rows()
+        rows += self.group_rows()
+        return rows
+
+    def group_rows(self) -> list[tuple[str, str]]:
+        """Per group: its exponents with intervals (separate fits), and whether the law transfers."""
+        grp = self.raw.get("groups") or {}
+        if "separate" not in grp:
+            return []
+        rows = []
+        for g, p in grp["separate"].get("params", {}).items():
+            iv = (grp["separate"].get("intervals") or {}).get(g, {})
+            rows.append(
+                (
+                    f"group {g}",
+                    f"alpha {fmt(p['alpha'])}{fmt_interval(iv.get('alpha'))}, "
+                    f"beta {fmt(p['beta'])}{fmt_interval(iv.get('beta'))}",
+                )
+            )
+        if grp.get("verdict"):
+            rows.append(("across groups", str(grp["verdict"])))
         return rows
 
     def prior_rows(self) -> list[tuple[str, str]]:
