@@ -116,4 +116,6 @@ def file_lock(path: str | Path, *, wait: bool = True, what: str | None = None) -
             fh.flush()
             yield
         finally:
+            fh.truncate(0)  # no PID in the file of a lock nobody holds
+            fh.flush()
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
