@@ -451,9 +451,11 @@ def write_study_files(
     study: StudySpec, study_dir: Path, source_text: str | None, overrides: tuple[str, ...] = ()
 ) -> None:
     """Record the study as run: validated `study.json` and the TOML it came from (with overrides noted)."""
+    from scalelab.study.identity import freeze_identity
     from scalelab.study.preregister import freeze
 
     study_dir.mkdir(parents=True, exist_ok=True)
+    freeze_identity(study, study_dir)
     freeze(study, study_dir)
     atomic_write_text(
         study_dir / "study.json", json.dumps(study.model_dump(mode="json"), indent=2, sort_keys=True)
@@ -491,8 +493,14 @@ def prepare_run_dirs(
         if forecast is not None and row and row.get("forecast_seconds") is None:
             registry.set_forecast(planned.run_id, forecast(planned))
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.json").exists():
-            atomic_write_text(run_dir / "config.json", planned.spec.canonical_json())
+        config = run_dir / "config.json"
+        canonical = planned.spec.canonical_json()
+        try:
+            intact = config.read_text().strip() == canonical
+        except (OSError, UnicodeDecodeError):
+            intact = False
+        if not intact:  # absent, or cut short by a crash: the run id says what it must hold
+            atomic_write_text(config, canonical)
         todo.append((planned, run_dir))
     return runs, todo
 

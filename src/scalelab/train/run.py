@@ -43,7 +43,7 @@ from torch import nn
 
 from scalelab.errors import CheckpointError, TrainingError
 from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
-from scalelab.io import atomic_write_json
+from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -339,7 +339,7 @@ def run_training(
         log.error("%s", record["error"])
         return record
     (out / "record.json").unlink(missing_ok=True)
-    (out / "config.json").write_text(spec.canonical_json() + "\n")
+    atomic_write_text(out / "config.json", spec.canonical_json() + "\n")
     device = torch.device("cpu")
     trainer: Trainer | None = None
     shape: ModelShape | None = None

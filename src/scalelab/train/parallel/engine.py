@@ -25,7 +25,7 @@ import torch
 
 from scalelab.errors import DistributedError
 from scalelab.hw import EnergyMeter, peak_flops
-from scalelab.io import atomic_write_json
+from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -95,7 +95,7 @@ def run_distributed(
                 )
             else:
                 (out / "record.json").unlink(missing_ok=True)
-                (out / "config.json").write_text(spec.canonical_json() + "\n")
+                atomic_write_text(out / "config.json", spec.canonical_json() + "\n")
         refusal = ctx.broadcast(refusal)
         if refusal:
             record["error"] = refusal
