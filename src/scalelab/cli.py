@@ -88,6 +88,21 @@ def _is_tty() -> bool:
     return console.is_terminal
 
 
+def _out_dir(path: Path, flag: str = "--out") -> Path:
+    """`path` as a directory this command can write (created if needed); ScalelabError naming `flag`."""
+    from scalelab.errors import SpecError
+
+    if path.exists() and not path.is_dir():
+        raise SpecError(f"{flag} {path}: exists and is not a directory; give a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"{flag} {path}: cannot create the directory ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path}: the directory is not writable")
+    return path
+
+
 # ------------------------------------------------------------------------------------------ study
 @study_app.command("plan")
 def study_plan(
@@ -196,6 +211,7 @@ def study_run(
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
 
     study = load_study(spec, set_ or ())
+    _out_dir(out)
     if executor_kind == "local":
         executor: LocalExecutor | RayExecutor = LocalExecutor(
             parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
@@ -431,6 +447,7 @@ def train(
 
     spec = load_run(config, set_ or ())
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
+    _out_dir(out)
     record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank
         console.print(
@@ -516,7 +533,7 @@ def main() -> None:
     except ScalelabError as err:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to continue where it stopped")
