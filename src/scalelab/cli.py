@@ -1,8 +1,10 @@
 """The `scalelab` command: thin wrappers that parse, call the library and render the result with rich.
 
 Every command that takes a spec accepts `--set dotted.path=value` overrides, validated like the file.
-Errors scalelab expects (bad specs, missing files, corrupt data) print as one paragraph and exit 2;
-`--debug` shows the traceback.
+Exit codes (docs/trust.md): 0 success; 2 a user-caused error (bad spec, flag, file or data; a lock held
+by another process), printed as one paragraph naming the file/field/flag; 1 a failed run (`train`: see
+`exit_code`; 3 diverged) or an internal error (one paragraph, "a bug"); 130 interrupted. `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -538,3 +540,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to continue where it stopped")
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 — not the user's fault: one paragraph, exit 1, traceback on --debug
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {escape(type(err).__name__)}: {escape(str(err)[:500])} — this is a "
+            "bug in scalelab, not in your input; re-run with --debug for the traceback and report it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

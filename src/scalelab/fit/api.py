@@ -388,7 +388,18 @@ def recommend(
 
     check_budget(compute, target_loss)
     data = load_fit(fit_json_path)
-    law = law_from_dict(data["fit"])
+    conv = data.get("fit", {}).get("convergence") or {}
+    if conv.get("converged") is False:
+        raise FitError(
+            f"{fit_json_path}: the fit did not converge ({conv.get('message', 'no message')}), so it cannot "
+            "recommend anything; add runs or change --law, and fit again"
+        )
+    try:
+        law = law_from_dict(data["fit"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise FitError(
+            f"{fit_json_path}: fit.params unusable ({type(err).__name__}: {err}); fit again"
+        ) from None
     needed = "optimal" if compute is not None else "compute_for_loss"
     if not hasattr(law, needed) or getattr(law, "variables", ("C",)) in (("N",), ("D",)):
         raise FitError(
