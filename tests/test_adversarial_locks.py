@@ -193,3 +193,14 @@ def test_two_concurrent_study_drivers_train_each_run_once(tmp_path: Path, tiny_c
         lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         steps = [row["step"] for row in map(json.loads, lines) if "loss" in row]
         assert steps == sorted(set(steps)), f"interleaved or repeated steps in {r['run_id']}: {steps}"
+
+
+def test_a_second_trainer_on_one_run_directory_refuses(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_toml = Path(__file__).resolve().parents[1] / "examples" / "run_tiny.toml"
+    with file_lock(out / ".run.lock"):
+        proc = subprocess.run(
+            _cli("train", str(run_toml), "--out", str(out)), capture_output=True, text=True, timeout=120
+        )
+    assert proc.returncode == 2 and f"already in use by PID {os.getpid()}" in proc.stderr, proc.stderr
+    assert not (out / "config.json").exists()

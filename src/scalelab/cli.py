@@ -9,6 +9,7 @@ shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -450,7 +451,13 @@ def train(
     spec = load_run(config, set_ or ())
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
     _out_dir(out)
-    record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
+    lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if os.environ.get("RANK", "0") == "0":  # one trainer per run directory (rank 0 speaks for a torchrun job)
+        from scalelab.io import file_lock
+
+        lock = file_lock(out / ".run.lock", wait=False, what=f"{out} (a run being trained)")
+    with lock:
+        record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank
         console.print(
             f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "

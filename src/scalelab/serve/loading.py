@@ -3,7 +3,7 @@
 The one loader behind `serve`, `distill --teacher`, quantization and export. It reads the weights of any
 run scalelab trains: a single-process checkpoint (`model.safetensors`) or a sharded one written by DDP,
 FSDP, tensor or pipeline parallel ranks (DCP safetensors shards, consolidated here into full tensors in
-one process). Either way the manifest's own hash, the config hash and the SHA-256 of every file are
+one process; a tensor-parallel run's regrouped `qkv` rows are put back in the plain order). Either way the manifest's own hash, the config hash and the SHA-256 of every file are
 verified first, nothing is unpickled, and the optimizer state is never read. A checkpoint that does not
 verify is skipped (logged) in favour of the previous one, as the trainer does.
 """
@@ -74,9 +74,29 @@ def _manifest_format(path: Path) -> str | None:
         return None
 
 
-def _read_weights(path: Path, chash: str, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _plain_qkv_rows(weights: dict[str, torch.Tensor], spec: RunSpec) -> dict[str, torch.Tensor]:
+    """A tensor-parallel run stores every `qkv` weight with its rows regrouped rank-major
+    (train/parallel/tensor.py); put them back in the plain model's [q; k; v] order."""
+    tp = spec.train.tensor_parallel
+    if tp <= 1:
+        return weights
+    from scalelab.train.parallel.tensor import qkv_row_order
+
+    order = qkv_row_order(spec.model.width, spec.model.n_heads, tp)
+    out = dict(weights)
+    for name, w in weights.items():
+        if name.endswith("attn.qkv.weight"):
+            plain = torch.empty_like(w)
+            plain[order] = w
+            out[name] = plain
+    return out
+
+
+def _read_weights(
+    path: Path, chash: str, template: dict[str, torch.Tensor], spec: RunSpec
+) -> dict[str, torch.Tensor]:
     if _manifest_format(path) == SHARDED_FORMAT:
-        return read_full_weights(path, chash, template)
+        return _plain_qkv_rows(read_full_weights(path, chash, template), spec)
     manifest = verify_checkpoint(path, chash)
     weights = load_file(str(path / "model.safetensors"), device="cpu")
     for alias, target in manifest.get("aliases", {}).items():
@@ -85,17 +105,19 @@ def _read_weights(path: Path, chash: str, template: dict[str, torch.Tensor]) -> 
 
 
 def load_weights(
-    run_dir: Path, chash: str, template: dict[str, torch.Tensor]
+    run_dir: Path, spec: RunSpec, template: dict[str, torch.Tensor]
 ) -> tuple[Path, int, dict[str, torch.Tensor]]:
-    """(checkpoint path, step, weights) of the newest checkpoint of `run_dir` that verifies; `template`
-    (the state dict of the run's model, freshly built) gives names and shapes to sharded checkpoints."""
+    """(checkpoint path, step, weights) of the newest checkpoint of `run_dir` (whose config is `spec`)
+    that verifies; `template` (the state dict of the run's model, freshly built) gives names and shapes
+    to sharded checkpoints. Weights come back in the plain model's layout."""
+    chash = config_hash(spec)
     ckpt_dir = Path(run_dir) / "checkpoint"
     candidates = list_checkpoints(ckpt_dir)
     if not candidates:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint (step-*/) to serve; train the run first")
     for step, path in reversed(candidates):
         try:
-            weights = _read_weights(path, chash, template)
+            weights = _read_weights(path, chash, template, spec)
         except CheckpointConfigMismatch:
             raise
         except CheckpointError as err:
@@ -137,7 +159,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     vocab = spec.model.vocab_size or tokenizer.vocab_size
     model = build_model(spec.model, vocab)
     apply_parametrization(model, spec.model)  # sets attention scale and multipliers (μP, depth-μP)
-    path, step, weights = load_weights(run_dir, config_hash(spec), model.state_dict())
+    path, step, weights = load_weights(run_dir, spec, model.state_dict())
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
