@@ -108,6 +108,11 @@ def test_inputs_that_crashed_are_named_errors(tmp_path: Path) -> None:
         _scalelab("train", str(RUN_TOML), "--out", "o", "--set", "model.width=4e12", cwd=tmp_path),
         "model.width",
     )
+    (tmp_path / "adir").mkdir()
+    _named_error(_scalelab("fit", "runs.csv", "--bootstrap", "0", "--out", "adir", cwd=tmp_path), "adir")
+    _named_error(
+        _scalelab("fit", "runs.csv", "--bootstrap", "0", "--out", "afile/f.json", cwd=tmp_path), "afile"
+    )
     study = tmp_path / "damaged"
     _damaged_registry(study)
     for cmd in (("study", "status", str(study)), ("fit", str(study)), ("report", str(study))):
@@ -206,6 +211,16 @@ argv = st.one_of(
         st.text(max_size=12),
         st.just("--bootstrap"),
         st.just("0"),
+    ),
+    st.tuples(
+        st.just("fit"),
+        st.just("TABLE"),
+        st.just("--bootstrap"),
+        st.just("0"),
+        st.just("--out"),
+        st.one_of(
+            st.sampled_from(["empty", "TABLE", "TABLE/x.json", "/proc/x/y.json", ""]), st.text(max_size=12)
+        ),
     ),
     st.tuples(
         st.sampled_from(

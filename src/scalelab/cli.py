@@ -547,6 +547,18 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to continue where it stopped")
         sys.exit(130)
+    except OSError as err:  # a path given on the command line that cannot be read or written
+        if _state["debug"] or not (err.filename or err.filename2):
+            raise
+        path = err.filename2 or err.filename
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(path))}: {escape(err.strerror or str(err))}; check the paths "
+            "given on the command line (an --out that is a file, a folder that cannot be created, a missing "
+            "input)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     except Exception as err:  # noqa: BLE001 — not the user's fault: one paragraph, exit 1, traceback on --debug
         if _state["debug"]:
             raise

@@ -38,6 +38,7 @@ from scalelab.errors import FitError, ScalelabError
 from scalelab.fit.laws import _floats, law_from_dict, make_law
 from scalelab.fit.table import COMPUTE_TABLE, RunTable, load_table, make_table
 from scalelab.fit.validate import backtest, information_criteria, kfold, residual_diagnostics
+from scalelab.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,9 @@ class FitReport:
     def save(self, path: str | Path) -> Path:
         """Write fit.json atomically (a temporary file renamed into place)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        if not path.name or path.is_dir():
+            raise FitError(f"--out {str(path)!r}: a directory, not a file; give a file path such as fit.json")
+        atomic_write_text(path, self.to_json())
         return path
 
 
