@@ -73,7 +73,12 @@ def _damaged_registry(study: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_inputs_that_crashed_are_named_errors(tmp_path: Path) -> None:
+GOOD_ROWS = "n_params,tokens,loss\n" + "".join(
+    f"{(i + 1) * 1e6},{(i + 3) * 1e8},{3 - 0.1 * i}\n" for i in range(8)
+)
+
+
+def test_deep_toml_and_out_paths_are_named_errors(tmp_path: Path) -> None:
     (tmp_path / "deep.toml").write_text("[" + ".".join(["a"] * 600) + "]\nx = 1\n")
     _named_error(_scalelab("train", "deep.toml", "--out", "o", cwd=tmp_path), "deep.toml", "nested")
     (tmp_path / "afile").write_text("x")
@@ -81,6 +86,18 @@ def test_inputs_that_crashed_are_named_errors(tmp_path: Path) -> None:
     _named_error(_scalelab("train", str(RUN_TOML), "--out", "/proc/x/y", cwd=tmp_path), "--out /proc/x/y")
     (tmp_path / "study.toml").write_text(STUDY)
     _named_error(_scalelab("study", "run", "study.toml", "--out", "afile", cwd=tmp_path), "--out afile")
+
+
+def test_seed_and_size_out_of_range_are_named_errors(tmp_path: Path) -> None:
+    for item, field in (
+        ("train.seed=18446744073709551616", "train.seed"),
+        ("train.seed=-1", "train.seed"),
+        ("model.width=4e12", "model.width"),
+    ):
+        _named_error(_scalelab("train", str(RUN_TOML), "--out", "o", "--set", item, cwd=tmp_path), field)
+
+
+def test_bad_fit_inputs_are_named_errors(tmp_path: Path) -> None:
     rows = "n_params,tokens,loss\n" + "".join(f"{i + 1}e300,{i + 2}e299,{i + 1}\n" for i in range(8))
     (tmp_path / "huge.csv").write_text(rows)
     _named_error(_scalelab("fit", "huge.csv", cwd=tmp_path), "huge.csv", "column 'N'")
@@ -88,10 +105,7 @@ def test_inputs_that_crashed_are_named_errors(tmp_path: Path) -> None:
     _named_error(_scalelab("fit", "bad.csv", cwd=tmp_path), "bad.csv", "UnicodeDecodeError")
     (tmp_path / "bad.parquet").write_bytes(b"PAR1" + b"\x00garbage" * 8 + b"PAR1")
     _named_error(_scalelab("fit", "bad.parquet", cwd=tmp_path), "bad.parquet")
-    good = "n_params,tokens,loss\n" + "".join(
-        f"{(i + 1) * 1e6},{(i + 3) * 1e8},{3 - 0.1 * i}\n" for i in range(8)
-    )
-    (tmp_path / "runs.csv").write_text(good)
+    (tmp_path / "runs.csv").write_text(GOOD_ROWS)
     assert _scalelab("fit", "runs.csv", "--bootstrap", "0", "--out", "fit.json", cwd=tmp_path).returncode == 0
     fit = json.loads((tmp_path / "fit.json").read_text())  # as `fit` wrote it, marked not converged
     fit["fit"]["convergence"]["converged"] = False
@@ -99,20 +113,16 @@ def test_inputs_that_crashed_are_named_errors(tmp_path: Path) -> None:
     _named_error(
         _scalelab("recommend", "fit.json", "--compute", "1e20", cwd=tmp_path), "fit.json", "converge"
     )
-    for seed in ("18446744073709551616", "-1"):
-        _named_error(
-            _scalelab("train", str(RUN_TOML), "--out", "o", "--set", f"train.seed={seed}", cwd=tmp_path),
-            "train.seed",
-        )
-    _named_error(
-        _scalelab("train", str(RUN_TOML), "--out", "o", "--set", "model.width=4e12", cwd=tmp_path),
-        "model.width",
-    )
     (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
     _named_error(_scalelab("fit", "runs.csv", "--bootstrap", "0", "--out", "adir", cwd=tmp_path), "adir")
     _named_error(
         _scalelab("fit", "runs.csv", "--bootstrap", "0", "--out", "afile/f.json", cwd=tmp_path), "afile"
     )
+
+
+def test_damaged_registry_is_a_named_error(tmp_path: Path) -> None:
+    (tmp_path / "study.toml").write_text(STUDY)
     study = tmp_path / "damaged"
     _damaged_registry(study)
     for cmd in (("study", "status", str(study)), ("fit", str(study)), ("report", str(study))):
@@ -127,10 +137,7 @@ def test_inputs_that_crashed_are_named_errors(tmp_path: Path) -> None:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli_fuzz")
     (root / "study.toml").write_text(STUDY)
-    rows = "n_params,tokens,loss\n" + "".join(
-        f"{(i + 1) * 1e6},{(i + 3) * 1e8},{3 - 0.1 * i}\n" for i in range(8)
-    )
-    (root / "table.csv").write_text(rows)
+    (root / "table.csv").write_text(GOOD_ROWS)
     (root / "fit.json").write_text("{}")
     (root / "empty").mkdir()
     return {"root": root, "study": root / "study.toml", "table": root / "table.csv", "fit": root / "fit.json"}
