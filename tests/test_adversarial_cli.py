@@ -270,3 +270,20 @@ def test_fuzzed_arguments_exit_0_or_2_never_a_traceback(
     code, err = _main([subst.get(a, a) for a in flat])
     assert code in (0, 2), (flat, code, err[-1500:])
     assert "Traceback" not in err, (flat, err[-1500:])
+
+
+def test_a_run_that_fails_for_its_own_reasons_exits_1_without_a_traceback(
+    tmp_path: Path, tiny_corpus: Path
+) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        "[model]\nwidth = 16\nn_heads = 2\ndepth = 1\ncontext_tokens = 16\n"
+        f'[data]\nsources = [{{kind = "text", path = "{tiny_corpus}"}}]\nshard_tokens = 4096\n'
+        "[train]\ntokens = 512\nglobal_batch_size = 4\nthreads = 1\n[debug]\ncrash_at_step = 2\n"
+    )
+    proc = _scalelab("train", str(cfg), "--out", "run", cwd=tmp_path)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "failed" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["status"] == "failed"
+    debug = _scalelab("--debug", "train", str(cfg), "--out", "run2", cwd=tmp_path)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # the traceback only with --debug

@@ -443,7 +443,8 @@ def run_training(
 
             fit_into_record(trainer, controls, energy, record)
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
-        log.exception("run %s failed", spec.run_id)
+        # one paragraph; the traceback only with --debug (docs/trust.md: exit codes)
+        log.error("run %s failed: %s", spec.run_id, err, exc_info=log.isEnabledFor(logging.DEBUG))
         record["status"] = "failed"
         record["error"] = f"{type(err).__name__}: {err}"
     finally:

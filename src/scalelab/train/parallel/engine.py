@@ -122,7 +122,10 @@ def run_distributed(
             record["micro_batch_size"] = trainer.micro_batch_size
             single.fit_into_record(trainer, controls, energy, record)
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
-        log.exception("run %s failed on rank %s", spec.run_id, ctx.rank if ctx else "?")
+        rank = ctx.rank if ctx else "?"  # one paragraph; the traceback only with --debug
+        log.error(
+            "run %s failed on rank %s: %s", spec.run_id, rank, err, exc_info=log.isEnabledFor(logging.DEBUG)
+        )
         record["status"] = "failed"
         record["error"] = f"{type(err).__name__}: {err}"
     finally:
