@@ -193,6 +193,20 @@ def test_two_concurrent_study_drivers_train_each_run_once(tmp_path: Path, tiny_c
         lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         steps = [row["step"] for row in map(json.loads, lines) if "loss" in row]
         assert steps == sorted(set(steps)), f"interleaved or repeated steps in {r['run_id']}: {steps}"
+    # the same as one driver alone: every run's losses, step for step
+    single = tmp_path / "single"
+    subprocess.run(
+        _cli("study", "run", str(spec), "--out", str(single), "--no-forecast"),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    for r in rows:
+        mine = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        alone = (single / "runs" / r["run_id"] / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x).get("loss") for x in mine] == [json.loads(x).get("loss") for x in alone], r[
+            "run_id"
+        ]
 
 
 def test_a_second_trainer_on_one_run_directory_refuses(tmp_path: Path) -> None:
