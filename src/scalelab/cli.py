@@ -446,11 +446,12 @@ def train(
 ) -> None:
     """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json."""
     from scalelab.spec import load_run
-    from scalelab.train.run import exit_code, run_training
 
     spec = load_run(config, set_ or ())
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
     _out_dir(out)
+    from scalelab.train.run import exit_code, run_training  # torch: only once the inputs are valid
+
     lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if os.environ.get("RANK", "0") == "0":  # one trainer per run directory (rank 0 speaks for a torchrun job)
         from scalelab.io import file_lock
