@@ -255,26 +255,24 @@ def test_torchrun_command_and_cli(tmp_path):
 
 def test_only_committed_checkpoints_are_chosen(tmp_path):
     """A temp dir being written (killed mid-save) and a step dir with a damaged manifest are skipped."""
+    from scalelab.train.checkpoint import file_table, write_manifest
     from scalelab.train.parallel.checkpoint import latest_committed
 
     ckpt = tmp_path / "checkpoint"
     good = ckpt / "step-000003"
-    (good / "dcp").mkdir(parents=True)
-    (good / "dcp" / "x.distcp").write_bytes(b"abc")
+    (good / "weights").mkdir(parents=True)
+    (good / "weights" / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"abc")
     (good / "state.json").write_text("{}")
-    manifest = {
-        "format": "dcp",
-        "step": 3,
-        "config_hash": "h",
-        "files": {"dcp/x.distcp": {"bytes": 3}, "state.json": {"bytes": 2}},
-    }
-    (good / "manifest.json").write_text(json.dumps(manifest))
-    (ckpt / ".tmp-step-000006-1-2" / "dcp").mkdir(parents=True)  # the save the kill interrupted
+    (good / "rng.safetensors").write_bytes(b"r")
+    names = ["weights/shard-00001-model-00001-of-00001.safetensors", "state.json", "rng.safetensors"]
+    manifest = {"format": "dcp", "format_version": 2, "step": 3, "config_hash": "h"}
+    write_manifest(good / "manifest.json", {**manifest, "files": file_table(good, names)})
+    (ckpt / ".tmp-step-000006-1-2" / "weights").mkdir(parents=True)  # the save the kill interrupted
     bad = ckpt / "step-000005"
     bad.mkdir()
-    (bad / "manifest.json").write_text(json.dumps({**manifest, "step": 5}))  # its files are missing
-    assert latest_committed(ckpt, "h") == good
-    (good / "dcp" / "x.distcp").write_bytes(b"ab")  # truncated shard
+    write_manifest(bad / "manifest.json", {**manifest, "step": 5, "files": file_table(good, names)})
+    assert latest_committed(ckpt, "h") == good  # step 5's files are missing
+    (good / "weights" / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"abd")  # bit flip
     assert latest_committed(ckpt, "h") is None
 
 

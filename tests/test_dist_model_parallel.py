@@ -162,3 +162,22 @@ def test_tensor_and_data_parallel_2d_mesh_on_four_ranks(setup):
     out = _torchrun_ok(work, "tp2dp2", spec, 4, timeout=400)
     assert _close(losses(out), losses(work / "one")), (losses(out), losses(work / "one"))
     _spread_rows(out, work / "one", world_size=4)
+
+
+@pytest.mark.parametrize("which", ["tp2", "pp2"])
+def test_tensor_and_pipeline_parallel_runs_serve_the_weights_one_process_trains(setup, tp_run, pp_run, which):
+    """The one loader behind serve/distill/quantize consolidates TP and PP shards into the plain model."""
+    from scalelab.serve.loading import load_run
+
+    work, _, _ = setup
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCALELAB_CACHE_DIR", str(work / "cache"))
+    try:
+        sharded, single = load_run(work / which), load_run(work / "one")
+    finally:
+        mp.undo()
+    assert sharded.step == single.step == 12
+    for (name, got), ref in zip(
+        sharded.model.state_dict().items(), single.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)

@@ -89,7 +89,7 @@ def test_report_without_fit_says_so(tmp_path: Path) -> None:
 def _target_run(root: Path, name: str, width: int, tokens: int, loss: float) -> Path:
     """A finished 'big' run directory as `scalelab train` leaves it (config.json + record.json)."""
     from scalelab.models.flops import ModelShape
-    from scalelab.spec import RunSpec, set_path
+    from scalelab.spec import RunSpec, config_hash, set_path
 
     spec = set_path(set_path(RunSpec(), "model.width", width), "train.tokens", tokens)
     shape = ModelShape.from_spec(spec.model, 257)
@@ -101,6 +101,7 @@ def _target_run(root: Path, name: str, width: int, tokens: int, loss: float) -> 
             {
                 "status": "done",
                 "run_id": spec.run_id,
+                "config_hash": config_hash(spec),
                 "n_params": shape.non_embedding_params,
                 "n_params_total": shape.total_params,
                 "tokens": tokens,

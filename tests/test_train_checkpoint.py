@@ -79,7 +79,7 @@ def test_layout_retention_and_manifest(tmp_path):
     ]
     manifest = json.loads((ckpts[-1][1] / "manifest.json").read_text())
     assert manifest["config_hash"] == config_hash(spec) and manifest["step"] == 10
-    assert set(manifest["files"]) == {"model.safetensors", "state.pt", "state.json"}
+    assert set(manifest["files"]) == {"model.safetensors", "state.safetensors", "state.json"}
     assert manifest["aliases"] == {"head.weight": "tok_emb.weight"}
 
 
@@ -156,9 +156,9 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, caplog):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     loaded = load_latest(out / "checkpoint", config_hash(spec))
     assert loaded is not None and loaded.step == 6
-    assert "sha256 does not match" in caplog.text
+    assert "wrong size (truncated checkpoint)" in caplog.text
     # corrupt the next one differently: flip a byte in the optimizer state
-    state = ckpts[-2][1] / "state.pt"
+    state = ckpts[-2][1] / "state.safetensors"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))

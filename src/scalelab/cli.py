@@ -1,12 +1,15 @@
 """The `scalelab` command: thin wrappers that parse, call the library and render the result with rich.
 
 Every command that takes a spec accepts `--set dotted.path=value` overrides, validated like the file.
-Errors scalelab expects (bad specs, missing files, corrupt data) print as one paragraph and exit 2;
-`--debug` shows the traceback.
+Exit codes (docs/trust.md): 0 success; 2 a user-caused error (bad spec, flag, file or data; a lock held
+by another process), printed as one paragraph naming the file/field/flag; 1 a failed run (`train`: see
+`exit_code`; 3 diverged) or an internal error (one paragraph, "a bug"); 130 interrupted. `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -86,6 +89,21 @@ def _fmt_float(x: Any, spec: str = ".4f") -> str:
 
 def _is_tty() -> bool:
     return console.is_terminal
+
+
+def _out_dir(path: Path, flag: str = "--out") -> Path:
+    """`path` as a directory this command can write (created if needed); ScalelabError naming `flag`."""
+    from scalelab.errors import SpecError
+
+    if path.exists() and not path.is_dir():
+        raise SpecError(f"{flag} {path}: exists and is not a directory; give a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"{flag} {path}: cannot create the directory ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path}: the directory is not writable")
+    return path
 
 
 # ------------------------------------------------------------------------------------------ study
@@ -196,6 +214,7 @@ def study_run(
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
 
     study = load_study(spec, set_ or ())
+    _out_dir(out)
     if executor_kind == "local":
         executor: LocalExecutor | RayExecutor = LocalExecutor(
             parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
@@ -441,11 +460,19 @@ def train(
 ) -> None:
     """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json."""
     from scalelab.spec import load_run
-    from scalelab.train.run import exit_code, run_training
 
     spec = load_run(config, set_ or ())
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
-    record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
+    _out_dir(out)
+    from scalelab.train.run import exit_code, run_training  # torch: only once the inputs are valid
+
+    lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if os.environ.get("RANK", "0") == "0":  # one trainer per run directory (rank 0 speaks for a torchrun job)
+        from scalelab.io import file_lock
+
+        lock = file_lock(out / ".run.lock", wait=False, what=f"{out} (a run being trained)")
+    with lock:
+        record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank
         console.print(
             f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "
@@ -530,8 +557,30 @@ def main() -> None:
     except ScalelabError as err:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to continue where it stopped")
         sys.exit(130)
+    except OSError as err:  # a path given on the command line that cannot be read or written
+        if _state["debug"] or not (err.filename or err.filename2):
+            raise
+        path = err.filename2 or err.filename
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(path))}: {escape(err.strerror or str(err))}; check the paths "
+            "given on the command line (an --out that is a file, a folder that cannot be created, a missing "
+            "input)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 — not the user's fault: one paragraph, exit 1, traceback on --debug
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {escape(type(err).__name__)}: {escape(str(err)[:500])} — this is a "
+            "bug in scalelab, not in your input; re-run with --debug for the traceback and report it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

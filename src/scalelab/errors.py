@@ -11,6 +11,10 @@ class ScalelabError(Exception):
     """Base class: an expected failure with a message meant for a person."""
 
 
+class LockedError(ScalelabError):
+    """Another process holds the lock on a directory this command would write (names its PID)."""
+
+
 class SpecError(ScalelabError):
     """A study or run spec is invalid (names the file and the dotted field path)."""
 

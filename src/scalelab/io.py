@@ -1,18 +1,23 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, rename over it.
 
 A crash at any moment leaves either the old file or the new one, never a half-written one.
-Also the one streaming file hash (`sha256_file`) that shards and checkpoints are verified with.
+Also the one streaming file hash (`sha256_file`) that shards and checkpoints are verified with, and the
+one advisory lock (`file_lock`) for anything two processes can share.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from scalelab.errors import LockedError
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -82,3 +87,35 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while n := fh.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, wait: bool = True, what: str | None = None) -> Iterator[None]:
+    """Exclusive advisory lock (`fcntl.flock` on `path`) held for the block; the holder's PID is written
+    into the lock file. `wait=False` raises LockedError ("… already in use by PID n") instead of waiting.
+
+    The kernel releases the lock when its holder exits, also on kill -9, so a stale lock file is never a
+    problem; the file itself is left in place (deleting it would let two processes lock two files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise LockedError(
+                f"{what or path.parent}: already in use by PID {holder} (lock file {path}); wait for it to "
+                "finish, or stop it"
+            ) from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            fh.truncate(0)  # no PID in the file of a lock nobody holds
+            fh.flush()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -22,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from scalelab.errors import SpecError
 
 RUN_ID_LENGTH = 12
+#: largest size fields accepted (far beyond any model trained today; larger values are typos such as 4e12
+#: and would only fail later, deep in allocation)
+MAX_WIDTH, MAX_DEPTH, MAX_CONTEXT_TOKENS, MAX_VOCAB = 1 << 20, 1 << 14, 1 << 24, 1 << 24
+#: seeds go to torch.manual_seed, which takes at most 64 bits; keep them in int64 for everything else
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
 
 
 class _Spec(BaseModel):
@@ -34,12 +39,14 @@ class _Spec(BaseModel):
 class ModelSpec(_Spec):
     """A decoder-only transformer, sized by width and depth."""
 
-    n_heads: int = Field(4, ge=1, description="attention heads; width must be a multiple of it")
-    width: int = Field(64, ge=8, description="residual stream width d_model")
-    depth: int = Field(2, ge=1, description="number of transformer blocks")
-    context_tokens: int = Field(128, ge=8, description="sequence length the model is trained on")
+    n_heads: int = Field(4, ge=1, le=MAX_WIDTH, description="attention heads; width must be a multiple of it")
+    width: int = Field(64, ge=8, le=MAX_WIDTH, description="residual stream width d_model")
+    depth: int = Field(2, ge=1, le=MAX_DEPTH, description="number of transformer blocks")
+    context_tokens: int = Field(
+        128, ge=8, le=MAX_CONTEXT_TOKENS, description="sequence length the model is trained on"
+    )
     mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / model width")
-    vocab_size: int | None = Field(None, ge=2, description="None: taken from the tokenizer")
+    vocab_size: int | None = Field(None, ge=2, le=MAX_VOCAB, description="None: taken from the tokenizer")
     tie_embeddings: bool = True
     parametrization: Literal["sp", "mup", "depth_mup"] = "sp"
     base_width: int = Field(64, ge=1, description="μP base shape: width the hyperparameters were tuned at")
@@ -130,8 +137,8 @@ class TrainSpec(_Spec):
         True, description="FSDP: free gathered weights after forward (less memory, one more all-gather)"
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: torch's default")
-    seed: int = Field(0, ge=0)
-    data_seed: int | None = Field(None, ge=0, description="loader order seed; None: same as seed")
+    seed: Seed = 0
+    data_seed: Seed | None = Field(None, description="loader order seed; None: same as seed")
     eval_interval_steps: int = Field(50, ge=1)
     eval_tokens: int = Field(32_768, ge=1)
     checkpoint_interval_steps: int = Field(100, ge=1)
@@ -265,10 +272,13 @@ HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
 
 # ------------------------------------------------------------------------------------------- study
 def _check_axes(axes: dict[str, list[Any]], reserved: tuple[str, ...] = ()) -> dict[str, list[Any]]:
-    """Every axis has values; `reserved` paths are set by the design itself and may not be axes."""
+    """Every axis has values; `reserved` paths are set by the design itself and may not be axes; seeds
+    come from `seeds` only (an axis train.seed would be silently replaced by it)."""
     for path, values in axes.items():
         if not values:
             raise ValueError(f"axis '{path}' has no values")
+        if path == "train.seed":
+            raise ValueError("axis 'train.seed': seeds are set by study.design.seeds; list them there")
         if path in reserved:
             raise ValueError(f"axis '{path}' is set by the design itself")
     return axes
@@ -279,7 +289,7 @@ class GridDesign(_Spec):
 
     kind: Literal["grid"] = "grid"
     axes: dict[str, list[Any]] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("axes")
     @classmethod
@@ -292,7 +302,15 @@ class ListDesign(_Spec):
 
     kind: Literal["list"] = "list"
     runs: list[dict[str, Any]] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("runs")
+    @classmethod
+    def _no_seed_in_runs(cls, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, run in enumerate(runs):
+            if "train.seed" in run:
+                raise ValueError(f"runs[{i}]: 'train.seed' is set by study.design.seeds; list seeds there")
+        return runs
 
 
 class IsoFLOPDesign(_Spec):
@@ -305,7 +323,7 @@ class IsoFLOPDesign(_Spec):
     depth_per_width: float = Field(
         0.0, ge=0, description="depth = max(1, round(width × this)); 0 keeps model.depth"
     )
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
 
 
 class WSDDesign(_Spec):
@@ -321,7 +339,7 @@ class WSDDesign(_Spec):
     kind: Literal["wsd"] = "wsd"
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="model-size axes, e.g. model.width")
     tokens: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, description="token counts D per size")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("axes")
     @classmethod
@@ -441,11 +459,30 @@ def _validate(cls: type[_Spec], data: Any, source: str, prefix: str) -> Any:
 def parse_toml(text: str, source: str = "<string>") -> dict[str, Any]:
     """Parse TOML text; syntax errors become `SpecError` naming the source and line."""
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{source}: not valid TOML: {err}") from None
     except (RecursionError, ValueError, TypeError) as err:
         raise SpecError(f"{source}: not valid TOML: {err}") from None
+    _check_depth(data, source)
+    return data
+
+
+#: deepest nesting of tables/arrays a spec may have (real specs need 4; hundreds broke copying later)
+MAX_SPEC_DEPTH = 32
+
+
+def _check_depth(data: Any, source: str) -> None:
+    """SpecError when tables or arrays nest deeper than MAX_SPEC_DEPTH (checked without recursion)."""
+    stack = [(data, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{source}: {path[:80]}…: tables nested more than {MAX_SPEC_DEPTH} deep")
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, child in items:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1, f"{path}.{key}" if path else str(key)))
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -514,10 +551,58 @@ def study_from_dict(data: Any, source: str = "<study>") -> StudySpec:
 
 
 def load_study(path: str | Path, overrides: Iterable[str] = ()) -> StudySpec:
-    """Read and validate a study spec (TOML) with optional `--set` overrides."""
+    """Read and validate a study spec (TOML) with optional `--set` overrides.
+
+    `--set design.axes.model.width=[64,128]` replaces (or adds) the design axis "model.width"; a `--set`
+    of a field the design itself sets for every run (an axis, a list entry's key, seeds, what IsoFLOP or
+    WSD designs set) would be silently ignored, so it is an error naming the axis to override instead.
+    """
     path = Path(path)
-    data = apply_overrides(read_toml(path), overrides, root="study")
-    return study_from_dict(data, path.name)
+    plain, axes = [], []
+    for item in overrides:
+        parts, value = parse_override(item)
+        parts = parts[1:] if parts[0] == "study" else parts
+        if parts[:2] == ["design", "axes"] and len(parts) > 2:
+            axes.append((item, ".".join(parts[2:]), value))
+        else:
+            plain.append(item)
+    data = apply_overrides(read_toml(path), plain, root="study")
+    for item, axis, value in axes:
+        design = data.get("study", {}).get("design")
+        if not isinstance(design, dict) or not isinstance(design.setdefault("axes", {}), dict):
+            raise SpecError(f"--set {item!r}: the study's design has no axes table")
+        design["axes"][axis] = value
+    study = study_from_dict(data, path.name)
+    for item in plain:
+        parts = parse_override(item)[0]
+        field = ".".join(parts[1:] if parts[0] == "study" else parts)
+        setter = _design_setter(study.design, field)
+        if setter:
+            raise SpecError(
+                f"--set {item!r}: study.design {setter} sets {field} for every run, so this override would be "
+                f"ignored; change the design instead (e.g. --set design.axes.{field}=[...] or --set design.seeds=[...])"
+            )
+    return study
+
+
+def _design_setter(design: Any, field: str) -> str | None:
+    """What in `design` sets `field` for every run (None when nothing does)."""
+    if field == "train.seed":
+        return "seeds"
+    if field in getattr(design, "axes", {}):
+        return f"axis {field!r}"
+    for i, run in enumerate(getattr(design, "runs", [])):
+        if field in run:
+            return f"runs[{i}]"
+    by_kind = {
+        "isoflop": (
+            "model.width",
+            "train.tokens",
+            *(("model.depth",) if getattr(design, "depth_per_width", 0) else ()),
+        ),
+        "wsd": ("train.tokens", "train.schedule"),
+    }
+    return f"of kind {design.kind!r}" if field in by_kind.get(design.kind, ()) else None
 
 
 def run_from_dict(data: Any, source: str = "<run>") -> RunSpec:
@@ -535,8 +620,9 @@ def load_run(path: str | Path, overrides: Iterable[str] = ()) -> RunSpec:
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise SpecError(f"{path}: cannot read run config ({err})") from None
+        _check_depth(data, path.name)
     else:
         data = read_toml(path)
     data = apply_overrides(data, overrides)

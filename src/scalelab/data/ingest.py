@@ -37,6 +37,11 @@ How it stays deterministic and resumable:
 - A re-run after a crash loads that state, skips the chunks already done without tokenizing them
   again, and continues; finished shards are kept (temporary files of atomic writes the crash cut
   short are deleted). ``index.json`` is written last, so a store that looks complete is complete.
+- Two processes never ingest into one directory at once: the second finds `.ingest.lock` held and
+  stops with "already in use by PID …". Ingest only ever deletes files it created: the names it
+  writes (shards, tails, its state, the temporaries of its atomic writes) are reserved, it claims a
+  directory (`.ingest-owner`) only when none of those names is there already, and it deletes only
+  regular files with those names (a directory called `x.tmp`, or another tool's `notes.tmp`, stays).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -69,11 +75,20 @@ from scalelab.data.shards import (
 )
 from scalelab.data.tokenize import BPETokenizer, Tokenizer, tokenizer_from_definition
 from scalelab.errors import DataError
-from scalelab.io import atomic_write_parts
+from scalelab.io import atomic_write_parts, atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = ".ingest-state.json"
+LOCK_NAME = ".ingest.lock"
+OWNER_NAME = ".ingest-owner"
+_SPLIT_RE = "|".join(map(re.escape, SPLITS))
+#: every name ingest writes into its output directory (and may therefore delete), temporaries included
+_OWN_NAME = re.compile(
+    rf"^(?:(?:{_SPLIT_RE})-\d{{5,}}\.bin|\.(?:{_SPLIT_RE})\.tail-\d+\.bin|{re.escape(STATE_NAME)}|{re.escape(INDEX_NAME)}"
+    rf"|{re.escape(TOKENIZER_FILE)}|\.(?:(?:{_SPLIT_RE})-\d{{5,}}\.bin|{re.escape(STATE_NAME)}|{re.escape(INDEX_NAME)}"
+    rf"|{re.escape(TOKENIZER_FILE)})\.[^/]*\.tmp)$"
+)
 DEFAULT_CHUNK_BYTES = 1 << 18  # ~0.2 s of BPE per chunk: little idle time for workers at the end
 _CHUNKING = 2  # version of how chunks are cut (part of the resume key): 2 = spans within a source
 _HELDOUT_SALT = b"scalelab-heldout-v1:"
@@ -435,14 +450,32 @@ def _job_key(
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _own_files(out: Path) -> list[Path]:
+    """Regular files in `out` whose names ingest writes (never a directory, a link or another name)."""
+    return sorted(p for p in out.iterdir() if _OWN_NAME.match(p.name) and p.is_file() and not p.is_symlink())
+
+
+def _claim(out: Path) -> None:
+    """Make `out` ingest's own, unless files with ingest's names that it did not create are there."""
+    if (out / OWNER_NAME).is_file():
+        return
+    foreign = [p.name for p in out.iterdir() if _OWN_NAME.match(p.name)]
+    if foreign:
+        raise DataError(
+            f"{out}: holds {sorted(foreign)[0]}, a name a token store uses, which no ingest into this "
+            "directory created; choose an empty directory for --out (nothing was changed)"
+        )
+    atomic_write_text(out / OWNER_NAME, "files with token store names here were written by scalelab ingest\n")
+
+
 def _clean_partial(out: Path, temporary_only: bool = False) -> None:
     """Delete shards, tails and temporary files of an earlier attempt (with `temporary_only`: only
     the temporary files of atomic writes a crash interrupted, which nothing names)."""
-    for p in out.iterdir():
+    for p in _own_files(out):
         n = p.name
-        partial = n.endswith(".bin") and n.split("-")[0] in SPLITS or ".tail-" in n
+        partial = n.endswith(".bin")
         if n.endswith(".tmp") or (partial and not temporary_only):
-            p.unlink()
+            p.unlink(missing_ok=True)
 
 
 def ingest(
@@ -481,7 +514,27 @@ def ingest(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"{out}: cannot create the store directory ({err.strerror or err})") from None
+    with file_lock(out / LOCK_NAME, wait=False, what=f"{out} (token store being written)"):
+        if (out / INDEX_NAME).exists():  # again: another ingest may have finished since the check above
+            raise DataError(
+                f"{out}: already contains a complete token store; remove it or choose another path"
+            )
+        _claim(out)
+        return _ingest_locked(
+            sources, out, tokenizer, heldout_fraction, shard_tokens, workers, chunk_bytes, progress
+        )
 
+
+def _ingest_locked(
+    sources: Sequence[Source],
+    out: Path,
+    tokenizer: Tokenizer,
+    heldout_fraction: float,
+    shard_tokens: int,
+    workers: int,
+    chunk_bytes: int,
+    progress: Callable[[int], None] | None,
+) -> Path:
     state_path = out / STATE_NAME
 
     def job_key() -> str:  # also fingerprints the sources (unless they already are)

@@ -13,14 +13,11 @@ keyed by the file's identity (device, inode, size, mtime), so later opens are fr
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +37,7 @@ from scalelab.data.shards import (
 )
 from scalelab.data.tokenize import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
 from scalelab.errors import DataError, ShardChecksumError
+from scalelab.io import file_lock
 
 if TYPE_CHECKING:
     from scalelab.spec import DataSpec
@@ -233,18 +231,6 @@ class TokenStore:
 
 
 # ------------------------------------------------------------------------------------------ cache
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (fcntl.flock) held for the duration of the block; waits for others."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 

@@ -47,6 +47,7 @@ from scalelab.fit.validate import (
     kfold,
     residual_diagnostics,
 )
+from scalelab.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,9 @@ class FitReport:
     def save(self, path: str | Path) -> Path:
         """Write fit.json atomically (a temporary file renamed into place)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        if not path.name or path.is_dir():
+            raise FitError(f"--out {str(path)!r}: a directory, not a file; give a file path such as fit.json")
+        atomic_write_text(path, self.to_json())
         return path
 
 
@@ -472,7 +472,18 @@ def recommend(
 
     check_budget(compute, target_loss)
     data = load_fit(fit_json_path)
-    law = law_from_dict(data["fit"])
+    conv = data.get("fit", {}).get("convergence") or {}
+    if conv.get("converged") is False:
+        raise FitError(
+            f"{fit_json_path}: the fit did not converge ({conv.get('message', 'no message')}), so it cannot "
+            "recommend anything; add runs or change --law, and fit again"
+        )
+    try:
+        law = law_from_dict(data["fit"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise FitError(
+            f"{fit_json_path}: fit.params unusable ({type(err).__name__}: {err}); fit again"
+        ) from None
     needed = "optimal" if compute is not None else "compute_for_loss"
     if not hasattr(law, needed) or getattr(law, "variables", ("C",)) in (("N",), ("D",)):
         raise FitError(

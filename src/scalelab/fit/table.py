@@ -142,6 +142,11 @@ class RunTable:
         }
 
 
+#: largest value accepted in a table column: far beyond any run (N ~ 1e13, D ~ 1e15), small enough that
+#: 6·N·D and the law's powers stay finite in float64 (values near 1e300 overflowed deep in the fit)
+MAX_VALUE = 1e30
+
+
 def _check_positive(name: str, values: Any, labels: Sequence[str] | None, source: str) -> np.ndarray:
     raw = list(values)
     out = np.empty(len(raw), dtype=np.float64)
@@ -155,6 +160,8 @@ def _check_positive(name: str, values: Any, labels: Sequence[str] | None, source
             raise FitError(f"{source}: {who}: column '{name}' is missing or NaN; fix or remove the run")
         if not math.isfinite(x) or x <= 0:
             raise FitError(f"{source}: {who}: column '{name}' must be positive and finite, got {v!r}")
+        if x > MAX_VALUE:
+            raise FitError(f"{source}: {who}: column '{name}' is {v!r}, above {MAX_VALUE:g}; check its units")
         out[i] = x
     return out
 
@@ -380,4 +387,8 @@ def load_table(path: str | Path, columns: Mapping[str, str] | None = None) -> Ru
             raise FitError(f"{path}: unknown table format '{suffix}' (use .csv, .parquet or .jsonl)")
     except OSError as err:
         raise FitError(f"{path}: cannot read ({err})") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, a corrupt Parquet file, JSON nested too deep
+        raise FitError(
+            f"{path}: not a readable {suffix} table of runs ({type(err).__name__}: {err})"
+        ) from None
     return table_from_records(data, source=str(path), columns=columns)

@@ -1,9 +1,11 @@
-"""Load a trained run for inference: its config, its newest verified checkpoint (safetensors only), its tokenizer.
+"""Load a trained run for inference: its config, its newest verified checkpoint, its tokenizer.
 
-Why not `train.checkpoint.load_latest`: that also unpickles `state.pt` (optimizer, RNG) which a server
-never needs; here only `model.safetensors` is read, after `verify_checkpoint` has checked the manifest,
-the config hash and the SHA-256 of every file. A checkpoint that does not verify is skipped (logged) in
-favour of the previous one, as the trainer does.
+The one loader behind `serve`, `distill --teacher`, quantization and export. It reads the weights of any
+run scalelab trains: a single-process checkpoint (`model.safetensors`) or a sharded one written by DDP,
+FSDP, tensor or pipeline parallel ranks (DCP safetensors shards, consolidated here into full tensors in
+one process; a tensor-parallel run's regrouped `qkv` rows are put back in the plain order). Either way the manifest's own hash, the config hash and the SHA-256 of every file are
+verified first, nothing is unpickled, and the optimizer state is never read. A checkpoint that does not
+verify is skipped (logged) in favour of the previous one, as the trainer does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from scalelab.models.gpt import GPT, build_model
 from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import RunSpec, config_hash
 from scalelab.train.checkpoint import CheckpointConfigMismatch, list_checkpoints, verify_checkpoint
+from scalelab.train.parallel.checkpoint import FORMAT as SHARDED_FORMAT
+from scalelab.train.parallel.checkpoint import read_full_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +66,58 @@ def read_run_spec(run_dir: Path) -> RunSpec:
         raise SpecError(f"{path}: not a valid run config ({err})") from None
 
 
-def load_weights(run_dir: Path, chash: str) -> tuple[Path, int, dict[str, torch.Tensor]]:
-    """(checkpoint path, step, weights) of the newest checkpoint of `run_dir` that verifies."""
+def _manifest_format(path: Path) -> str | None:
+    """The "format" a checkpoint's manifest claims (only to pick the verifier, which checks it again)."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+
+
+def _plain_qkv_rows(weights: dict[str, torch.Tensor], spec: RunSpec) -> dict[str, torch.Tensor]:
+    """A tensor-parallel run stores every `qkv` weight with its rows regrouped rank-major
+    (train/parallel/tensor.py); put them back in the plain model's [q; k; v] order."""
+    tp = spec.train.tensor_parallel
+    if tp <= 1:
+        return weights
+    from scalelab.train.parallel.tensor import qkv_row_order
+
+    order = qkv_row_order(spec.model.width, spec.model.n_heads, tp)
+    out = dict(weights)
+    for name, w in weights.items():
+        if name.endswith("attn.qkv.weight"):
+            plain = torch.empty_like(w)
+            plain[order] = w
+            out[name] = plain
+    return out
+
+
+def _read_weights(
+    path: Path, chash: str, template: dict[str, torch.Tensor], spec: RunSpec
+) -> dict[str, torch.Tensor]:
+    if _manifest_format(path) == SHARDED_FORMAT:
+        return _plain_qkv_rows(read_full_weights(path, chash, template), spec)
+    manifest = verify_checkpoint(path, chash)
+    weights = load_file(str(path / "model.safetensors"), device="cpu")
+    for alias, target in manifest.get("aliases", {}).items():
+        weights[alias] = weights[target]
+    return weights
+
+
+def load_weights(
+    run_dir: Path, spec: RunSpec, template: dict[str, torch.Tensor]
+) -> tuple[Path, int, dict[str, torch.Tensor]]:
+    """(checkpoint path, step, weights) of the newest checkpoint of `run_dir` (whose config is `spec`)
+    that verifies; `template` (the state dict of the run's model, freshly built) gives names and shapes
+    to sharded checkpoints. Weights come back in the plain model's layout."""
+    chash = config_hash(spec)
     ckpt_dir = Path(run_dir) / "checkpoint"
     candidates = list_checkpoints(ckpt_dir)
     if not candidates:
         raise CheckpointError(f"{ckpt_dir}: no checkpoint (step-*/) to serve; train the run first")
     for step, path in reversed(candidates):
         try:
-            manifest = verify_checkpoint(path, chash)
-            weights = load_file(str(path / "model.safetensors"), device="cpu")
+            weights = _read_weights(path, chash, template, spec)
         except CheckpointConfigMismatch:
             raise
         except CheckpointError as err:
@@ -80,8 +126,6 @@ def load_weights(run_dir: Path, chash: str) -> tuple[Path, int, dict[str, torch.
         except Exception as err:  # noqa: BLE001 — an undecodable file makes this checkpoint unusable
             log.error("skipping checkpoint %s: %s: %s", path, type(err).__name__, err)
             continue
-        for alias, target in manifest.get("aliases", {}).items():
-            weights[alias] = weights[target]
         return path, step, weights
     raise CheckpointError(f"{ckpt_dir}: no checkpoint verifies (all corrupted or truncated); see the log")
 
@@ -115,11 +159,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     vocab = spec.model.vocab_size or tokenizer.vocab_size
     model = build_model(spec.model, vocab)
     apply_parametrization(model, spec.model)  # sets attention scale and multipliers (μP, depth-μP)
-    path, step, weights = load_weights(run_dir, config_hash(spec))
+    path, step, weights = load_weights(run_dir, spec, model.state_dict())
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path / 'model.safetensors'}: does not fit the run's model ({err})") from None
+        raise CheckpointError(
+            f"{path}: the checkpoint's weights do not fit the run's model ({err})"
+        ) from None
     model.to(device).eval().requires_grad_(False)
     log.info("loaded %s step %d (%d parameters)", path, step, model.num_params())
     return LoadedRun(run_dir, spec, model, tokenizer, path, step)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scalelab.io import atomic_write_text, read_tail
+from scalelab.errors import SpecError
+from scalelab.io import atomic_write_text, file_lock, read_tail
 from scalelab.spec import StudySpec, config_hash
 from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
@@ -30,6 +31,7 @@ from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_CHARS = 4000
+LOCK_NAME = ".study.lock"
 
 
 @dataclass
@@ -449,9 +451,11 @@ def write_study_files(
     study: StudySpec, study_dir: Path, source_text: str | None, overrides: tuple[str, ...] = ()
 ) -> None:
     """Record the study as run: validated `study.json` and the TOML it came from (with overrides noted)."""
+    from scalelab.study.identity import freeze_identity
     from scalelab.study.preregister import freeze
 
     study_dir.mkdir(parents=True, exist_ok=True)
+    freeze_identity(study, study_dir)
     freeze(study, study_dir)
     atomic_write_text(
         study_dir / "study.json", json.dumps(study.model_dump(mode="json"), indent=2, sort_keys=True)
@@ -489,8 +493,14 @@ def prepare_run_dirs(
         if forecast is not None and row and row.get("forecast_seconds") is None:
             registry.set_forecast(planned.run_id, forecast(planned))
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.json").exists():
-            atomic_write_text(run_dir / "config.json", planned.spec.canonical_json())
+        config = run_dir / "config.json"
+        canonical = planned.spec.canonical_json()
+        try:
+            intact = config.read_text().strip() == canonical
+        except (OSError, UnicodeDecodeError):
+            intact = False
+        if not intact:  # absent, or cut short by a crash: the run id says what it must hold
+            atomic_write_text(config, canonical)
         todo.append((planned, run_dir))
     return runs, todo
 
@@ -506,9 +516,32 @@ def run_study(
     on_plan: Callable[[list[PlannedRun], int], None] | None = None,
     forecast: Callable[[PlannedRun], float | None] | None = None,
 ) -> StudyResult:
-    """Plan, register and execute a study; finished runs are skipped, the rest run (or resume)."""
+    """Plan, register and execute a study; finished runs are skipped, the rest run (or resume).
+
+    One driver per study directory: a second one finds `.study.lock` held and stops with "already in
+    use by PID …" before it writes anything."""
     study_dir = Path(study_dir)
     executor = executor or LocalExecutor()
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"{study_dir}: cannot create the study directory ({err.strerror or err})") from None
+    with file_lock(study_dir / LOCK_NAME, wait=False, what=f"{study_dir} (study driver)"):
+        return _run_study_locked(
+            study, study_dir, executor, source_text, overrides, progress, on_plan, forecast
+        )
+
+
+def _run_study_locked(
+    study: StudySpec,
+    study_dir: Path,
+    executor: Executor,
+    source_text: str | None,
+    overrides: tuple[str, ...],
+    progress: ProgressFn | None,
+    on_plan: Callable[[list[PlannedRun], int], None] | None,
+    forecast: Callable[[PlannedRun], float | None] | None,
+) -> StudyResult:
     write_study_files(study, study_dir, source_text, overrides)
     with Registry(study_dir / "registry.sqlite") as registry:
         runs, todo = prepare_run_dirs(study, study_dir, registry, forecast)

@@ -132,7 +132,7 @@ class Registry:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A short exclusive-for-writers transaction, retried on lock contention."""
-        with self._lock:
+        with self._lock, self._damage_is_an_error():
             self._retry(lambda: self._conn.execute("BEGIN IMMEDIATE"))
             try:
                 yield self._conn
@@ -142,8 +142,19 @@ class Registry:
             else:
                 self._retry(lambda: self._conn.execute("COMMIT"))
 
+    @contextmanager
+    def _damage_is_an_error(self) -> Iterator[None]:
+        """sqlite3 errors other than lock contention (a damaged file) become a RegistryError."""
+        try:
+            yield
+        except sqlite3.DatabaseError as err:
+            raise RegistryError(
+                f"{self.path}: the run registry is damaged ({err}); restore it from a copy, or re-register "
+                "the runs by running `scalelab study run` into a new --out directory"
+            ) from None
+
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._damage_is_an_error():
             return self._conn.execute(sql, args).fetchall()
 
     def _init_schema(self) -> None:
@@ -182,6 +193,7 @@ class Registry:
         """Register a planned run as pending; an existing row keeps its status. True if newly added."""
         if role not in ROLES:
             raise RegistryError(f"unknown run role {role!r}; expected one of {ROLES}")
+        run_dir = self._stored_dir(run_dir)
         now = utc_now()
         with self._write() as c:
             cur = c.execute(
@@ -245,11 +257,27 @@ class Registry:
             (run_id, utc_now(), status, message),
         )
 
+    def _stored_dir(self, run_dir: str | None) -> str | None:
+        """A run directory inside the study directory is stored relative to it (the study can move, and
+        `report`/`watch` work from any working directory); one outside it, absolute."""
+        if run_dir is None:
+            return None
+        path = Path(run_dir).resolve()
+        try:
+            return path.relative_to(self.path.parent.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
     # ------------------------------------------------------------------ reads
-    @staticmethod
-    def _row(row: sqlite3.Row) -> dict[str, Any]:
+    def _row(self, row: sqlite3.Row) -> dict[str, Any]:
+        """A row as a dict; `run_dir` made usable from here (relative ones are under the study dir)."""
         d = dict(row)
         d["point"] = json.loads(d.pop("point_json") or "{}")
+        stored = d.get("run_dir")
+        if stored and not Path(stored).is_absolute():
+            under = self.path.parent / stored
+            # registries written before run dirs were stored relative to the study held cwd-relative ones
+            d["run_dir"] = str(under) if under.exists() or not Path(stored).exists() else stored
         return d
 
     def get(self, run_id: str) -> dict[str, Any] | None:

@@ -2,21 +2,26 @@
 
 Layout of `<run>/checkpoint/step-000123/`:
   model.safetensors  model weights (tied weights stored once; `manifest.json` lists the aliases)
-  state.pt           tensors: optimizer, grad scaler, torch CPU/CUDA RNG (loaded with weights_only=True)
-  state.json         plain values: step, tokens, loader position, callbacks, python/numpy RNG
-  manifest.json      step, config hash, sha256 of each file above — written last
+  state.safetensors  tensors: optimizer, grad scaler, torch CPU/CUDA RNG (flat, by path)
+  state.json         plain values: step, tokens, loader position, callbacks, python/numpy RNG, and the
+                     skeleton that puts the tensors of state.safetensors back into their nesting
+  manifest.json      step, config hash, sha256 of each file above, and its own sha256 — written last
+
+Nothing is ever unpickled: tensors are safetensors, everything else JSON (see train/tensorstate.py).
 
 Writing: everything goes into a temporary directory inside checkpoint/, each file and then the directory
 are fsync'ed, and the directory is renamed to `step-NNNNNN` with os.replace, so a reader never sees a
 half-written checkpoint; older ones beyond `keep` are deleted afterwards.
 
-Loading: the newest checkpoint whose manifest and checksums verify is used; a corrupted or truncated one
-is logged (as a CheckpointError) and skipped in favour of the previous one. A checkpoint written for a
+Loading: the newest checkpoint whose manifest (its own hash first) and checksums verify is used; a
+corrupted or truncated one — a flipped bit anywhere, the manifest included — is logged (as a
+CheckpointError) and skipped in favour of the previous one. A checkpoint whose intact manifest names a
 different config is refused with a CheckpointError naming both config hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +41,15 @@ from torch import nn
 
 from scalelab.errors import CheckpointError
 from scalelab.io import fsync_dir, sha256_file
+from scalelab.train.tensorstate import contiguous_cpu, join_tensors, split_tensors, unique_tensors
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT = "single"
+FORMAT_VERSION = 2  # 1 stored state.pt (torch.save); it is not read any more
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-_FILES = ("model.safetensors", "state.pt", "state.json")
+_FILES = ("model.safetensors", "state.safetensors", "state.json")
+MANIFEST_HASH_KEY = "manifest_sha256"
 
 
 class CheckpointConfigMismatch(CheckpointError):
@@ -99,17 +108,8 @@ def _json_default(obj: Any) -> Any:
 
 def _unique_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict without aliases (tied weights once) + {alias: stored name}."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_ptr: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in by_ptr:
-            aliases[name] = by_ptr[key]
-            continue
-        by_ptr[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
-    return tensors, aliases
+    tensors, aliases = unique_tensors(model.state_dict())
+    return {k: t.detach().contiguous().cpu() for k, t in tensors.items()}, aliases
 
 
 def step_dir_name(step: int) -> str:
@@ -148,21 +148,22 @@ def save_checkpoint(
         weights, aliases = _unique_weights(model)
         save_file(weights, str(tmp / "model.safetensors"))
         rng_plain, rng_tensors = capture_rng()
-        torch.save({**tensor_state, "rng": rng_tensors}, tmp / "state.pt")
-        payload = {**json_state, "rng": rng_plain}
+        skeleton, tensors = split_tensors({**tensor_state, "rng": rng_tensors})
+        save_file(contiguous_cpu(tensors), str(tmp / "state.safetensors"))
+        payload = {**json_state, "rng": rng_plain, "tensor_skeleton": skeleton}
         (tmp / "state.json").write_text(json.dumps(payload, default=_json_default, allow_nan=True))
         for name in _FILES:
             _fsync_file(tmp / name)
         manifest = {
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "step": step,
             "config_hash": config_hash,
             "aliases": aliases,
-            "files": {name: sha256_file(tmp / name) for name in _FILES},
+            "files": file_table(tmp, _FILES),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync_file(tmp / "manifest.json")
+        write_manifest(tmp / "manifest.json", manifest)
         fsync_dir(tmp)
         final = ckpt_dir / step_dir_name(step)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
@@ -205,14 +206,40 @@ class Checkpoint:
         restore_rng(self.json_state["rng"], self.tensor_state["rng"])
 
 
-def read_manifest(path: Path, config_hash: str, expected_format: str | None = None) -> dict[str, Any]:
-    """The manifest of checkpoint `path`, refused when unreadable, of another format or of another config."""
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_HASH_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest` with its own sha256 (over its canonical JSON) and fsync it."""
+    text = json.dumps({**manifest, MANIFEST_HASH_KEY: _manifest_digest(manifest)}, indent=1, sort_keys=True)
+    path.write_text(text)
+    _fsync_file(path)
+
+
+def read_manifest(
+    path: Path, config_hash: str, expected_format: str | None = None, format_version: int = FORMAT_VERSION
+) -> dict[str, Any]:
+    """The manifest of checkpoint `path` after checking its own hash; refused (CheckpointError) when
+    unreadable, damaged, of another format or version, or (CheckpointConfigMismatch) of another config."""
     manifest_path = path / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-        manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        manifest["files"].items()
+        intact = manifest.get(MANIFEST_HASH_KEY) == _manifest_digest(manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         raise CheckpointError(f"{manifest_path}: missing or unreadable manifest ({err})") from None
+    if not intact:
+        raise CheckpointError(
+            f"{manifest_path}: the manifest's own sha256 does not verify (damaged manifest, or one written "
+            "by a scalelab older than format 2)"
+        )
+    if manifest.get("format_version") != format_version:
+        raise CheckpointError(
+            f"{manifest_path}: checkpoint format version {manifest.get('format_version')!r}, this scalelab "
+            f"reads version {format_version}"
+        )
     if expected_format is not None and manifest.get("format") != expected_format:
         raise CheckpointError(
             f"{path}: not a {expected_format} checkpoint (format {manifest.get('format')!r}); it was written "
@@ -226,16 +253,37 @@ def read_manifest(path: Path, config_hash: str, expected_format: str | None = No
     return manifest
 
 
+def file_table(root: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{relative name: {"bytes", "sha256"}} of the files `names` under `root`, for a manifest."""
+    return {
+        name: {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)} for name in names
+    }
+
+
+def verify_files(path: Path, files: dict[str, Any], required: Iterable[str] = ()) -> None:
+    """CheckpointError unless every file of the manifest's table exists with its size and sha256, and
+    the table covers every `required` name (a manifest that forgot a file would let it go unchecked)."""
+    for name in required:
+        if name not in files:
+            raise CheckpointError(f"{path / 'manifest.json'}: lists no checksum for {name}")
+    for name, entry in files.items():
+        f = path / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise CheckpointError(
+                f"{path / 'manifest.json'}: file name {name!r} points outside the checkpoint"
+            )
+        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= entry.keys():
+            raise CheckpointError(f"{path / 'manifest.json'}: entry for {name} lacks bytes/sha256")
+        if not f.is_file() or f.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{f}: missing or of the wrong size (truncated checkpoint)")
+        if sha256_file(f) != entry["sha256"]:
+            raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted)")
+
+
 def verify_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
     """The manifest of `path` after checking it is complete, uncorrupted and of this config."""
-    manifest = read_manifest(path, config_hash)
-    files = manifest["files"]
-    for name, digest in files.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: file listed in the manifest is missing")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted or truncated)")
+    manifest = read_manifest(path, config_hash, expected_format=FORMAT)
+    verify_files(path, manifest["files"], required=_FILES)
     return manifest
 
 
@@ -246,8 +294,9 @@ def load_checkpoint(path: Path, config_hash: str, map_location: str | torch.devi
         weights = load_file(str(path / "model.safetensors"), device=str(map_location))
         for alias, target in manifest.get("aliases", {}).items():
             weights[alias] = weights[target]
-        tensor_state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
         json_state = json.loads((path / "state.json").read_text())
+        flat = load_file(str(path / "state.safetensors"), device=str(map_location))
+        tensor_state = join_tensors(json_state.pop("tensor_skeleton"), flat)
     except Exception as err:  # noqa: BLE001 — any decoding failure means this checkpoint is unusable
         raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
     return Checkpoint(path, int(manifest["step"]), weights, tensor_state, json_state)

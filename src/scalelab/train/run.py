@@ -43,7 +43,7 @@ from torch import nn
 
 from scalelab.errors import CheckpointError, TrainingError
 from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
-from scalelab.io import atomic_write_json
+from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -339,7 +339,7 @@ def run_training(
         log.error("%s", record["error"])
         return record
     (out / "record.json").unlink(missing_ok=True)
-    (out / "config.json").write_text(spec.canonical_json() + "\n")
+    atomic_write_text(out / "config.json", spec.canonical_json() + "\n")
     device = torch.device("cpu")
     trainer: Trainer | None = None
     shape: ModelShape | None = None
@@ -443,7 +443,8 @@ def run_training(
 
             fit_into_record(trainer, controls, energy, record)
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
-        log.exception("run %s failed", spec.run_id)
+        # one paragraph; the traceback only with --debug (docs/trust.md: exit codes)
+        log.error("run %s failed: %s", spec.run_id, err, exc_info=log.isEnabledFor(logging.DEBUG))
         record["status"] = "failed"
         record["error"] = f"{type(err).__name__}: {err}"
     finally:

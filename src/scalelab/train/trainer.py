@@ -412,7 +412,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------- resumable state
     def tensor_state(self) -> dict[str, Any]:
-        """State holding tensors (saved with torch.save, loaded weights_only)."""
+        """State holding tensors (saved as safetensors plus a JSON skeleton; never pickled)."""
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def json_state(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 
 from scalelab.errors import DistributedError
 from scalelab.hw import EnergyMeter, peak_flops
-from scalelab.io import atomic_write_json
+from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -95,7 +95,7 @@ def run_distributed(
                 )
             else:
                 (out / "record.json").unlink(missing_ok=True)
-                (out / "config.json").write_text(spec.canonical_json() + "\n")
+                atomic_write_text(out / "config.json", spec.canonical_json() + "\n")
         refusal = ctx.broadcast(refusal)
         if refusal:
             record["error"] = refusal
@@ -122,7 +122,10 @@ def run_distributed(
             record["micro_batch_size"] = trainer.micro_batch_size
             single.fit_into_record(trainer, controls, energy, record)
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
-        log.exception("run %s failed on rank %s", spec.run_id, ctx.rank if ctx else "?")
+        rank = ctx.rank if ctx else "?"  # one paragraph; the traceback only with --debug
+        log.error(
+            "run %s failed on rank %s: %s", spec.run_id, rank, err, exc_info=log.isEnabledFor(logging.DEBUG)
+        )
         record["status"] = "failed"
         record["error"] = f"{type(err).__name__}: {err}"
     finally:
