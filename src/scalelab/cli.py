@@ -194,8 +194,10 @@ def study_run(
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
+    from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
+    expand_runs(study, source=spec.name)  # every run the design makes is valid, before anything runs
     if executor_kind == "local":
         executor: LocalExecutor | RayExecutor = LocalExecutor(
             parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
