@@ -65,6 +65,24 @@ class ModelSpec(_Spec):
         description="logit multiplier α_out at the base width (a base hyperparameter; μP scales it by "
         "base_width/width)",
     )
+    family: str = Field(
+        "gpt2",
+        pattern=r"^(gpt2|llama|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="architecture: 'gpt2', 'llama', or 'python:pkg.module:build' (a factory of your own "
+        "model; see models/protocol.py and examples/custom_model.py)",
+    )
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="key/value heads (grouped-query attention, llama); None: n_heads"
+    )
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys per head (llama)")
+
+    @field_validator("n_kv_heads")
+    @classmethod
+    def _kv_heads_divide_heads(cls, kv: int | None, info: Any) -> int | None:
+        n_heads = info.data.get("n_heads")
+        if kv is not None and n_heads and n_heads % kv:
+            raise ValueError(f"must divide n_heads={n_heads}, got {kv}")
+        return kv
 
     @field_validator("width")
     @classmethod
@@ -351,6 +369,9 @@ class RunSpec(_Spec):
 #: change the id of any existing run (a spec that sets one gets a new id, as it should).
 HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
     ("model", "output_multiplier"): 1.0,
+    ("model", "family"): "gpt2",
+    ("model", "n_kv_heads"): None,
+    ("model", "qk_norm"): False,
     ("train", "warmup_tokens"): None,
     ("train", "batch_schedule"): [],
     ("train", "noise_scale"): False,
