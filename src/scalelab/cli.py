@@ -501,7 +501,12 @@ def _mount_optional() -> None:
             app.add_typer(importlib.import_module(module).app, name=name)
         except (ImportError, AttributeError) as err:  # pragma: no cover - a module still being built
             logging.getLogger(__name__).debug("%s commands unavailable: %s", name, err)
-    for module in ("scalelab.fit.commands", "scalelab.serve.commands", "scalelab.train.commands"):
+    for module in (
+        "scalelab.fit.commands",
+        "scalelab.serve.commands",
+        "scalelab.train.commands",
+        "scalelab.export.commands",
+    ):
         try:
             importlib.import_module(module).register(app)
         except (ImportError, AttributeError) as err:  # pragma: no cover

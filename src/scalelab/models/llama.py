@@ -118,6 +118,10 @@ class Llama(nn.Module):
     def embedding(self) -> nn.Embedding:
         return self.tok_emb
 
+    def num_params(self) -> int:
+        """Distinct parameters (a tied readout counted once), = `ModelShape.total_params`."""
+        return sum(p.numel() for p in self.parameters())
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         t = idx.shape[1]
         if t > self.shape.context_tokens:
