@@ -32,10 +32,12 @@ def _q_scale(attn: Any) -> float:
     return 1.0 if attn.scale is None else attn.scale * math.sqrt(attn.d_head)
 
 
-def _readout(model: Any) -> tuple[torch.Tensor | None, bool]:
-    """(readout weight with α folded in, or None when it stays tied to the embedding; tied?)."""
+def _add_readout(model: Any, out: dict[str, torch.Tensor]) -> bool:
+    """Add `lm_head.weight` (α folded in) unless the readout stays tied to the embedding; tied?"""
     tied = model.head.weight is model.embedding.weight and model.output_multiplier == 1.0
-    return (None if tied else model.head.weight * model.output_multiplier), tied
+    if not tied:
+        out["lm_head.weight"] = model.head.weight * model.output_multiplier
+    return bool(tied)
 
 
 def _gpt2(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -67,9 +69,7 @@ def _gpt2(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
             pre + "mlp.c_proj.weight": (block.mlp.proj.weight * m).T,
             pre + "mlp.c_proj.bias": torch.zeros(d),
         }
-    head, tied = _readout(model)
-    if head is not None:
-        out["lm_head.weight"] = head
+    tied = _add_readout(model, out)
     config = GPT2Config(
         vocab_size=s.vocab_size,
         n_positions=s.context_tokens,
@@ -114,9 +114,7 @@ def _llama(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
             pre + "mlp.up_proj.weight": mlp.w3.weight,
             pre + "mlp.down_proj.weight": mlp.w2.weight * m,
         }
-    head, tied = _readout(model)
-    if head is not None:
-        out["lm_head.weight"] = head
+    tied = _add_readout(model, out)
     config = LlamaConfig(
         vocab_size=s.vocab_size,
         hidden_size=s.width,
