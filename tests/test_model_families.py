@@ -32,10 +32,15 @@ SPECS = {
     "llama-gqa-qknorm": dict(family="llama", n_kv_heads=2, qk_norm=True, tie_embeddings=False, mlp_ratio=2.5),
     "llama-tied": dict(family="llama", tie_embeddings=True),
     "custom": dict(family=CUSTOM),
+    "hf-llama": dict(family="hf:llama", n_kv_heads=2, tie_embeddings=False),
+    "hf-gpt2": dict(family="hf:gpt2"),
 }
+HF = pytest.importorskip  # the hf:… families need the hf extra
 
 
 def _spec(name: str, **kw: object) -> ModelSpec:
+    if name.startswith("hf-"):
+        HF("transformers")
     base = dict(width=64, depth=3, n_heads=4, context_tokens=32, vocab_size=97)
     return ModelSpec(**{**base, **SPECS[name], **kw})  # type: ignore[arg-type]
 
@@ -64,7 +69,7 @@ def test_parameter_counts_and_protocol(name: str) -> None:
     assert counts(shape) == shape.counts  # a family's formula = the count of what it builds
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-qknorm", "custom"])
+@pytest.mark.parametrize("name", ["llama-gqa-qknorm", "custom", "hf-llama"])
 def test_causal_and_trains(name: str) -> None:
     torch.manual_seed(0)
     spec = _spec(name, parametrization="mup", base_width=32)

@@ -19,11 +19,17 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.mark.parametrize(
     ("family", "extra"),
-    [("llama", "n_kv_heads = 1\ntie_embeddings = false\n"), ("python:custom_model:build", "")],
+    [
+        ("llama", "n_kv_heads = 1\ntie_embeddings = false\n"),
+        ("python:custom_model:build", ""),
+        ("hf:llama", "n_kv_heads = 1\n"),
+    ],
 )
 def test_a_tiny_study_runs_end_to_end(
     tmp_path: Path, tiny_corpus: Path, monkeypatch: pytest.MonkeyPatch, family: str, extra: str
 ) -> None:
+    if family.startswith("hf:"):
+        pytest.importorskip("transformers")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(EXAMPLES))
     text = tiny_study(

@@ -67,9 +67,10 @@ class ModelSpec(_Spec):
     )
     family: str = Field(
         "gpt2",
-        pattern=r"^(gpt2|llama|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
-        description="architecture: 'gpt2', 'llama', or 'python:pkg.module:build' (a factory of your own "
-        "model; see models/protocol.py and examples/custom_model.py)",
+        pattern=r"^(gpt2|llama|hf:[a-z0-9_]+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="architecture: 'gpt2', 'llama', 'hf:MODEL_TYPE' (a transformers causal LM, e.g. "
+        "'hf:llama'; the hf extra) or 'python:pkg.module:build' (a factory of your own model; see "
+        "models/protocol.py and examples/custom_model.py)",
     )
     n_kv_heads: int | None = Field(
         None, ge=1, description="key/value heads (grouped-query attention, llama); None: n_heads"

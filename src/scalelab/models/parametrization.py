@@ -11,7 +11,7 @@ model's family is built again at twice the width (on the meta device) and each p
 that grew are its "infinite" ones. Both infinite → **hidden** matrix; the token/position embeddings and
 linear layers whose output grows from a fixed input → **input**; the readout (`head`, a linear layer from
 the width to a fixed vocabulary) → **output**; anything else (norm weights, biases, fixed-size tensors)
-→ **vector**. Linear layers flagged `residual_out` (they write into the residual stream) are hidden
+→ **vector** (a 1-D `bias` starts at zero, any other vector — a norm's gain — at one). Linear layers flagged `residual_out` (they write into the residual stream) are hidden
 matrices whose init also shrinks with depth.
 
 * **SP** (standard, GPT-2 style): every weight N(0, σ²); residual output projections (attn.proj,
@@ -133,10 +133,10 @@ def apply_parametrization(model: nn.Module, model_spec: ModelSpec) -> list[dict[
             nn.init.normal_(p, std=resid_std if id(p) in residual else hidden_std)
         elif cls in ("input", "output") or p.ndim >= 2:
             nn.init.normal_(p, std=sigma)
-        elif any(isinstance(m, _NORMS) for m in _owners(model, p)):
-            nn.init.ones_(p)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
         else:
-            nn.init.zeros_(p)  # a bias
+            nn.init.ones_(p)  # a norm's gain
 
     # 3. multipliers
     alpha_out = model_spec.output_multiplier
@@ -176,13 +176,6 @@ def apply_parametrization(model: nn.Module, model_spec: ModelSpec) -> list[dict[
             )
     _check_groups(model, groups)
     return groups
-
-
-_NORMS = (nn.LayerNorm, nn.RMSNorm)
-
-
-def _owners(model: nn.Module, p: torch.Tensor) -> list[nn.Module]:
-    return [m for m in model.modules() if any(q is p for q in m.parameters(recurse=False))]
 
 
 def _check_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:

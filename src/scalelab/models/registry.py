@@ -1,4 +1,5 @@
-"""Model families by name: the built-in `gpt2` and `llama`, and `python:pkg.module:build` user factories.
+"""Model families by name: the built-in `gpt2` and `llama`, `hf:MODEL_TYPE` (transformers, `models/hf.py`)
+and `python:pkg.module:build` user factories.
 
 Adding a built-in family is one file (the model) plus one line in `FAMILIES` (and its counts formula in
 `models/flops.py`); a user family needs no change here at all.
@@ -14,6 +15,8 @@ from torch import nn
 from scalelab.errors import SpecError
 from scalelab.models.flops import Counts, ModelShape, attention_flops_per_token
 from scalelab.models.gpt import GPT
+from scalelab.models.hf import PREFIX as HF_PREFIX
+from scalelab.models.hf import HFCausalLM
 from scalelab.models.llama import Llama
 from scalelab.models.protocol import CausalLM, Factory
 from scalelab.spec import ModelSpec
@@ -26,6 +29,8 @@ def factory(family: str) -> Factory:
     """The factory of `family`: a built-in name or `python:pkg.module:attr` (imported here)."""
     if family in FAMILIES:
         return FAMILIES[family]
+    if family.startswith(HF_PREFIX):
+        return HFCausalLM
     if not family.startswith(PYTHON_PREFIX):
         raise SpecError(f"model.family: unknown family {family!r} (built-in: {', '.join(FAMILIES)})")
     module_name, _, attr = family.removeprefix(PYTHON_PREFIX).rpartition(":")
