@@ -139,7 +139,7 @@ def test_a_study_keeps_every_run_id_under_execution_overrides() -> None:
 def test_a_bad_execution_value_is_still_checked() -> None:
     from scalelab.errors import SpecError
 
-    with pytest.raises(SpecError, match="threads"):
+    with pytest.raises(SpecError, match="run_tiny.toml: execution.threads: Input should be greater than"):
         load_run(EXAMPLES / "run_tiny.toml", ["execution.threads=0"])
     with pytest.raises(SpecError, match="execution.nope: unknown field"):
         load_run(EXAMPLES / "run_tiny.toml", ["execution.nope=1"])

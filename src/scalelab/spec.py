@@ -273,8 +273,10 @@ EXECUTION_FIELDS: tuple[str, ...] = (
 
 
 def _unset_if_absent(name: str) -> Any:
+    """The `TrainSpec` field `name`, with its checks, as an optional `[execution]` field (None: unset)."""
     field = TrainSpec.model_fields[name]
-    return (field.annotation | None, Field(None, description=f"{field.description or name} (None: train's)"))
+    checked = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    return (checked | None, Field(None, description=f"{field.description or name} (None: train's)"))
 
 
 #: The unhashed `[execution]` table: each field, when set, overrides `train.<field>` (same checks apply).
