@@ -15,17 +15,6 @@ from scalelab.train.run import run_training
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("SCALELAB_CACHE_DIR", str(tmp_path / "cache"))
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i, f in enumerate(sorted((ROOT / "src" / "scalelab").rglob("*.py"))[:20]):
-        (d / f"doc{i:03d}.txt").write_text(f.read_text())
-    return d
 
 
 #: every multiplier a parametrization sets is ≠ 1 here (depth-μP off its base shape, α_out ≠ 1), so the
@@ -39,7 +28,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_exported_model_matches_scalelab(tmp_path: Path, corpus: Path, case: str) -> None:
+def test_exported_model_matches_scalelab(tmp_path: Path, tiny_corpus: Path, case: str) -> None:
     model = {
         "width": 32,
         "depth": 2,
@@ -55,7 +44,7 @@ def test_exported_model_matches_scalelab(tmp_path: Path, corpus: Path, case: str
         {
             "model": model,
             "data": {
-                "sources": [{"kind": "text", "path": str(corpus)}],
+                "sources": [{"kind": "text", "path": str(tiny_corpus)}],
                 "heldout_fraction": 0.2,
                 "shard_tokens": 65536,
             },

@@ -1,6 +1,7 @@
 """`scalelab export RUN_DIR --format hf --out DIR`: a run as a Hugging Face model directory.
 
-Writes `config.json` (`GPT2Config` / `LlamaConfig`), `model.safetensors` and the tokenizer files
+Writes `config.json` (`GPT2Config` / `LlamaConfig`, from `models.hf.hf_config`: the config the
+`hf:gpt2` / `hf:llama` families build), `model.safetensors` and the tokenizer files
 (`tokenizer.json`, `tokenizer_config.json`), loadable with `AutoModelForCausalLM.from_pretrained(DIR)`
 and `AutoTokenizer.from_pretrained(DIR)`. The weights come from the run's newest verified checkpoint
 through `serve.loading.load_run`. The exported model is a plain one: the parametrization's multipliers
@@ -14,6 +15,7 @@ Needs the `hf` extra (transformers) for the config classes and the tokenizer wra
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 
 from scalelab.data.tokenize import EOD_TOKEN, ByteTokenizer, Tokenizer
 from scalelab.errors import ScalelabError
+from scalelab.models.hf import hf_config
 from scalelab.serve.loading import load_run
 
 FORMATS = ("hf",)
@@ -41,8 +44,6 @@ def _add_readout(model: Any, out: dict[str, torch.Tensor]) -> bool:
 
 
 def _gpt2(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    from transformers import GPT2Config
-
     s, d = model.shape, model.shape.width
     out: dict[str, torch.Tensor] = {
         "transformer.wte.weight": model.tok_emb.weight,
@@ -70,19 +71,13 @@ def _gpt2(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
             pre + "mlp.c_proj.bias": torch.zeros(d),
         }
     tied = _add_readout(model, out)
-    config = GPT2Config(
-        vocab_size=s.vocab_size,
-        n_positions=s.context_tokens,
-        n_embd=d,
-        n_layer=s.depth,
-        n_head=s.n_heads,
-        n_inner=s.mlp_hidden,
+    config = hf_config(
+        replace(s, family="hf:gpt2", tie_embeddings=tied),
         activation_function="gelu",  # exact (erf) GELU, as models/gpt.py
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         layer_norm_epsilon=model.ln_f.eps,
-        tie_word_embeddings=tied,
         bos_token_id=eod_id,
         eos_token_id=eod_id,
     )
@@ -90,8 +85,6 @@ def _gpt2(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
 
 
 def _llama(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    from transformers import LlamaConfig
-
     from scalelab.models.llama import NORM_EPS, ROPE_THETA
 
     s = model.shape
@@ -115,21 +108,14 @@ def _llama(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
             pre + "mlp.down_proj.weight": mlp.w2.weight * m,
         }
     tied = _add_readout(model, out)
-    config = LlamaConfig(
-        vocab_size=s.vocab_size,
-        hidden_size=s.width,
-        intermediate_size=s.mlp_hidden,
-        num_hidden_layers=s.depth,
-        num_attention_heads=s.n_heads,
-        num_key_value_heads=s.kv_heads,
+    config = hf_config(
+        replace(s, family="hf:llama", tie_embeddings=tied),
         head_dim=s.d_head,
-        max_position_embeddings=s.context_tokens,
         rms_norm_eps=NORM_EPS,
         rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        tie_word_embeddings=tied,
         bos_token_id=eod_id,
         eos_token_id=eod_id,
     )

@@ -21,29 +21,30 @@ from scalelab.models.flops import ModelShape
 PREFIX = "hf:"
 
 
-def hf_config(shape: ModelShape) -> Any:
-    """A transformers config of `shape` for the `model_type` after "hf:" (standard size names only)."""
+def hf_config(shape: ModelShape, **overrides: Any) -> Any:
+    """A transformers config of `shape` for the `model_type` after "hf:" (standard size names only);
+    `overrides` are further config fields (export sets norms, RoPE and token ids this way)."""
     try:
         from transformers import AutoConfig
     except ImportError:
         raise ScalelabError("model.family 'hf:…' needs transformers: pip install 'scalelab[hf]'") from None
     model_type = shape.family.removeprefix(PREFIX)
+    sizes: dict[str, Any] = {
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.width,
+        "num_hidden_layers": shape.depth,
+        "num_attention_heads": shape.n_heads,
+        "max_position_embeddings": shape.context_tokens,
+        "tie_word_embeddings": shape.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    if model_type == "gpt2":  # GPT-2's own names; no grouped-query attention
+        sizes["n_inner"] = shape.mlp_hidden
+    else:
+        sizes |= {"intermediate_size": shape.mlp_hidden, "num_key_value_heads": shape.kv_heads}
     try:
-        return AutoConfig.for_model(
-            model_type,
-            vocab_size=shape.vocab_size,
-            hidden_size=shape.width,
-            num_hidden_layers=shape.depth,
-            num_attention_heads=shape.n_heads,
-            num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=shape.context_tokens,
-            intermediate_size=shape.mlp_hidden,
-            n_inner=shape.mlp_hidden,  # GPT-2's name for it
-            tie_word_embeddings=shape.tie_embeddings,
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-        )
+        return AutoConfig.for_model(model_type, **(sizes | overrides))
     except ValueError as err:
         raise ScalelabError(f"model.family: {shape.family!r}: {err}") from None
 
