@@ -21,8 +21,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("family", "extra"),
     [
         ("llama", "n_kv_heads = 1\ntie_embeddings = false\n"),
-        ("python:custom_model:build", ""),
-        ("hf:llama", "n_kv_heads = 1\n"),
+        pytest.param("python:custom_model:build", "", marks=pytest.mark.slow),
+        pytest.param("hf:llama", "n_kv_heads = 1\n", marks=pytest.mark.slow),
     ],
 )
 def test_a_tiny_study_runs_end_to_end(
