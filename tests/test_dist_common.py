@@ -250,7 +250,7 @@ def test_torchrun_command_and_cli(tmp_path):
     cfg.write_text("[train]\nglobal_batch_size = 4\ntokens = 4096\n[model]\ncontext_tokens = 16\n")
     res = CliRunner().invoke(app, ["launch", str(cfg), "--out", "o", "--nproc", "3", "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "--nproc-per-node 3" in res.output and "train.strategy=ddp" in res.output
+    assert "--nproc-per-node 3" in res.output and "execution.strategy=ddp" in res.output
 
 
 def test_only_committed_checkpoints_are_chosen(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,19 @@ def test_coord_check_mup_flat_sp_grows():
     ratio_sp, vals_sp = _spread(sp, "block.1", steps, widths)
     assert ratio_sp > 20, vals_sp
     assert vals_sp == sorted(vals_sp)  # SP grows with width
+
+
+@pytest.mark.parametrize("family", ["llama", "python:custom_model:build"])
+def test_coord_check_is_flat_under_mup_and_grows_under_sp_for_every_family(family, monkeypatch):
+    """The same check for the Llama family and the example's own model (examples/custom_model.py): μP's
+    coordinates do not grow with width (finite-width noise at width 64 allowed), SP's grow many-fold."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    widths = [64, 256, 1024]
+    steps = 3
+    mup = coord_check(widths, "mup", steps=steps, batch_size=2, context_tokens=16, family=family)
+    sp = coord_check(widths, "sp", steps=steps, batch_size=2, context_tokens=16, family=family)
+    for layer in ("embedding", "block.0", "block.1", "logits"):
+        ratio, vals = _spread(mup, layer, steps, widths)
+        assert ratio < 3.0 and vals[-1] < 1.5 * vals[0], (layer, vals)
+    ratio_sp, vals_sp = _spread(sp, "block.1", steps, widths)
+    assert ratio_sp > 20 and vals_sp == sorted(vals_sp), vals_sp

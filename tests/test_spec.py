@@ -68,8 +68,10 @@ def test_good_study_loads(tmp_path: Path) -> None:
     ],
 )
 def test_bad_spec_names_the_field(tmp_path: Path, override: str, expected: str) -> None:
+    from scalelab.study.plan import expand_runs  # the design's runs are checked where they are made
+
     with pytest.raises(SpecError) as err:
-        load_study(_write(tmp_path, GOOD), [override])
+        expand_runs(load_study(_write(tmp_path, GOOD), [override]), source="s.toml")
     assert expected in str(err.value)
 
 

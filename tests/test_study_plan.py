@@ -46,7 +46,7 @@ def test_isoflop_with_too_few_usable_widths_is_an_error(tmp_path: Path) -> None:
     spec = tmp_path / "iso.toml"
     spec.write_text((EXAMPLES / "isoflop.toml").read_text())
     with pytest.raises(SpecError, match="usable widths for budget"):
-        load_study(spec, ["design.widths=[16, 24, 32]", "design.budgets_flops=[1e9]"])
+        expand_runs(load_study(spec, ["design.widths=[16, 24, 32]", "design.budgets_flops=[1e9]"]))
 
 
 def test_preregistration_is_frozen(tmp_path: Path) -> None:

@@ -212,9 +212,11 @@ def study_run(
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
+    from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
     _out_dir(out)
+    expand_runs(study, source=spec.name)  # every run the design makes is valid, before anything runs
     if executor_kind == "local":
         executor: LocalExecutor | RayExecutor = LocalExecutor(
             parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
@@ -540,7 +542,12 @@ def _mount_optional() -> None:
             app.add_typer(importlib.import_module(module).app, name=name)
         except (ImportError, AttributeError) as err:  # pragma: no cover - a module still being built
             logging.getLogger(__name__).debug("%s commands unavailable: %s", name, err)
-    for module in ("scalelab.fit.commands", "scalelab.serve.commands", "scalelab.train.commands"):
+    for module in (
+        "scalelab.fit.commands",
+        "scalelab.serve.commands",
+        "scalelab.train.commands",
+        "scalelab.export.commands",
+    ):
         try:
             importlib.import_module(module).register(app)
         except (ImportError, AttributeError) as err:  # pragma: no cover

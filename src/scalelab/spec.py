@@ -1,5 +1,11 @@
 """Validated specs for runs and studies, loaded from TOML, and the canonical hash that is a run's id.
 
+A run's id hashes what decides its result (model, data, optimisation, seed). How it executes (device,
+parallel layout, compile, threads, sinks, log/checkpoint cadence: `EXECUTION_FIELDS`) belongs in the
+unhashed `[execution]` table; values given there reach `train.<field>` but never the id. The same fields
+written under `[train]` (where they lived before `[execution]` existed) keep being hashed as they always
+were, so every existing run id, study directory and config.json stays valid.
+
 Everything is checked before anything runs: a bad value raises `SpecError` naming the file, the dotted
 field path and what was expected, e.g. ``quickstart.toml: study.model.width: must be a multiple of
 n_heads=4, got 30``.
@@ -17,7 +23,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from scalelab.errors import SpecError
 
@@ -58,6 +72,25 @@ class ModelSpec(_Spec):
         description="logit multiplier α_out at the base width (a base hyperparameter; μP scales it by "
         "base_width/width)",
     )
+    family: str = Field(
+        "gpt2",
+        pattern=r"^(gpt2|llama|hf:[a-z0-9_]+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="architecture: 'gpt2', 'llama', 'hf:MODEL_TYPE' (a transformers causal LM, e.g. "
+        "'hf:llama'; the hf extra) or 'python:pkg.module:build' (a factory of your own model; see "
+        "models/protocol.py and examples/custom_model.py)",
+    )
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="key/value heads (grouped-query attention, llama); None: n_heads"
+    )
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys per head (llama)")
+
+    @field_validator("n_kv_heads")
+    @classmethod
+    def _kv_heads_divide_heads(cls, kv: int | None, info: Any) -> int | None:
+        n_heads = info.data.get("n_heads")
+        if kv is not None and n_heads and n_heads % kv:
+            raise ValueError(f"must divide n_heads={n_heads}, got {kv}")
+        return kv
 
     @field_validator("width")
     @classmethod
@@ -228,6 +261,71 @@ class DebugSpec(_Spec):
     sleep_seconds_per_step: float = Field(0.0, ge=0, description="slow every step down (timeouts)")
 
 
+#: Fields of `TrainSpec` that say how a run executes, not what it computes: set in `[execution]`, they
+#: never enter the run id.
+EXECUTION_FIELDS: tuple[str, ...] = (
+    "compile",
+    "device",
+    "strategy",
+    "tensor_parallel",
+    "pipeline_parallel",
+    "pipeline_microbatches",
+    "fsdp_reshard_after_forward",
+    "threads",
+    "checkpoint_interval_steps",
+    "keep_checkpoints",
+    "log_interval_steps",
+    "sinks",
+)
+
+
+def _unset_if_absent(name: str) -> Any:
+    """The `TrainSpec` field `name`, with its checks, as an optional `[execution]` field (None: unset)."""
+    field = TrainSpec.model_fields[name]
+    checked = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    return (checked | None, Field(None, description=f"{field.description or name} (None: train's)"))
+
+
+#: The unhashed `[execution]` table: each field, when set, overrides `train.<field>` (same checks apply).
+ExecutionSpec = create_model(  # type: ignore[call-overload]
+    "ExecutionSpec",
+    __base__=_Spec,
+    __doc__="How a run executes (not hashed): values set here override the same fields of [train].",
+    **{name: _unset_if_absent(name) for name in EXECUTION_FIELDS},
+)
+
+
+def _as_dict(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def _default(name: str) -> Any:
+    return TrainSpec.model_fields[name].get_default(call_default_factory=True)
+
+
+def _merge_execution(data: Any) -> Any:
+    """Raw spec data with the set `execution` values copied into `train` (they win there), and what
+    `train` had for them (or their default) kept in `hashed_execution`, which the run id hashes."""
+    if not isinstance(data, dict):
+        return data
+    execution, train = _as_dict(data.get("execution")), _as_dict(data.get("train", {}))
+    hashed = _as_dict(data.get("hashed_execution", {}))
+    if not isinstance(execution, dict) or not isinstance(train, dict) or not isinstance(hashed, dict):
+        return data  # validation reports the wrong type
+    settings = {k: v for k, v in execution.items() if k in EXECUTION_FIELDS and v is not None}
+    if not settings:
+        return data
+    hashed = {k: hashed[k] if k in hashed else train.get(k, _default(k)) for k in settings}
+    return {**data, "train": {**train, **settings}, "hashed_execution": hashed}
+
+
+#: Pydantic fields shared by `RunSpec` and `StudySpec`: the execution table and its hashed shadow.
+_HASHED_EXECUTION_DOC = (
+    "derived, not for editing: for each field set in [execution], the value [train] gave it (or its "
+    "default); the run id hashes these, so moving a setting to [execution] keeps the id"
+)
+
+
 class RunSpec(_Spec):
     """Everything that determines one training run's result. Its canonical hash is the run id."""
 
@@ -235,6 +333,13 @@ class RunSpec(_Spec):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     debug: DebugSpec = Field(default_factory=DebugSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # type: ignore[valid-type]
+    hashed_execution: dict[str, Any] = Field(default_factory=dict, description=_HASHED_EXECUTION_DOC)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _execution_into_train(cls, data: Any) -> Any:
+        return _merge_execution(data)
 
     @model_validator(mode="after")
     def _batch_fits_context(self) -> RunSpec:
@@ -250,18 +355,33 @@ class RunSpec(_Spec):
     def run_id(self) -> str:
         return run_id(self)
 
+    def identity_json(self) -> str:
+        """The canonical form of what decides the run's result: the text hashed into its id."""
+        return canonical_json(self._canonical_data(with_execution=False))
+
     def canonical_json(self) -> str:
+        """The whole spec in canonical form (what config.json holds): identity plus `execution` when set."""
+        return canonical_json(self._canonical_data(with_execution=True))
+
+    def _canonical_data(self, with_execution: bool) -> dict[str, Any]:
         data = self.model_dump(mode="json")
+        execution = {k: v for k, v in data.pop("execution").items() if v is not None}
+        data["train"].update(data.pop("hashed_execution"))  # what [train] says, not what [execution] does
         for (section, name), default in HASH_OMITTED_AT_DEFAULT.items():
             if data[section].get(name, default) == default:
                 data[section].pop(name, None)
-        return canonical_json(data)
+        if with_execution and execution:
+            data["execution"] = execution
+        return data
 
 
 #: Fields added after run ids were in use: hashed only when set off their default, so adding them did not
 #: change the id of any existing run (a spec that sets one gets a new id, as it should).
 HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
     ("model", "output_multiplier"): 1.0,
+    ("model", "family"): "gpt2",
+    ("model", "n_kv_heads"): None,
+    ("model", "qk_norm"): False,
     ("train", "warmup_tokens"): None,
     ("train", "batch_schedule"): [],
     ("train", "noise_scale"): False,
@@ -381,6 +501,8 @@ class StudySpec(_Spec):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     debug: DebugSpec = Field(default_factory=DebugSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # type: ignore[valid-type]
+    hashed_execution: dict[str, Any] = Field(default_factory=dict, description=_HASHED_EXECUTION_DOC)
     design: Annotated[GridDesign | ListDesign | IsoFLOPDesign | WSDDesign, Field(discriminator="kind")] = (
         Field(default_factory=GridDesign)
     )
@@ -388,8 +510,14 @@ class StudySpec(_Spec):
     target: TargetSpec = Field(default_factory=TargetSpec)
     hypotheses: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _execution_into_train(cls, data: Any) -> Any:
+        return _merge_execution(data)
+
     def base_run(self) -> RunSpec:
-        return RunSpec(model=self.model, data=self.data, train=self.train, debug=self.debug)
+        sections = ("model", "data", "train", "debug", "execution", "hashed_execution")
+        return RunSpec(**{k: getattr(self, k) for k in sections})
 
 
 # ------------------------------------------------------------------------------ canonical hashing
@@ -416,8 +544,8 @@ def canonical_json(obj: Any) -> str:
 
 
 def config_hash(spec: RunSpec) -> str:
-    """Full SHA-256 of the canonical RunSpec (defaults filled in)."""
-    return hashlib.sha256(spec.canonical_json().encode()).hexdigest()
+    """Full SHA-256 of the run's canonical identity (defaults filled in; `execution` left out)."""
+    return hashlib.sha256(spec.identity_json().encode()).hexdigest()
 
 
 def run_id(spec: RunSpec) -> str:
@@ -541,17 +669,15 @@ def study_from_dict(data: Any, source: str = "<study>") -> StudySpec:
     if extra:
         raise SpecError(f"{source}: {extra[0]}: unknown top-level table (everything lives under [study])")
     study = _validate(StudySpec, data["study"], source, "study")
-    base = {k: getattr(study, k).model_dump(mode="json") for k in ("model", "data", "train", "debug")}
-    _validate(RunSpec, base, source, "study")
-    # Every run the design makes must itself be valid: check now, before anything runs.
-    from scalelab.study.plan import expand_runs
-
-    expand_runs(study, source=source)
-    return study
+    sections = ("model", "data", "train", "debug", "execution", "hashed_execution")
+    dumped = study.model_dump(mode="json")
+    _validate(RunSpec, {k: dumped[k] for k in sections}, source, "study")
+    return study  # the runs its design makes are checked where they are made (study.plan.expand_runs)
 
 
 def load_study(path: str | Path, overrides: Iterable[str] = ()) -> StudySpec:
-    """Read and validate a study spec (TOML) with optional `--set` overrides.
+    """Read and validate a study spec (TOML) with optional `--set` overrides (its design is expanded, and
+    every run it makes checked, by `scalelab.study.plan.expand_runs`).
 
     `--set design.axes.model.width=[64,128]` replaces (or adds) the design axis "model.width"; a `--set`
     of a field the design itself sets for every run (an axis, a list entry's key, seeds, what IsoFLOP or

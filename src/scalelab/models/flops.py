@@ -1,4 +1,12 @@
-"""Parameter counts and training FLOPs of the GPT family in `models/gpt.py` — the one place they are stated.
+"""Parameter counts and training FLOPs of the built-in families — the one place they are stated.
+
+`ModelShape` counts by its `family`: `gpt2` (`models/gpt.py`) and `llama` (`models/llama.py`) below; a
+user family (`python:pkg.module:build`) is counted by `models.registry.counts` from the model it builds.
+
+gpt2 (below); llama: no position embedding, attention q/o d² each and k/v d·d_kv each (d_kv = kv_heads ·
+d/heads), SwiGLU MLP 3·d·h, two RMSNorms 2d (+ 2·d/heads with QK-norm), final norm d:
+  non-embedding N = L·(2d² + 2d·d_kv + 3dh + 2d [+ 2d/heads]) + d,   embedding = V·d (+ V·d untied)
+  forward = 2·L·(2d² + 2d·d_kv + 3dh) + 2·V·d + 4·L·T·d   (attention over every query head, as for gpt2)
 
 Architecture counted here (pre-LayerNorm, no biases, LayerNorm with weight only):
   token embedding V·d, learned position embedding T·d,
@@ -20,14 +28,23 @@ The common approximation C ≈ 6·N·D is available as `six_nd` for comparison w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scalelab.spec import ModelSpec
 
 
 @dataclass(frozen=True)
+class Counts:
+    """What a family states about a shape: parameters (split as Kaplan et al. do) and forward FLOPs."""
+
+    non_embedding_params: int
+    embedding_params: int
+    forward_flops_per_token: int
+
+
+@dataclass(frozen=True)
 class ModelShape:
-    """The numbers that determine a model's size and cost."""
+    """The numbers that determine a model's size and cost (and which family's architecture it is)."""
 
     width: int
     depth: int
@@ -36,6 +53,31 @@ class ModelShape:
     vocab_size: int
     mlp_hidden: int
     tie_embeddings: bool = True
+    family: str = "gpt2"
+    n_kv_heads: int | None = None  # None: n_heads (no grouped-query attention)
+    qk_norm: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.width // self.n_heads
+
+    def with_width(self, width: int) -> ModelShape:
+        """The same shape at another width (heads fixed, MLP hidden width scaled with it)."""
+        hidden = max(1, round(self.mlp_hidden * width / self.width))
+        return replace(self, width=width, mlp_hidden=hidden)
+
+    @property
+    def counts(self) -> Counts:
+        formula = FORMULAS.get(self.family)
+        if formula is not None:
+            return formula(self)
+        from scalelab.models.registry import counts  # user family: counted from the model it builds
+
+        return counts(self)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, vocab_size: int | None = None) -> ModelShape:
@@ -50,25 +92,26 @@ class ModelShape:
             vocab_size=int(vocab),
             mlp_hidden=mlp_hidden(spec.width, spec.mlp_ratio),
             tie_embeddings=spec.tie_embeddings,
+            family=spec.family,
+            n_kv_heads=spec.n_kv_heads,
+            qk_norm=spec.qk_norm,
         )
 
     @property
     def block_matmul_params(self) -> int:
-        d, h = self.width, self.mlp_hidden
-        return self.depth * (4 * d * d + 2 * d * h)
+        """Weights of the blocks' matrix multiplies (each used once per token)."""
+        d, h, L = self.width, self.mlp_hidden, self.depth
+        if self.family == "llama":
+            return L * (2 * d * d + 2 * d * self.kv_heads * self.d_head + 3 * d * h)
+        return L * (4 * d * d + 2 * d * h)
 
     @property
     def non_embedding_params(self) -> int:
-        d = self.width
-        return self.block_matmul_params + self.depth * 2 * d + d
+        return self.counts.non_embedding_params
 
     @property
     def embedding_params(self) -> int:
-        d = self.width
-        emb = self.vocab_size * d + self.context_tokens * d
-        if not self.tie_embeddings:
-            emb += self.vocab_size * d
-        return emb
+        return self.counts.embedding_params
 
     @property
     def total_params(self) -> int:
@@ -76,8 +119,7 @@ class ModelShape:
 
     @property
     def forward_flops_per_token(self) -> int:
-        d, L, T, V = self.width, self.depth, self.context_tokens, self.vocab_size
-        return 2 * self.block_matmul_params + 2 * V * d + 4 * L * T * d
+        return self.counts.forward_flops_per_token
 
     @property
     def training_flops_per_token(self) -> int:
@@ -90,6 +132,35 @@ class ModelShape:
     def tokens_for_flops(self, flops: float) -> float:
         """Inverse of `training_flops`: the token budget D that spends `flops` on this shape."""
         return float(flops) / float(self.training_flops_per_token)
+
+
+def attention_flops_per_token(shape: ModelShape) -> int:
+    """QKᵀ and A·V over the full context for every query head, every layer (what a dense kernel does)."""
+    return 4 * shape.depth * shape.context_tokens * shape.width
+
+
+def _gpt2(shape: ModelShape) -> Counts:
+    d, V = shape.width, shape.vocab_size
+    readout = V * d if not shape.tie_embeddings else 0
+    return Counts(
+        non_embedding_params=shape.block_matmul_params + shape.depth * 2 * d + d,
+        embedding_params=V * d + shape.context_tokens * d + readout,
+        forward_flops_per_token=2 * shape.block_matmul_params + 2 * V * d + attention_flops_per_token(shape),
+    )
+
+
+def _llama(shape: ModelShape) -> Counts:
+    d, V = shape.width, shape.vocab_size
+    norms = 2 * d + (2 * shape.d_head if shape.qk_norm else 0)
+    return Counts(
+        non_embedding_params=shape.block_matmul_params + shape.depth * norms + d,
+        embedding_params=V * d * (1 if shape.tie_embeddings else 2),
+        forward_flops_per_token=2 * shape.block_matmul_params + 2 * V * d + attention_flops_per_token(shape),
+    )
+
+
+#: the built-in families' counts, stated as formulas (no model is built to count them).
+FORMULAS = {"gpt2": _gpt2, "llama": _llama}
 
 
 def mlp_hidden(width: int, mlp_ratio: float) -> int:

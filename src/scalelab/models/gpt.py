@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelab.models.flops import ModelShape
+from scalelab.models.protocol import lm_output
 from scalelab.spec import ModelSpec
 
 
@@ -35,6 +36,7 @@ class CausalSelfAttention(nn.Module):
         self.d_head = width // n_heads
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
+        self.proj.residual_out = True
         self.scale: float | None = None  # None → 1/sqrt(d_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(width, hidden, bias=False)
         self.proj = nn.Linear(hidden, width, bias=False)
+        self.proj.residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
@@ -98,12 +101,11 @@ class GPT(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(self._positions[:t])
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_f(x))
-        if self.output_multiplier != 1.0:
-            logits = logits * self.output_multiplier
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return lm_output(self, self.ln_f(x), targets)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.tok_emb
 
     def num_params(self) -> int:
         """Distinct parameters (a tied output layer is counted once), = `ModelShape.total_params`."""
@@ -111,8 +113,8 @@ class GPT(nn.Module):
 
 
 def build_model(model_spec: ModelSpec, vocab_size: int | None = None) -> GPT:
-    """The GPT of this spec; `vocab_size` (the tokenizer's) is used unless the spec fixes one.
+    """The model of this spec, of its `model.family` (kept here for existing importers; see
+    `models.registry.build_model`, which this is)."""
+    from scalelab.models.registry import build_model as build
 
-    Weights get PyTorch's default init here; `apply_parametrization` sets the real init scales.
-    """
-    return GPT(ModelShape.from_spec(model_spec, vocab_size))
+    return build(model_spec, vocab_size)  # type: ignore[return-value]

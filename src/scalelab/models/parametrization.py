@@ -1,18 +1,24 @@
-"""Parametrizations — SP, μP and depth-μP (CompleteP) — applied to a GPT from the outside.
+"""Parametrizations — SP, μP and depth-μP (CompleteP) — applied to any model of `models/protocol.py`.
 
 A parametrization decides three things, and this module sets all of them on an already built model:
-  1. init scales of every weight (re-initialises the model, from torch's global RNG);
+  1. init scales of every weight (re-initialises the model, from torch's global RNG, in parameter order);
   2. per-parameter-group multipliers of the learning rate, weight decay and Adam ε (returned as param-group
      dicts; the trainer multiplies its base values by them);
   3. the model's multiplier attributes (attention scale, residual-branch multiplier, readout multiplier).
 
-Notation: m_N = width / base_width, m_L = depth / base_depth, σ = model_spec.init_std, L = depth.
+Parameters are classified by shape, as the `mup` package's infshapes do, never by attribute names: the
+model's family is built again at twice the width (on the meta device) and each parameter's dimensions
+that grew are its "infinite" ones. Both infinite → **hidden** matrix; the token/position embeddings and
+linear layers whose output grows from a fixed input → **input**; the readout (`head`, a linear layer from
+the width to a fixed vocabulary) → **output**; anything else (norm weights, biases, fixed-size tensors)
+→ **vector** (a 1-D `bias` starts at zero, any other vector — a norm's gain — at one). Linear layers flagged `residual_out` (they write into the residual stream) are hidden
+matrices whose init also shrinks with depth.
 
 * **SP** (standard, GPT-2 style): every weight N(0, σ²); residual output projections (attn.proj,
   mlp.proj) N(0, σ²/(2L)); attention 1/sqrt(d_head); all LR multipliers 1.
 * **μP** (Tensor Programs V, Table 3/8, Adam variant, written with a readout multiplier):
   - input weights (token/position embeddings): N(0, σ²), LR ×1;
-  - hidden matrices (qkv, attn.proj, mlp.fc, mlp.proj): std σ/sqrt(m_N) (∝ 1/sqrt(fan_in)), and the
+  - hidden matrices (GPT: qkv, attn.proj, mlp.fc, mlp.proj): std σ/sqrt(m_N) (∝ 1/sqrt(fan_in)), and the
     residual projections additionally /sqrt(2L) as in SP; LR ×1/m_N;
   - readout: logits × α_out/m_N (`output_multiplier`); its weight (tied: the token embedding) keeps
     N(0, σ²) and LR ×1;
@@ -47,26 +53,56 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalelab.models.gpt import GPT, build_model
+from scalelab.models.flops import ModelShape
+from scalelab.models.registry import build, build_model
 from scalelab.spec import ModelSpec
 
 #: the CompleteP depth exponent used by `depth_mup` (1: residual branches scaled by base_depth/depth).
 COMPLETEP_ALPHA = 1.0
+#: shape classes (see the module docstring) and the optimizer group each one goes to.
+GROUP_OF_CLASS = {"input": "embedding", "hidden": "hidden", "vector": "norm", "output": "readout"}
 
 
-def _hidden_modules(model: GPT) -> list[tuple[str, nn.Linear, bool]]:
-    """(name, linear, is_residual_projection) for every hidden matrix."""
-    out = []
-    for i, block in enumerate(model.blocks):
-        out.append((f"blocks.{i}.attn.qkv", block.attn.qkv, False))
-        out.append((f"blocks.{i}.attn.proj", block.attn.proj, True))
-        out.append((f"blocks.{i}.mlp.fc", block.mlp.fc, False))
-        out.append((f"blocks.{i}.mlp.proj", block.mlp.proj, True))
-    return out
+def _infinite_dims(shape: ModelShape) -> dict[str, tuple[bool, ...]]:
+    """For every parameter of the family's model at `shape`: which of its dimensions grow with width."""
+    with torch.device("meta"):
+        here = dict(build(shape).named_parameters())
+        wider = dict(build(shape.with_width(2 * shape.width)).named_parameters())
+    return {
+        name: tuple(a != b for a, b in zip(p.shape, wider[name].shape, strict=True))
+        for name, p in here.items()
+    }
+
+
+def shape_classes(model: nn.Module) -> dict[str, str]:
+    """Parameter name → "input" | "hidden" | "output" | "vector", by which dimensions scale with width."""
+    infinite = _infinite_dims(model.shape)
+    owner = {
+        f"{mod_name}.{p_name}".lstrip("."): mod
+        for mod_name, mod in model.named_modules()
+        for p_name, _ in mod.named_parameters(recurse=False)
+    }
+    readout = model.head.weight
+    classes = {}
+    for name, p in model.named_parameters():
+        inf, mod = infinite[name], owner[name]
+        if p is readout and not model.shape.tie_embeddings:
+            classes[name] = "output"
+        elif len(inf) == 2 and all(inf):
+            classes[name] = "hidden"
+        elif len(inf) == 2 and (isinstance(mod, nn.Embedding) or (inf[0] and not inf[1])):
+            classes[name] = "input"  # an embedding (V, d), or a linear layer fixed fan-in → width
+        else:
+            classes[name] = "vector"
+    return classes
+
+
+def _modules_with(model: nn.Module, *attrs: str) -> list[nn.Module]:
+    return [m for m in model.modules() if all(hasattr(m, a) for a in attrs)]
 
 
 @torch.no_grad()
-def apply_parametrization(model: GPT, model_spec: ModelSpec) -> list[dict[str, Any]]:
+def apply_parametrization(model: nn.Module, model_spec: ModelSpec) -> list[dict[str, Any]]:
     """Re-initialise `model` and set its multipliers for `model_spec.parametrization`.
 
     Returns optimizer param groups: dicts with `params`, `name`, `lr_mult`, `wd_mult`, `eps_mult`
@@ -87,64 +123,57 @@ def apply_parametrization(model: GPT, model_spec: ModelSpec) -> list[dict[str, A
         resid_std = hidden_std / math.sqrt(2 * depth)
         residual_multiplier = 1.0
 
-    # 1. init
-    nn.init.normal_(model.tok_emb.weight, std=sigma)
-    nn.init.normal_(model.pos_emb.weight, std=sigma)
-    for _, lin, is_resid in _hidden_modules(model):
-        nn.init.normal_(lin.weight, std=resid_std if is_resid else hidden_std)
-    if not model.shape.tie_embeddings:
-        nn.init.normal_(model.head.weight, std=sigma)
-    for mod in model.modules():
-        if isinstance(mod, nn.LayerNorm):
-            nn.init.ones_(mod.weight)
+    # 1. init, in parameter order (the RNG draws of a family never depend on the parametrization)
+    classes = shape_classes(model)
+    residual = {id(m.weight) for m in _modules_with(model, "residual_out", "weight")}
+    params = dict(model.named_parameters())
+    for name, cls in classes.items():
+        p = params[name]
+        if cls == "hidden":
+            nn.init.normal_(p, std=resid_std if id(p) in residual else hidden_std)
+        elif cls in ("input", "output") or p.ndim >= 2:
+            nn.init.normal_(p, std=sigma)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.ones_(p)  # a norm's gain
 
     # 3. multipliers
-    d_head = model.shape.width // model.shape.n_heads
     alpha_out = model_spec.output_multiplier
-    if kind == "sp":
-        attn_scale = None
-        model.output_multiplier = alpha_out
-    else:
-        base_d_head = model_spec.base_width / model.shape.n_heads
-        attn_scale = math.sqrt(base_d_head) / d_head
-        model.output_multiplier = alpha_out / m_n
-    for block in model.blocks:
-        block.attn.scale = attn_scale
+    model.output_multiplier = alpha_out / m_n if kind != "sp" else alpha_out
+    for attn in _modules_with(model, "scale", "d_head"):
+        if kind == "sp":
+            attn.scale = None
+        else:
+            base_d_head = model_spec.base_width / model.shape.n_heads
+            attn.scale = math.sqrt(base_d_head) / attn.d_head
+    for block in _modules_with(model, "residual_multiplier"):
         block.residual_multiplier = residual_multiplier
 
     # 2. groups
-    hidden_lr = 1.0 / m_n
-    hidden_wd = m_n if kind == "depth_mup" else 1.0
-    hidden_eps = 1.0 / (m_n * m_l**COMPLETEP_ALPHA) if kind == "depth_mup" else 1.0
-    hidden = [lin.weight for _, lin, _ in _hidden_modules(model)]
-    norms = [m.weight for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    groups: list[dict[str, Any]] = [
-        {
-            "name": "hidden",
-            "params": hidden,
-            "lr_mult": hidden_lr,
-            "wd_mult": hidden_wd,
-            "eps_mult": hidden_eps,
-        },
-        {
-            "name": "embedding",
-            "params": [model.tok_emb.weight, model.pos_emb.weight],
-            "lr_mult": 1.0,
-            "wd_mult": 0.0,
-            "eps_mult": 1.0,
-        },
-        {"name": "norm", "params": norms, "lr_mult": 1.0, "wd_mult": 0.0, "eps_mult": 1.0},
-    ]
-    if not model.shape.tie_embeddings:
-        groups.append(
-            {
-                "name": "readout",
-                "params": [model.head.weight],
-                "lr_mult": 1.0,
-                "wd_mult": 1.0,
-                "eps_mult": 1.0,
-            }
-        )
+    mults = {
+        "hidden": (
+            1.0 / m_n,
+            m_n if kind == "depth_mup" else 1.0,
+            1.0 / (m_n * m_l**COMPLETEP_ALPHA) if kind == "depth_mup" else 1.0,
+        ),
+        "embedding": (1.0, 0.0, 1.0),
+        "norm": (1.0, 0.0, 1.0),
+        "readout": (1.0, 1.0, 1.0),
+    }
+    groups: list[dict[str, Any]] = []
+    for group_name, (lr_mult, wd_mult, eps_mult) in mults.items():
+        members = [params[n] for n, c in classes.items() if GROUP_OF_CLASS[c] == group_name]
+        if members or group_name != "readout":
+            groups.append(
+                {
+                    "name": group_name,
+                    "params": members,
+                    "lr_mult": lr_mult,
+                    "wd_mult": wd_mult,
+                    "eps_mult": eps_mult,
+                }
+            )
     _check_groups(model, groups)
     return groups
 
@@ -175,6 +204,7 @@ def coord_check(
     lr: float = 1e-2,
     base_width: int | None = None,
     seed: int = 0,
+    family: str = "gpt2",
 ) -> list[dict[str, Any]]:
     """Train each width for `steps` Adam steps on fixed random tokens; per-layer activation RMS per step.
 
@@ -198,6 +228,7 @@ def coord_check(
             parametrization=parametrization,
             base_width=base,
             base_depth=depth,  # type: ignore[arg-type]
+            family=family,
         )
         torch.manual_seed(seed)
         model = build_model(spec)
@@ -210,7 +241,7 @@ def coord_check(
         def record(name: str, acts: dict[str, torch.Tensor] = acts) -> Any:
             return lambda module, inputs, output: acts.__setitem__(name, output)
 
-        hooks = [model.tok_emb.register_forward_hook(record("embedding"))]
+        hooks = [model.embedding.register_forward_hook(record("embedding"))]
         for i, block in enumerate(model.blocks):
             hooks.append(block.register_forward_hook(record(f"block.{i}")))
         for step in range(steps + 1):

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         nproc: Annotated[int, typer.Option("--nproc", help="Processes (ranks) per node.")] = 2,
         set_: Annotated[
             list[str] | None,
-            typer.Option("--set", "-s", help="Override a spec field: `--set train.strategy=fsdp`."),
+            typer.Option("--set", "-s", help="Override a spec field: `--set execution.strategy=fsdp`."),
         ] = None,
         max_restarts: Annotated[
             int, typer.Option("--max-restarts", help="Restart the group this often after a rank dies.")
@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train one run on several processes: wraps `python -m torch.distributed.run … scalelab train`.
 
-        Without `--set train.strategy=…` the config's strategy is used; 'none' is set to 'ddp'.
+        Without `--set execution.strategy=…` the config's strategy is used; 'none' is set to 'ddp' (in
+        [execution], so the run keeps its id).
         """
         from scalelab.spec import load_run
         from scalelab.train.parallel.launch import launch, torchrun_command
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
         overrides = list(set_ or ())
         spec = load_run(config, overrides)  # validate here, once, before any process starts
         if spec.train.strategy == "none":
-            overrides.append("train.strategy=ddp")
+            overrides.append("execution.strategy=ddp")  # execution only: same run id
         argv = torchrun_command(
             config,
             out,

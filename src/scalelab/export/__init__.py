@@ -1,0 +1,1 @@
+"""Take trained runs out of scalelab: Hugging Face model directories (`export.hf`)."""
