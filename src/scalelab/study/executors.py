@@ -7,6 +7,7 @@ interrupted ones from their checkpoints (the training command is always started 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -166,7 +167,7 @@ def attempt_run(
             stderr=err,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, _prctl()),
         )
         if on_start:
             on_start(proc)
@@ -418,17 +419,26 @@ def _ray_train_task(
 Executor = LocalExecutor | RayExecutor
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the driver dies (even by SIGKILL), so a
-    re-run of the study never races an orphaned training of the same run."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+@functools.cache
+def _prctl() -> Any:
+    """libc's prctl, resolved in the parent: the forked child must not import or dlopen anything (another
+    thread of the parent may hold the loader or import lock at fork time, and the child would hang)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        PR_SET_PDEATHSIG = 1
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:
-            pass
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+def _die_with_parent(prctl: Any) -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the driver dies (even by SIGKILL), so a
+    re-run of the study never races an orphaned training of the same run. `prctl` was resolved by
+    `_prctl` in the parent: nothing here imports or loads a library."""
+    if prctl is not None:
+        prctl(1, signal.SIGKILL.value)  # PR_SET_PDEATHSIG
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace_seconds: float = 5.0) -> None:
