@@ -426,10 +426,12 @@ def train(
     ] = None,
 ) -> None:
     """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json."""
+    from scalelab.extras import require_sinks
     from scalelab.spec import load_run
     from scalelab.train.run import exit_code, run_training
 
     spec = load_run(config, set_ or ())
+    require_sinks(spec.train.sinks)  # a missing optional package is a spec error, before anything runs
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
     record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank

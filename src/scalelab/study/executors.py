@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scalelab.extras import require_sinks
 from scalelab.io import atomic_write_text, read_tail
 from scalelab.spec import StudySpec, config_hash
 from scalelab.study.plan import PlannedRun, expand_runs
@@ -512,6 +513,7 @@ def run_study(
     write_study_files(study, study_dir, source_text, overrides)
     with Registry(study_dir / "registry.sqlite") as registry:
         runs, todo = prepare_run_dirs(study, study_dir, registry, forecast)
+        require_sinks(sorted({s for planned, _ in todo for s in planned.spec.train.sinks}), "study.train.sinks")
         done_ids = {p.run_id for p in runs} - {p.run_id for p, _ in todo}
         if on_plan:
             on_plan(runs, len(todo))

@@ -42,11 +42,13 @@ def register(app: typer.Typer) -> None:
 
         Without `--set train.strategy=…` the config's strategy is used; 'none' is set to 'ddp'.
         """
+        from scalelab.extras import require_sinks
         from scalelab.spec import load_run
         from scalelab.train.parallel.launch import launch, torchrun_command
 
         overrides = list(set_ or ())
         spec = load_run(config, overrides)  # validate here, once, before any process starts
+        require_sinks(spec.train.sinks)
         if spec.train.strategy == "none":
             overrides.append("train.strategy=ddp")
         argv = torchrun_command(

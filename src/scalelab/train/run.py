@@ -52,6 +52,7 @@ from scalelab.train.branch import SNAPSHOT_DIR
 from scalelab.train.checkpoint import Checkpoint, clean_stale, load_latest, save_checkpoint
 from scalelab.train.controls import build_controls, resolve_micro_batch
 from scalelab.train.observe import MetricsLogger
+from scalelab.train.sinks import hyperparameters
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 log = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ def run_training(
             shape, raw_model, train = prepared.shape, prepared.raw_model, prepared.train
             record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
             record["micro_batch_size"] = train.micro_batch_size or train.global_batch_size
-            controls = build_controls(train, out, spec.run_id)
+            controls = build_controls(train, out, spec.run_id, params=hyperparameters(spec))
             peak, peak_source = peak_flops(device, spec.train.precision)
             log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
             metrics = MetricsLogger(

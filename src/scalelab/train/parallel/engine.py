@@ -44,6 +44,7 @@ from scalelab.train.distributed import (
 )
 from scalelab.train.observe import MetricsLogger
 from scalelab.train.parallel.checkpoint import load_latest_sharded, save_sharded
+from scalelab.train.sinks import hyperparameters
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ def _build(
         peak, peak_source = peak_flops(ctx.device, train.precision)
         log.info("MFU reference: %.3g FLOP/s per rank (%s)", peak, peak_source)
 
-    controls = build_controls(train, out, spec.run_id, ctx.is_main)
+    controls = build_controls(train, out, spec.run_id, ctx.is_main, hyperparameters(spec))
     callbacks: list[Callback] = [
         CrossRankMetrics(group=None, grad_norm_source=local_grad_norm_source(model)),
         DivergenceGuard(train.divergence_factor),
