@@ -424,17 +424,43 @@ def train(
             "checkpoint: only the cooldown is trained, with the same result as from scratch.",
         ),
     ] = None,
+    progress_every: Annotated[
+        float,
+        typer.Option(
+            "--progress-every",
+            min=0.0,
+            envvar="SCALELAB_PROGRESS_SECONDS",
+            help="When the output is not a terminal: seconds between progress lines on stderr "
+            "(step, loss, tokens/s, MFU, ETA). A terminal shows a live bar instead.",
+        ),
+    ] = 10.0,
 ) -> None:
-    """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json."""
+    """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json.
+
+    Progress (step, loss, tokens/s, MFU, ETA) goes to stderr: a live bar on a terminal, a plain line every
+    `--progress-every` seconds otherwise; under torchrun only rank 0 reports.
+    """
+    from scalelab.cli_progress import StepProgressView
     from scalelab.extras import require_sinks
     from scalelab.spec import load_run
+    from scalelab.train.progress import ProgressCallback
     from scalelab.train.run import exit_code, run_training
 
     spec = load_run(config, set_ or ())
     require_sinks(spec.train.sinks)  # a missing optional package is a spec error, before anything runs
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
-    record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports for all
+    view = StepProgressView(err_console, live=err_console.is_terminal, interval_seconds=progress_every)
+    with view:
+        record = run_training(
+            spec,
+            out,
+            resume=resume,
+            snapshot_steps=steps,
+            branch_from=branch_from,
+            callbacks=[ProgressCallback(view, spec.run_id)] if main_rank else [],
+        )
+    if main_rank:
         console.print(
             f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "
             f"eval loss {_fmt_float(record.get('eval_loss'))}, {_fmt_float(record.get('wall_seconds'), '.1f')} s"
@@ -511,8 +537,22 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
+INTERRUPTED = "interrupted; re-run the same command to continue where it stopped"
+
+
+def _from_ctrl_c(err: BaseException) -> bool:
+    """Whether `err` comes from a KeyboardInterrupt (typer turns Ctrl-C into a silent exit code 130)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def main() -> None:
-    """Entry point: run the app; expected errors become one paragraph and exit code 2."""
+    """Entry point: run the app; expected errors become one paragraph and exit code 2, Ctrl-C says how to
+    continue and exits 130."""
     try:
         app()
     except ScalelabError as err:
@@ -521,5 +561,9 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; re-run the same command to continue where it stopped")
+        err_console.print(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as done:
+        if done.code == 130 and _from_ctrl_c(done):
+            err_console.print(INTERRUPTED)
+        raise
