@@ -22,7 +22,7 @@ from rich.table import Table
 
 import scalelab
 from scalelab.errors import ScalelabError
-from scalelab.units import binary_bytes, si
+from scalelab.units import binary_bytes, duration, si
 
 console = Console()
 err_console = Console(stderr=True)
@@ -191,8 +191,10 @@ def study_run(
     ] = True,
 ) -> None:
     """Run (or continue) a study: finished runs are skipped, interrupted ones resume from checkpoints."""
+    from scalelab.cli_progress import LiveTextColumn
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
+    from scalelab.study.eta import StudyEta
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
 
     study = load_study(spec, set_ or ())
@@ -221,31 +223,45 @@ def study_run(
         if not forecasters:
             from scalelab.study.forecast import Forecaster
 
+            console.print("forecasting run times (a few timed steps per model shape; cached per machine) …")
             forecasters.append(Forecaster())
         fc = forecasters[0].forecast(planned)
         return None if fc is None else fc.seconds
+
+    eta: list[StudyEta] = []
+
+    def eta_text() -> str:
+        return f"ETA {duration(eta[0].seconds_left())}" if eta else ""
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        LiveTextColumn(eta_text),
         console=console,
         disable=not _is_tty(),
     )
     task: list[Any] = []
 
-    def on_plan(runs: list[Any], todo: int) -> None:
-        skipped = len(runs) - todo
-        console.print(f"study '{study.name}': {len(runs)} runs, {skipped} already done, {todo} to run")
+    def on_plan(runs: list[Any], forecasts: dict[str, float | None]) -> None:
+        todo = len(forecasts)
+        eta.append(StudyEta(forecasts, parallel))
+        line = f"study '{study.name}': {len(runs)} runs, {len(runs) - todo} already done, {todo} to run"
+        if todo and eta[0].seconds_left() is not None:
+            line += f"; forecast {duration(eta[0].seconds_left())} with --parallel {parallel}"
+        console.print(line, soft_wrap=True)
         task.append(progress.add_task("training", total=todo))
 
     def on_done(o: RunOutcome) -> None:
         progress.advance(task[0])
+        eta[0].finished(o.run_id, o.seconds)
         line = f"{o.run_id}: {o.status} in {o.seconds:.1f} s"
         if o.error:
             line += f" — {o.error.splitlines()[0][:160]}"
-        progress.console.print(line) if _is_tty() else console.print(line)
+        if not _is_tty():
+            line += f" · {progress.tasks[0].completed:.0f}/{progress.tasks[0].total:.0f} · study {eta_text()}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     with progress:
         result = run_study(
@@ -257,6 +273,7 @@ def study_run(
             progress=on_done,
             on_plan=on_plan,
             forecast=forecast_seconds,
+            on_status=lambda message: console.print(message, markup=False, highlight=False, soft_wrap=True),
         )
     n_fail = len(result.outcomes) - result.count("done") - result.count("skipped")
     console.print(

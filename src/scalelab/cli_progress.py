@@ -8,7 +8,8 @@ from collections.abc import Callable
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
 
 from scalelab.train.progress import StepProgress
 from scalelab.units import duration, si
@@ -84,3 +85,14 @@ class StepProgressView:
         if p.done or self._last is None or now - self._last >= self.interval_seconds:
             self._last = now
             self.console.print(step_line(p), markup=False, highlight=False, soft_wrap=True)
+
+
+class LiveTextColumn(ProgressColumn):
+    """A progress column whose text `text()` computes at every refresh (a countdown, say)."""
+
+    def __init__(self, text: Callable[[], str]) -> None:
+        super().__init__()
+        self.text = text
+
+    def render(self, task: Task) -> Text:
+        return Text(self.text())

@@ -27,6 +27,7 @@ from scalelab.spec import StudySpec, config_hash
 from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
 from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
+from scalelab.units import si
 
 log = logging.getLogger(__name__)
 
@@ -504,27 +505,34 @@ def run_study(
     source_text: str | None = None,
     overrides: tuple[str, ...] = (),
     progress: ProgressFn | None = None,
-    on_plan: Callable[[list[PlannedRun], int], None] | None = None,
+    on_plan: Callable[[list[PlannedRun], dict[str, float | None]], None] | None = None,
     forecast: Callable[[PlannedRun], float | None] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> StudyResult:
-    """Plan, register and execute a study; finished runs are skipped, the rest run (or resume)."""
+    """Plan, register and execute a study; finished runs are skipped, the rest run (or resume).
+
+    `on_plan(runs, todo)` gets every planned run and, for those still to do, their forecast seconds (None:
+    unknown); `on_status(message)` says what the study is doing between runs (building a token store).
+    """
     study_dir = Path(study_dir)
     executor = executor or LocalExecutor()
     write_study_files(study, study_dir, source_text, overrides)
     with Registry(study_dir / "registry.sqlite") as registry:
         runs, todo = prepare_run_dirs(study, study_dir, registry, forecast)
-        require_sinks(sorted({s for planned, _ in todo for s in planned.spec.train.sinks}), "study.train.sinks")
+        require_sinks(
+            sorted({s for planned, _ in todo for s in planned.spec.train.sinks}), "study.train.sinks"
+        )
         done_ids = {p.run_id for p in runs} - {p.run_id for p, _ in todo}
         if on_plan:
-            on_plan(runs, len(todo))
+            on_plan(runs, {p.run_id: (registry.get(p.run_id) or {}).get("forecast_seconds") for p, _ in todo})
         if todo:
-            _prepare_data(todo)
+            _prepare_data(todo, on_status or (lambda message: None))
         result = StudyResult(study_dir, [RunOutcome(rid, "skipped") for rid in sorted(done_ids)])
         result.outcomes += executor.execute(todo, registry, progress)
     return result
 
 
-def _prepare_data(todo: list[tuple[PlannedRun, Path]]) -> None:
+def _prepare_data(todo: list[tuple[PlannedRun, Path]], on_status: Callable[[str], None]) -> None:
     """Build each distinct token store once, before runs start, so parallel runs only open it."""
     from scalelab.data.store import ensure_store
 
@@ -533,4 +541,10 @@ def _prepare_data(todo: list[tuple[PlannedRun, Path]]) -> None:
         key = planned.spec.data.model_dump_json()
         if key not in seen:
             seen.add(key)
-            ensure_store(planned.spec.data)
+            on_status("token store: opening, or building it from the corpus (once; cached afterwards) …")
+            t0 = time.monotonic()
+            store = ensure_store(planned.spec.data)
+            tokens = store.num_tokens("train") + store.num_tokens("heldout")
+            on_status(
+                f"token store ready: {si(tokens)} tokens in {time.monotonic() - t0:.1f} s ({store.path})"
+            )
