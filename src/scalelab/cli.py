@@ -167,7 +167,16 @@ def study_run(
     spec: Annotated[Path, typer.Argument(help="Study spec (TOML).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Study directory (registry, runs/, report/).")],
     set_: SetOption = None,
-    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1, help="Runs at once.")] = 1,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            "-j",
+            min=1,
+            help="Runs at once (local executor on a GPU machine: each with its own GPUs, through "
+            "CUDA_VISIBLE_DEVICES; see docs/studies.md).",
+        ),
+    ] = 1,
     timeout: Annotated[float | None, typer.Option(help="Per-run timeout in seconds.")] = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a run whose process crashed.")] = 0,
     executor_kind: Annotated[
@@ -311,27 +320,9 @@ def study_status(
         )
         print(json.dumps([{k: r.get(k) for k in keep} for r in rows], indent=2))
         return
-    table = Table(title=f"{study_dir}: {len(rows)} runs")
-    for col in ("run id", "status", "N", "D", "FLOPs", "eval loss", "train loss", "fcst s", "wall s", "note"):
-        table.add_column(
-            col, justify="left" if col in ("run id", "status", "note") else "right", no_wrap=col == "run id"
-        )
-    colors = {"done": "green", "failed": "red", "diverged": "magenta", "timeout": "yellow", "running": "cyan"}
-    for r in rows:
-        st = r["status"]
-        table.add_row(
-            r["run_id"],
-            f"[{colors.get(st, 'white')}]{st}[/]",
-            _fmt_int(r["n_params"]),
-            _fmt_int(r["tokens"] or (r["point"] or {}).get("train.tokens")),
-            "—" if r["flops"] is None else f"{r['flops']:.3g}",
-            _fmt_float(r["eval_loss"]),
-            _fmt_float(r["final_train_loss"]),
-            _fmt_float(r["forecast_seconds"], ".0f"),
-            _fmt_float(r["wall_seconds"], ".1f"),
-            (r["error"] or "").splitlines()[0][:60] if r["error"] else "",
-        )
-    console.print(table)
+    from scalelab.cli_study import status_view
+
+    console.print(status_view(f"{study_dir}: {len(rows)} runs", rows))
 
 
 @study_app.command("add-run")
@@ -359,59 +350,64 @@ def study_watch(
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
 ) -> None:
-    """A live dashboard of a study: status, step, loss, tokens/s, ETA and grad-norm spread per run."""
+    """A live dashboard of a study: each run's width, N, D, progress, loss, tokens/s and ETA, and the
+    study's ETA. Waits for the study's registry to appear; exits when no run is pending or running."""
+    from scalelab.errors import RegistryError
+    from scalelab.study.watch import registry_exists
+
+    if once and not registry_exists(study_dir):
+        raise RegistryError(
+            f"{study_dir}: no registry.sqlite yet; start the study with `scalelab study run`, or watch "
+            "without --once to wait for it"
+        )
+    try:
+        _watch(study_dir, interval, once)
+    except KeyboardInterrupt:  # leaving the dashboard stops nothing
+        pass
+
+
+def _watch(study_dir: Path, interval: float, once: bool) -> None:
     import time
 
     from rich.live import Live
 
-    from scalelab.study.watch import study_progress
+    from scalelab.cli_study import study_title, watch_view
+    from scalelab.study.watch import registry_exists, study_eta, study_progress
 
-    def render() -> Table:
+    live_tty = _is_tty() and not once
+    if not registry_exists(study_dir):
+        console.print(
+            f"waiting for {study_dir / 'registry.sqlite'} (`scalelab study run` creates it) …",
+            soft_wrap=True,
+            markup=False,
+        )
+        while not registry_exists(study_dir):
+            time.sleep(interval)
+
+    def snapshot() -> tuple[Any, bool]:
         rows = study_progress(study_dir)
         counts: dict[str, int] = {}
         for r in rows:
             counts[r.status] = counts.get(r.status, 0) + 1
-        title = f"{study_dir}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        table = Table(title=title)
-        for col in (
-            "run id",
-            "status",
-            "step",
-            "tokens",
-            "loss",
-            "eval",
-            "tok/s",
-            "ETA s",
-            "gnorm",
-            "spread",
-        ):
-            table.add_column(col, justify="left" if col in ("run id", "status") else "right", no_wrap=True)
-        for r in rows:
-            done = "—" if r.tokens is None else f"{_fmt_int(r.tokens)}/{_fmt_int(r.tokens_planned)}"
-            table.add_row(
-                r.run_id,
-                r.status,
-                "—" if r.step is None else str(r.step),
-                done,
-                _fmt_float(r.loss),
-                _fmt_float(r.eval_loss),
-                _fmt_int(r.tokens_per_second),
-                _fmt_float(r.eta_seconds, ".0f"),
-                _fmt_float(r.grad_norm, ".3g"),
-                _fmt_float(r.grad_norm_spread, ".2f"),
-            )
-        return table
+        ended = all(r.finished for r in rows)
+        return watch_view(study_title(str(study_dir), counts, study_eta(rows)), rows), ended
 
-    if once or not _is_tty():
-        console.print(render())
+    view, ended = snapshot()
+    if once or ended or not live_tty:
+        console.print(view)
+        if once or ended:
+            return
+        while not ended:  # not a terminal: a snapshot every `interval` until the study ends
+            time.sleep(interval)
+            view, ended = snapshot()
+            console.print(view)
         return
-    with Live(render(), console=console, refresh_per_second=4) as live:
-        try:
-            while True:
-                time.sleep(interval)
-                live.update(render())
-        except KeyboardInterrupt:
-            pass
+    with Live(view, console=console, refresh_per_second=4) as live:
+        while not ended:
+            time.sleep(interval)
+            view, ended = snapshot()
+            live.update(view)
+    console.print("study finished")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -461,9 +457,9 @@ def train(
     from scalelab.extras import require_sinks
     from scalelab.spec import load_run
     from scalelab.train.progress import ProgressCallback
-    from scalelab.train.run import exit_code, run_training
+    from scalelab.train.run import exit_code, run_training, under_torchrun
 
-    spec = load_run(config, set_ or ())
+    spec = under_torchrun(load_run(config, set_ or ()))  # torchrun + a plain spec: DDP
     require_sinks(spec.train.sinks)  # a missing optional package is a spec error, before anything runs
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports for all

@@ -23,6 +23,7 @@ class StudyEta:
         self.clock = clock
         self.pending = set(self.forecasts)
         self.actual: dict[str, float] = {}
+        self.left: dict[str, float] = {}  # measured seconds left of runs in progress
         self._estimate = self._compute()
         self._at = clock()
 
@@ -31,6 +32,12 @@ class StudyEta:
         self.pending.discard(run_id)
         if seconds > 0:
             self.actual[run_id] = seconds
+        self._estimate, self._at = self._compute(), self.clock()
+
+    def remaining(self, run_id: str, seconds: float) -> None:
+        """A run in progress has `seconds` left (measured from its own step rate): used instead of its
+        scaled forecast."""
+        self.left[run_id] = seconds
         self._estimate, self._at = self._compute(), self.clock()
 
     def ratio(self) -> float:
@@ -48,7 +55,9 @@ class StudyEta:
         work = 0.0
         for run_id in self.pending:
             forecast = self.forecasts.get(run_id)
-            if forecast is not None:
+            if run_id in self.left:
+                work += self.left[run_id]
+            elif forecast is not None:
                 work += forecast * ratio
             elif mean_actual is not None:
                 work += mean_actual

@@ -24,6 +24,7 @@ from typing import Any
 from scalelab.extras import require_sinks
 from scalelab.io import atomic_write_text, read_tail
 from scalelab.spec import StudySpec, config_hash
+from scalelab.study.gpus import GpuSlots, slot_gpus, visible_gpus
 from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
 from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
@@ -232,7 +233,8 @@ def record_outcome(
 
 
 class LocalExecutor:
-    """Bounded parallel subprocesses on this machine, one run directory each."""
+    """Bounded parallel subprocesses on this machine, one run directory each; on a machine with CUDA
+    devices each concurrent run gets its own GPUs through CUDA_VISIBLE_DEVICES (study/gpus.py)."""
 
     def __init__(
         self,
@@ -250,6 +252,17 @@ class LocalExecutor:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._slots: GpuSlots | None = None  # built when the first run starts (study/gpus.py)
+
+    def gpu_slots(self) -> GpuSlots:
+        """One slot per concurrent run, each with its own GPUs when there are enough (study/gpus.py)."""
+        with self._lock:
+            if self._slots is None:
+                gpus = visible_gpus()
+                self._slots = GpuSlots(slot_gpus(gpus, self.parallel, self.nproc_per_run))
+                if gpus:
+                    log.info("GPUs per run slot: %s", self._slots.assignment)
+            return self._slots
 
     def run_one(self, planned: PlannedRun, run_dir: Path, registry: Registry) -> RunOutcome:
         t0 = time.perf_counter()
@@ -259,15 +272,16 @@ class LocalExecutor:
             with self._lock:
                 self._procs[planned.run_id] = proc
 
-        status, error, attempts = attempt_with_retries(
-            run_dir,
-            run_env(planned.spec.train.threads),
-            self.timeout_seconds,
-            self.retries,
-            started,
-            self._stopping,
-            run_command(planned, run_dir, self.nproc_per_run),
-        )
+        with self.gpu_slots().take() as gpu_env:
+            status, error, attempts = attempt_with_retries(
+                run_dir,
+                run_env(planned.spec.train.threads) | gpu_env,
+                self.timeout_seconds,
+                self.retries,
+                started,
+                self._stopping,
+                run_command(planned, run_dir, self.nproc_per_run),
+            )
         with self._lock:
             self._procs.pop(planned.run_id, None)
         if self._stopping.is_set() and status not in ("done", "diverged"):

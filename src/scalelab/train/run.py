@@ -300,6 +300,29 @@ def _branch_point(
     return point.checkpoint
 
 
+def torchrun_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when not under torchrun or when it is not a number)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def under_torchrun(spec: RunSpec) -> RunSpec:
+    """`spec` as it trains here: a plain spec (train.strategy 'none') started by torchrun with WORLD_SIZE
+    > 1 trains as DDP, like `scalelab launch` does (its run id is that of the ddp spec); other specs, and a
+    plain spec that cannot be DDP (noise_scale), are returned as they are."""
+    if spec.train.strategy != "none" or torchrun_world_size() <= 1:
+        return spec
+    data = spec.model_dump()
+    data["train"]["strategy"] = "ddp"
+    try:
+        return RunSpec.model_validate(data)
+    except ValueError as err:
+        log.warning("cannot train %s as DDP under torchrun: %s", spec.run_id, err)
+        return spec
+
+
 def run_training(
     spec: RunSpec,
     out_dir: Path | str,
@@ -317,6 +340,7 @@ def run_training(
     `callbacks` are for tests and embedding; the contract is `run_training(spec, out_dir, resume)`.
     `snapshot_steps` / `branch_from`: WSD trunks and branches (module docstring).
     """
+    spec = under_torchrun(spec)
     if spec.train.strategy != "none":  # ddp/fsdp: the multi-rank engine (also as a world of one)
         from scalelab.train.parallel.engine import run_distributed
 
@@ -349,10 +373,11 @@ def run_training(
     metrics: MetricsLogger | None = None
     try:
         with _torch_settings(spec.train.threads, deterministic=True):
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if torchrun_world_size() > 1:  # under_torchrun could not make it DDP
                 raise TrainingError(
                     f"train.strategy='none' with WORLD_SIZE={os.environ['WORLD_SIZE']}: every process would "
-                    "train the same run into the same directory; set train.strategy to 'ddp' or 'fsdp'"
+                    "train the same run into the same directory, and this spec cannot train as DDP "
+                    "(see the warning above); train it in one process"
                 )
             device = resolve_device(spec.train.device)
             if device.type == "cuda":
