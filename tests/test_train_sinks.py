@@ -29,7 +29,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SCALELAB_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def spec(sink: str) -> RunSpec:
+def spec(sink: str, crash_at_step: int | None = None) -> RunSpec:
     train = {
         "tokens": 32 * 4 * STEPS,
         "global_batch_size": 4,
@@ -40,7 +40,8 @@ def spec(sink: str) -> RunSpec:
         "sinks": [sink],
     }
     model = {"width": 32, "depth": 1, "n_heads": 4, "context_tokens": 32}
-    return RunSpec.model_validate({"model": model, "train": train})
+    debug = {"crash_at_step": crash_at_step} if crash_at_step else {}
+    return RunSpec.model_validate({"model": model, "train": train, "debug": debug})
 
 
 def train(sink: str, out: Path) -> tuple[RunSpec, dict]:
@@ -109,6 +110,26 @@ def test_mlflow_sink_read_back_with_the_mlflow_client(tmp_path: Path, monkeypatc
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert history == pytest.approx(losses(tmp_path / "run"))
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")) == [3, 6]
+
+
+@needs("mlflow")
+@needs("tensorboard")
+def test_a_crashed_run_leaves_its_sinks_flushed_and_marked_failed(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for sink in ("mlflow", "tensorboard"):
+        s = spec(sink, crash_at_step=4)
+        record = run_training(s, tmp_path / sink, store=SyntheticStore(), loader_factory=synthetic_factory)
+        assert record["status"] == "failed" and "injected crash" in record["error"]
+    (run,) = MlflowClient(uri).search_runs(["0"])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
 
 
 @needs("wandb")

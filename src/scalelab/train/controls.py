@@ -51,6 +51,13 @@ class Controls:
     sinks: list[Callback] = field(default_factory=list)
     growth: Any = None  # the batch-size controller, if any
 
+    def close_sinks(self) -> None:
+        """End the sinks' runs as failed if they are still open (a crash skipped on_fit_end)."""
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
     def record(self) -> dict[str, Any]:
         """What record.json says about them."""
         return {"batch_changes": list(self.growth.changes)} if self.growth is not None else {}

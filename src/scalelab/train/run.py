@@ -371,6 +371,7 @@ def run_training(
     prior_wall = 0.0
     energy = EnergyMeter("cpu")
     metrics: MetricsLogger | None = None
+    controls = None
     try:
         with _torch_settings(spec.train.threads, deterministic=True):
             if torchrun_world_size() > 1:  # under_torchrun could not make it DDP
@@ -475,6 +476,8 @@ def run_training(
     finally:
         if metrics is not None:
             metrics.close()
+        if controls is not None:
+            controls.close_sinks()
     finish_record(record, trainer, shape, device, energy, prior_wall + (time.time() - t_start))
     atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
     return record

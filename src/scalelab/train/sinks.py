@@ -84,6 +84,14 @@ class _Sink(Callback):
         if state.eval_loss is not None and math.isfinite(state.eval_loss):
             self.log({"eval/loss": float(state.eval_loss)}, state.step)
 
+    def on_fit_end(self, state: TrainState) -> None:
+        self.close(ok=state.status == "done")
+
+    def close(self, ok: bool = False) -> None:
+        """Flush and end the sink's run (marked failed unless `ok`); idempotent, so the run's cleanup can
+        call it after a crash that skipped on_fit_end."""
+        raise NotImplementedError
+
 
 class TensorBoardSink(_Sink):
     """Scalars, hyperparameters (hparams plugin) and the run id (text) to an event file in `log_dir`."""
@@ -107,7 +115,10 @@ class TensorBoardSink(_Sink):
         for key, value in metrics.items():
             self._writer.add_scalar(key, value, step)
 
-    def on_fit_end(self, state: TrainState) -> None:
+    def on_checkpoint(self, state: TrainState, path: Path) -> None:
+        self._writer.flush()  # what a crash would lose otherwise: the writer flushes every 2 minutes
+
+    def close(self, ok: bool = False) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -139,9 +150,9 @@ class MLflowSink(_Sink):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics(metrics, step=step)
 
-    def on_fit_end(self, state: TrainState) -> None:
+    def close(self, ok: bool = False) -> None:
         if self._mlflow is not None and self._own_run:
-            self._mlflow.end_run()
+            self._mlflow.end_run(status="FINISHED" if ok else "FAILED")
             self._own_run = False
 
 
@@ -172,9 +183,9 @@ class WandbSink(_Sink):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
 
-    def on_fit_end(self, state: TrainState) -> None:
+    def close(self, ok: bool = False) -> None:
         if self._run is not None:
-            self._run.finish()
+            self._run.finish(exit_code=0 if ok else 1)
             self._run = None
 
 

@@ -78,6 +78,7 @@ def run_distributed(
     trainer: Trainer | None = None
     shape: ModelShape | None = None
     metrics: MetricsLogger | None = None
+    controls: Controls | None = None
     prior_wall = 0.0
     device = torch.device("cpu")
     energy = EnergyMeter("cpu")
@@ -129,6 +130,8 @@ def run_distributed(
     finally:
         if metrics is not None:
             metrics.close()
+        if controls is not None:
+            controls.close_sinks()
     single.finish_record(record, trainer, shape, device, energy, prior_wall + (time.time() - t_start))
     try:
         if ctx is not None and ctx.is_main:
