@@ -46,11 +46,9 @@ def test_eta_without_forecasts_uses_the_mean_actual_time() -> None:
     assert eta.seconds_left() == pytest.approx(24.0)
 
 
-def test_study_run_log_says_what_it_does_and_the_study_eta(tmp_path: Path, tiny_corpus: Path) -> None:
-    spec = tmp_path / "study.toml"
-    text = tiny_study(
-        "progress",
-        """[study.train]
+STUDY = tiny_study(
+    "progress",
+    """[study.train]
 tokens = 1024
 global_batch_size = 4
 eval_interval_steps = 16
@@ -62,8 +60,28 @@ kind = "grid"
 [study.design.axes]
 "model.width" = [8, 16]
 """,
+)
+
+
+def test_study_plan_says_it_is_measuring_on_stderr(tmp_path: Path, tiny_corpus: Path) -> None:
+    import json
+
+    spec = tmp_path / "study.toml"
+    spec.write_text(STUDY.format(corpus=tiny_corpus))
+    out = subprocess.run(
+        [sys.executable, "-m", "scalelab", "study", "plan", str(spec), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    spec.write_text(text.format(corpus=tiny_corpus))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.startswith("forecasting run times")
+    assert all(r["forecast_seconds"] > 0 for r in json.loads(out.stdout)["runs"])
+
+
+def test_study_run_log_says_what_it_does_and_the_study_eta(tmp_path: Path, tiny_corpus: Path) -> None:
+    spec = tmp_path / "study.toml"
+    spec.write_text(STUDY.format(corpus=tiny_corpus))
     out = subprocess.run(
         [sys.executable, "-m", "scalelab", "study", "run", str(spec), "--out", str(tmp_path / "s")],
         capture_output=True,

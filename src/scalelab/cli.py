@@ -88,6 +88,9 @@ def _is_tty() -> bool:
     return console.is_terminal
 
 
+FORECASTING = "forecasting run times (a few timed steps per model shape; cached per machine) …"
+
+
 # ------------------------------------------------------------------------------------------ study
 @study_app.command("plan")
 def study_plan(
@@ -112,6 +115,8 @@ def study_plan(
     from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
+    if measure:
+        err_console.print(FORECASTING, markup=False, highlight=False, soft_wrap=True)
     plan = plan_rows(expand_runs(study, source=spec.name), Forecaster() if measure else None, parallel)
     if as_json:
         print(json.dumps({"study": study.name, **plan}, indent=2))
@@ -232,7 +237,7 @@ def study_run(
         if not forecasters:
             from scalelab.study.forecast import Forecaster
 
-            console.print("forecasting run times (a few timed steps per model shape; cached per machine) …")
+            console.print(FORECASTING, markup=False, highlight=False, soft_wrap=True)
             forecasters.append(Forecaster())
         fc = forecasters[0].forecast(planned)
         return None if fc is None else fc.seconds
