@@ -132,6 +132,31 @@ def test_a_crashed_run_leaves_its_sinks_flushed_and_marked_failed(tmp_path: Path
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
 
 
+@needs("mlflow")
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from scalelab.train.trainer import Callback
+
+    class Kill(Callback):
+        def on_step_end(self, state) -> None:
+            if state.step == 4:
+                raise RuntimeError("killed at step 4")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    plain = spec("mlflow").model_dump()
+    s = RunSpec.model_validate(plain | {"train": plain["train"] | {"checkpoint_interval_steps": 2}})
+    kw = {"store": SyntheticStore(), "loader_factory": synthetic_factory}
+    assert run_training(s, tmp_path / "run", callbacks=[Kill()], **kw)["status"] == "failed"
+    assert run_training(s, tmp_path / "run", **kw)["status"] == "done"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(["0"])
+    assert run.info.status == "FINISHED" and run.data.tags["scalelab.run_id"] == s.run_id
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(set(steps)) == list(range(1, STEPS + 1))
+
+
 @needs("wandb")
 def test_wandb_sink_writes_an_offline_run_read_back_by_wandb(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)

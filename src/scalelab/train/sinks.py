@@ -5,7 +5,8 @@ run starts, then train/loss, train/lr, train/grad_norm, train/tokens_per_second,
 every `log_interval_steps` steps and eval/loss after each evaluation. Where they write:
   tensorboard  RUN_DIR/tensorboard/ (scalars, hparams plugin data, the run id as text)
   mlflow       $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db in the working directory);
-               one MLflow run named by the run id, tag `scalelab.run_id`
+               one MLflow run named by the run id, tag `scalelab.run_id`; a resumed run continues its
+               unfinished MLflow run
   wandb        RUN_DIR/wandb/ in offline mode (`wandb sync` uploads it later); $WANDB_MODE overrides,
                $WANDB_PROJECT names the project (default "scalelab"); the W&B run id is the run id
 The packages are optional extras, checked by `scalelab.extras.require_sinks` before anything runs.
@@ -129,7 +130,8 @@ _MLFLOW_PARAM_CHARS = 6000
 
 
 class MLflowSink(_Sink):
-    """One MLflow run named by the run id (or the caller's active run), with params and a run-id tag."""
+    """One MLflow run named by the run id (or the caller's active run, or the unfinished one a resumed
+    run started), with params and a run-id tag."""
 
     def __init__(self, params: Params, log_interval_steps: int = 1) -> None:
         super().__init__(params, log_interval_steps)
@@ -142,7 +144,16 @@ class MLflowSink(_Sink):
 
         self._mlflow = mlflow
         if mlflow.active_run() is None:
-            mlflow.start_run(run_name=self.run_id)
+            earlier = mlflow.search_runs(
+                filter_string=f"tags.`scalelab.run_id` = '{self.run_id}' and attributes.status != 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+                output_format="list",
+            )
+            if earlier:  # a resumed run continues the MLflow run it started
+                mlflow.start_run(run_id=earlier[0].info.run_id)
+            else:
+                mlflow.start_run(run_name=self.run_id)
             self._own_run = True
         mlflow.set_tag("scalelab.run_id", self.run_id)
         mlflow.log_params({k: str(v)[:_MLFLOW_PARAM_CHARS] for k, v in self.params.items()})
