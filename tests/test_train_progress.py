@@ -73,6 +73,9 @@ def test_train_prints_progress_lines_when_not_a_terminal(tmp_path: Path, tiny_co
     lines = progress_lines(out.stderr)
     assert [int(m.group(1)) for m in lines] == list(range(1, 13)), out.stderr
     assert lines[-1].group(0).endswith("ETA 0s") and "eval" in lines[-1].group(0)
+    assert out.stderr.splitlines()[0].endswith(
+        "preparing the token store (built from the corpus once, then cached), the model and the data loader …"
+    )
     assert "done — train loss" in out.stdout and "step" not in out.stdout
 
 

@@ -469,6 +469,14 @@ def train(
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports for all
     view = StepProgressView(err_console, live=err_console.is_terminal, interval_seconds=progress_every)
+    if main_rank:
+        err_console.print(
+            f"{spec.run_id}: preparing the token store (built from the corpus once, then cached), the model "
+            "and the data loader …",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     with view:
         record = run_training(
             spec,
