@@ -159,3 +159,18 @@ def test_duration(seconds, text) -> None:
     from scalelab.units import duration
 
     assert duration(seconds) == text
+
+
+def test_terminal_view_is_a_bar_with_the_fields() -> None:
+    import io
+
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, record=True)
+    with StepProgressView(console, live=True) as view:
+        for step in range(1, 11):
+            view(StepProgress("abc", step, 10, step * 64, 3.0, 3.1, 2000.0, 0.02, 10.0 - step, step == 10))
+    text = console.export_text()
+    assert (
+        "abc" in text
+        and "10/10" in text
+        and "loss 3.0000 · eval 3.1000 · 2k tok/s · MFU 2.0% · ETA 0s" in text
+    )
