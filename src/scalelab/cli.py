@@ -25,7 +25,7 @@ from rich.table import Table
 
 import scalelab
 from scalelab.errors import ScalelabError
-from scalelab.units import binary_bytes, si
+from scalelab.units import binary_bytes, duration, si
 
 console = Console()
 err_console = Console(stderr=True)
@@ -106,6 +106,9 @@ def _out_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
+FORECASTING = "forecasting run times (a few timed steps per model shape; cached per machine) …"
+
+
 # ------------------------------------------------------------------------------------------ study
 @study_app.command("plan")
 def study_plan(
@@ -130,6 +133,8 @@ def study_plan(
     from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
+    if measure:
+        err_console.print(FORECASTING, markup=False, highlight=False, soft_wrap=True)
     plan = plan_rows(expand_runs(study, source=spec.name), Forecaster() if measure else None, parallel)
     if as_json:
         print(json.dumps({"study": study.name, **plan}, indent=2))
@@ -185,7 +190,16 @@ def study_run(
     spec: Annotated[Path, typer.Argument(help="Study spec (TOML).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Study directory (registry, runs/, report/).")],
     set_: SetOption = None,
-    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1, help="Runs at once.")] = 1,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            "-j",
+            min=1,
+            help="Runs at once (local executor on a GPU machine: each with its own GPUs, through "
+            "CUDA_VISIBLE_DEVICES; see docs/studies.md).",
+        ),
+    ] = 1,
     timeout: Annotated[float | None, typer.Option(help="Per-run timeout in seconds.")] = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a run whose process crashed.")] = 0,
     executor_kind: Annotated[
@@ -209,8 +223,10 @@ def study_run(
     ] = True,
 ) -> None:
     """Run (or continue) a study: finished runs are skipped, interrupted ones resume from checkpoints."""
+    from scalelab.cli_progress import LiveTextColumn
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
+    from scalelab.study.eta import StudyEta
     from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
     from scalelab.study.plan import expand_runs
 
@@ -242,31 +258,45 @@ def study_run(
         if not forecasters:
             from scalelab.study.forecast import Forecaster
 
+            console.print(FORECASTING, markup=False, highlight=False, soft_wrap=True)
             forecasters.append(Forecaster())
         fc = forecasters[0].forecast(planned)
         return None if fc is None else fc.seconds
+
+    eta: list[StudyEta] = []
+
+    def eta_text() -> str:
+        return f"ETA {duration(eta[0].seconds_left())}" if eta else ""
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        LiveTextColumn(eta_text),
         console=console,
         disable=not _is_tty(),
     )
     task: list[Any] = []
 
-    def on_plan(runs: list[Any], todo: int) -> None:
-        skipped = len(runs) - todo
-        console.print(f"study '{study.name}': {len(runs)} runs, {skipped} already done, {todo} to run")
+    def on_plan(runs: list[Any], forecasts: dict[str, float | None]) -> None:
+        todo = len(forecasts)
+        eta.append(StudyEta(forecasts, parallel))
+        line = f"study '{study.name}': {len(runs)} runs, {len(runs) - todo} already done, {todo} to run"
+        if todo and eta[0].seconds_left() is not None:
+            line += f"; forecast {duration(eta[0].seconds_left())} with --parallel {parallel}"
+        console.print(line, soft_wrap=True)
         task.append(progress.add_task("training", total=todo))
 
     def on_done(o: RunOutcome) -> None:
         progress.advance(task[0])
+        eta[0].finished(o.run_id, o.seconds)
         line = f"{o.run_id}: {o.status} in {o.seconds:.1f} s"
         if o.error:
             line += f" — {o.error.splitlines()[0][:160]}"
-        progress.console.print(line) if _is_tty() else console.print(line)
+        if not _is_tty():
+            line += f" · {progress.tasks[0].completed:.0f}/{progress.tasks[0].total:.0f} · study {eta_text()}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     with progress:
         result = run_study(
@@ -278,6 +308,7 @@ def study_run(
             progress=on_done,
             on_plan=on_plan,
             forecast=forecast_seconds,
+            on_status=lambda message: console.print(message, markup=False, highlight=False, soft_wrap=True),
         )
     n_fail = len(result.outcomes) - result.count("done") - result.count("skipped")
     console.print(
@@ -315,27 +346,9 @@ def study_status(
         )
         print(json.dumps([{k: r.get(k) for k in keep} for r in rows], indent=2))
         return
-    table = Table(title=f"{study_dir}: {len(rows)} runs")
-    for col in ("run id", "status", "N", "D", "FLOPs", "eval loss", "train loss", "fcst s", "wall s", "note"):
-        table.add_column(
-            col, justify="left" if col in ("run id", "status", "note") else "right", no_wrap=col == "run id"
-        )
-    colors = {"done": "green", "failed": "red", "diverged": "magenta", "timeout": "yellow", "running": "cyan"}
-    for r in rows:
-        st = r["status"]
-        table.add_row(
-            r["run_id"],
-            f"[{colors.get(st, 'white')}]{st}[/]",
-            _fmt_int(r["n_params"]),
-            _fmt_int(r["tokens"] or (r["point"] or {}).get("train.tokens")),
-            "—" if r["flops"] is None else f"{r['flops']:.3g}",
-            _fmt_float(r["eval_loss"]),
-            _fmt_float(r["final_train_loss"]),
-            _fmt_float(r["forecast_seconds"], ".0f"),
-            _fmt_float(r["wall_seconds"], ".1f"),
-            (r["error"] or "").splitlines()[0][:60] if r["error"] else "",
-        )
-    console.print(table)
+    from scalelab.cli_study import status_view
+
+    console.print(status_view(f"{study_dir}: {len(rows)} runs", rows))
 
 
 @study_app.command("add-run")
@@ -377,59 +390,64 @@ def study_watch(
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
 ) -> None:
-    """A live dashboard of a study: status, step, loss, tokens/s, ETA and grad-norm spread per run."""
+    """A live dashboard of a study: each run's width, N, D, progress, loss, tokens/s and ETA, and the
+    study's ETA. Waits for the study's registry to appear; exits when no run is pending or running."""
+    from scalelab.errors import RegistryError
+    from scalelab.study.watch import registry_exists
+
+    if once and not registry_exists(study_dir):
+        raise RegistryError(
+            f"{study_dir}: no registry.sqlite yet; start the study with `scalelab study run`, or watch "
+            "without --once to wait for it"
+        )
+    try:
+        _watch(study_dir, interval, once)
+    except KeyboardInterrupt:  # leaving the dashboard stops nothing
+        pass
+
+
+def _watch(study_dir: Path, interval: float, once: bool) -> None:
     import time
 
     from rich.live import Live
 
-    from scalelab.study.watch import study_progress
+    from scalelab.cli_study import study_title, watch_view
+    from scalelab.study.watch import registry_exists, study_eta, study_progress
 
-    def render() -> Table:
+    live_tty = _is_tty() and not once
+    if not registry_exists(study_dir):
+        console.print(
+            f"waiting for {study_dir / 'registry.sqlite'} (`scalelab study run` creates it) …",
+            soft_wrap=True,
+            markup=False,
+        )
+        while not registry_exists(study_dir):
+            time.sleep(interval)
+
+    def snapshot() -> tuple[Any, bool]:
         rows = study_progress(study_dir)
         counts: dict[str, int] = {}
         for r in rows:
             counts[r.status] = counts.get(r.status, 0) + 1
-        title = f"{study_dir}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        table = Table(title=title)
-        for col in (
-            "run id",
-            "status",
-            "step",
-            "tokens",
-            "loss",
-            "eval",
-            "tok/s",
-            "ETA s",
-            "gnorm",
-            "spread",
-        ):
-            table.add_column(col, justify="left" if col in ("run id", "status") else "right", no_wrap=True)
-        for r in rows:
-            done = "—" if r.tokens is None else f"{_fmt_int(r.tokens)}/{_fmt_int(r.tokens_planned)}"
-            table.add_row(
-                r.run_id,
-                r.status,
-                "—" if r.step is None else str(r.step),
-                done,
-                _fmt_float(r.loss),
-                _fmt_float(r.eval_loss),
-                _fmt_int(r.tokens_per_second),
-                _fmt_float(r.eta_seconds, ".0f"),
-                _fmt_float(r.grad_norm, ".3g"),
-                _fmt_float(r.grad_norm_spread, ".2f"),
-            )
-        return table
+        ended = all(r.finished for r in rows)
+        return watch_view(study_title(str(study_dir), counts, study_eta(rows)), rows), ended
 
-    if once or not _is_tty():
-        console.print(render())
+    view, ended = snapshot()
+    if once or ended or not live_tty:
+        console.print(view)
+        if once or ended:
+            return
+        while not ended:  # not a terminal: a snapshot every `interval` until the study ends
+            time.sleep(interval)
+            view, ended = snapshot()
+            console.print(view)
         return
-    with Live(render(), console=console, refresh_per_second=4) as live:
-        try:
-            while True:
-                time.sleep(interval)
-                live.update(render())
-        except KeyboardInterrupt:
-            pass
+    with Live(view, console=console, refresh_per_second=4) as live:
+        while not ended:
+            time.sleep(interval)
+            view, ended = snapshot()
+            live.update(view)
+    console.print("study finished")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -459,23 +477,58 @@ def train(
             "checkpoint: only the cooldown is trained, with the same result as from scratch.",
         ),
     ] = None,
+    progress_every: Annotated[
+        float,
+        typer.Option(
+            "--progress-every",
+            min=0.0,
+            envvar="SCALELAB_PROGRESS_SECONDS",
+            help="When the output is not a terminal: seconds between progress lines on stderr "
+            "(step, loss, tokens/s, MFU, ETA). A terminal shows a live bar instead.",
+        ),
+    ] = 10.0,
 ) -> None:
-    """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json."""
-    from scalelab.spec import load_run
+    """Train one run; writes config.json, provenance.json, metrics.jsonl, checkpoint/ and record.json.
 
-    spec = load_run(config, set_ or ())
+    Progress (step, loss, tokens/s, MFU, ETA) goes to stderr: a live bar on a terminal, a plain line every
+    `--progress-every` seconds otherwise; under torchrun only rank 0 reports.
+    """
+    from scalelab.cli_progress import StepProgressView
+    from scalelab.extras import require_sinks
+    from scalelab.spec import load_run
+    from scalelab.train.progress import ProgressCallback
+    from scalelab.train.run import exit_code, run_training, under_torchrun
+
+    spec = under_torchrun(load_run(config, set_ or ()))  # torchrun + a plain spec: DDP
+    require_sinks(spec.train.sinks)  # a missing optional package is a spec error, before anything runs
     steps = _parse_steps(snapshot_at) if snapshot_at else ()
     _out_dir(out)
-    from scalelab.train.run import exit_code, run_training  # torch: only once the inputs are valid
-
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports for all
     lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-    if os.environ.get("RANK", "0") == "0":  # one trainer per run directory (rank 0 speaks for a torchrun job)
+    if main_rank:  # one trainer per run directory (rank 0 speaks for a torchrun job)
         from scalelab.io import file_lock
 
         lock = file_lock(out / ".run.lock", wait=False, what=f"{out} (a run being trained)")
+    view = StepProgressView(err_console, live=err_console.is_terminal, interval_seconds=progress_every)
     with lock:
-        record = run_training(spec, out, resume=resume, snapshot_steps=steps, branch_from=branch_from)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per rank
+        if main_rank:
+            err_console.print(
+                f"{spec.run_id}: preparing the token store (built from the corpus once, then cached), the "
+                "model and the data loader …",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        with view:
+            record = run_training(
+                spec,
+                out,
+                resume=resume,
+                snapshot_steps=steps,
+                branch_from=branch_from,
+                callbacks=[ProgressCallback(view, spec.run_id)] if main_rank else [],
+            )
+    if main_rank:
         console.print(
             f"{record['run_id']}: {record['status']} — train loss {_fmt_float(record.get('final_train_loss'))}, "
             f"eval loss {_fmt_float(record.get('eval_loss'))}, {_fmt_float(record.get('wall_seconds'), '.1f')} s"
@@ -557,8 +610,22 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
+INTERRUPTED = "interrupted; re-run the same command to continue where it stopped"
+
+
+def _from_ctrl_c(err: BaseException) -> bool:
+    """Whether `err` comes from a KeyboardInterrupt (typer turns Ctrl-C into a silent exit code 130)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def main() -> None:
-    """Entry point: run the app; expected errors become one paragraph and exit code 2."""
+    """Entry point: run the app; expected errors become one paragraph and exit code 2, Ctrl-C says how to
+    continue and exits 130."""
     try:
         app()
     except ScalelabError as err:
@@ -567,8 +634,12 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; re-run the same command to continue where it stopped")
+        err_console.print(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as done:
+        if done.code == 130 and _from_ctrl_c(done):
+            err_console.print(INTERRUPTED)
+        raise
     except OSError as err:  # a path given on the command line that cannot be read or written
         if _state["debug"] or not (err.filename or err.filename2):
             raise

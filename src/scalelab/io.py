@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, rename over it.
 
-A crash at any moment leaves either the old file or the new one, never a half-written one.
+A crash at any moment leaves either the old file or the new one, never a half-written one; the file's
+mode follows the user's umask (as `open` would give), not mkstemp's 0600.
 Also the one streaming file hash (`sha256_file`) that shards and checkpoints are verified with, and the
 one advisory lock (`file_lock`) for anything two processes can share.
 """
@@ -34,6 +35,20 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc says it (Linux), else by setting and
+    restoring it (briefly process-wide)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     atomic_write_parts(path, [data])
 
@@ -45,6 +60,7 @@ def atomic_write_parts(path: str | Path, parts: Iterable[bytes | memoryview]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; files get the user's umask
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 f.write(part)

@@ -191,8 +191,9 @@ class TrainSpec(_Spec):
         description="grow the global batch (doubling) up to this while the noise scale says a larger batch "
         "is still efficient; needs noise_scale",
     )
-    sinks: list[Literal["tensorboard", "mlflow"]] = Field(
-        default_factory=list, description="metrics sinks besides metrics.jsonl (optional extras)"
+    sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="metrics sinks besides metrics.jsonl (optional extras, checked before a run starts)",
     )
     divergence_factor: float = Field(10.0, gt=1, description="loss above this × its best so far ⇒ diverged")
 

@@ -26,3 +26,15 @@ def binary_bytes(x: Any) -> str:
             return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
         x /= 1024
     return f"{x:.1f} TiB"
+
+
+def duration(seconds: Any) -> str:
+    """42.3 → '42s', 185 → '3m05s', 7384 → '2h03m'; None → '—'."""
+    if seconds is None:
+        return "—"
+    s = max(0, round(float(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.errors import SpecError
+from scalelab.extras import require_sinks
 from scalelab.io import atomic_write_text, file_lock, read_tail
 from scalelab.spec import StudySpec, config_hash
+from scalelab.study.gpus import GpuSlots, slot_gpus, visible_gpus
 from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
 from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
+from scalelab.units import si
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +236,8 @@ def record_outcome(
 
 
 class LocalExecutor:
-    """Bounded parallel subprocesses on this machine, one run directory each."""
+    """Bounded parallel subprocesses on this machine, one run directory each; on a machine with CUDA
+    devices each concurrent run gets its own GPUs through CUDA_VISIBLE_DEVICES (study/gpus.py)."""
 
     def __init__(
         self,
@@ -251,6 +255,17 @@ class LocalExecutor:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._slots: GpuSlots | None = None  # built when the first run starts (study/gpus.py)
+
+    def gpu_slots(self) -> GpuSlots:
+        """One slot per concurrent run, each with its own GPUs when there are enough (study/gpus.py)."""
+        with self._lock:
+            if self._slots is None:
+                gpus = visible_gpus()
+                self._slots = GpuSlots(slot_gpus(gpus, self.parallel, self.nproc_per_run))
+                if gpus:
+                    log.info("GPUs per run slot: %s", self._slots.assignment)
+            return self._slots
 
     def run_one(self, planned: PlannedRun, run_dir: Path, registry: Registry) -> RunOutcome:
         t0 = time.perf_counter()
@@ -260,15 +275,16 @@ class LocalExecutor:
             with self._lock:
                 self._procs[planned.run_id] = proc
 
-        status, error, attempts = attempt_with_retries(
-            run_dir,
-            run_env(planned.spec.train.threads),
-            self.timeout_seconds,
-            self.retries,
-            started,
-            self._stopping,
-            run_command(planned, run_dir, self.nproc_per_run),
-        )
+        with self.gpu_slots().take() as gpu_env:
+            status, error, attempts = attempt_with_retries(
+                run_dir,
+                run_env(planned.spec.train.threads) | gpu_env,
+                self.timeout_seconds,
+                self.retries,
+                started,
+                self._stopping,
+                run_command(planned, run_dir, self.nproc_per_run),
+            )
         with self._lock:
             self._procs.pop(planned.run_id, None)
         if self._stopping.is_set() and status not in ("done", "diverged"):
@@ -523,11 +539,14 @@ def run_study(
     source_text: str | None = None,
     overrides: tuple[str, ...] = (),
     progress: ProgressFn | None = None,
-    on_plan: Callable[[list[PlannedRun], int], None] | None = None,
+    on_plan: Callable[[list[PlannedRun], dict[str, float | None]], None] | None = None,
     forecast: Callable[[PlannedRun], float | None] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> StudyResult:
     """Plan, register and execute a study; finished runs are skipped, the rest run (or resume).
 
+    `on_plan(runs, todo)` gets every planned run and, for those still to do, their forecast seconds (None:
+    unknown); `on_status(message)` says what the study is doing between runs (building a token store).
     One driver per study directory: a second one finds `.study.lock` held and stops with "already in
     use by PID …" before it writes anything."""
     study_dir = Path(study_dir)
@@ -538,7 +557,7 @@ def run_study(
         raise SpecError(f"{study_dir}: cannot create the study directory ({err.strerror or err})") from None
     with file_lock(study_dir / LOCK_NAME, wait=False, what=f"{study_dir} (study driver)"):
         return _run_study_locked(
-            study, study_dir, executor, source_text, overrides, progress, on_plan, forecast
+            study, study_dir, executor, source_text, overrides, progress, on_plan, forecast, on_status
         )
 
 
@@ -549,23 +568,27 @@ def _run_study_locked(
     source_text: str | None,
     overrides: tuple[str, ...],
     progress: ProgressFn | None,
-    on_plan: Callable[[list[PlannedRun], int], None] | None,
+    on_plan: Callable[[list[PlannedRun], dict[str, float | None]], None] | None,
     forecast: Callable[[PlannedRun], float | None] | None,
+    on_status: Callable[[str], None] | None,
 ) -> StudyResult:
     write_study_files(study, study_dir, source_text, overrides)
     with Registry(study_dir / "registry.sqlite") as registry:
         runs, todo = prepare_run_dirs(study, study_dir, registry, forecast)
+        require_sinks(
+            sorted({s for planned, _ in todo for s in planned.spec.train.sinks}), "study.train.sinks"
+        )
         done_ids = {p.run_id for p in runs} - {p.run_id for p, _ in todo}
         if on_plan:
-            on_plan(runs, len(todo))
+            on_plan(runs, {p.run_id: (registry.get(p.run_id) or {}).get("forecast_seconds") for p, _ in todo})
         if todo:
-            _prepare_data(todo)
+            _prepare_data(todo, on_status or (lambda message: None))
         result = StudyResult(study_dir, [RunOutcome(rid, "skipped") for rid in sorted(done_ids)])
         result.outcomes += executor.execute(todo, registry, progress)
     return result
 
 
-def _prepare_data(todo: list[tuple[PlannedRun, Path]]) -> None:
+def _prepare_data(todo: list[tuple[PlannedRun, Path]], on_status: Callable[[str], None]) -> None:
     """Build each distinct token store once, before runs start, so parallel runs only open it."""
     from scalelab.data.store import ensure_store
 
@@ -574,4 +597,10 @@ def _prepare_data(todo: list[tuple[PlannedRun, Path]]) -> None:
         key = planned.spec.data.model_dump_json()
         if key not in seen:
             seen.add(key)
-            ensure_store(planned.spec.data)
+            on_status("token store: opening, or building it from the corpus (once; cached afterwards) …")
+            t0 = time.monotonic()
+            store = ensure_store(planned.spec.data)
+            tokens = store.num_tokens("train") + store.num_tokens("heldout")
+            on_status(
+                f"token store ready: {si(tokens)} tokens in {time.monotonic() - t0:.1f} s ({store.path})"
+            )

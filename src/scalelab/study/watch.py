@@ -1,4 +1,5 @@
-"""A live view of a study: per run status, step, loss, tokens/s, ETA and gradient-norm spread.
+"""A live view of a study: per run status, shape (width, N, D), step, loss, tokens/s, ETA and
+gradient-norm spread, and the whole study's ETA.
 
 Reads only what runs write anyway (the registry and the tail of each `metrics.jsonl`), so watching
 never slows training down and works from any machine that sees the study directory.
@@ -11,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scalelab.errors import RegistryError
 from scalelab.io import read_tail
+from scalelab.models.flops import ModelShape
+from scalelab.spec import RunSpec
+from scalelab.study.eta import StudyEta
 from scalelab.study.registry import Registry
 
 TAIL_BYTES = 16_384
@@ -21,6 +26,8 @@ TAIL_BYTES = 16_384
 class RunProgress:
     run_id: str
     status: str
+    width: int | None
+    n_params: int | None  # non-embedding parameters
     step: int | None
     tokens: int | None
     tokens_planned: int | None
@@ -31,6 +38,12 @@ class RunProgress:
     grad_norm: float | None
     grad_norm_spread: float | None  # max/min of per-rank gradient norms (distributed runs), else None
     error: str | None
+    forecast_seconds: float | None = None
+    wall_seconds: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in ("pending", "running")
 
 
 def last_metrics(run_dir: str | Path | None) -> tuple[dict[str, Any] | None, float | None]:
@@ -59,9 +72,8 @@ def study_progress(study_dir: str | Path) -> list[RunProgress]:
         rows = reg.runs()
     out = []
     for r in rows:
-        planned = (
-            json.loads(r["config_json"]).get("train", {}).get("tokens") if r.get("config_json") else None
-        )
+        spec = _spec(r.get("config_json"))
+        planned = spec.train.tokens if spec else None
         m, eval_loss = (
             last_metrics(r.get("run_dir")) if r["status"] in ("running", "pending") else (None, None)
         )
@@ -87,6 +99,8 @@ def study_progress(study_dir: str | Path) -> list[RunProgress]:
             RunProgress(
                 run_id=r["run_id"],
                 status=r["status"],
+                width=spec.model.width if spec else None,
+                n_params=run_size(r)[1],
                 step=step_row.get("step"),
                 tokens=tokens,
                 tokens_planned=planned,
@@ -97,6 +111,53 @@ def study_progress(study_dir: str | Path) -> list[RunProgress]:
                 grad_norm=step_row.get("grad_norm"),
                 grad_norm_spread=spread,
                 error=r.get("error"),
+                forecast_seconds=r.get("forecast_seconds"),
+                wall_seconds=r.get("wall_seconds"),
             )
         )
     return out
+
+
+def run_size(row: dict[str, Any]) -> tuple[int | None, int | None, int | None]:
+    """(width, N non-embedding, D tokens) of a registry row: N and D from the record when the run
+    finished, else from its config (N does not depend on the vocabulary)."""
+    spec = _spec(row.get("config_json"))
+    if spec is None:
+        return None, row.get("n_params"), row.get("tokens")
+    n_params = row.get("n_params") or _non_embedding_params(spec)
+    return spec.model.width, n_params, row.get("tokens") or spec.train.tokens
+
+
+def _spec(config_json: str | None) -> RunSpec | None:
+    try:
+        return RunSpec.model_validate_json(config_json) if config_json else None
+    except ValueError:
+        return None
+
+
+def _non_embedding_params(spec: RunSpec) -> int:
+    return ModelShape.from_spec(spec.model, spec.model.vocab_size or 2).non_embedding_params
+
+
+def registry_exists(study_dir: str | Path) -> bool:
+    """Whether the study has a registry yet (`study run` creates it when it starts)."""
+    try:
+        with Registry(Path(study_dir) / "registry.sqlite", create=False):
+            return True
+    except RegistryError:
+        return False
+
+
+def study_eta(rows: list[RunProgress]) -> float | None:
+    """Seconds until the study ends (0 when it has; None while unknown): runs in progress count their
+    measured time left, pending ones their forecast scaled by finished runs' actual/forecast, over as
+    many slots as runs are running now (at least one)."""
+    eta = StudyEta(
+        {r.run_id: r.forecast_seconds for r in rows}, parallel=sum(r.status == "running" for r in rows)
+    )
+    for r in rows:
+        if r.finished:
+            eta.finished(r.run_id, r.wall_seconds or 0.0)
+        elif r.eta_seconds is not None:
+            eta.remaining(r.run_id, r.eta_seconds)
+    return eta.seconds_left()

@@ -43,11 +43,13 @@ def register(app: typer.Typer) -> None:
         Without `--set execution.strategy=…` the config's strategy is used; 'none' is set to 'ddp' (in
         [execution], so the run keeps its id).
         """
+        from scalelab.extras import require_sinks
         from scalelab.spec import load_run
         from scalelab.train.parallel.launch import launch, torchrun_command
 
         overrides = list(set_ or ())
         spec = load_run(config, overrides)  # validate here, once, before any process starts
+        require_sinks(spec.train.sinks)
         if spec.train.strategy == "none":
             overrides.append("execution.strategy=ddp")  # execution only: same run id
         argv = torchrun_command(

@@ -6,7 +6,7 @@
   noise_g2 and noise_trace into every metrics.jsonl line.
 * `train.batch_schedule` / `train.max_global_batch_size` → a batch-size controller growing the global
   batch by schedule or from the noise scale; its changes go into record.json ("batch_changes").
-* `train.sinks` → TensorBoard (run_dir/tensorboard) and MLflow sinks.
+* `train.sinks` → TensorBoard, MLflow and W&B sinks (train/sinks.py), logging `params` when the run starts.
 
 Callbacks that add to a step's metrics or change the batch run before the metrics logger; sinks after it.
 """
@@ -24,7 +24,7 @@ from torch import nn
 from scalelab.models.flops import ModelShape
 from scalelab.spec import TrainSpec
 from scalelab.train.batching import BatchSizeController, NoiseScaleBatchController, find_micro_batch
-from scalelab.train.observe import MLflowSink, TensorBoardSink
+from scalelab.train.sinks import Params, build_sinks
 from scalelab.train.trainer import Callback
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,23 @@ class Controls:
     sinks: list[Callback] = field(default_factory=list)
     growth: Any = None  # the batch-size controller, if any
 
+    def close_sinks(self) -> None:
+        """End the sinks' runs as failed if they are still open (a crash skipped on_fit_end)."""
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
     def record(self) -> dict[str, Any]:
         """What record.json says about them."""
         return {"batch_changes": list(self.growth.changes)} if self.growth is not None else {}
 
 
-def build_controls(train: TrainSpec, out_dir: Path, run_name: str, is_main: bool = True) -> Controls:
-    """Noise-scale estimator, batch-size controller and metrics sinks for `train` (sinks on rank 0 only)."""
+def build_controls(
+    train: TrainSpec, out_dir: Path, run_name: str, is_main: bool = True, params: Params | None = None
+) -> Controls:
+    """Noise-scale estimator, batch-size controller and metrics sinks for `train` (sinks on rank 0 only);
+    the sinks log `params` (default: just the run id) as the run's hyperparameters."""
     controls = Controls()
     noise = None
     if train.noise_scale:
@@ -75,9 +85,6 @@ def build_controls(train: TrainSpec, out_dir: Path, run_name: str, is_main: bool
     if controls.growth is not None:
         controls.before_metrics.append(controls.growth)
     if is_main:
-        for sink in train.sinks:
-            if sink == "tensorboard":
-                controls.sinks.append(TensorBoardSink(Path(out_dir) / "tensorboard"))
-            else:
-                controls.sinks.append(MLflowSink(run_name=run_name, params={"run_id": run_name}))
+        params = params or {"run_id": run_name}
+        controls.sinks = build_sinks(train.sinks, Path(out_dir), params, train.log_interval_steps)
     return controls

@@ -1,4 +1,4 @@
-"""Observability as callbacks: the metrics.jsonl sink, MFU and memory, optional TensorBoard/MLflow sinks.
+"""Observability as callbacks: the metrics.jsonl sink, MFU and memory (other sinks: train/sinks.py).
 
 metrics.jsonl holds one JSON object per logged step —
   {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_second", "step_seconds", "mfu",
@@ -21,7 +21,7 @@ from typing import IO, Any
 import torch
 
 from scalelab.hw import peak_memory_bytes
-from scalelab.train.trainer import Callback, Trainer, TrainState
+from scalelab.train.trainer import Callback, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -125,64 +125,3 @@ class MetricsLogger(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-class TensorBoardSink(Callback):
-    """Scalars to TensorBoard (needs the `tensorboard` extra; imported when the run starts)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = Path(log_dir)
-        self._writer: Any = None
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        super().on_fit_start(trainer)
-        from torch.utils.tensorboard import SummaryWriter  # lazy: optional dependency
-
-        self._writer = SummaryWriter(str(self.log_dir))
-
-    def on_step_end(self, state: TrainState) -> None:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_second"):
-            value = getattr(state, key)
-            if math.isfinite(value):
-                self._writer.add_scalar(f"train/{key}", value, state.step)
-        if state.extra.get("mfu") is not None:
-            self._writer.add_scalar("train/mfu", state.extra["mfu"], state.step)
-
-    def on_eval_end(self, state: TrainState) -> None:
-        if state.eval_loss is not None:
-            self._writer.add_scalar("eval/loss", state.eval_loss, state.step)
-
-    def on_fit_end(self, state: TrainState) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-class MLflowSink(Callback):
-    """Metrics to the active/new MLflow run (needs the `mlflow` extra; imported when the run starts)."""
-
-    def __init__(self, run_name: str | None = None, params: dict[str, Any] | None = None) -> None:
-        self.run_name = run_name
-        self.params = params or {}
-        self._mlflow: Any = None
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        super().on_fit_start(trainer)
-        import mlflow  # lazy: optional dependency
-
-        self._mlflow = mlflow
-        if mlflow.active_run() is None:
-            mlflow.start_run(run_name=self.run_name)
-        if self.params:
-            mlflow.log_params(self.params)
-
-    def on_step_end(self, state: TrainState) -> None:
-        metrics = {k: getattr(state, k) for k in ("loss", "lr", "grad_norm", "tokens_per_second")}
-        self._mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=state.step)
-
-    def on_eval_end(self, state: TrainState) -> None:
-        if state.eval_loss is not None:
-            self._mlflow.log_metric("eval_loss", state.eval_loss, step=state.step)
-
-    def on_fit_end(self, state: TrainState) -> None:
-        if self._mlflow is not None:
-            self._mlflow.end_run()

@@ -52,6 +52,7 @@ from scalelab.train.branch import SNAPSHOT_DIR
 from scalelab.train.checkpoint import Checkpoint, clean_stale, load_latest, save_checkpoint
 from scalelab.train.controls import build_controls, resolve_micro_batch
 from scalelab.train.observe import MetricsLogger
+from scalelab.train.sinks import hyperparameters
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,29 @@ def _branch_point(
     return point.checkpoint
 
 
+def torchrun_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when not under torchrun or when it is not a number)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def under_torchrun(spec: RunSpec) -> RunSpec:
+    """`spec` as it trains here: a plain spec (train.strategy 'none') started by torchrun with WORLD_SIZE
+    > 1 trains as DDP, like `scalelab launch` does (its run id is that of the ddp spec); other specs, and a
+    plain spec that cannot be DDP (noise_scale), are returned as they are."""
+    if spec.train.strategy != "none" or torchrun_world_size() <= 1:
+        return spec
+    data = spec.model_dump()
+    data["train"]["strategy"] = "ddp"
+    try:
+        return RunSpec.model_validate(data)
+    except ValueError as err:
+        log.warning("cannot train %s as DDP under torchrun: %s", spec.run_id, err)
+        return spec
+
+
 def run_training(
     spec: RunSpec,
     out_dir: Path | str,
@@ -316,6 +340,7 @@ def run_training(
     `callbacks` are for tests and embedding; the contract is `run_training(spec, out_dir, resume)`.
     `snapshot_steps` / `branch_from`: WSD trunks and branches (module docstring).
     """
+    spec = under_torchrun(spec)
     if spec.train.strategy != "none":  # ddp/fsdp: the multi-rank engine (also as a world of one)
         from scalelab.train.parallel.engine import run_distributed
 
@@ -346,12 +371,14 @@ def run_training(
     prior_wall = 0.0
     energy = EnergyMeter("cpu")
     metrics: MetricsLogger | None = None
+    controls = None
     try:
         with _torch_settings(spec.train.threads, deterministic=True):
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if torchrun_world_size() > 1:  # under_torchrun could not make it DDP
                 raise TrainingError(
                     f"train.strategy='none' with WORLD_SIZE={os.environ['WORLD_SIZE']}: every process would "
-                    "train the same run into the same directory; set train.strategy to 'ddp' or 'fsdp'"
+                    "train the same run into the same directory, and this spec cannot train as DDP "
+                    "(see the warning above); train it in one process"
                 )
             device = resolve_device(spec.train.device)
             if device.type == "cuda":
@@ -370,7 +397,7 @@ def run_training(
             shape, raw_model, train = prepared.shape, prepared.raw_model, prepared.train
             record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
             record["micro_batch_size"] = train.micro_batch_size or train.global_batch_size
-            controls = build_controls(train, out, spec.run_id)
+            controls = build_controls(train, out, spec.run_id, params=hyperparameters(spec))
             peak, peak_source = peak_flops(device, spec.train.precision)
             log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
             metrics = MetricsLogger(
@@ -450,6 +477,8 @@ def run_training(
     finally:
         if metrics is not None:
             metrics.close()
+        if controls is not None:
+            controls.close_sinks()
     finish_record(record, trainer, shape, device, energy, prior_wall + (time.time() - t_start))
     atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
     return record

@@ -44,6 +44,7 @@ from scalelab.train.distributed import (
 )
 from scalelab.train.observe import MetricsLogger
 from scalelab.train.parallel.checkpoint import load_latest_sharded, save_sharded
+from scalelab.train.sinks import hyperparameters
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def run_distributed(
     trainer: Trainer | None = None
     shape: ModelShape | None = None
     metrics: MetricsLogger | None = None
+    controls: Controls | None = None
     prior_wall = 0.0
     device = torch.device("cpu")
     energy = EnergyMeter("cpu")
@@ -131,6 +133,8 @@ def run_distributed(
     finally:
         if metrics is not None:
             metrics.close()
+        if controls is not None:
+            controls.close_sinks()
     single.finish_record(record, trainer, shape, device, energy, prior_wall + (time.time() - t_start))
     try:
         if ctx is not None and ctx.is_main:
@@ -237,7 +241,7 @@ def _build(
         peak, peak_source = peak_flops(ctx.device, train.precision)
         log.info("MFU reference: %.3g FLOP/s per rank (%s)", peak, peak_source)
 
-    controls = build_controls(train, out, spec.run_id, ctx.is_main)
+    controls = build_controls(train, out, spec.run_id, ctx.is_main, hyperparameters(spec))
     callbacks: list[Callback] = [
         CrossRankMetrics(group=None, grad_norm_source=local_grad_norm_source(model)),
         DivergenceGuard(train.divergence_factor),
