@@ -7,7 +7,6 @@ interrupted ones from their checkpoints (the training command is always started 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -165,12 +164,11 @@ def attempt_run(
     record_path.unlink(missing_ok=True)
     with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
         proc = subprocess.Popen(
-            list(command or train_command(run_dir)),
+            guarded(command or train_command(run_dir)),
             stdout=out,
             stderr=err,
             env=env,
             start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, _prctl()),
         )
         if on_start:
             on_start(proc)
@@ -435,26 +433,12 @@ def _ray_train_task(
 Executor = LocalExecutor | RayExecutor
 
 
-@functools.cache
-def _prctl() -> Any:
-    """libc's prctl, resolved in the parent: the forked child must not import or dlopen anything (another
-    thread of the parent may hold the loader or import lock at fork time, and the child would hang)."""
+def guarded(command: Sequence[str]) -> list[str]:
+    """`command` wrapped so that Linux kills it when this driver dies (even by SIGKILL), so a re-run of
+    the study never races an orphaned training of the same run (`scalelab.study.orphan_guard`)."""
     if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:
-        return None
-
-
-def _die_with_parent(prctl: Any) -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the driver dies (even by SIGKILL), so a
-    re-run of the study never races an orphaned training of the same run. `prctl` was resolved by
-    `_prctl` in the parent: nothing here imports or loads a library."""
-    if prctl is not None:
-        prctl(1, signal.SIGKILL.value)  # PR_SET_PDEATHSIG
+        return list(command)
+    return [sys.executable, "-m", "scalelab.study.orphan_guard", str(os.getpid()), "--", *command]
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace_seconds: float = 5.0) -> None:
