@@ -39,8 +39,9 @@ test-slow: $(VENV)/.installed-dev
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m "slow or not slow"
 
+# Every benchmark at its modest default size; one table in bench/results.md (+ results.json).
 bench: $(VENV)/.installed-dev
-	@for b in benchmarks/bench_*.py; do echo "== $$b" >&2; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/run_all.py --out bench
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
@@ -51,4 +52,4 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs bench .pytest_cache .ruff_cache

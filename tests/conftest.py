@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,7 @@ def tiny_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for i, f in enumerate(sorted(src.glob("*.py"))):
         (corpus / f"doc{i}.txt").write_text(f.read_text())
     return corpus
+
+
+# An MFU above 1.0 is a bug: make MetricsLogger raise instead of logging (inherited by subprocess runs).
+os.environ.setdefault("SCALELAB_STRICT_MFU", "1")

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from scalelab.hw import EnergyMeter, peak_flops, peak_for_name, peak_memory_bytes
-from scalelab.train.observe import MetricsLogger
+from scalelab import hw
+from scalelab.hw import EnergyMeter, model_gemms, peak_flops, peak_for_name, peak_memory_bytes
+from scalelab.train.observe import MetricsLogger, MFUError, step_mfu
 from scalelab.train.trainer import TrainState
 
 torch.set_num_threads(1)
@@ -25,9 +26,50 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path):
     assert value > 1e8 and source == "measured"
     cache = json.loads((tmp_path / "cache" / "hw.json").read_text())
     (entry,) = cache.values()
-    assert entry["fp32"] == value
+    assert entry["fp32"]["value"] == value and entry["fp32"]["clock"] == "cpu"
     again, source2 = peak_flops("cpu", "fp32")
     assert again == value and source2 == "measured (cached)"
+
+
+def test_cpu_peak_is_remeasured_when_the_load_changed(tmp_path, monkeypatch):
+    gemms = [(64, 32, 96)]
+    value, _ = peak_flops("cpu", "fp32", gemms)
+    path = tmp_path / "cache" / "hw.json"
+    cache = json.loads(path.read_text())
+    (entry,) = cache.values()
+    entry["fp32|64x32x96"] |= {"value": 1.0, "load_per_cpu": 0.0}  # a peak "measured" on a starved machine
+    path.write_text(json.dumps(cache))
+    monkeypatch.setattr(hw, "load_per_cpu", lambda: 0.2)
+    assert peak_flops("cpu", "fp32", gemms) == (1.0, "measured (cached)")  # same load: the cache stands
+    monkeypatch.setattr(hw, "load_per_cpu", lambda: 0.2 + 2 * hw.LOAD_TOLERANCE)
+    again, source = peak_flops("cpu", "fp32", gemms)
+    assert source == "measured" and again > 1e8
+
+
+def test_cpu_peak_covers_the_model_gemms_and_squares():
+    gemms = model_gemms(4096, 4096, 16384, 50_000)
+    assert all(m <= hw.MAX_ROWS and k <= hw.MAX_DIM and n <= hw.MAX_DIM for m, k, n in gemms)
+    with_model, _ = peak_flops("cpu", "fp32", [(256, 256, 768)])
+    squares = hw.measure_matmul_flops("cpu", "fp32", size=512, cpu_time=True) * torch.get_num_threads()
+    assert with_model >= 0.5 * squares  # the best over shapes includes the 512² square (timing noise aside)
+
+
+def test_step_mfu_takes_the_longer_of_wall_and_cpu_time():
+    assert step_mfu(100.0, 1.0, 200.0) == 0.5
+    assert step_mfu(100.0, 1.0, 200.0, cpu_seconds=4.0, threads=2) == 0.25  # CPU time beyond wall
+    assert step_mfu(100.0, 1.0, 200.0, cpu_seconds=0.5, threads=1) == 0.5  # idle waits do not count less
+
+
+def test_mfu_above_one_raises_in_tests(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALELAB_STRICT_MFU", "1")
+    ml = MetricsLogger(tmp_path / "m.jsonl", flops_per_token=1e6, peak_flops=1e6)
+    state = TrainState(step=1, total_steps=2, step_seconds=0.5, tokens_per_second=20.0)
+    with pytest.raises(MFUError, match="MFU 20.000 > 1 at step 1"):
+        ml.on_step_end(state)
+    monkeypatch.delenv("SCALELAB_STRICT_MFU")
+    ml.on_step_end(state)  # outside tests: logged, not raised
+    assert state.extra["mfu"] == pytest.approx(20.0)
+    ml.close()
 
 
 def test_vendor_table():

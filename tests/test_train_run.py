@@ -90,3 +90,25 @@ def test_example_run_tiny_is_valid():
     spec = load_run(ROOT / "examples" / "run_tiny.toml")
     steps = spec.train.tokens // (spec.train.global_batch_size * spec.model.context_tokens)
     assert steps == 200 and spec.train.checkpoint_interval_steps < steps
+
+
+def test_mfu_is_at_most_one_on_every_logged_step_of_a_cpu_run(tmp_path):
+    spec = _spec(_corpus(tmp_path), steps=6)
+    spec = spec.model_copy(
+        update={
+            "model": spec.model.model_copy(update={"width": 128, "context_tokens": 64}),
+            "train": spec.train.model_copy(
+                update={
+                    "tokens": 64 * 8 * 6,
+                    "global_batch_size": 8,
+                    "micro_batch_size": 8,
+                    "log_interval_steps": 1,
+                }
+            ),
+        }
+    )
+    rec = run_training(spec, tmp_path / "run")  # SCALELAB_STRICT_MFU (conftest): an MFU > 1 raises
+    assert rec["status"] == "done", rec["error"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in rows if "loss" in r]
+    assert len(mfus) == 6 and all(0.0 < m <= 1.0 for m in mfus), mfus

@@ -1,9 +1,15 @@
 """Hardware facts for MFU and forecasts: peak matmul FLOP/s (measured or from a table), memory, energy.
 
-`peak_flops(device, precision)` is the reference for MFU (model FLOP utilisation = achieved model FLOP/s
-÷ peak). On a GPU listed in `KNOWN_PEAK_FLOPS` the vendor's dense peak is used; otherwise the peak is
-measured with a square-matmul micro-benchmark and cached per machine (hostname, CPU/GPU model, torch
-threads, torch version) in `<cache dir>/hw.json`, cache dir = $SCALELAB_CACHE_DIR or ~/.cache/scalelab.
+`peak_flops(device, precision, gemms)` is the reference for MFU (model FLOP utilisation = achieved model
+FLOP/s ÷ peak). On a GPU listed in `KNOWN_PEAK_FLOPS` the vendor's dense peak is used. Elsewhere the
+peak is measured, and so that a busy machine can never inflate it (a peak timed under load makes every
+later MFU too high): on a CPU in CPU time (`time.process_time`, all threads), the best FLOP per
+CPU-second over square 512/1024 matmuls and the model's own GEMM shapes, at the current torch thread
+count, reported as FLOP/s with every thread busy (× threads). A measurement is cached per machine
+(hostname, CPU/GPU model, torch threads, torch version), precision and shapes in `<cache dir>/hw.json`
+(cache dir = $SCALELAB_CACHE_DIR or ~/.cache/scalelab) together with the load it was taken under, and
+re-taken when the machine's load per CPU differs by more than `LOAD_TOLERANCE`. MFU itself is computed in
+`train/observe.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,35 +90,81 @@ def peak_for_name(name: str, precision: str) -> float | None:
     return None
 
 
+#: a GEMM as (m, k, n): an m×k by k×n matmul, 2·m·k·n FLOPs
+Gemm = tuple[int, int, int]
+
+#: square sizes always measured on CPUs besides the model's shapes (the peak is the best of all)
+CPU_SQUARES: tuple[int, ...] = (512, 1024)
+#: a model GEMM is measured with m capped here (rows only repeat the same work) and k, n at `MAX_DIM`
+MAX_ROWS, MAX_DIM = 1024, 2048
+#: a cached CPU peak is re-measured when the 1-minute load per CPU differs by more than this from when it
+#: was measured (the same tolerance as the throughput forecasts' cache)
+LOAD_TOLERANCE = 0.5
+
+
+def load_per_cpu() -> float | None:
+    """The 1-minute load average per CPU, or None where the OS does not report it."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+
+
+def model_gemms(tokens: int, width: int, mlp_hidden: int, vocab_size: int) -> list[Gemm]:
+    """The forward GEMMs of a GPT block stack and its output layer on `tokens` rows, capped in size."""
+    m = min(tokens, MAX_ROWS)
+    shapes = [(m, width, 3 * width), (m, width, width), (m, width, mlp_hidden), (m, mlp_hidden, width)]
+    shapes.append((m, width, vocab_size))
+    return sorted({(m, min(k, MAX_DIM), min(n, MAX_DIM)) for m, k, n in shapes})
+
+
 def measure_matmul_flops(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     size: int | None = None,
     min_seconds: float = 0.2,
+    gemm: Gemm | None = None,
+    cpu_time: bool = False,
 ) -> float:
-    """Achieved FLOP/s of an n×n by n×n matmul (2n³ FLOPs), best of repeated timings."""
+    """Achieved FLOP/s of an n×n by n×n matmul (or of `gemm` = (m, k, n)), best of repeated timings.
+
+    With `cpu_time` the clock is this process's CPU time (all its threads): the result is FLOP per
+    CPU-second, which other processes competing for the cores cannot lower by descheduling it.
+    """
     device = torch.device(device)
     n = size or (4096 if device.type == "cuda" else 512)
+    m, k, n = gemm or (n, n, n)
     dtype = _DTYPES[precision]
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.process_time if cpu_time else time.perf_counter
     for _ in range(2):
         a @ b
     sync()
     best = float("inf")
     reps = 1
     spent = 0.0
-    while spent < min_seconds:
-        t0 = time.perf_counter()
+    t_end = time.perf_counter() + 10 * min_seconds  # a starved process still finishes
+    while (spent < min_seconds and time.perf_counter() < t_end) or best == float("inf"):
+        t0 = clock()
         for _ in range(reps):
             a @ b
         sync()
-        dt = (time.perf_counter() - t0) / reps
+        dt = (clock() - t0) / reps
         spent += dt * reps
-        best = min(best, dt)
+        if dt > 0:
+            best = min(best, dt)
         reps = min(reps * 2, 64)
-    return 2.0 * n**3 / best
+    return 2.0 * m * k * n / best
+
+
+def cpu_peak_per_cpu_second(precision: str, gemms: Iterable[Gemm] = (), min_seconds: float = 0.1) -> float:
+    """Best matmul FLOP per CPU-second of this process over `CPU_SQUARES` and `gemms`."""
+    shapes = sorted({(s, s, s) for s in CPU_SQUARES} | set(gemms))
+    return max(
+        measure_matmul_flops("cpu", precision, gemm=g, min_seconds=min_seconds, cpu_time=True) for g in shapes
+    )
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -132,28 +185,50 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
         log.warning("cannot write hardware cache %s: %s", path, err)
 
 
-def peak_flops(device: torch.device | str = "cpu", precision: str = "fp32") -> tuple[float, str]:
-    """(peak FLOP/s, source) for MFU: the vendor table for known GPUs, else a cached measurement."""
+def _load_changed(measured: float | None) -> bool:
+    now = load_per_cpu()
+    if now is None:
+        return False
+    return measured is None or abs(now - measured) > LOAD_TOLERANCE
+
+
+def peak_flops(
+    device: torch.device | str = "cpu", precision: str = "fp32", gemms: Iterable[Gemm] = ()
+) -> tuple[float, str]:
+    """(peak FLOP/s, source) for MFU: the vendor table for known GPUs, else a measurement (module doc).
+
+    On a CPU the value is (best FLOP per CPU-second) × torch threads; pass the model's GEMM shapes
+    (`model_gemms`) so that the peak is at least what the model's own matmuls can reach.
+    """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     table = known_peak(device, precision)
     if table is not None:
         return table, f"table:{device_name(device)}"
+    gemms = sorted(set(gemms))
     path = cache_dir() / "hw.json"
     key = machine_key(device)
-    cache = _read_cache(path)
-    entry = cache.get(key, {})
-    if precision in entry:
-        return float(entry[precision]), "measured (cached)"
-    value = measure_matmul_flops(device, precision)
-    if device.type == "cpu" and precision != "fp32":
-        # CPUs without native bf16/fp16 matmul units emulate them slower than fp32, while autocast runs
-        # part of the model in fp32: the faster of the two is the honest ceiling.
-        value = max(value, peak_flops(device, "fp32")[0])
+    name = precision + "".join(f"|{m}x{k}x{n}" for m, k, n in gemms)
+    entry = _read_cache(path).get(key, {}).get(name)
+    if isinstance(entry, dict) and "value" in entry and not _load_changed(entry.get("load_per_cpu")):
+        return float(entry["value"]), "measured (cached)"
+    if device.type == "cpu":
+        value = cpu_peak_per_cpu_second(precision, gemms) * torch.get_num_threads()
+        if precision != "fp32":
+            # CPUs without native bf16/fp16 matmul units emulate them slower than fp32, while autocast runs
+            # part of the model in fp32: the faster of the two is the honest ceiling.
+            value = max(value, cpu_peak_per_cpu_second("fp32", gemms) * torch.get_num_threads())
+    else:
+        shapes: list[Gemm | None] = [*gemms] or [None]
+        value = max(measure_matmul_flops(device, precision, gemm=g) for g in shapes)
     cache = _read_cache(path)  # another process may have written meanwhile
-    cache.setdefault(key, {})[precision] = value
-    cache[key]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    cache.setdefault(key, {})[name] = {
+        "value": value,
+        "load_per_cpu": load_per_cpu(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "clock": "cpu" if device.type == "cpu" else "wall",
+    }
     _write_cache(path, cache)
     log.info("measured %s matmul peak on %s: %.3g FLOP/s", precision, key, value)
     return value, "measured"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +52,18 @@ def metrics_lines_upto(path: Path, step: int) -> list[str]:
     return keep
 
 
+class MFUError(RuntimeError):
+    """An MFU above 1.0: the FLOP count or the peak is wrong (a bug, never user input)."""
+
+
+def step_mfu(
+    flops: float, wall_seconds: float, peak_flops: float, cpu_seconds: float | None = None, threads: int = 1
+) -> float:
+    """MFU of one step: `flops` ÷ (peak × time), time = max(wall, CPU seconds ÷ threads) when CPU time is given."""
+    seconds = wall_seconds if cpu_seconds is None else max(wall_seconds, cpu_seconds / max(threads, 1))
+    return flops / (peak_flops * seconds) if seconds > 0 else 0.0
+
+
 class MetricsLogger(Callback):
     """Writes metrics.jsonl and fills `state.extra` with mfu and peak_memory_bytes every step."""
 
@@ -69,6 +83,36 @@ class MetricsLogger(Callback):
         self.log_interval_steps = log_interval_steps
         self._file: IO[str] | None = None
         self.max_peak_memory_bytes = 0
+        self._cpu_mark = time.process_time()
+        self._warned = False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        super().on_fit_start(trainer)
+        self._cpu_mark = time.process_time()
+
+    def _step_cpu_seconds(self) -> float | None:
+        """CPU seconds of this process since the last mark (CPU devices only), and a new mark."""
+        now = time.process_time()
+        spent, self._cpu_mark = now - self._cpu_mark, now
+        return spent if self.device.type == "cpu" else None
+
+    def _mfu(self, state: TrainState) -> float | None:
+        cpu = self._step_cpu_seconds()
+        if not self.peak_flops:
+            return None
+        flops = self.flops_per_token * state.tokens_per_second * state.step_seconds
+        mfu = step_mfu(flops, state.step_seconds, self.peak_flops, cpu, torch.get_num_threads())
+        if mfu > 1.0:
+            msg = (
+                f"MFU {mfu:.3f} > 1 at step {state.step} ({flops:.4g} FLOPs in {state.step_seconds:.4g} s wall, "
+                f"{cpu} s CPU, peak {self.peak_flops:.4g} FLOP/s): the FLOP count or the peak is wrong"
+            )
+            if os.environ.get("SCALELAB_STRICT_MFU"):
+                raise MFUError(msg)
+            if not self._warned:
+                log.error(msg)
+                self._warned = True
+        return mfu
 
     def truncate_after(self, step: int) -> None:
         """Drop lines with a step beyond `step` (and a torn last line): the resumed run rewrites them."""
@@ -89,9 +133,7 @@ class MetricsLogger(Callback):
     def on_step_end(self, state: TrainState) -> None:
         mem = peak_memory_bytes(self.device)
         self.max_peak_memory_bytes = max(self.max_peak_memory_bytes, mem)
-        mfu = None
-        if self.peak_flops:
-            mfu = self.flops_per_token * state.tokens_per_second / self.peak_flops
+        mfu = self._mfu(state)
         state.extra["mfu"] = mfu
         state.extra["peak_memory_bytes"] = mem
         if state.step % self.log_interval_steps and state.step < state.total_steps and not state.stop:
@@ -117,6 +159,10 @@ class MetricsLogger(Callback):
         self._write(
             {"step": state.step, "tokens": state.tokens, "eval_loss": _finite_or_none(state.eval_loss)}
         )
+        self._cpu_mark = time.process_time()  # evaluation is not part of the next step
+
+    def on_checkpoint(self, state: TrainState, path: Path) -> None:
+        self._cpu_mark = time.process_time()
 
     def on_fit_end(self, state: TrainState) -> None:
         self.close()

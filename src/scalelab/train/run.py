@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from scalelab.errors import CheckpointError, TrainingError
-from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes
+from scalelab.hw import EnergyMeter, model_gemms, peak_flops, peak_memory_bytes
 from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
@@ -398,7 +398,13 @@ def run_training(
             record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
             record["micro_batch_size"] = train.micro_batch_size or train.global_batch_size
             controls = build_controls(train, out, spec.run_id, params=hyperparameters(spec))
-            peak, peak_source = peak_flops(device, spec.train.precision)
+            gemms = model_gemms(
+                record["micro_batch_size"] * shape.context_tokens,
+                shape.width,
+                shape.mlp_hidden,
+                shape.vocab_size,
+            )
+            peak, peak_source = peak_flops(device, spec.train.precision, gemms)
             log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
             metrics = MetricsLogger(
                 out / "metrics.jsonl",

@@ -1,0 +1,228 @@
+"""Shared benchmark harness: interleaved A/B rounds, wall and CPU time, machine load, one JSON line a result.
+
+A side is a callable returning a `Sample` (work done, wall seconds, CPU seconds). `compare` runs the
+candidate and the baseline alternately (A B, B A, A B, …) for at least `rounds` rounds, and on until the
+paired wall ratios' spread ((max − min) / median) is within `spread` or `max_rounds` is reached, so a
+change in the machine's load hits both sides. Rates are work per wall second and work per CPU second
+(`cpu_seconds`: this process, its waited-for children and its live descendants). Where start-up matters a
+side is `fresh_process(argv)`: the command runs in a new interpreter and the parent times all of it.
+
+`emit` prints one JSON line per result —
+  {name, value, baseline, ratio, unit, rounds, cpu_ratio, load, higher_is_better,
+   value_min/median/max, baseline_min/median/max, cpu_value_*, cpu_baseline_*, paired_ratios, ...}
+(value/baseline are medians; ratio is value/baseline, >1 is better unless higher_is_better is false);
+`benchmarks/run_all.py` (`make bench`) collects every such line on stdout into one table.
+Benchmarks that time their own loops report lists of rates through `report`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed run of a side: `work` units (tokens, bytes, steps…) in `wall` and `cpu` seconds."""
+
+    work: float
+    wall: float
+    cpu: float
+
+
+Side = Callable[[], Sample]
+
+
+def load() -> float:
+    """The machine's 1-minute load average (0.0 where the OS does not report it)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process, its waited-for children and its live descendants.
+
+    A live descendant counts through psutil (with its own waited-for children); once it exits and is
+    waited for, its time moves into RUSAGE_CHILDREN, so deltas stay consistent across exits.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    try:
+        import psutil
+    except ImportError:
+        return total
+    for p in psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def timed(fn: Callable[[], float]) -> Sample:
+    """Runs `fn` (which returns the work it did) in this process and times it."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    work = fn()
+    return Sample(work, time.perf_counter() - t0, cpu_seconds() - c0)
+
+
+def fresh_process(argv: Sequence[str], work: float, env: dict[str, str] | None = None) -> Side:
+    """A side that runs `argv` in a new process, timing all of it (start-up included)."""
+
+    def run() -> Sample:
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        proc = subprocess.run(list(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        sample = Sample(work, time.perf_counter() - t0, cpu_seconds() - c0)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr.decode(errors='replace')}")
+        return sample
+
+    return run
+
+
+def side_in_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -> Side:
+    """A side that runs `argv` in a new process which times itself and prints its Sample as the last line
+    of stdout (see `print_sample`): for sides whose set-up should not count but whose state must not leak
+    into the other side."""
+
+    def run() -> Sample:
+        proc = subprocess.run(list(argv), env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
+        last = json.loads(proc.stdout.strip().splitlines()[-1])
+        return Sample(float(last["work"]), float(last["wall"]), float(last["cpu"]))
+
+    return run
+
+
+def print_sample(sample: Sample) -> None:
+    """The last stdout line of a `side_in_subprocess` child."""
+    print(json.dumps({"work": sample.work, "wall": sample.wall, "cpu": sample.cpu}), flush=True)
+
+
+def spread(xs: Sequence[float]) -> float:
+    """(max − min) / median: 0 for identical values."""
+    m = median(xs)
+    return (max(xs) - min(xs)) / m if m else float("inf")
+
+
+def _stats(prefix: str, xs: Sequence[float]) -> dict[str, float]:
+    return {f"{prefix}_min": min(xs), f"{prefix}_median": median(xs), f"{prefix}_max": max(xs)}
+
+
+def compare(
+    name: str,
+    candidate: Side,
+    baseline: Side,
+    unit: str,
+    *,
+    rounds: int = 3,
+    spread_target: float | None = None,
+    max_rounds: int = 9,
+    warmup: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Interleaved rounds of `candidate` against `baseline`; the result dict (see the module docstring).
+
+    `unit` is the unit of work per second (e.g. "tokens/s"); CPU rates are the same work per CPU second.
+    With `warmup`, each side runs once untimed first.
+    """
+    if warmup:
+        candidate(), baseline()
+    a: list[Sample] = []
+    b: list[Sample] = []
+    loads: list[float] = []
+    r = 0
+    while r < rounds or (
+        spread_target is not None and r < max_rounds and spread(_paired(a, b)) > spread_target
+    ):
+        for side in (candidate, baseline) if r % 2 == 0 else (baseline, candidate):
+            (a if side is candidate else b).append(side())
+            loads.append(load())
+        r += 1
+    return report(
+        name,
+        [s.work / s.wall for s in a],
+        [s.work / s.wall for s in b],
+        unit,
+        cpu_values=[s.work / s.cpu for s in a if s.cpu > 0],
+        cpu_baselines=[s.work / s.cpu for s in b if s.cpu > 0],
+        loads=loads,
+        paired=_paired(a, b),
+        **extra,
+    )
+
+
+def _paired(a: Sequence[Sample], b: Sequence[Sample]) -> list[float]:
+    return [(x.work / x.wall) / (y.work / y.wall) for x, y in zip(a, b, strict=False)]
+
+
+def report(
+    name: str,
+    values: Sequence[float],
+    baselines: Sequence[float],
+    unit: str,
+    *,
+    cpu_values: Sequence[float] = (),
+    cpu_baselines: Sequence[float] = (),
+    loads: Sequence[float] = (),
+    paired: Sequence[float] = (),
+    higher_is_better: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The result dict of measured rounds (medians as value/baseline, min/median/max of each)."""
+    value, base = median(values), median(baselines)
+    out: dict[str, Any] = {
+        "name": name,
+        "value": value,
+        "baseline": base,
+        "ratio": value / base if base else float("nan"),
+        "unit": unit,
+        "rounds": min(len(values), len(baselines)),
+        "cpu_ratio": None,
+        "load": list(loads) or [load()],
+        "cpus": os.cpu_count(),
+        "higher_is_better": higher_is_better,
+        **_stats("value", values),
+        **_stats("baseline", baselines),
+    }
+    if cpu_values and cpu_baselines:
+        out["cpu_ratio"] = median(cpu_values) / median(cpu_baselines)
+        out |= _stats("cpu_value", cpu_values) | _stats("cpu_baseline", cpu_baselines)
+        out["cpu_unit"] = unit.replace("/s", "/CPU-s")
+    if paired:
+        out["paired_ratios"] = list(paired)
+    return out | extra
+
+
+def skip(name: str, reason: str) -> dict[str, Any]:
+    """The line of a benchmark that cannot run here (no GPU, optional package missing)."""
+    return {"name": name, "skipped": reason, "load": [load()]}
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Prints `result` as one JSON line on stdout."""
+    print(json.dumps(result, default=str), flush=True)
+
+
+def here() -> Path:
+    """The benchmarks directory (for sibling imports and subprocess sides)."""
+    return Path(__file__).resolve().parent
+
+
+def python(script: str, *args: str) -> list[str]:
+    """argv running benchmarks/`script` with this interpreter."""
+    return [sys.executable, str(here() / script), *args]
