@@ -23,7 +23,7 @@ from typing import IO, Any
 import torch
 
 from scalelab.hw import peak_memory_bytes
-from scalelab.train.trainer import Callback, TrainState
+from scalelab.train.trainer import Callback, Trainer, TrainState
 
 log = logging.getLogger(__name__)
 
