@@ -9,10 +9,10 @@ is the fair one because it is exactly what scalelab reported before calibration,
 the same bootstrap draws and the same runs; only the model-form error term differs. Goals (issue 16):
 pooled coverage ≥ 0.90 at 95 % and ≥ 0.70 at 80 %, median half-width ≤ 3× the median error.
 
-Speed: fit + calibration + 1,000 bootstrap refits on Chinchilla's runs against fit + 1,000 bootstrap
-without calibration (what a fit cost before), interleaved A/B rounds in this process, wall and CPU
-time (children included: the bootstrap pool), min/median/max. Same data, same seed, same workers, so
-the ratio is the cost of the calibration alone. Goal: ≤ 3×.
+Speed (`benchmarks/harness.py`: interleaved A/B rounds, wall and CPU rates with min/median/max, load):
+fit + calibration + 1,000 bootstrap refits on Chinchilla's runs against fit + 1,000 bootstrap without
+calibration (what a fit cost before). Same data, same seed, same workers, so the ratio (fits per second,
+calibrated over uncalibrated) is the cost of the calibration alone. Goal: ≥ 1/3 (at most 3× slower).
 
 IsoFLOP bootstrap: `IsoFLOPLaw` fit + 1,000 bootstrap draws against a whole Chinchilla fit + 1,000
 bootstrap refits (one worker each, no calibration) on the same 54 simulated IsoFLOP runs (6 budgets ×
@@ -33,25 +33,15 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_N
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from harness import Side, compare, emit, timed  # noqa: E402
 
 from scalelab.fit import coverage, reference  # noqa: E402
 from scalelab.fit.laws import ChinchillaLaw  # noqa: E402
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-
-def _cpu_seconds() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def _stats(xs: list[float]) -> dict[str, float]:
-    return {"min": float(np.min(xs)), "median": float(np.median(xs)), "max": float(np.max(xs))}
 
 
 def cases(study: Path | None) -> list[tuple[str, object, np.ndarray]]:
@@ -95,61 +85,42 @@ def coverage_results(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 
 
 def speed(args: argparse.Namespace) -> dict:
+    """Fits per second with and without calibration (fit + 1,000 bootstrap each), interleaved."""
     t = reference.chinchilla_epoch(REF / "chinchilla_epoch.csv")
-    times: dict[bool, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in (False, True)}
-    for _ in range(args.rounds):
-        for cal in (False, True):
-            w0, c0 = time.perf_counter(), _cpu_seconds()
-            ChinchillaLaw(n_bootstrap=1000, seed=0, n_jobs=args.jobs, calibrate=cal).fit(t)
-            times[cal]["wall"].append(time.perf_counter() - w0)
-            times[cal]["cpu"].append(_cpu_seconds() - c0)
-    new, old = times[True], times[False]
-    return {
-        "name": "fit_calibration_cost_chinchilla",
-        "value": float(np.median(new["wall"])),
-        "baseline": float(np.median(old["wall"])),
-        "ratio": float(np.median(new["wall"]) / np.median(old["wall"])),
-        "unit": "s (fit + 1,000 bootstrap; value with calibration, baseline without)",
-        "rounds": args.rounds,
-        "wall": {"calibrated": _stats(new["wall"]), "uncalibrated": _stats(old["wall"])},
-        "cpu": {"calibrated": _stats(new["cpu"]), "uncalibrated": _stats(old["cpu"])},
-        "cpu_ratio": float(np.median(new["cpu"]) / np.median(old["cpu"])),
-        "load": os.getloadavg()[0],
-        "goal": "ratio <= 3",
-        "runs": len(t),
-    }
+
+    def fit(calibrate: bool) -> Side:
+        return lambda: timed(
+            lambda: (
+                ChinchillaLaw(n_bootstrap=1000, seed=0, n_jobs=args.jobs, calibrate=calibrate).fit(t) and 1.0
+            )
+        )
+
+    return compare(
+        "fit_calibration_cost_chinchilla",
+        fit(True),
+        fit(False),
+        "fits/s (fit + 1,000 bootstrap; value with calibration, baseline without)",
+        rounds=args.rounds,
+        goal="ratio >= 1/3 (calibration costs at most 3x)",
+        runs=len(t),
+    )
 
 
 def isoflop_speed(args: argparse.Namespace) -> dict:
+    """IsoFLOP fit + 1,000 bootstrap draws against a Chinchilla fit + 1,000 bootstrap on the same runs."""
     from scalelab.fit import synthetic
     from scalelab.fit.isoflop import IsoFLOPLaw
 
     N, D = synthetic.isoflop_design(np.geomspace(1e17, 1e20, 6), 9, span=4.0)
     t = synthetic.simulate(synthetic.HOFFMANN, N, D, noise=0.005, seed=0)
-    fits = {
-        "isoflop": lambda: IsoFLOPLaw(n_bootstrap=1000, seed=0).fit(t),
-        "chinchilla": lambda: ChinchillaLaw(n_bootstrap=1000, n_jobs=1, calibrate=False).fit(t),
-    }
-    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in fits}
-    for _ in range(args.rounds):
-        for k, f in fits.items():
-            w0, c0 = time.perf_counter(), _cpu_seconds()
-            f()
-            times[k]["wall"].append(time.perf_counter() - w0)
-            times[k]["cpu"].append(_cpu_seconds() - c0)
-    new, old = times["isoflop"], times["chinchilla"]
-    return {
-        "name": "fit_isoflop_bootstrap_1000",
-        "value": float(np.median(new["cpu"])),
-        "baseline": float(np.median(old["cpu"])),
-        "ratio": float(np.median(new["cpu"]) / np.median(old["cpu"])),
-        "unit": "CPU s (fit + 1,000 bootstrap draws: IsoFLOP vs Chinchilla, same runs)",
-        "rounds": args.rounds,
-        "wall": {"isoflop": _stats(new["wall"]), "chinchilla": _stats(old["wall"])},
-        "cpu": {"isoflop": _stats(new["cpu"]), "chinchilla": _stats(old["cpu"])},
-        "load": os.getloadavg()[0],
-        "goal": "ratio <= 1 (at the parametric law's speed)",
-    }
+    return compare(
+        "fit_isoflop_bootstrap_1000",
+        lambda: timed(lambda: IsoFLOPLaw(n_bootstrap=1000, seed=0).fit(t) and 1.0),
+        lambda: timed(lambda: ChinchillaLaw(n_bootstrap=1000, n_jobs=1, calibrate=False).fit(t) and 1.0),
+        "fits/s (fit + 1,000 bootstrap draws: IsoFLOP vs Chinchilla, same runs)",
+        rounds=args.rounds,
+        goal="ratio >= 1 (at the parametric law's speed)",
+    )
 
 
 def main() -> None:
@@ -188,8 +159,8 @@ def main() -> None:
                 }
             )
         )
-    print(json.dumps(speed(args)))
-    print(json.dumps(isoflop_speed(args)))
+    emit(speed(args))
+    emit(isoflop_speed(args))
     if args.markdown:
         print("\n".join(lines))
 
