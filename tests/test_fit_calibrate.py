@@ -182,10 +182,10 @@ def test_recommend_replaces_the_fit_time_extrapolation_warning(tmp_path, curved)
 
 # ------------------------------------------------------------------------------- public ladders
 @pytest.mark.skipif(not REF.is_dir(), reason="shared/reference not present")
-def test_intervals_hold_on_public_ladders():
+def test_intervals_hold_on_public_ladders(caplog):
     """Calibrated 95 % intervals hold >= 90 % of the held-out larger runs (80 %: >= 70 %), pooled over
     the public backtests, with median half-width <= 3x the median error."""
-    logging.getLogger("scalelab").setLevel(logging.ERROR)
+    caplog.set_level(logging.ERROR, logger="scalelab")  # restored after the test
     cases = coverage.reference_cases(REF)
     assert len(cases) == 6
     results = [coverage.evaluate_split(t, m, n_bootstrap=50) for _, t, m in cases]
@@ -200,11 +200,11 @@ def test_intervals_hold_on_public_ladders():
 
 
 @pytest.mark.slow
-def test_calibrated_coverage_on_misspecified_studies():
+def test_calibrated_coverage_on_misspecified_studies(caplog):
     """120 simulated studies whose truth the Chinchilla form cannot express (curvature, a broken power
     law, the Kaplan form), each predicting one run 4-10x beyond its largest size: the calibrated 90 %
     interval holds 80-97 % of them; the parameter-only interval is shown beside (and holds fewer)."""
-    logging.getLogger("scalelab").setLevel(logging.ERROR)
+    caplog.set_level(logging.ERROR, logger="scalelab")  # restored after the test
     N, D = synthetic.grid_design(np.geomspace(1e7, 1e9, 6), (5, 10, 20, 40, 80))
     rng = np.random.default_rng(0)
     kinds = list(coverage.MISSPECIFIED)

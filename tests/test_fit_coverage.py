@@ -15,9 +15,9 @@ TRUTH = synthetic.HOFFMANN
 
 
 @pytest.mark.slow
-def test_bootstrap_interval_coverage():
+def test_bootstrap_interval_coverage(caplog):
     """100 simulated studies; nominal 90 % intervals must contain the truth 80–97 % of the time."""
-    logging.getLogger("scalelab").setLevel(logging.ERROR)
+    caplog.set_level(logging.ERROR, logger="scalelab")  # restored after the test
     N, D = synthetic.grid_design(np.geomspace(1e7, 1e9, 6), (5, 10, 20, 40, 80))
     n_new, d_new = 2e9, 4e10  # 2x beyond the largest size: a mild extrapolation
     mean_new = float(synthetic.chinchilla_loss(TRUTH, n_new, d_new))

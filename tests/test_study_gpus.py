@@ -4,6 +4,7 @@ tested without a GPU; the end-to-end test checks what each run's process saw).""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ def test_visible_gpus_follow_cuda_visible_devices_else_the_device_count() -> Non
 
 
 def test_each_slot_gets_its_own_gpus_and_shares_only_when_there_are_too_few(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="scalelab")
     assert slot_gpus(["0", "1", "2", "3"], 4, 1) == [["0"], ["1"], ["2"], ["3"]]
     assert slot_gpus(["4", "5", "6", "7"], 2, 2) == [["4", "5"], ["6", "7"]]
     assert slot_gpus([], 3, 1) == [[], [], []]
