@@ -87,6 +87,7 @@ def test_a_measurement_taken_under_another_load_is_retaken(
 ) -> None:
     import json
 
+    from scalelab import hw
     from scalelab.study import forecast as fc
 
     study = load_study(
@@ -102,9 +103,9 @@ def test_a_measurement_taken_under_another_load_is_retaken(
     monkeypatch.setattr(
         fc, "measure_throughput", lambda spec: calls.append(spec) or fc.Throughput(1e3, 1, 0.1)
     )
-    monkeypatch.setattr(fc, "load_per_cpu", lambda: entry["load_per_cpu"])
+    monkeypatch.setattr(hw, "load_per_cpu", lambda: entry["load_per_cpu"])  # what load_changed reads
     assert fc.Forecaster(path).forecast(run) == first and not calls  # same load: the cache answers
-    monkeypatch.setattr(fc, "load_per_cpu", lambda: entry["load_per_cpu"] + 1.0)
+    monkeypatch.setattr(hw, "load_per_cpu", lambda: entry["load_per_cpu"] + 1.0)
     assert fc.Forecaster(path, measure=False).forecast(run) == first  # not allowed to measure: keep it
     again = fc.Forecaster(path).forecast(run)
     assert len(calls) == 1 and again.tokens_per_second == 1e3  # busier machine: measured again

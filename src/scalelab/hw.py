@@ -185,7 +185,8 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
         log.warning("cannot write hardware cache %s: %s", path, err)
 
 
-def _load_changed(measured: float | None) -> bool:
+def load_changed(measured: float | None) -> bool:
+    """Whether the load per CPU now differs by more than `LOAD_TOLERANCE` from `measured` (None: unknown)."""
     now = load_per_cpu()
     if now is None:
         return False
@@ -211,7 +212,7 @@ def peak_flops(
     key = machine_key(device)
     name = precision + "".join(f"|{m}x{k}x{n}" for m, k, n in gemms)
     entry = _read_cache(path).get(key, {}).get(name)
-    if isinstance(entry, dict) and "value" in entry and not _load_changed(entry.get("load_per_cpu")):
+    if isinstance(entry, dict) and "value" in entry and not load_changed(entry.get("load_per_cpu")):
         return float(entry["value"]), "measured (cached)"
     if device.type == "cpu":
         value = cpu_peak_per_cpu_second(precision, gemms) * torch.get_num_threads()

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from scalelab.hw import cache_dir, machine_key, peak_memory_bytes
+from scalelab.hw import cache_dir, load_changed, load_per_cpu, machine_key, peak_memory_bytes
 from scalelab.io import atomic_write_json
 from scalelab.spec import RunSpec
 from scalelab.study.plan import PlannedRun, planning_vocab
@@ -116,26 +115,6 @@ def measure_throughput(spec: RunSpec, steps: int = 5, warmup: int = 2) -> Throug
         torch.set_num_threads(old_threads)
 
 
-#: a cached measurement is re-taken when the machine's 1-minute load per CPU differs by more than this
-#: from when it was measured (a throughput timed on a busy machine says little about an idle one).
-LOAD_TOLERANCE = 0.5
-
-
-def load_per_cpu() -> float | None:
-    """The 1-minute load average per CPU, or None where the OS does not report it."""
-    try:
-        return os.getloadavg()[0] / (os.cpu_count() or 1)
-    except (OSError, AttributeError):
-        return None
-
-
-def _load_changed(measured: float | None) -> bool:
-    now = load_per_cpu()
-    if now is None:
-        return False
-    return measured is None or abs(now - measured) > LOAD_TOLERANCE
-
-
 class Forecaster:
     """Measured-throughput forecasts, cached per machine and shape."""
 
@@ -157,7 +136,7 @@ class Forecaster:
         machine = machine_key(_device(spec))
         key = shape_key(spec)
         entry = self._load().get(machine, {}).get(key)
-        if entry is not None and (not self.measure or not _load_changed(entry.get("load_per_cpu"))):
+        if entry is not None and (not self.measure or not load_changed(entry.get("load_per_cpu"))):
             return Throughput(entry["tokens_per_second"], entry["peak_memory_bytes"], entry["step_seconds"])
         if not self.measure:
             return None
