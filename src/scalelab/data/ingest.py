@@ -84,11 +84,12 @@ LOCK_NAME = ".ingest.lock"
 OWNER_NAME = ".ingest-owner"
 _SPLIT_RE = "|".join(map(re.escape, SPLITS))
 #: every name ingest writes into its output directory (and may therefore delete), temporaries included
-_OWN_NAME = re.compile(
-    rf"^(?:(?:{_SPLIT_RE})-\d{{5,}}\.bin|\.(?:{_SPLIT_RE})\.tail-\d+\.bin|{re.escape(STATE_NAME)}|{re.escape(INDEX_NAME)}"
-    rf"|{re.escape(TOKENIZER_FILE)}|\.(?:(?:{_SPLIT_RE})-\d{{5,}}\.bin|{re.escape(STATE_NAME)}|{re.escape(INDEX_NAME)}"
-    rf"|{re.escape(TOKENIZER_FILE)})\.[^/]*\.tmp)$"
+_OWN_BASE = (
+    rf"(?:(?:{_SPLIT_RE})-\d{{5,}}\.bin|\.(?:{_SPLIT_RE})\.tail-\d+\.bin|{re.escape(STATE_NAME)}"
+    rf"|{re.escape(INDEX_NAME)}|{re.escape(TOKENIZER_FILE)})"
 )
+#: the files themselves, and the temporaries `io.atomic_write_*` makes beside them (`.NAME.XXXX.tmp`)
+_OWN_NAME = re.compile(rf"^(?:{_OWN_BASE}|\.{_OWN_BASE}\.[^/]*\.tmp)$")
 DEFAULT_CHUNK_BYTES = 1 << 18  # ~0.2 s of BPE per chunk: little idle time for workers at the end
 _CHUNKING = 2  # version of how chunks are cut (part of the resume key): 2 = spans within a source
 _HELDOUT_SALT = b"scalelab-heldout-v1:"
