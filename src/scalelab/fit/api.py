@@ -125,6 +125,33 @@ class FitReport:
         return path
 
 
+def check_prediction(law: Any, n: float, d: float, actual: float) -> dict[str, Any]:
+    """A fitted law of N and D against one finished run: predicted loss, relative error, the default
+    (calibrated) interval, whether the actual loss fell inside it, and the calibration's verdict there.
+    Without an interval (no calibration, no bootstrap) ``interval``/``inside`` are None and
+    ``interval_error`` says why. The one check behind the report's predicted-vs-actual and `study add-run`."""
+    pred = float(np.asarray(law.predict([n], [d]), dtype=float)[0])
+    out: dict[str, Any] = {
+        "actual": float(actual),
+        "predicted": pred,
+        "relative_error": (float(actual) - pred) / pred,
+        "interval": None,
+        "inside": None,
+    }
+    try:
+        lo, hi = law.predict_interval([n], [d])
+    except FitError as err:
+        out["interval_error"] = str(err)
+        return out
+    out["interval"] = [float(lo[0]), float(hi[0])]
+    out["inside"] = bool(lo[0] <= float(actual) <= hi[0])
+    cal = getattr(law, "calibration_", None)
+    out["interval_kind"] = "calibrated" if cal is not None else "parameter-only"
+    if cal is not None:
+        out["verdict"] = cal.describe(law._coords(law._X([n], [d])))["verdict"]
+    return out
+
+
 def extrapolation_warning(rec: dict[str, Any]) -> str:
     """How far a recommendation reaches beyond the runs, in C, N and D, with the calibration's verdict."""
     ext = rec["extrapolation"]

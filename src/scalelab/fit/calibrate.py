@@ -321,6 +321,21 @@ class Calibration:
         )
 
 
+def source_text(cal: dict[str, Any]) -> str:
+    """Where an interval's model-form error comes from, in one line, from a calibration's `to_dict()`
+    (as stored in fit.json): folds, floor and growth, or the conservative rule and why."""
+    growth = ", ".join(f"{k} {100 * v:.2g} %" for k, v in cal.get("growth", {}).items() if v)
+    if cal.get("method") == "fallback":
+        return (
+            f"no calibration from these runs ({cal.get('reason', '')}); conservative rule: "
+            f"{100 * cal['floor']:.2g} % + per e-fold of extrapolation {growth}"
+        )
+    return (
+        f"{len(cal.get('folds', []))} rolling-origin backtest folds: error floor {100 * cal['floor']:.2g} %, "
+        f"growth per e-fold of extrapolation {growth or 'none'}"
+    )
+
+
 def verdict(ratio: dict[str, float], beyond: dict[str, float], cal: Calibration) -> str:
     """One honest sentence about how far a prediction reaches beyond what the calibration saw."""
     if cal.method == "fallback":

@@ -115,17 +115,10 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
 
 def calibration_line(cal: dict[str, Any]) -> str:
     """One line on where the interval's model-form error comes from."""
-    g = cal.get("growth", {})
-    growth = ", ".join(f"{k} {100 * v:.2g} %" for k, v in g.items() if v)
-    if cal.get("method") == "fallback":
-        return (
-            f"intervals: no calibration from these runs ({cal.get('reason', '')}); conservative rule: "
-            f"{100 * cal['floor']:.2g} % + per e-fold of extrapolation {growth}"
-        )
-    return (
-        f"intervals calibrated by {len(cal.get('folds', []))} rolling-origin backtest folds: error floor "
-        f"{100 * cal['floor']:.2g} %, growth per e-fold of extrapolation {growth or 'none'}"
-    )
+    from scalelab.fit.calibrate import source_text
+
+    prefix = "intervals: " if cal.get("method") == "fallback" else "intervals calibrated by "
+    return prefix + source_text(cal)
 
 
 def prior_lines(f: dict[str, Any]) -> list[str]:

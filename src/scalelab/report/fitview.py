@@ -136,18 +136,9 @@ class FitView:
         else:
             spread = "not measured (one seed per point): add design.seeds = [0, 1] to measure it"
         rows = [("run-to-run spread (seeds)", spread)]
-        g = cal.get("growth", {})
-        growth = ", ".join(f"{k} {100 * v:.2g} %" for k, v in g.items() if v)
-        if cal.get("method") == "fallback":
-            rows.append(("interval calibration", f"conservative rule ({cal.get('reason', '')})"))
-        else:
-            rows.append(
-                (
-                    "interval calibration",
-                    f"{len(cal.get('folds', []))} rolling-origin backtest folds: error floor "
-                    f"{100 * cal['floor']:.2g} %, growth per e-fold of extrapolation {growth}",
-                )
-            )
+        from scalelab.fit.calibrate import source_text
+
+        rows.append(("interval calibration", source_text(cal)))
         return rows
 
     @staticmethod
@@ -261,6 +252,8 @@ class FitView:
     def predicted_vs_actual(self, runs: list[dict[str, Any]], loss_key: str) -> list[dict[str, Any]]:
         """For each finished run: the fit's prediction at its (N, D) with the single-run prediction
         interval, the actual loss, and whether it fell inside."""
+        from scalelab.fit.api import check_prediction
+
         law = self._law()
         if law is None:
             return []
@@ -269,22 +262,14 @@ class FitView:
             n, d, actual = r.get(self.n_params_key), r.get("tokens"), r.get(loss_key)
             if not n or not d or actual is None:
                 continue
-            pred = float(np.asarray(law.predict([n], [d]), dtype=float)[0])
-            row: dict[str, Any] = {
-                "run_id": r["run_id"],
-                "N": n,
-                "D": d,
-                "actual": float(actual),
-                "predicted": pred,
-                "relative_error": (float(actual) - pred) / pred,
-            }
             try:
-                lo, hi = law.predict_interval([n], [d])  # calibrated when the fit has a calibration
-                row["interval"] = [float(lo[0]), float(hi[0])]
-                row["inside"] = bool(lo[0] <= float(actual) <= hi[0])
-            except Exception as err:  # noqa: BLE001 - a fit without bootstrap draws has no interval
-                log.info("no prediction interval for %s: %s", r["run_id"], err)
-                row["interval"], row["inside"] = None, None
+                check = check_prediction(law, n, d, actual)
+            except Exception as err:  # noqa: BLE001 - a report without this row beats no report
+                log.info("no prediction for %s: %s", r["run_id"], err)
+                continue
+            if check.get("interval_error"):
+                log.info("no prediction interval for %s: %s", r["run_id"], check["interval_error"])
+            row = {"run_id": r["run_id"], "N": n, "D": d, **check}
             out.append(row)
         return out
 

@@ -98,8 +98,7 @@ def add_run(study_dir: str | Path, run_dir: str | Path, role: str = "target") ->
 def check_against_fit(study_dir: str | Path, row: dict[str, Any]) -> dict[str, Any] | None:
     """The study's fit (report/fit.json) at an added run's (N, D): predicted loss, its calibrated
     interval and whether the run's actual loss fell inside. None when there is no usable fit."""
-    from scalelab.errors import FitError
-    from scalelab.fit.api import load_fit
+    from scalelab.fit.api import check_prediction, load_fit
     from scalelab.fit.laws import law_from_dict
 
     path = Path(study_dir) / "report" / "fit.json"
@@ -113,16 +112,4 @@ def check_against_fit(study_dir: str | Path, row: dict[str, Any]) -> dict[str, A
     actual = row.get("final_train_loss" if settings.get("loss_column") == "train" else "eval_loss")
     if n is None or actual is None or row.get("tokens") is None:
         return None
-    law = law_from_dict(data["fit"])
-    pred = float(law.predict([n], [row["tokens"]])[0])
-    out: dict[str, Any] = {"predicted": pred, "actual": float(actual), "fit_json": str(path)}
-    try:
-        lo, hi = law.predict_interval([n], [row["tokens"]])
-        out["interval"] = [float(lo[0]), float(hi[0])]
-        out["inside"] = bool(lo[0] <= float(actual) <= hi[0])
-        out["interval_kind"] = "calibrated" if getattr(law, "calibration_", None) is not None else "none"
-        if law.calibration_ is not None:
-            out["verdict"] = law.calibration_.describe(law._coords(law._X([n], [row["tokens"]])))["verdict"]
-    except FitError as err:
-        out["interval_error"] = str(err)
-    return out
+    return {**check_prediction(law_from_dict(data["fit"]), n, row["tokens"], actual), "fit_json": str(path)}
