@@ -33,11 +33,11 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, q)
         DistEnv,
         grad_sync,
         init_distributed,
-        local_grad_norm_source,
-        parallelize,
         param_group_index,
         regroup,
     )
+    from scalelab.train.parallel import parallelize
+    from scalelab.train.parallel.gradnorm import local_grad_norm_source
     from scalelab.train.trainer import Callback, Trainer
 
     torch.set_num_threads(1)

@@ -39,11 +39,11 @@ def build_variant(strategy: str, args: argparse.Namespace, mesh) -> Callable[[],
         compile_blocks,
         compile_for_training,
         grad_sync,
-        local_grad_norm_source,
-        parallelize,
         param_group_index,
         regroup,
     )
+    from scalelab.train.parallel import parallelize
+    from scalelab.train.parallel.gradnorm import local_grad_norm_source
     from scalelab.train.trainer import DivergenceGuard, Trainer
 
     device = torch.device(args.device)

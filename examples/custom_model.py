@@ -15,6 +15,8 @@ What scalelab needs from the module `build` returns (scalelab.models.protocol): 
 `blocks`, `head`, `output_multiplier` and `forward(idx, targets=None)`; the hooks below (`scale` and
 `d_head` on attention, `residual_multiplier` on blocks, `residual_out` on the layers that write into the
 residual stream) let μP and depth-μP reach inside. Parameters and FLOPs are counted from what it builds.
+Two optional pieces open the model-parallel layouts: `embed` / `readout` with blocks called as `block(x)`
+(pipeline stages), and `tp_plan` with head counts taken from the tensors (tensor parallelism).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelab.models.flops import ModelShape
-from scalelab.models.protocol import lm_output
+from scalelab.models.protocol import decoder_forward, readout_logits
 
 
 class ParallelBlock(nn.Module):
@@ -43,17 +45,21 @@ class ParallelBlock(nn.Module):
         self.residual_multiplier = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         h = self.norm(x)
-        q, k, v = (z.view(b, t, self.n_heads, self.d_head).transpose(1, 2) for z in self.qkv(h).split(d, 2))
+        # -1: all heads, or this rank's share of them under tensor parallelism
+        q, k, v = (z.view(b, t, -1, self.d_head).transpose(1, 2) for z in self.qkv(h).chunk(3, -1))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        attn = self.attn_out(a.transpose(1, 2).reshape(b, t, d))
+        attn = self.attn_out(a.transpose(1, 2).reshape(b, t, -1))
         mlp = self.down(F.relu(self.up(h)).square())
         return x + self.residual_multiplier * (attn + mlp)
 
 
 class ParallelLM(nn.Module):
     """Token + learned position embedding → parallel blocks → RMSNorm → tied readout."""
+
+    #: tensor parallelism: the fused [q; k; v] and the MLP input column-parallel, both outputs row-parallel
+    tp_plan = {"qkv": "colwise:3", "attn_out": "rowwise", "up": "colwise", "down": "rowwise"}
 
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
@@ -70,12 +76,14 @@ class ParallelLM(nn.Module):
     def embedding(self) -> nn.Embedding:
         return self.tok_emb
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return readout_logits(self, self.norm(x))
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(positions)
-        for block in self.blocks:
-            x = block(x)
-        return lm_output(self, self.norm(x), targets)
+        return decoder_forward(self, idx, targets)  # readout(blocks(embed(idx))), + the loss
 
 
 def build(shape: ModelShape) -> ParallelLM:

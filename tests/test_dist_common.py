@@ -90,7 +90,8 @@ def child_env(tmp: Path) -> dict[str, str]:
         MKL_NUM_THREADS="1",
         SCALELAB_CACHE_DIR=str(tmp / "cache"),
         SCALELAB_DIST_TIMEOUT_SECONDS="120",
-        PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+        # examples/: the custom model family (python:custom_model:build) imports from there
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "examples"), env.get("PYTHONPATH", "")]),
     )
     return env
 
@@ -278,12 +279,12 @@ def test_only_committed_checkpoints_are_chosen(tmp_path):
 
 def test_fsdp_mixed_precision_policy():
     """bf16/fp16: parameters gathered in low precision, gradients reduced in fp32; fp32: no casts."""
-    from scalelab.train.distributed import _mixed_precision
+    from scalelab.train.parallel.fsdp import mixed_precision_policy
 
-    bf16 = _mixed_precision("bf16")
+    bf16 = mixed_precision_policy("bf16")
     assert bf16.param_dtype == torch.bfloat16 and bf16.reduce_dtype == torch.float32
-    assert _mixed_precision("fp16").param_dtype == torch.float16
-    assert _mixed_precision("fp32").param_dtype is None
+    assert mixed_precision_policy("fp16").param_dtype == torch.float16
+    assert mixed_precision_policy("fp32").param_dtype is None
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalelab.train.parallel.tensor import qkv_row_order
+from scalelab.train.parallel.tensor import fused_row_order
 from scalelab.train.run import run_training
 from test_dist_common import build_store, losses, make_spec, step_rows, torchrun, write_config
 
@@ -30,9 +30,9 @@ def _close(a, b, rel=REL):
     return len(a) == len(b) and all(abs(x - y) <= rel * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
 
 
-def test_qkv_row_order_gives_each_rank_its_heads():
-    width, heads, tp = 8, 4, 2  # d_head 2; rank 0 owns heads 0-1 (rows 0-3 of each of q, k, v)
-    order = qkv_row_order(width, heads, tp).tolist()
+def test_fused_row_order_gives_each_rank_its_heads():
+    width, tp = 8, 2  # [q; k; v] of width 8, 4 heads of 2; rank 0 owns heads 0-1 (rows 0-3 of q, k, v)
+    order = fused_row_order(3 * width, 3, tp).tolist()
     assert order[:12] == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
     assert sorted(order) == list(range(3 * width))
 

@@ -11,7 +11,8 @@ Three plain attributes exist so that a parametrization can be applied from outsi
   * `Block.residual_multiplier`     — scales each residual branch (depth-μP/CompleteP: base_depth/depth);
   * `GPT.output_multiplier`         — scales the logits (μP readout multiplier base_width/width).
 
-This file never imports `torch.distributed`: parallelism is applied from outside (train/distributed.py).
+This file never imports `torch.distributed`: parallelism is applied from outside (train/parallel/), through
+`embed` / `blocks` / `readout` (pipeline stages) and `tp_plan` (tensor parallelism).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelab.models.flops import ModelShape
-from scalelab.models.protocol import lm_output
+from scalelab.models.protocol import decoder_forward, readout_logits
 from scalelab.spec import ModelSpec
 
 
@@ -40,12 +41,12 @@ class CausalSelfAttention(nn.Module):
         self.scale: float | None = None  # None → 1/sqrt(d_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
-        # (B, T, D) → (B, H, T, d_head)
-        q, k, v = (z.view(b, t, self.n_heads, self.d_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # (B, T, H·d_head) → (B, H, T, d_head); H is whatever this rank holds (all heads, or its TP shard)
+        q, k, v = (z.view(b, t, -1, self.d_head).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -80,6 +81,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """The model: `forward(idx)` gives logits (B, T, V); `forward(idx, targets)` gives the mean CE loss."""
 
+    #: tensor parallelism, per block (models/protocol.py): q, k, v column shards, output row shards
+    tp_plan = {"attn.qkv": "colwise:3", "attn.proj": "rowwise", "mlp.fc": "colwise", "mlp.proj": "rowwise"}
+
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
         self.shape = shape
@@ -94,14 +98,14 @@ class GPT(nn.Module):
         self.output_multiplier = 1.0
         self.register_buffer("_positions", torch.arange(shape.context_tokens), persistent=False)
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok_emb(idx) + self.pos_emb(self._positions[: idx.shape[1]])
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return readout_logits(self, self.ln_f(x))
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.shape.context_tokens:
-            raise ValueError(f"sequence of {t} tokens exceeds context_tokens={self.shape.context_tokens}")
-        x = self.tok_emb(idx) + self.pos_emb(self._positions[:t])
-        for block in self.blocks:
-            x = block(x)
-        return lm_output(self, self.ln_f(x), targets)
+        return decoder_forward(self, idx, targets)
 
     @property
     def embedding(self) -> nn.Embedding:

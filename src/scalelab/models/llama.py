@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelab.models.flops import ModelShape
-from scalelab.models.protocol import lm_output
+from scalelab.models.protocol import decoder_forward, readout_logits
 
 ROPE_THETA = 10000.0
 NORM_EPS = 1e-5
@@ -38,7 +38,7 @@ def rope_tables(context_tokens: int, d_head: int) -> tuple[torch.Tensor, torch.T
 class Attention(nn.Module):
     """Causal self-attention with RoPE; `n_kv_heads` < `n_heads` shares each k/v head among a group."""
 
-    def __init__(self, width: int, n_heads: int, n_kv_heads: int, qk_norm: bool) -> None:
+    def __init__(self, width: int, n_heads: int, n_kv_heads: int, qk_norm: bool, context_tokens: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, width // n_heads
         self.wq = nn.Linear(width, width, bias=False)
@@ -49,19 +49,24 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.d_head, eps=NORM_EPS) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.d_head, eps=NORM_EPS) if qk_norm else None
         self.scale: float | None = None  # None → 1/sqrt(d_head)
+        cos, sin = rope_tables(context_tokens, self.d_head)  # per layer, so a block is called as block(x)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.d_head).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.d_head).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.d_head).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        # head counts from the tensors: all heads, or this rank's tensor-parallel share of them
+        q = self.wq(x).view(b, t, -1, self.d_head).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.d_head).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.d_head).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rope_cos[:t].to(x.dtype), self.rope_sin[:t].to(x.dtype)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.wo(y.transpose(1, 2).reshape(b, t, d))
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class SwiGLU(nn.Module):
@@ -85,18 +90,30 @@ class Block(nn.Module):
         super().__init__()
         d = shape.width
         self.attn_norm = nn.RMSNorm(d, eps=NORM_EPS)
-        self.attn = Attention(d, shape.n_heads, shape.kv_heads, shape.qk_norm)
+        self.attn = Attention(d, shape.n_heads, shape.kv_heads, shape.qk_norm, shape.context_tokens)
         self.mlp_norm = nn.RMSNorm(d, eps=NORM_EPS)
         self.mlp = SwiGLU(d, shape.mlp_hidden)
         self.residual_multiplier = 1.0
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.residual_multiplier * self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.residual_multiplier * self.attn(self.attn_norm(x))
         return x + self.residual_multiplier * self.mlp(self.mlp_norm(x))
 
 
 class Llama(nn.Module):
     """The model: `forward(idx)` gives logits (B, T, V); `forward(idx, targets)` gives the mean CE loss."""
+
+    #: tensor parallelism, per block (models/protocol.py): q/k/v and the gate/up projections column-
+    #: parallel (whole heads per rank, so kv heads must divide too), the outputs row-parallel
+    tp_plan = {
+        "attn.wq": "colwise",
+        "attn.wk": "colwise",
+        "attn.wv": "colwise",
+        "attn.wo": "rowwise",
+        "mlp.w1": "colwise",
+        "mlp.w3": "colwise",
+        "mlp.w2": "rowwise",
+    }
 
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
@@ -110,9 +127,6 @@ class Llama(nn.Module):
         if shape.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.output_multiplier = 1.0
-        cos, sin = rope_tables(shape.context_tokens, shape.d_head)
-        self.register_buffer("_cos", cos, persistent=False)
-        self.register_buffer("_sin", sin, persistent=False)
 
     @property
     def embedding(self) -> nn.Embedding:
@@ -122,12 +136,11 @@ class Llama(nn.Module):
         """Distinct parameters (a tied readout counted once), = `ModelShape.total_params`."""
         return sum(p.numel() for p in self.parameters())
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok_emb(idx)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return readout_logits(self, self.norm(x))
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.shape.context_tokens:
-            raise ValueError(f"sequence of {t} tokens exceeds context_tokens={self.shape.context_tokens}")
-        x = self.tok_emb(idx)
-        cos, sin = self._cos[:t].to(x.dtype), self._sin[:t].to(x.dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return lm_output(self, self.norm(x), targets)
+        return decoder_forward(self, idx, targets)

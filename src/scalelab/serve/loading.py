@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from scalelab.data.tokenize import ByteTokenizer, Tokenizer
 from scalelab.errors import CheckpointError, SpecError
@@ -74,29 +75,20 @@ def _manifest_format(path: Path) -> str | None:
         return None
 
 
-def _plain_qkv_rows(weights: dict[str, torch.Tensor], spec: RunSpec) -> dict[str, torch.Tensor]:
-    """A tensor-parallel run stores every `qkv` weight with its rows regrouped rank-major
-    (train/parallel/tensor.py); put them back in the plain model's [q; k; v] order."""
+def _plain_rows(weights: dict[str, torch.Tensor], spec: RunSpec, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A tensor-parallel run stores every fused weight of its model's `tp_plan` ([q; k; v]) with its rows
+    regrouped rank-major (train/parallel/tensor.py); put them back in the plain model's order."""
     tp = spec.train.tensor_parallel
     if tp <= 1:
         return weights
-    from scalelab.train.parallel.tensor import qkv_row_order
+    from scalelab.train.parallel.tensor import plain_order, tp_plan_of
 
-    order = qkv_row_order(spec.model.width, spec.model.n_heads, tp)
-    out = dict(weights)
-    for name, w in weights.items():
-        if name.endswith("attn.qkv.weight"):
-            plain = torch.empty_like(w)
-            plain[order] = w
-            out[name] = plain
-    return out
+    return plain_order(weights, tp_plan_of(model), tp)
 
 
-def _read_weights(
-    path: Path, chash: str, template: dict[str, torch.Tensor], spec: RunSpec
-) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, chash: str, model: nn.Module, spec: RunSpec) -> dict[str, torch.Tensor]:
     if _manifest_format(path) == SHARDED_FORMAT:
-        return _plain_qkv_rows(read_full_weights(path, chash, template), spec)
+        return _plain_rows(read_full_weights(path, chash, model.state_dict()), spec, model)
     manifest = verify_checkpoint(path, chash)
     weights = load_file(str(path / "model.safetensors"), device="cpu")
     for alias, target in manifest.get("aliases", {}).items():
@@ -104,12 +96,10 @@ def _read_weights(
     return weights
 
 
-def load_weights(
-    run_dir: Path, spec: RunSpec, template: dict[str, torch.Tensor]
-) -> tuple[Path, int, dict[str, torch.Tensor]]:
+def load_weights(run_dir: Path, spec: RunSpec, model: nn.Module) -> tuple[Path, int, dict[str, torch.Tensor]]:
     """(checkpoint path, step, weights) of the newest checkpoint of `run_dir` (whose config is `spec`)
-    that verifies; `template` (the state dict of the run's model, freshly built) gives names and shapes
-    to sharded checkpoints. Weights come back in the plain model's layout."""
+    that verifies; `model` (the run's model, freshly built) gives names and shapes to sharded checkpoints
+    and its tensor-parallel plan. Weights come back in the plain model's layout."""
     chash = config_hash(spec)
     ckpt_dir = Path(run_dir) / "checkpoint"
     candidates = list_checkpoints(ckpt_dir)
@@ -117,7 +107,7 @@ def load_weights(
         raise CheckpointError(f"{ckpt_dir}: no checkpoint (step-*/) to serve; train the run first")
     for step, path in reversed(candidates):
         try:
-            weights = _read_weights(path, chash, template, spec)
+            weights = _read_weights(path, chash, model, spec)
         except CheckpointConfigMismatch:
             raise
         except CheckpointError as err:
@@ -159,7 +149,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     vocab = spec.model.vocab_size or tokenizer.vocab_size
     model = build_model(spec.model, vocab)
     apply_parametrization(model, spec.model)  # sets attention scale and multipliers (μP, depth-μP)
-    path, step, weights = load_weights(run_dir, spec, model.state_dict())
+    path, step, weights = load_weights(run_dir, spec, model)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:

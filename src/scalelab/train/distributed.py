@@ -1,18 +1,18 @@
-"""Distributed training from the outside: torchrun environment, process group, device mesh, wrapping.
+"""Distributed training from the outside: torchrun environment, process group, device mesh, and what
+every layout shares (compilation, accumulation, optimizer groups by name, cross-rank metrics).
 
-The model file never imports `torch.distributed`; this module takes a built, parametrized model and
-makes it parallel — ``model = parallelize(model, mesh, spec.train)`` — following DESIGN.md:
+The model file never imports `torch.distributed`; the layouts themselves (DDP, FSDP2, tensor and
+pipeline parallelism) are plug-ins of `scalelab.train.parallel`, applied as
+``model = parallelize(model, ctx.mesh, spec.train)``:
 
 * **Environment.** `DistEnv.from_env()` reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a process started without torchrun is a world of one.
   `init_distributed` creates the process group — gloo on CPU, nccl on CUDA (device = LOCAL_RANK) — and
   the device mesh with dimensions ``("pp", "dp", "tp")`` of sizes
   (pipeline_parallel, world / (pp·tp), tensor_parallel).
-* **Strategies.** ``ddp``: `DistributedDataParallel` with a communication hook that measures each rank's
-  local gradient norm before the all-reduce (for the straggler/spread metrics). ``fsdp``: FSDP2
-  (`fully_shard`) per transformer block and at the root, with a `MixedPrecisionPolicy` for bf16/fp16
-  (parameters gathered in low precision, gradients reduced in fp32). Tensor parallelism (DTensor) is
-  applied before FSDP on the ``tp`` mesh dimension (see `scalelab.train.parallel.tensor`).
+* **Layouts.** `scalelab.train.parallel`: ``ddp`` (a DDP wrapper whose communication hook measures each
+  rank's local gradient norm), ``fsdp`` (FSDP2 per block and at the root), ``tensor`` (the model
+  family's `tp_plan` on the ``tp`` dimension, before FSDP), ``pipeline`` (stages cut from the block list).
 * **Compilation.** ``train.compile`` compiles the whole wrapped model (`compile_for_training`; pipeline
   stages per block), which the trainer calls while everything else keeps the wrapper itself.
 * **Accumulation.** `grad_sync(model, enabled)` is the context the trainer wraps every micro-batch but the
@@ -68,6 +68,8 @@ from torch import nn
 
 from scalelab.errors import DistributedError
 from scalelab.spec import TrainSpec
+from scalelab.train.parallel.base import blocks_of
+from scalelab.train.parallel.gradnorm import GradNormRecorder
 from scalelab.train.trainer import Callback, TrainState
 
 log = logging.getLogger(__name__)
@@ -272,55 +274,7 @@ def init_distributed(train: TrainSpec, env: DistEnv | None = None) -> DistContex
     return DistContext(env, device, backend, mesh, owns_group=owns)
 
 
-# ----------------------------------------------------------------------------------- wrapping
-def _mixed_precision(precision: str) -> Any:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-
-
-def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
-    """Make `model` (a built, parametrized GPT on its device) parallel as `train` says; returns the wrapped
-    module (the trainer calls it through `compile_for_training`). ``none``: unchanged;
-    ``ddp``: a DDP wrapper over the ``dp`` mesh dimension; ``fsdp``: tensor parallelism on ``tp`` (if > 1),
-    then FSDP2 per block and at the root over ``dp``. Pipeline stages are split by
-    `scalelab.train.parallel.pipeline` before this is called on each stage.
-    """
-    if train.strategy == "none":
-        return model
-    if train.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        dp = mesh["dp"]
-        device = next(model.parameters()).device
-        ddp = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=dp.get_group(),
-        )
-        _GradNormHook.install(ddp, dp.get_group())
-        return ddp
-    if train.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        if train.tensor_parallel > 1:
-            from scalelab.train.parallel.tensor import apply_tensor_parallel
-
-            apply_tensor_parallel(model, mesh["tp"])
-        dp = mesh["dp"]
-        mp = _mixed_precision(train.precision)
-        reshard = train.fsdp_reshard_after_forward
-        for block in _blocks(model):
-            fully_shard(block, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
-        fully_shard(model, mesh=dp, mp_policy=mp, reshard_after_forward=reshard)
-        _install_fsdp_norm_recorder(model, dp.get_group())
-        return model
-    raise DistributedError(f"train.strategy: unknown strategy {train.strategy!r}")
-
-
+# ---------------------------------------------------------------------------- compilation
 def compile_for_training(model: nn.Module, train: TrainSpec, *, pipelined: bool = False) -> nn.Module:
     """The module the trainer calls: `model` (as `parallelize` returned it) compiled when ``train.compile``.
 
@@ -343,16 +297,8 @@ def compile_for_training(model: nn.Module, train: TrainSpec, *, pipelined: bool 
 
 def compile_blocks(model: nn.Module) -> None:
     """`torch.compile` each transformer block in place (`nn.Module.compile`: names and parameters stay)."""
-    for block in _blocks(model):
+    for block in blocks_of(model):
         block.compile()
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (a ModuleList, or a pipeline stage's ModuleDict keyed by index)."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        return []
-    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 
 @contextlib.contextmanager
@@ -417,95 +363,6 @@ def regroup(
     return [g for g in out if g["params"]]
 
 
-# --------------------------------------------------------------------------- local grad norm
-@dataclass
-class _GradNormHook:
-    """The squared norm of this rank's gradient before averaging (DDP comm-hook state, FSDP recorder).
-
-    `scale` multiplies the reported norm: the pipeline schedule divides gradients by its number of
-    micro-batches only *after* FSDP's reduction (`PipelineStage.perform_reduce_grad` → `scale_grads`),
-    so what the recorder sees there is that many times the step's gradient
-    (`scalelab.train.parallel.pipeline.PipelineRunner.local_norm_scale`).
-    """
-
-    group: Any
-    world_size: int
-    sq_sum: torch.Tensor | None = None  # stays on the device: no host sync inside backward
-    buckets: int = 0
-    scale: float = 1.0
-
-    @classmethod
-    def install(cls, ddp: nn.Module, group: Any) -> _GradNormHook:
-        state = cls(group, dist.get_world_size(group))
-        ddp.register_comm_hook(state, _allreduce_measuring_norm)  # type: ignore[operator]
-        ddp._scalelab_grad_norm = state  # type: ignore[attr-defined]
-        return state
-
-    def add(self, local_grads: torch.Tensor) -> None:
-        """Count a flat buffer of this rank's (not yet reduced) gradients."""
-        sq = local_grads.detach().float().pow(2).sum()
-        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
-        self.buckets += 1
-
-    def take(self) -> float | None:
-        """This rank's local gradient norm of the last synchronized backward (None if none ran)."""
-        if self.buckets == 0 or self.sq_sum is None:
-            return None
-        value = math.sqrt(float(self.sq_sum)) * self.scale
-        self.sq_sum, self.buckets = None, 0
-        return value
-
-
-def _allreduce_measuring_norm(state, bucket):  # noqa: ANN001, ANN201 — DDP rejects non-GradBucket annotations
-    """Record the bucket's local squared norm, then average it over ranks (as DDP's default hook does).
-
-    Returns a future of the averaged bucket (a torch.futures.Future[Tensor]).
-    """
-    buf = bucket.buffer()
-    state.add(buf)
-    buf.div_(state.world_size)
-    work = dist.all_reduce(buf, group=state.group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def _install_fsdp_norm_recorder(model: nn.Module, group: Any) -> _GradNormHook:
-    """FSDP2 (also under tensor/pipeline parallelism, on each stage): measure each rank's local gradient
-    where FSDP reduces it over the data-parallel `group` — the unsharded, accumulated local gradients
-    (tensor-parallel parameters: this rank's local shards), zero-padded, in the reduce dtype (fp32 here,
-    so FSDP does not pre-divide them).
-
-    With more than one data-parallel rank that is the reduce-scatter input (a custom reduce-scatter that
-    records, then reduces). With one, FSDP skips the collective and copies the input to the output
-    unchanged (no divide factor), so the all-reduce hook — which FSDP calls after every reduction — sees
-    the same gradients.
-    """
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
-
-    recorder = _GradNormHook(group, dist.get_world_size(group))
-
-    class _Measuring(DefaultReduceScatter):
-        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # noqa: ANN001, ANN204
-            recorder.add(input_tensor)
-            return super().__call__(output_tensor, input_tensor, group, op, async_op)
-
-    comm = _Measuring()
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            if recorder.world_size > 1:
-                module.set_custom_reduce_scatter(comm)
-            else:
-                module.set_all_reduce_hook(recorder.add)
-    model._scalelab_grad_norm = recorder  # type: ignore[attr-defined]
-    return recorder
-
-
-def local_grad_norm_source(model: nn.Module) -> _GradNormHook | None:
-    """The local-gradient-norm recorder `parallelize` installed (DDP; FSDP, with or without tensor and
-    pipeline parallelism); None for an unwrapped model."""
-    return getattr(model, "_scalelab_grad_norm", None)
-
-
 # ---------------------------------------------------------------------------- cross-rank metrics
 def _spread(values: torch.Tensor) -> tuple[float, float, float]:
     v = values.double()
@@ -523,7 +380,7 @@ class CrossRankMetrics(Callback):
     spread means in each case; absent when a rank has no recorder) and step_seconds_min/max/std.
     """
 
-    def __init__(self, group: Any = None, grad_norm_source: _GradNormHook | None = None) -> None:
+    def __init__(self, group: Any = None, grad_norm_source: GradNormRecorder | None = None) -> None:
         self.group = group
         self.grad_norm_source = grad_norm_source
         self.world_size = 1

@@ -37,13 +37,13 @@ from scalelab.train.distributed import (
     compile_for_training,
     grad_sync,
     init_distributed,
-    local_grad_norm_source,
-    parallelize,
     param_group_index,
     regroup,
 )
 from scalelab.train.observe import MetricsLogger
+from scalelab.train.parallel import parallelize, trainer_hooks, unwrap
 from scalelab.train.parallel.checkpoint import load_latest_sharded, save_sharded
+from scalelab.train.parallel.gradnorm import local_grad_norm_source
 from scalelab.train.sinks import hyperparameters
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
@@ -195,33 +195,9 @@ def _build(
     index = param_group_index(raw_model, groups)
     raw_model.to(ctx.device)
     pipelined = train.pipeline_parallel > 1
-    if pipelined:
-        from scalelab.train.parallel.pipeline import split_stage
-
-        pp = ctx.mesh["pp"]
-        split_stage(raw_model, int(pp.get_local_rank()), int(pp.size()))
     model = parallelize(raw_model, ctx.mesh, train)
     groups = regroup(model, groups, index)
-    pipeline_kwargs: dict[str, Any] = {}
-    if pipelined:
-        from scalelab.train.parallel.pipeline import PipelineRunner
-
-        runner = PipelineRunner(
-            model,  # type: ignore[arg-type]
-            ctx.mesh,
-            ctx.device,
-            train.pipeline_microbatches or 2 * train.pipeline_parallel,
-            tied=spec.model.tie_embeddings,
-        )
-        source = local_grad_norm_source(model)
-        if source is not None:  # measured before the schedule's division by the micro-batch count
-            source.scale = runner.local_norm_scale
-        pipeline_kwargs = {
-            "forward_backward": runner.forward_backward,
-            "eval_fn": partial(runner.evaluate, local_batch=train.global_batch_size // ctx.dp_size),
-            "grad_norm_group": ctx.mesh["pp"].get_group(),
-            "grad_norm_skip": frozenset(runner.norm_skip()),
-        }
+    hooks = trainer_hooks(model, ctx.mesh, train, ctx.device)
 
     t = spec.model.context_tokens
     loader = BlockLoader(
@@ -291,10 +267,10 @@ def _build(
         debug=spec.debug,
         callbacks=callbacks,
         checkpoint_fn=save,
-        raw_model=raw_model,
+        raw_model=unwrap(model),
         world_size=ctx.dp_size,
         grad_sync=partial(grad_sync, model),
-        **pipeline_kwargs,
+        **hooks,
     )
     prior_wall = 0.0
     resumed_step = 0

@@ -1,11 +1,13 @@
-"""Pipeline parallelism for the GPT with `torch.distributed.pipelining` (1F1B over micro-batches).
+"""Pipeline parallelism with `torch.distributed.pipelining` (1F1B over micro-batches), for any model with
+the pipeline capability (models/protocol.py: `embed`, blocks called as `block(x)`, `readout`).
 
-The model is cut into `pipeline_parallel` contiguous stages along the ``pp`` mesh dimension: the first
-stage holds the embeddings and its blocks, the last its blocks, the final LayerNorm and the output layer.
-Cutting happens in place and from outside the model file: blocks move into a `ModuleDict` keyed by their
-original index and the GPT's class is swapped for `PipelineStageGPT`, so parameter names stay those of
-the whole model (`blocks.3.attn.qkv.weight`) — optimizer groups and sharded checkpoints need no mapping.
-Tensor parallelism and FSDP are then applied to each stage as for a whole model.
+The model is cut into `pipeline_parallel` contiguous stages along the ``pp`` mesh dimension, from
+outside: a `Stage` module registers the blocks this rank owns (a `ModuleDict` keyed by their original
+index) and, on the first stage, the sub-modules `embed` uses, on the last those `readout` uses — found by
+calling each once on a one-token probe — under their own names, so parameter names stay those of the
+whole model (`blocks.3.attn.qkv.weight`) and optimizer groups and sharded checkpoints need no mapping.
+The model's class is never swapped; its other parts are dropped from this rank. Tensor parallelism and
+FSDP are then applied to each stage as for a whole model.
 
 Per optimizer step, `PipelineRunner.forward_backward(batch)` runs `Schedule1F1B` over the rank's local
 batch split into `pipeline_microbatches` micro-batches (gradients averaged over them), broadcasts the last
@@ -19,37 +21,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from scalelab.errors import DistributedError
-from scalelab.models.gpt import GPT
+from scalelab.models.protocol import lm_loss, stage_capable
+from scalelab.spec import TrainSpec
+from scalelab.train.parallel.base import Strategy
 
 log = logging.getLogger(__name__)
-
-
-class PipelineStageGPT(GPT):
-    """A contiguous slice of a GPT: embeddings on the first stage, head on the last; blocks in between."""
-
-    is_first: bool
-    is_last: bool
-
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if self.is_first:
-            t = x.shape[1]
-            x = self.tok_emb(x) + self.pos_emb(self._positions[:t])
-        for block in self.blocks.values():  # type: ignore[operator]
-            x = block(x)
-        if not self.is_last:
-            return x
-        logits = self.head(self.ln_f(x))
-        if self.output_multiplier != 1.0:
-            logits = logits * self.output_multiplier
-        return logits
 
 
 def stage_blocks(depth: int, stages: int, stage: int) -> range:
@@ -61,29 +45,71 @@ def stage_blocks(depth: int, stages: int, stage: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
-def split_stage(model: GPT, stage: int, stages: int) -> PipelineStageGPT:
-    """Cut `model` in place down to pipeline stage `stage` of `stages`; returns it (class swapped)."""
-    if not isinstance(model, GPT):
-        raise DistributedError(
-            f"train.pipeline_parallel: supported for the GPT only, got {type(model).__name__}"
-        )
-    keep = stage_blocks(len(model.blocks), stages, stage)
-    blocks = nn.ModuleDict({str(i): model.blocks[i] for i in keep})
-    model.blocks = blocks  # type: ignore[assignment]
-    is_first, is_last = stage == 0, stage == stages - 1
-    if not is_first:
-        del model.tok_emb
-        del model.pos_emb
-    if not is_last:
-        del model.ln_f
-        del model.head
-    model.__class__ = PipelineStageGPT
-    model.is_first, model.is_last = is_first, is_last  # type: ignore[attr-defined]
-    return model  # type: ignore[return-value]
+@torch.no_grad()
+def _children_used(model: nn.Module, call: Any, probe: torch.Tensor) -> set[str]:
+    """Names of `model`'s direct children (other than its blocks) that `call(probe)` runs."""
+    used: set[str] = set()
+    handles = [
+        child.register_forward_pre_hook(lambda *_, name=name: used.add(name))
+        for name, child in model.named_children()
+        if name != "blocks"
+    ]
+    try:
+        call(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return used
 
 
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+class Stage(nn.Module):
+    """A contiguous slice of a model: its blocks, plus what `embed` needs on the first stage and what
+    `readout` needs on the last; registered under the model's own names."""
+
+    def __init__(self, model: nn.Module, stage: int, stages: int) -> None:
+        super().__init__()
+        if not stage_capable(model):
+            family = getattr(getattr(model, "shape", None), "family", type(model).__name__)
+            raise DistributedError(
+                f"train.pipeline_parallel: model family {family!r} has no embed/readout "
+                "(see scalelab.models.protocol); use pipeline_parallel = 1"
+            )
+        device = next(model.parameters()).device
+        width = model.shape.width  # type: ignore[union-attr]
+        self.is_first, self.is_last = stage == 0, stage == stages - 1
+        keep: set[str] = set()
+        if self.is_first:
+            keep |= _children_used(model, model.embed, torch.zeros(1, 1, dtype=torch.long, device=device))
+        if self.is_last:
+            keep |= _children_used(model, model.readout, torch.zeros(1, 1, width, device=device))
+        owned = stage_blocks(len(model.blocks), stages, stage)  # type: ignore[arg-type]
+        for name, child in list(model.named_children()):
+            if name in keep:
+                self.add_module(name, child)
+            elif name != "blocks":
+                delattr(model, name)  # this rank never runs it
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in owned})  # type: ignore[index]
+        model.blocks = nn.ModuleList()  # type: ignore[assignment]
+        self.whole = [model]  # not a registered child: its remaining parts are this stage's own
+        self.shape = model.shape  # type: ignore[union-attr]
+        self.tp_plan = getattr(model, "tp_plan", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.whole[0]
+        if self.is_first:
+            x = model.embed(x)
+        for block in self.blocks.values():
+            x = block(x)
+        return model.readout(x) if self.is_last else x
+
+    def tied_weight(self) -> nn.Parameter | None:
+        """This stage's copy of a weight shared by the embedding (first stage) and the readout (last)."""
+        model = self.whole[0]
+        if self.is_first and hasattr(model, "embedding"):
+            return model.embedding.weight
+        if self.is_last and hasattr(model, "head"):
+            return model.head.weight
+        return None
 
 
 class PipelineRunner:
@@ -91,7 +117,7 @@ class PipelineRunner:
 
     def __init__(
         self,
-        stage_model: PipelineStageGPT,
+        stage_model: Stage,
         mesh: Any,
         device: torch.device,
         n_microbatches: int,
@@ -107,19 +133,14 @@ class PipelineRunner:
         self.n_microbatches = n_microbatches
         self.last_rank = dist.get_global_rank(self.group, self.stages - 1)
         self.stage = PipelineStage(stage_model, self.stage_index, self.stages, device, group=self.group)
-        self.schedule = Schedule1F1B(self.stage, n_microbatches=n_microbatches, loss_fn=_loss)
+        self.schedule = Schedule1F1B(self.stage, n_microbatches=n_microbatches, loss_fn=lm_loss)
         self.tied_param = self._tied_param() if tied else None
         self.tied_group = self._tied_groups(mesh) if tied else None
         self.device = device
 
     # ---------------------------------------------------------------------------- tied weights
     def _tied_param(self) -> nn.Parameter | None:
-        m = self.model
-        if m.is_first:
-            return m.tok_emb.weight
-        if m.is_last:
-            return m.head.weight
-        return None
+        return self.model.tied_weight()
 
     def _tied_groups(self, mesh: Any) -> Any:
         """One process group per (dp, tp) coordinate joining its first and last pipeline stage."""
@@ -214,3 +235,42 @@ class PipelineRunner:
             finally:
                 self.model.train()
         return float(self._broadcast_mean(losses))
+
+
+class PipelineStrategy(Strategy):
+    name = "pipeline"
+
+    def active(self, train: TrainSpec) -> bool:
+        return train.pipeline_parallel > 1
+
+    def apply(self, model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
+        pp = mesh["pp"]
+        return Stage(model, int(pp.get_local_rank()), int(pp.size()))
+
+    def trainer_hooks(
+        self, model: nn.Module, mesh: Any, train: TrainSpec, device: torch.device
+    ) -> dict[str, Any]:
+        """The schedule replaces the trainer's micro-batch loop, eval, and gradient-norm reduction."""
+        from scalelab.train.parallel.gradnorm import local_grad_norm_source
+
+        stage = model.module if hasattr(model, "module") else model
+        runner = PipelineRunner(
+            stage,  # type: ignore[arg-type]
+            mesh,
+            device,
+            train.pipeline_microbatches or 2 * train.pipeline_parallel,
+            tied=bool(stage.shape.tie_embeddings),  # type: ignore[union-attr]
+        )
+        source = local_grad_norm_source(model)
+        if source is not None:  # measured before the schedule's division by the micro-batch count
+            source.scale = runner.local_norm_scale
+        dp_size = int(mesh["dp"].size())
+        return {
+            "forward_backward": runner.forward_backward,
+            "eval_fn": partial(runner.evaluate, local_batch=train.global_batch_size // dp_size),
+            "grad_norm_group": mesh["pp"].get_group(),
+            "grad_norm_skip": frozenset(runner.norm_skip()),
+        }
+
+
+STRATEGY = PipelineStrategy()

@@ -1,93 +1,130 @@
-"""Tensor parallelism (Megatron-style, on DTensor) for the GPT, applied from outside the model.
+"""Tensor parallelism (Megatron-style, on DTensor) for any model with a `tp_plan`, applied from outside.
 
-Per block, on the ``tp`` mesh dimension of size T:
-  * attention: `qkv` column-parallel (each rank computes the q, k, v of H/T heads), `proj` row-parallel
-    (partial outputs summed by an all-reduce);
-  * MLP: `fc` column-parallel, `proj` row-parallel (GELU acts on the local shard);
-  * embeddings, LayerNorms and the output layer stay replicated (inputs and outputs of every block are
-    replicated, so the loss is the same on every tensor-parallel rank).
+A model family states per block which linear layers are column-parallel (each rank computes a slice of
+the outputs: q, k, v of its heads, its share of the MLP's hidden units) and which are row-parallel
+(partial outputs summed by an all-reduce), e.g. the GPT's
+``{"attn.qkv": "colwise:3", "attn.proj": "rowwise", "mlp.fc": "colwise", "mlp.proj": "rowwise"}``.
+Embeddings, norms and the readout stay replicated, so every block's input and output — and the loss — are
+the same on every tensor-parallel rank. Blocks take their local head count from the tensors they get
+(models/protocol.py), so no class is swapped and no forward is forked.
 
-`qkv`'s weight is stored as [q; k; v], each head-major; a contiguous column shard would give rank 0 all of
-q and part of k. Before sharding, its rows are regrouped rank-major — rank r's rows become
-[q of its heads; k of its heads; v of its heads] — so the contiguous shard is exactly what rank r needs.
-The attention module's class is swapped for `TensorParallelAttention`, whose forward works on the local
-heads (the model file itself stays free of `torch.distributed`). Parameter names do not change, so
-optimizer groups and checkpoints are keyed as before; a checkpoint of a tensor-parallel run stores `qkv`
-in the regrouped row order (a run resumes with the same `tensor_parallel`, which is part of its config).
-
-Everything here runs on gloo: the collectives are all-reduce / all-gather (and reduce-scatter for FSDP).
+"colwise:K" is a fused weight of K stacked equal parts ([q; k; v]): a contiguous column shard would give
+rank 0 all of q and part of k, so its rows are regrouped rank-major before sharding — rank r's rows become
+[part 1 of r; …; part K of r]. Parameter names do not change (optimizer groups and checkpoints are keyed
+as before); a checkpoint of a tensor-parallel run stores the regrouped order, which `plain_order` undoes
+for serving and export (a run resumes with the same `tensor_parallel`, which is part of its config).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scalelab.errors import DistributedError
-from scalelab.models.gpt import GPT, CausalSelfAttention
+from scalelab.spec import TrainSpec
+from scalelab.train.parallel.base import Strategy, blocks_of
+
+STYLES = ("colwise", "rowwise")
 
 
-class TensorParallelAttention(CausalSelfAttention):
-    """Causal self-attention on this rank's `n_local_heads` heads (q, k, v column shards of `qkv`)."""
-
-    n_local_heads: int
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, 3 · local width): [q_r | k_r | v_r]
-        local = qkv.shape[-1] // 3
-        q, k, v = qkv.split(local, dim=2)
-        h = local // self.d_head
-        q, k, v = (z.view(b, t, h, self.d_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(b, t, local))
-
-
-def qkv_row_order(width: int, n_heads: int, tp: int) -> torch.Tensor:
-    """Row permutation of the [q; k; v] weight that makes rank r's contiguous shard [q_r; k_r; v_r]."""
-    d_head = width // n_heads
-    per_rank = n_heads // tp * d_head
-    rows = []
-    for r in range(tp):
-        for part in range(3):  # q, k, v
-            start = part * width + r * per_rank
-            rows.append(torch.arange(start, start + per_rank))
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def apply_tensor_parallel(model: nn.Module, tp_mesh: object) -> nn.Module:
-    """Shard every block of `model` (a GPT) over `tp_mesh` in place; returns the model."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    if not isinstance(model, GPT):
+def parse_style(path: str, style: str) -> tuple[str, int]:
+    """("colwise" | "rowwise", number of fused parts) of a plan entry; DistributedError when malformed."""
+    kind, _, parts = style.partition(":")
+    if kind not in STYLES or (parts and (kind != "colwise" or not parts.isdigit() or int(parts) < 1)):
         raise DistributedError(
-            f"train.tensor_parallel: supported for the GPT only, got {type(model).__name__}"
+            f"tp_plan[{path!r}] = {style!r}: expected 'colwise', 'rowwise' or 'colwise:K' (K fused parts)"
         )
-    tp = int(tp_mesh.size())  # type: ignore[attr-defined]
-    n_heads, width = model.shape.n_heads, model.shape.width
-    hidden = model.shape.mlp_hidden
-    if n_heads % tp or hidden % tp:
-        raise DistributedError(
-            f"train.tensor_parallel={tp} must divide model.n_heads={n_heads} and the MLP width {hidden}"
-        )
-    order = qkv_row_order(width, n_heads, tp)
-    from scalelab.train.distributed import _blocks
+    return kind, int(parts or 1)
 
-    for block in _blocks(model):
-        attn = block.attn
-        attn.qkv.weight.copy_(attn.qkv.weight[order.to(attn.qkv.weight.device)])
-        attn.__class__ = TensorParallelAttention
-        attn.n_local_heads = n_heads // tp
-        parallelize_module(
-            block,
-            tp_mesh,
-            {
-                "attn.qkv": ColwiseParallel(),
-                "attn.proj": RowwiseParallel(),
-                "mlp.fc": ColwiseParallel(),
-                "mlp.proj": RowwiseParallel(),
-            },
+
+def fused_row_order(rows: int, parts: int, tp: int) -> torch.Tensor:
+    """Row permutation of a weight of `parts` stacked equal parts that makes rank r's contiguous shard
+    [part 1 of r; …; part K of r]."""
+    size = rows // parts
+    per_rank = size // tp
+    return torch.cat(
+        [
+            torch.arange(part * size + r * per_rank, part * size + (r + 1) * per_rank)
+            for r in range(tp)
+            for part in range(parts)
+        ]
+    )
+
+
+def tp_plan_of(model: nn.Module) -> Mapping[str, str]:
+    """The model's per-block plan; DistributedError naming the family when it has none."""
+    plan = getattr(model, "tp_plan", None)
+    if not plan:
+        family = getattr(getattr(model, "shape", None), "family", type(model).__name__)
+        raise DistributedError(
+            f"train.tensor_parallel: model family {family!r} states no tp_plan "
+            "(see scalelab.models.protocol); use tensor_parallel = 1"
         )
-    return model
+    return plan
+
+
+def plain_order(state: dict[str, torch.Tensor], plan: Mapping[str, str], tp: int) -> dict[str, torch.Tensor]:
+    """A full state dict saved by a tensor-parallel run, with every fused weight back in its plain row order."""
+    out = dict(state)
+    for path, style in plan.items():
+        _, parts = parse_style(path, style)
+        if parts == 1:
+            continue
+        suffix = f".{path}.weight"
+        for name, weight in state.items():
+            if name.startswith("blocks.") and name.endswith(suffix):
+                order = fused_row_order(weight.shape[0], parts, tp)
+                out[name] = weight[torch.argsort(order)]
+    return out
+
+
+def _check_divisible(model: nn.Module, block: nn.Module, plan: Mapping[str, str], tp: int) -> None:
+    shape = getattr(model, "shape", None)
+    for what in ("n_heads", "kv_heads"):
+        value = getattr(shape, what, None)
+        if value is not None and value % tp:
+            raise DistributedError(f"train.tensor_parallel={tp} must divide model.{what}={value}")
+    for path, style in plan.items():
+        kind, parts = parse_style(path, style)
+        layer = block.get_submodule(path)
+        if not isinstance(layer, nn.Linear):
+            raise DistributedError(f"tp_plan[{path!r}]: {type(layer).__name__} is not an nn.Linear")
+        dim = layer.out_features if kind == "colwise" else layer.in_features
+        if dim % (parts * tp):
+            raise DistributedError(
+                f"train.tensor_parallel={tp} must divide {path} ({dim} {'outputs' if kind == 'colwise' else 'inputs'}"
+                f"{f' in {parts} parts' if parts > 1 else ''})"
+            )
+
+
+class TensorStrategy(Strategy):
+    name = "tensor"
+
+    def active(self, train: TrainSpec) -> bool:
+        return train.tensor_parallel > 1
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        tp_mesh = mesh["tp"]
+        tp = int(tp_mesh.size())
+        plan = tp_plan_of(model)
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        for block in blocks_of(model):
+            _check_divisible(model, block, plan, tp)
+            for path, style in plan.items():
+                kind, parts = parse_style(path, style)
+                if parts > 1:
+                    weight = block.get_submodule(path).weight
+                    weight.copy_(weight[fused_row_order(weight.shape[0], parts, tp).to(weight.device)])
+            parallelize_module(
+                block, tp_mesh, {path: styles[parse_style(path, style)[0]]() for path, style in plan.items()}
+            )
+        return model
+
+
+STRATEGY = TensorStrategy()
