@@ -11,6 +11,9 @@ all-reduces sum in another order than one process does).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,13 +58,21 @@ def _one_process(work: Path, store: Path, name: str, model: dict) -> Path:
     return out
 
 
+def _layout_run(work_store, name: str, model: dict, layout: str) -> Path:
+    """The run of `model` under `layout` on 2 ranks (trained once per module)."""
+    work, store = work_store
+    out = work / f"{name}-{layout}"
+    if not (out / "record.json").exists():
+        spec = make_spec(store, model=model, **LAYOUTS[layout])
+        proc = torchrun(work, write_config(work / f"{name}-{layout}.json", spec), out, 2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def _parity(work_store, name: str, model: dict, layout: str) -> None:
     work, store = work_store
     one = _one_process(work, store, name, model)
-    spec = make_spec(store, model=model, **LAYOUTS[layout])
-    out = work / f"{name}-{layout}"
-    proc = torchrun(work, write_config(work / f"{name}-{layout}.json", spec), out, 2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _layout_run(work_store, name, model, layout)
     assert _close(losses(out), losses(one)), (losses(out), losses(one))
     rec, ref = (json.loads((d / "record.json").read_text()) for d in (out, one))
     assert rec["eval_loss"] == pytest.approx(ref["eval_loss"], rel=REL)
@@ -77,3 +88,27 @@ def test_llama_matches_one_process_under_every_layout(work, layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_custom_model_matches_one_process_under_every_layout(work, layout):
     _parity(work, "custom", CUSTOM, layout)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp2"])
+def test_sharded_llama_run_exports_to_transformers_with_equal_logits(work, tmp_path, layout):
+    """`scalelab export --format hf` from a sharded (DCP) checkpoint: FSDP, and tensor parallel (whose
+    weights are stored in the sharded row order); transformers' logits equal scalelab's (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    from scalelab.serve.loading import load_run
+
+    run_dir = _layout_run(work, "llama", LLAMA, layout)
+    out = tmp_path / "hf"
+    res = subprocess.run(
+        [sys.executable, "-m", "scalelab", "export", str(run_dir), "--format", "hf", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SCALELAB_CACHE_DIR": str(work[0] / "cache")},
+    )
+    assert res.returncode == 0, res.stderr
+    ours = load_run(run_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    idx = torch.randint(0, ours.model.shape.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours.model(idx)).abs().max().item() <= 1e-4

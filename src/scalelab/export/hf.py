@@ -1,13 +1,14 @@
 """`scalelab export RUN_DIR --format hf --out DIR`: a run as a Hugging Face model directory.
 
-Writes `config.json` (`GPT2Config` / `LlamaConfig`, from `models.hf.hf_config`: the config the
-`hf:gpt2` / `hf:llama` families build), `model.safetensors` and the tokenizer files
+Writes `config.json` (`GPT2Config` / `LlamaConfig` — `Qwen3Config` for a llama with QK-norm, Qwen3's
+attention — from `models.hf.hf_config`: the config the `hf:gpt2` / `hf:llama` families build), `model.safetensors` and the tokenizer files
 (`tokenizer.json`, `tokenizer_config.json`), loadable with `AutoModelForCausalLM.from_pretrained(DIR)`
 and `AutoTokenizer.from_pretrained(DIR)`. The weights come from the run's newest verified checkpoint
 through `serve.loading.load_run`. The exported model is a plain one: the parametrization's multipliers
 are folded into the weights (all exact, the layers are bias-free and linear where it matters):
   * readout multiplier α (μP): the readout weight × α — a tied readout with α ≠ 1 is exported untied;
-  * attention scale s (μP's 1/d_head) where HF uses 1/sqrt(d_head): the query weights × s·sqrt(d_head);
+  * attention scale s (μP's 1/d_head) where HF uses 1/sqrt(d_head): the query weights × s·sqrt(d_head)
+    (with QK-norm, the query norm's weight, which comes after the query projection);
   * residual-branch multiplier m (depth-μP): the branch's output projection × m.
 Needs the `hf` extra (transformers) for the config classes and the tokenizer wrapper.
 """
@@ -88,17 +89,22 @@ def _llama(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
     from scalelab.models.llama import NORM_EPS, ROPE_THETA
 
     s = model.shape
-    if s.qk_norm:
-        raise ScalelabError("export: a llama with qk_norm has no Hugging Face LlamaForCausalLM equivalent")
     out: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": model.tok_emb.weight,
         "model.norm.weight": model.norm.weight,
     }
     for i, block in enumerate(model.blocks):
         m, pre, attn, mlp = block.residual_multiplier, f"model.layers.{i}.", block.attn, block.mlp
+        q_scale = _q_scale(attn)
+        if s.qk_norm:  # queries are normalized after q_proj: the scale goes into q_norm's weight
+            out |= {
+                pre + "self_attn.q_norm.weight": attn.q_norm.weight * q_scale,
+                pre + "self_attn.k_norm.weight": attn.k_norm.weight,
+            }
+            q_scale = 1.0
         out |= {
             pre + "input_layernorm.weight": block.attn_norm.weight,
-            pre + "self_attn.q_proj.weight": attn.wq.weight * _q_scale(attn),
+            pre + "self_attn.q_proj.weight": attn.wq.weight * q_scale,
             pre + "self_attn.k_proj.weight": attn.wk.weight,
             pre + "self_attn.v_proj.weight": attn.wv.weight,
             pre + "self_attn.o_proj.weight": attn.wo.weight * m,
@@ -108,16 +114,18 @@ def _llama(model: Any, eod_id: int) -> tuple[Any, dict[str, torch.Tensor]]:
             pre + "mlp.down_proj.weight": mlp.w2.weight * m,
         }
     tied = _add_readout(model, out)
+    # QK-norm (RMSNorm per head on q and k, before RoPE) is Qwen3's attention; otherwise plain Llama
+    extra = {"use_sliding_window": False} if s.qk_norm else {"mlp_bias": False}
     config = hf_config(
-        replace(s, family="hf:llama", tie_embeddings=tied),
+        replace(s, family="hf:qwen3" if s.qk_norm else "hf:llama", tie_embeddings=tied),
         head_dim=s.d_head,
         rms_norm_eps=NORM_EPS,
         rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
         hidden_act="silu",
         attention_bias=False,
-        mlp_bias=False,
         bos_token_id=eod_id,
         eos_token_id=eod_id,
+        **extra,
     )
     return config, out
 
