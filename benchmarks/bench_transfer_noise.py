@@ -19,8 +19,8 @@ import torch
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
 from scalelab.spec import ModelSpec, TrainSpec
+from scalelab.train.noise_scale import GradientNoiseCallback
 from scalelab.train.trainer import Trainer
-from scalelab.transfer.noise import GradientNoiseCallback
 
 
 def _loader(vocab: int, batch: int, block: int):

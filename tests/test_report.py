@@ -223,10 +223,11 @@ def test_seed_spread_is_measured_and_shown() -> None:
 
 def test_add_run_checks_the_big_run_against_the_calibrated_interval(tmp_path: Path) -> None:
     from report_fixtures import TRUTH
+    from scalelab.fit.api import check_against_fit
     from scalelab.fit.synthetic import chinchilla_loss
     from scalelab.models.flops import ModelShape
     from scalelab.spec import ModelSpec
-    from scalelab.study.add_run import add_run, check_against_fit
+    from scalelab.study.add_run import add_run
 
     study = fake_study(tmp_path)
     n = ModelShape.from_spec(ModelSpec(width=256), 257).non_embedding_params

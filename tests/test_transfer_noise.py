@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from scalelab.spec import TrainSpec
-from scalelab.train.trainer import Trainer
-from scalelab.transfer.noise import (
+from scalelab.train.noise_scale import (
     GradientNoiseCallback,
     NoiseScaleAccumulator,
     measure_noise_scale,
     summarize_history,
     two_batch_estimate,
 )
+from scalelab.train.trainer import Trainer
 
 
 class QuadraticModel(nn.Module):

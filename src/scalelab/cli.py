@@ -361,7 +361,8 @@ def study_add_run(
 ) -> None:
     """Add a finished run from outside the design, e.g. the big run trained with the recommended settings;
     `scalelab report` then shows its actual loss against the predicted interval."""
-    from scalelab.study.add_run import add_run, check_against_fit
+    from scalelab.fit.api import check_against_fit
+    from scalelab.study.add_run import add_run
 
     row = add_run(study_dir, run_dir, role=role)
     console.print(

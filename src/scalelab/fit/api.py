@@ -541,3 +541,20 @@ def recommend(
     out["fit_json"] = str(fit_json_path)
     out["warnings"] = warnings
     return _floats(out)
+
+
+def check_against_fit(study_dir: str | Path, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The study's fit (report/fit.json) at an added run's (N, D): predicted loss, its calibrated
+    interval and whether the run's actual loss fell inside. None when there is no usable fit."""
+    path = Path(study_dir) / "report" / "fit.json"
+    if not path.is_file():
+        return None
+    data = load_fit(path)
+    if data["fit"].get("variables") != ["N", "D"]:
+        return None
+    settings = data.get("settings", {})
+    n = row.get("n_params_total" if settings.get("n_params") == "total" else "n_params")
+    actual = row.get("final_train_loss" if settings.get("loss_column") == "train" else "eval_loss")
+    if n is None or actual is None or row.get("tokens") is None:
+        return None
+    return {**check_prediction(law_from_dict(data["fit"]), n, row["tokens"], actual), "fit_json": str(path)}

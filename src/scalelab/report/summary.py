@@ -17,7 +17,7 @@ import numpy as np
 
 from scalelab import __version__
 from scalelab.errors import ScalelabError
-from scalelab.study.provenance import utc_now
+from scalelab.provenance import utc_now
 from scalelab.study.registry import Registry
 
 log = logging.getLogger(__name__)

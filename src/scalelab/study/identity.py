@@ -12,8 +12,8 @@ from typing import Any
 
 from scalelab.errors import SpecError
 from scalelab.io import atomic_write_json
+from scalelab.provenance import utc_now
 from scalelab.spec import StudySpec
-from scalelab.study.provenance import utc_now
 
 FILE = "identity.json"
 _SHOWN = 5

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.errors import RegistryError
-from scalelab.study.provenance import utc_now
+from scalelab.provenance import utc_now
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 * `pack_documents` groups documents into bins of at most `token_budget` tokens (first-fit decreasing),
   for variable-length batches with little padding.
 * `BatchSizeController` grows the global batch during training by a schedule (tokens seen → multiple of
-  the base batch) and `NoiseScaleBatchController` from the gradient noise scale (transfer/noise.py), each
+  the base batch) and `NoiseScaleBatchController` from the gradient noise scale (train/noise_scale.py), each
   logging every change and its reason. The LR schedule keeps following the tokens seen, and the token
   budget stays the same (fewer, larger steps).
 """

@@ -2,7 +2,7 @@
 
 * `train.micro_batch_size = "auto"` → `resolve_micro_batch`: the largest micro-batch that fits
   (train/batching.py), fixed before training starts and recorded in record.json.
-* `train.noise_scale` → the gradient-noise-scale estimator (transfer/noise.py) writing noise_scale_tokens,
+* `train.noise_scale` → the gradient-noise-scale estimator (train/noise_scale.py) writing noise_scale_tokens,
   noise_g2 and noise_trace into every metrics.jsonl line.
 * `train.batch_schedule` / `train.max_global_batch_size` → a batch-size controller growing the global
   batch by schedule or from the noise scale; its changes go into record.json ("batch_changes").
@@ -71,7 +71,7 @@ def build_controls(
     controls = Controls()
     noise = None
     if train.noise_scale:
-        from scalelab.transfer.noise import GradientNoiseCallback
+        from scalelab.train.noise_scale import GradientNoiseCallback
 
         noise = GradientNoiseCallback()
         controls.before_metrics.append(noise)

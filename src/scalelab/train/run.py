@@ -260,7 +260,7 @@ def prepare_run(
 
 def _capture_provenance(spec: RunSpec, store: Any) -> dict[str, Any]:
     try:
-        from scalelab.study.provenance import capture_provenance
+        from scalelab.provenance import capture_provenance
 
         return capture_provenance(spec, store=store)
     except Exception as err:  # noqa: BLE001 — provenance is best effort; it must not fail the run

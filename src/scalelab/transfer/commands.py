@@ -258,7 +258,7 @@ def noise_scale(
         if spec is None:
             raise SpecError("give a CONFIG to measure on, or --b-noise TOKENS")
         from scalelab.spec import set_path
-        from scalelab.transfer.noise import GradientNoiseCallback, summarize_history
+        from scalelab.train.noise_scale import GradientNoiseCallback, summarize_history
         from scalelab.transfer.runner import train_in_process
 
         g = spec.train.global_batch_size
