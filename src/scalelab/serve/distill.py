@@ -43,9 +43,10 @@ from scalelab.models.gpt import GPT
 from scalelab.serve.evaluation import heldout_loss
 from scalelab.serve.loading import LoadedRun, load_run
 from scalelab.spec import RunSpec, apply_overrides, config_hash, read_toml, run_from_dict
+from scalelab.train.build import default_loader_factory, prepare_run, resolve_device
 from scalelab.train.checkpoint import save_checkpoint
 from scalelab.train.observe import MetricsLogger
-from scalelab.train.run import default_loader_factory, prepare_run, resolve_device, run_training
+from scalelab.train.run import run_training
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 log = logging.getLogger(__name__)

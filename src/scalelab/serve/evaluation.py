@@ -1,6 +1,6 @@
 """Held-out loss of a model on a run's token store — shared by the quantization report and distillation.
 
-The held-out set is built like the trainer's (train/run.py): ceil(tokens / context) sequences of
+The held-out set is built like the trainer's (train/build.py): ceil(tokens / context) sequences of
 context+1 tokens from the store's held-out split, in the loader's seeded order, so numbers here are
 comparable with a run's `eval_loss`.
 """
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scalelab.train.run import default_loader_factory
-from scalelab.train.run import heldout_batches as train_heldout_batches
+from scalelab.train.build import default_loader_factory
+from scalelab.train.build import heldout_batches as train_heldout_batches
 
 
 def heldout_batches(

@@ -201,6 +201,28 @@ class DistContext:
             dist.destroy_process_group()
 
 
+@dataclass
+class SingleProcess:
+    """The context of a run in one process: DistContext's interface with no process group (mesh None)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    is_main: bool = True
+    dp_rank: int = 0
+    dp_size: int = 1
+    mesh: Any = None
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def close(self) -> None:
+        pass
+
+
 def mesh_shape(world_size: int, train: TrainSpec) -> tuple[int, int, int]:
     """(pp, dp, tp) sizes for this world; DistributedError when the degrees do not divide it."""
     tp, pp = train.tensor_parallel, train.pipeline_parallel

@@ -7,8 +7,11 @@ The run directory:
   checkpoint/      step-NNNNNN/ directories, written atomically (train/checkpoint.py)
   record.json      the result, written atomically — also when the run fails or diverges
 
-`train.strategy` "ddp"/"fsdp" runs go to `scalelab.train.parallel.engine.run_distributed` (under
-torchrun, or as a world of one), which writes the same files with sharded checkpoints.
+One lifecycle for 1 or N ranks. `train.strategy` "ddp"/"fsdp" runs (under torchrun, or as a world of
+one) go through the same steps on every rank — claim the directory, open the store, assemble the run
+(`train/build.py`: the layout applied from outside), train, record — with rank 0 writing the files, the
+cross-rank metrics as the first callback, and sharded checkpoints that every rank writes and reads
+(train/parallel/checkpoint.py) instead of one file.
 
 `snapshot_steps` keeps a checkpoint for good at those steps (in snapshots/, for WSD branches), and
 `branch_from` starts a run without checkpoints of its own from another run's snapshot after checking
@@ -29,28 +32,25 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from scalelab.errors import CheckpointError, TrainingError
 from scalelab.hw import EnergyMeter, model_gemms, peak_flops, peak_memory_bytes
 from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
-from scalelab.models.gpt import build_model
-from scalelab.models.parametrization import apply_parametrization
-from scalelab.spec import RunSpec, TrainSpec, config_hash
+from scalelab.provenance import utc_now
+from scalelab.spec import RunSpec, config_hash
 from scalelab.train.branch import SNAPSHOT_DIR
+from scalelab.train.build import LoaderFactory, PreparedRun, prepare_run, resolve_device
 from scalelab.train.checkpoint import Checkpoint, clean_stale, load_latest, save_checkpoint
-from scalelab.train.controls import build_controls, resolve_micro_batch
+from scalelab.train.controls import build_controls
 from scalelab.train.observe import MetricsLogger
 from scalelab.train.sinks import hyperparameters
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
@@ -59,31 +59,9 @@ log = logging.getLogger(__name__)
 
 EXIT_CODES = {"done": 0, "diverged": 3, "failed": 1}
 
-#: builds a loader: (store, split, block_tokens, global_batch_size, seed) → iterable of LongTensor batches
-LoaderFactory = Callable[[Any, str, int, int, int], Any]
-
-
 def exit_code(record: dict[str, Any]) -> int:
     """The `scalelab train` exit code of a record: done 0, diverged 3, anything else 1."""
     return EXIT_CODES.get(str(record.get("status")), 1)
-
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device: 'cuda' requested but no CUDA device is available")
-    return torch.device(device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -101,24 +79,6 @@ def _torch_settings(threads: int | None, deterministic: bool) -> Iterator[None]:
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-
-
-def default_loader_factory(
-    store: Any, split: str, block_tokens: int, global_batch_size: int, seed: int
-) -> Any:
-    from scalelab.data.loader import BlockLoader
-
-    return BlockLoader(
-        store,
-        split=split,
-        block_tokens=block_tokens,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        prefetch=2,
-    )
 
 
 def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
@@ -141,6 +101,8 @@ def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
         "energy_joules": None,
         "energy_note": None,
         "branch": None,
+        "world_size": 1,
+        "strategy": spec.train.strategy,
         "micro_batch_size": None,
         "batch_changes": None,
         "started_at": started,
@@ -174,88 +136,7 @@ def finish_record(
     record["energy_joules"] = energy.joules()
     record["energy_note"] = energy.note
     record["wall_seconds"] = wall_seconds
-    record["finished_at"] = _utc_now()
-
-
-def heldout_batches(
-    loader_factory: LoaderFactory, store: Any, context_tokens: int, tokens: int, batch_size: int, seed: int
-) -> list[torch.Tensor]:
-    """A fixed held-out set: ceil(tokens / context) sequences of context+1 tokens from the store's held-out
-    split in the loader's seeded order, read once (batches of at most `batch_size`)."""
-    n_seqs = max(1, math.ceil(tokens / context_tokens))
-    loader = loader_factory(store, "heldout", context_tokens + 1, min(n_seqs, batch_size), seed)
-    batches, have = [], 0
-    it = iter(loader)
-    try:
-        for batch in it:
-            batches.append(batch[: n_seqs - have].clone())
-            have += batches[-1].shape[0]
-            if have >= n_seqs:
-                break
-    finally:
-        close = getattr(it, "close", None)  # stops a prefetch thread
-        if close is not None:
-            close()
-    return batches
-
-
-def eval_batches_for(
-    loader_factory: LoaderFactory, store: Any, spec: RunSpec, seed: int
-) -> list[torch.Tensor]:
-    """The run's held-out set: train.eval_tokens tokens in micro-batch-sized batches."""
-    batch = spec.train.micro_batch_size or spec.train.global_batch_size
-    return heldout_batches(
-        loader_factory, store, spec.model.context_tokens, spec.train.eval_tokens, batch, seed
-    )
-
-
-@dataclass
-class PreparedRun:
-    """A run's pieces, built the same way by every training entry point (run_training, in-process sweeps,
-    distillation): the seeded model with its parametrization, optimizer groups, loaders, held-out set."""
-
-    train: TrainSpec  # spec.train with micro_batch_size "auto" resolved
-    shape: ModelShape
-    raw_model: nn.Module
-    model: nn.Module  # torch.compile(raw_model) when train.compile
-    groups: list[dict[str, Any]]
-    total_steps: int
-    train_loader: Any
-    eval_batches: list[torch.Tensor]
-
-
-def prepare_run(
-    spec: RunSpec, store: Any, loader_factory: LoaderFactory, device: torch.device
-) -> PreparedRun:
-    """Build `spec`'s model (seeded by train.seed, re-initialised by its parametrization), loaders and
-    held-out set on `device`; raises TrainingError when model.vocab_size is smaller than the store's."""
-    vocab = spec.model.vocab_size or int(store.vocab_size)
-    if vocab < int(store.vocab_size):
-        raise TrainingError(
-            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
-            f"({store.vocab_size}); leave it unset to use the tokenizer's"
-        )
-    shape = ModelShape.from_spec(spec.model, vocab)
-    data_seed = spec.train.data_seed if spec.train.data_seed is not None else spec.train.seed
-    seed_everything(spec.train.seed)
-    raw_model = build_model(spec.model, vocab)
-    groups = apply_parametrization(raw_model, spec.model)
-    raw_model.to(device)
-    model = torch.compile(raw_model) if spec.train.compile else raw_model
-    train = resolve_micro_batch(spec.train, shape, device, raw_model)
-    t = spec.model.context_tokens
-    return PreparedRun(
-        train=train,
-        shape=shape,
-        raw_model=raw_model,
-        model=model,
-        groups=groups,
-        total_steps=spec.train.tokens // (spec.train.global_batch_size * t),
-        train_loader=loader_factory(store, "train", t + 1, spec.train.global_batch_size, data_seed),
-        eval_batches=eval_batches_for(
-            loader_factory, store, spec.model_copy(update={"train": train}), data_seed
-        ),
-    )
+    record["finished_at"] = utc_now()
 
 
 def _capture_provenance(spec: RunSpec, store: Any) -> dict[str, Any]:
@@ -323,6 +204,93 @@ def under_torchrun(spec: RunSpec) -> RunSpec:
         return spec
 
 
+class FileCheckpoints:
+    """One process: the whole run state in one checkpoint directory per step (train/checkpoint.py)."""
+
+    def __init__(self, prepared: PreparedRun, chash: str, device: torch.device) -> None:
+        self.prepared, self.chash, self.device = prepared, chash, device
+
+    def save(self, trainer: Trainer, directory: Path, keep: int, json_state: dict[str, Any]) -> Path:
+        return save_checkpoint(
+            directory,
+            step=trainer.state.step,
+            model=self.prepared.raw_model,
+            tensor_state=trainer.tensor_state(),
+            json_state=json_state,
+            config_hash=self.chash,
+            keep=keep,
+        )
+
+    def latest(self, directory: Path, trainer: Trainer) -> Checkpoint | None:
+        clean_stale(directory)
+        return load_latest(directory, self.chash, map_location=self.device)
+
+    def restore(self, ckpt: Checkpoint, trainer: Trainer) -> None:
+        ckpt.restore(self.prepared.raw_model)
+        trainer.load_state(ckpt.tensor_state, ckpt.json_state)
+
+
+class ShardedCheckpoints:
+    """N ranks: every rank writes and reads its shards (train/parallel/checkpoint.py); collective calls.
+    Restoring happens while loading (model and optimizer in place)."""
+
+    def __init__(self, prepared: PreparedRun, chash: str, ranks: Any) -> None:
+        self.prepared, self.chash, self.ranks = prepared, chash, ranks
+
+    def save(self, trainer: Trainer, directory: Path, keep: int, json_state: dict[str, Any]) -> Path:
+        from scalelab.train.parallel.checkpoint import save_sharded
+
+        json_state = {**json_state, "scaler": trainer.scaler.state_dict(), "world_size": self.ranks.world_size}
+        return save_sharded(
+            self.ranks,
+            directory,
+            step=trainer.state.step,
+            model=self.prepared.parallel_model,
+            optimizer=trainer.optimizer,
+            json_state=json_state,
+            config_hash=self.chash,
+            keep=keep,
+        )
+
+    def latest(self, directory: Path, trainer: Trainer) -> Any:
+        from scalelab.train.parallel.checkpoint import load_latest_sharded
+
+        return load_latest_sharded(
+            self.ranks, directory, self.chash, self.prepared.parallel_model, trainer.optimizer
+        )
+
+    def restore(self, loaded: Any, trainer: Trainer) -> None:
+        trainer.scaler.load_state_dict(loaded.json_state.get("scaler") or {})
+        trainer.load_json_state(loaded.json_state)
+
+
+def _claim(out: Path, spec: RunSpec, chash: str, resume: bool) -> str | None:
+    """Take `out` for this run (config.json written, an old record.json removed); the refusal message when
+    it holds another config's run and `resume` — then nothing in it is touched."""
+    out.mkdir(parents=True, exist_ok=True)
+    existing = _existing_config_hash(out / "config.json")
+    if resume and existing is not None and existing != chash:
+        return (
+            f"CheckpointError: {out} holds the run of config {existing}, not of this config {chash}; "
+            "use another output directory or resume=False"
+        )
+    (out / "record.json").unlink(missing_ok=True)
+    atomic_write_text(out / "config.json", spec.canonical_json() + "\n")
+    return None
+
+
+def _open_store(ranks: Any, spec: RunSpec, store: Any) -> Any:
+    """The run's token store: built once by rank 0 (the others open it after a barrier)."""
+    if store is not None:
+        return store
+    from scalelab.data.store import ensure_store
+
+    if ranks.is_main:
+        store = ensure_store(spec.data)
+    ranks.barrier()
+    return store if store is not None else ensure_store(spec.data)
+
+
 def run_training(
     spec: RunSpec,
     out_dir: Path | str,
@@ -334,104 +302,98 @@ def run_training(
     snapshot_steps: Sequence[int] = (),
     branch_from: Path | str | None = None,
 ) -> dict[str, Any]:
-    """Train `spec` in `out_dir` and return the record (also written to out_dir/record.json).
+    """Train `spec` in `out_dir` on this process's rank(s) and return the record (rank 0 also writes it to
+    out_dir/record.json; every rank returns the same status, so exit codes agree).
 
-    `store` (default: `ensure_store(spec.data)`), `loader_factory` (default: `BlockLoader`) and extra
-    `callbacks` are for tests and embedding; the contract is `run_training(spec, out_dir, resume)`.
-    `snapshot_steps` / `branch_from`: WSD trunks and branches (module docstring).
+    `store` (default: `ensure_store(spec.data)`), `loader_factory` (default: `BlockLoader`; one process
+    only) and extra `callbacks` are for tests and embedding; the contract is
+    `run_training(spec, out_dir, resume)`. `snapshot_steps` / `branch_from`: WSD trunks and branches
+    (module docstring; one process only).
     """
     spec = under_torchrun(spec)
-    if spec.train.strategy != "none":  # ddp/fsdp: the multi-rank engine (also as a world of one)
-        from scalelab.train.parallel.engine import run_distributed
-
-        if snapshot_steps or branch_from is not None:
-            log.warning("WSD snapshots and branching are single-process only; %s trains whole", spec.run_id)
-
-        return run_distributed(spec, out_dir, resume, store=store, callbacks=callbacks)
+    distributed = spec.train.strategy != "none"  # ddp/fsdp: a process group (also as a world of one)
+    if distributed and (snapshot_steps or branch_from is not None):
+        log.warning("WSD snapshots and branching are single-process only; %s trains whole", spec.run_id)
+        snapshot_steps, branch_from = (), None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     chash = config_hash(spec)
-    record = blank_record(spec, chash, _utc_now())
-    existing = _existing_config_hash(out / "config.json")
-    if resume and existing is not None and existing != chash:
-        # Another config's run directory: refuse without touching any of its files.
-        record["error"] = (
-            f"CheckpointError: {out} holds the run of config {existing}, not of this config {chash}; "
-            "use another output directory or resume=False"
-        )
-        record["finished_at"] = _utc_now()
-        log.error("%s", record["error"])
-        return record
-    (out / "record.json").unlink(missing_ok=True)
-    atomic_write_text(out / "config.json", spec.canonical_json() + "\n")
+    record = blank_record(spec, chash, utc_now())
+    if not distributed:
+        refusal = _claim(out, spec, chash, resume)
+        if refusal:
+            return _refused(record, refusal)
+    ranks: Any = None
+    claimed = not distributed
     device = torch.device("cpu")
+    prepared: PreparedRun | None = None
     trainer: Trainer | None = None
-    shape: ModelShape | None = None
-    prior_wall = 0.0
     energy = EnergyMeter("cpu")
     metrics: MetricsLogger | None = None
     controls = None
+    wall = {"prior": 0.0}
     try:
+        if distributed:
+            from scalelab.train.distributed import init_distributed
+
+            ranks = init_distributed(spec.train)
+            record["world_size"] = ranks.world_size
+            refusal = ranks.broadcast(_claim(out, spec, chash, resume) if ranks.is_main else None)
+            if refusal:
+                ranks.close()
+                return _refused(record, refusal)
+            claimed = True
         with _torch_settings(spec.train.threads, deterministic=True):
-            if torchrun_world_size() > 1:  # under_torchrun could not make it DDP
-                raise TrainingError(
-                    f"train.strategy='none' with WORLD_SIZE={os.environ['WORLD_SIZE']}: every process would "
-                    "train the same run into the same directory, and this spec cannot train as DDP "
-                    "(see the warning above); train it in one process"
-                )
-            device = resolve_device(spec.train.device)
+            if not distributed:
+                from scalelab.train.distributed import SingleProcess
+
+                if torchrun_world_size() > 1:  # under_torchrun could not make it DDP
+                    raise TrainingError(
+                        f"train.strategy='none' with WORLD_SIZE={os.environ['WORLD_SIZE']}: every process "
+                        "would train the same run into the same directory, and this spec cannot train as "
+                        "DDP (see the warning above); train it in one process"
+                    )
+                ranks = SingleProcess(resolve_device(spec.train.device))
+            device = ranks.device
             if device.type == "cuda":
                 torch.use_deterministic_algorithms(False)  # costly on GPU; CPU runs stay bitwise exact
             energy = EnergyMeter(device)
-            if store is None:
-                from scalelab.data.store import ensure_store
+            store = _open_store(ranks, spec, store)
+            if ranks.is_main:
+                provenance = _capture_provenance(spec, store)
+                atomic_write_json(out / "provenance.json", provenance, indent=1, allow_nan=False)
 
-                store = ensure_store(spec.data)
-            loader_factory = loader_factory or default_loader_factory
-            atomic_write_json(
-                out / "provenance.json", _capture_provenance(spec, store), indent=1, allow_nan=False
-            )
-
-            prepared = prepare_run(spec, store, loader_factory, device)
-            shape, raw_model, train = prepared.shape, prepared.raw_model, prepared.train
+            prepared = prepare_run(spec, store, loader_factory, device, ranks if distributed else None)
+            shape, train = prepared.shape, prepared.train
             record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
             record["micro_batch_size"] = train.micro_batch_size or train.global_batch_size
-            controls = build_controls(train, out, spec.run_id, params=hyperparameters(spec))
-            gemms = model_gemms(
-                record["micro_batch_size"] * shape.context_tokens,
-                shape.width,
-                shape.mlp_hidden,
-                shape.vocab_size,
+            controls = build_controls(train, out, spec.run_id, ranks.is_main, hyperparameters(spec))
+            if ranks.is_main:  # only rank 0 logs MFU; the others need not measure (nor race on the cache)
+                metrics = _metrics_logger(out, spec, shape, record["micro_batch_size"], device, ranks)
+            checkpoints: Any = (
+                ShardedCheckpoints(prepared, chash, ranks)
+                if distributed
+                else FileCheckpoints(prepared, chash, device)
             )
-            peak, peak_source = peak_flops(device, spec.train.precision, gemms)
-            log.info("MFU reference: %.3g FLOP/s (%s)", peak, peak_source)
-            metrics = MetricsLogger(
-                out / "metrics.jsonl",
-                flops_per_token=shape.training_flops_per_token,
-                peak_flops=peak,
-                device=device,
-                log_interval_steps=spec.train.log_interval_steps,
-            )
-            ckpt_dir = out / "checkpoint"
 
             def save_to(directory: Path, keep: int) -> Callable[[Trainer], Path]:
                 def save(tr: Trainer) -> Path:
                     js = tr.json_state()
-                    js["wall_seconds"] = prior_wall + (time.time() - t_start)
+                    js["wall_seconds"] = wall["prior"] + (time.time() - t_start)
                     js["branch"] = record["branch"]
-                    return save_checkpoint(
-                        directory,
-                        step=tr.state.step,
-                        model=raw_model,
-                        tensor_state=tr.tensor_state(),
-                        json_state=js,
-                        config_hash=chash,
-                        keep=keep,
-                    )
+                    return checkpoints.save(tr, directory, keep, js)
 
                 return save
 
+            first: list[Callback] = []
+            extra: dict[str, Any] = dict(prepared.trainer_kwargs)
+            if distributed:
+                from scalelab.train.distributed import CrossRankMetrics, grad_sync
+                from scalelab.train.parallel.gradnorm import local_grad_norm_source
+
+                first = [CrossRankMetrics(grad_norm_source=local_grad_norm_source(prepared.parallel_model))]
+                extra |= {"world_size": ranks.dp_size, "grad_sync": partial(grad_sync, prepared.parallel_model)}
+            ckpt_dir = out / "checkpoint"
             trainer = Trainer(
                 prepared.model,
                 prepared.groups,
@@ -443,41 +405,32 @@ def run_training(
                 eval_batches=prepared.eval_batches,
                 debug=spec.debug,
                 callbacks=[
+                    *first,
                     DivergenceGuard(spec.train.divergence_factor),
                     *controls.before_metrics,
-                    metrics,
+                    *([metrics] if metrics is not None else []),
                     *controls.sinks,
                     *callbacks,
                 ],
                 checkpoint_fn=save_to(ckpt_dir, spec.train.keep_checkpoints),
-                raw_model=raw_model,
+                raw_model=prepared.raw_model,
                 snapshot_fn=save_to(out / SNAPSHOT_DIR, len(snapshot_steps) + 1),
                 snapshot_steps=snapshot_steps,
+                **extra,
             )
-
-            resumed_step = 0
-            ckpt = None
-            if resume:
-                clean_stale(ckpt_dir)
-                ckpt = load_latest(ckpt_dir, chash, map_location=device)
-            else:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-            if ckpt is not None:
-                prior_wall = float(ckpt.json_state.get("wall_seconds", 0.0))
-                record["branch"] = ckpt.json_state.get("branch")
-                log.info("resuming from %s", ckpt.path)
-            elif branch_from is not None:
-                ckpt = _branch_point(branch_from, spec, device, metrics.path, record)
-            if ckpt is not None:
-                ckpt.restore(raw_model)
-                trainer.load_state(ckpt.tensor_state, ckpt.json_state)
-                resumed_step = ckpt.step
-            metrics.truncate_after(resumed_step)
-
+            resumed = _resume(checkpoints, ckpt_dir, trainer, resume, ranks, record, wall)
+            if resumed is None and branch_from is not None:
+                point = _branch_point(branch_from, spec, device, out / "metrics.jsonl", record)
+                if point is not None:
+                    checkpoints.restore(point, trainer)
+                    resumed = point.step
+            if metrics is not None:
+                metrics.truncate_after(resumed or 0)
             fit_into_record(trainer, controls, energy, record)
     except Exception as err:  # noqa: BLE001 — every failure becomes a record
         # one paragraph; the traceback only with --debug (docs/trust.md: exit codes)
-        log.error("run %s failed: %s", spec.run_id, err, exc_info=log.isEnabledFor(logging.DEBUG))
+        rank = f" on rank {ranks.rank}" if distributed and ranks is not None else ""
+        log.error("run %s failed%s: %s", spec.run_id, rank, err, exc_info=log.isEnabledFor(logging.DEBUG))
         record["status"] = "failed"
         record["error"] = f"{type(err).__name__}: {err}"
     finally:
@@ -485,6 +438,61 @@ def run_training(
             metrics.close()
         if controls is not None:
             controls.close_sinks()
-    finish_record(record, trainer, shape, device, energy, prior_wall + (time.time() - t_start))
-    atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
+    shape = prepared.shape if prepared is not None else None
+    finish_record(record, trainer, shape, device, energy, wall["prior"] + (time.time() - t_start))
+    try:
+        if claimed and (ranks is None or ranks.is_main):
+            atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
+    finally:
+        if distributed and ranks is not None and record["status"] == "done":
+            ranks.close()  # on failure the group may be broken; the process exits anyway
     return record
+
+
+def _refused(record: dict[str, Any], refusal: str) -> dict[str, Any]:
+    """The record of a run refused its directory: nothing written there."""
+    record["error"] = refusal
+    record["finished_at"] = utc_now()
+    log.error("%s", refusal)
+    return record
+
+
+def _metrics_logger(
+    out: Path, spec: RunSpec, shape: ModelShape, micro_batch: int, device: torch.device, ranks: Any
+) -> MetricsLogger:
+    """metrics.jsonl, with MFU against the peak measured on the run's own GEMM shapes (× world size)."""
+    gemms = model_gemms(micro_batch * shape.context_tokens, shape.width, shape.mlp_hidden, shape.vocab_size)
+    peak, peak_source = peak_flops(device, spec.train.precision, gemms)
+    log.info("MFU reference: %.3g FLOP/s per rank (%s)", peak, peak_source)
+    return MetricsLogger(
+        out / "metrics.jsonl",
+        flops_per_token=shape.training_flops_per_token,
+        peak_flops=peak * ranks.world_size if peak else None,
+        device=device,
+        log_interval_steps=spec.train.log_interval_steps,
+    )
+
+
+def _resume(
+    checkpoints: Any,
+    ckpt_dir: Path,
+    trainer: Trainer,
+    resume: bool,
+    ranks: Any,
+    record: dict[str, Any],
+    wall: dict[str, float],
+) -> int | None:
+    """Restore the newest checkpoint when resuming (its step), or discard old ones (None)."""
+    found = None
+    if resume:
+        found = checkpoints.latest(ckpt_dir, trainer)
+    elif ranks.is_main:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ranks.barrier()
+    if found is None:
+        return None
+    wall["prior"] = float(found.json_state.get("wall_seconds", 0.0))
+    record["branch"] = found.json_state.get("branch")
+    log.info("resuming from %s", found.path)
+    checkpoints.restore(found, trainer)
+    return int(found.step)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from scalelab.spec import RunSpec
-from scalelab.train.run import LoaderFactory, default_loader_factory, prepare_run, resolve_device
+from scalelab.train.build import LoaderFactory, default_loader_factory, prepare_run, resolve_device
 from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 
 
