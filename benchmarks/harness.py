@@ -79,13 +79,66 @@ def timed(fn: Callable[[], float]) -> Sample:
     return Sample(work, time.perf_counter() - t0, cpu_seconds() - c0)
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of this process and all its descendants while it runs.
+
+    Workers of a forkserver are not our children's waited-for children, so `RUSAGE_CHILDREN` never sees
+    them: a thread polls psutil every `interval` seconds and keeps each descendant's last reading (a
+    process's last `interval` before it exits can be missed). Descendants already running at the start
+    count from then on.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._interval = interval
+        self._seen: dict[int, float] = {}
+        self._t0 = self._total(self._me)
+        self._start: dict[int, float] = {}
+        for child in self._me.children(recursive=True):
+            try:
+                self._start[child.pid] = self._seen[child.pid] = self._total(child)
+            except psutil.Error:
+                pass
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _total(p: Any) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self._interval):
+            for child in self._me.children(recursive=True):
+                try:
+                    self._seen[child.pid] = self._total(child)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> float:
+        """The CPU seconds since the start; stops polling."""
+        self._stop.set()
+        self._thread.join()
+        own = self._total(self._me) - self._t0
+        return own + sum(t - self._start.get(pid, 0.0) for pid, t in self._seen.items())
+
+
 def fresh_process(argv: Sequence[str], work: float, env: dict[str, str] | None = None) -> Side:
-    """A side that runs `argv` in a new process, timing all of it (start-up included)."""
+    """A side that runs `argv` in a new process, timing all of it (start-up included); CPU time is the
+    whole process tree's (`CpuMeter`), grandchildren of a forkserver included."""
 
     def run() -> Sample:
-        c0, t0 = cpu_seconds(), time.perf_counter()
+        t0, meter = time.perf_counter(), CpuMeter()
         proc = subprocess.run(list(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        sample = Sample(work, time.perf_counter() - t0, cpu_seconds() - c0)
+        wall = time.perf_counter() - t0
+        sample = Sample(work, wall, meter.stop())
         if proc.returncode:
             raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr.decode(errors='replace')}")
         return sample
@@ -208,6 +261,22 @@ def report(
     return out | extra
 
 
+def measured(name: str, value: float, baseline: float | None, unit: str, **extra: Any) -> dict[str, Any]:
+    """The result of one measured figure that is not a rate over rounds (a size, an error, a memory peak)."""
+    ratio = value / baseline if baseline else float("nan")
+    return {
+        "name": name,
+        "value": value,
+        "baseline": baseline,
+        "ratio": ratio,
+        "unit": unit,
+        "rounds": 1,
+        "load": [load()],
+        "cpus": os.cpu_count(),
+        **extra,
+    }
+
+
 def skip(name: str, reason: str) -> dict[str, Any]:
     """The line of a benchmark that cannot run here (no GPU, optional package missing)."""
     return {"name": name, "skipped": reason, "load": [load()]}
@@ -216,6 +285,11 @@ def skip(name: str, reason: str) -> dict[str, Any]:
 def emit(result: dict[str, Any]) -> None:
     """Prints `result` as one JSON line on stdout."""
     print(json.dumps(result, default=str), flush=True)
+
+
+def emit_value(name: str, value: float, baseline: float | None, unit: str, **extra: Any) -> None:
+    """Prints the line of one measured figure (`measured`)."""
+    emit(measured(name, value, baseline, unit, **extra))
 
 
 def here() -> Path:
