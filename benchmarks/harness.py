@@ -186,12 +186,14 @@ def compare(
     spread_target: float | None = None,
     max_rounds: int = 9,
     warmup: bool = False,
+    baseline_scale: float = 1.0,
     **extra: Any,
 ) -> dict[str, Any]:
     """Interleaved rounds of `candidate` against `baseline`; the result dict (see the module docstring).
 
     `unit` is the unit of work per second (e.g. "tokens/s"); CPU rates are the same work per CPU second.
-    With `warmup`, each side runs once untimed first.
+    With `warmup`, each side runs once untimed first. `baseline_scale` multiplies the baseline's wall
+    rates only (e.g. W × one process's tokens/s, so that the ratio is a scaling efficiency).
     """
     if warmup:
         candidate(), baseline()
@@ -209,12 +211,12 @@ def compare(
     return report(
         name,
         [s.work / s.wall for s in a],
-        [s.work / s.wall for s in b],
+        [baseline_scale * s.work / s.wall for s in b],
         unit,
         cpu_values=[s.work / s.cpu for s in a if s.cpu > 0],
         cpu_baselines=[s.work / s.cpu for s in b if s.cpu > 0],
         loads=loads,
-        paired=_paired(a, b),
+        paired=[p / baseline_scale for p in _paired(a, b)],
         **extra,
     )
 
