@@ -169,7 +169,7 @@ def main() -> None:
         return
     from harness import emit, measured, report
 
-    from scalelab.hw import model_gemms, peak_flops
+    from scalelab.hw import peak_flops, step_gemms
     from scalelab.models.flops import ModelShape
     from scalelab.spec import ModelSpec
 
@@ -183,7 +183,7 @@ def main() -> None:
         ModelSpec(width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context),
         args.vocab,
     )
-    gemms = model_gemms(args.batch * args.context, shape.width, shape.mlp_hidden, shape.vocab_size)
+    gemms = step_gemms(shape, args.batch)
     peak, source = peak_flops(torch.device(args.device), args.precision, gemms)
     fpt = shape.training_flops_per_token
     base = rates["none"]

@@ -9,7 +9,7 @@ with nothing of the trainer around it. Per family, after one untimed round each,
 alternate (T B, B T, …) for at least `--rounds` rounds and on until the paired ratios' spread is ≤ 10 %
 (`harness.compare`): min/median/max of tokens per wall second and per CPU second. Goal (issue 17):
 ratio ≥ 0.95 for every family. A second line per family reports the MFU of both against `peak_flops`
-measured at the model's own GEMM shapes (`hw.model_gemms`); an MFU above 1.0 stops the benchmark.
+measured at the model's own GEMM shapes (`hw.step_gemms`); an MFU above 1.0 stops the benchmark.
 
   .venv/bin/python benchmarks/bench_train_throughput.py [--families gpt2,llama] [--steps 10] [--rounds 5]
       [--width 128] [--device cpu|cuda] [--precision bf16] [--compile]
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from harness import compare, emit, measured, timed
 
-from scalelab.hw import model_gemms, peak_flops
+from scalelab.hw import peak_flops, step_gemms
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -125,7 +125,7 @@ def bench_family(args: argparse.Namespace, family: str) -> None:
     # ---- trainer
     t_model, t_groups = make_model()
     tmp = Path(tempfile.mkdtemp(prefix="scalelab-bench-"))
-    gemms = model_gemms(args.batch * args.context, shape.width, shape.mlp_hidden, shape.vocab_size)
+    gemms = step_gemms(shape, args.batch)
     peak, source = peak_flops(device, args.precision, gemms)
     metrics = MetricsLogger(
         tmp / "metrics.jsonl", flops_per_token=shape.training_flops_per_token, peak_flops=peak, device=device
