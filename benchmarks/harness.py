@@ -172,7 +172,8 @@ def spread(xs: Sequence[float]) -> float:
     return (max(xs) - min(xs)) / m if m else float("inf")
 
 
-def _stats(prefix: str, xs: Sequence[float]) -> dict[str, float]:
+def min_median_max(prefix: str, xs: Sequence[float]) -> dict[str, float]:
+    """{prefix_min, prefix_median, prefix_max} of `xs`."""
     return {f"{prefix}_min": min(xs), f"{prefix}_median": median(xs), f"{prefix}_max": max(xs)}
 
 
@@ -251,12 +252,12 @@ def report(
         "load": list(loads) or [load()],
         "cpus": os.cpu_count(),
         "higher_is_better": higher_is_better,
-        **_stats("value", values),
-        **_stats("baseline", baselines),
+        **min_median_max("value", values),
+        **min_median_max("baseline", baselines),
     }
     if cpu_values and cpu_baselines:
         out["cpu_ratio"] = median(cpu_values) / median(cpu_baselines)
-        out |= _stats("cpu_value", cpu_values) | _stats("cpu_baseline", cpu_baselines)
+        out |= min_median_max("cpu_value", cpu_values) | min_median_max("cpu_baseline", cpu_baselines)
         out["cpu_unit"] = unit.replace("/s", "/CPU-s")
     if paired:
         out["paired_ratios"] = list(paired)
