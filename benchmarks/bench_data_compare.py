@@ -56,7 +56,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data_loader import CpuMeter, RepeatedCorpus, emit  # noqa: E402
+from bench_data_loader import RepeatedCorpus  # noqa: E402
+from harness import CpuMeter, emit, emit_value, report  # noqa: E402
 
 from scalelab.data.ingest import ingest  # noqa: E402
 from scalelab.data.store import TokenStore  # noqa: E402
@@ -310,7 +311,7 @@ def main() -> None:
             t0 = time.perf_counter()
             n = write_mds(store, T, root / "mds")
             assert n == num_blocks, (n, num_blocks)
-            emit("write_mds_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
+            emit_value("write_mds_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
             loaders["streaming"] = lambda w, seed: mosaic(root / "mds", T, B, w, seed)
         except ImportError as err:
             print(json.dumps({"name": "streaming_skipped", "reason": str(err)}))
@@ -327,7 +328,7 @@ def main() -> None:
 
             n = len(LitDataset(str(root / "litdata"), item_loader=TokensLoader(block_size=T)))
             assert n == num_blocks, (n, num_blocks)
-            emit("write_litdata_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
+            emit_value("write_litdata_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
             loaders["litdata"] = lambda w, seed: lit(root / "litdata", T, B, w, seed)
         except ImportError as err:
             print(json.dumps({"name": "litdata_skipped", "reason": str(err)}))
@@ -373,31 +374,23 @@ def main() -> None:
                 if (other, w) in rates:
                     paired = [a / b for a, b in zip(rates["scalelab", w], rates[other, w], strict=True)]
                     emit(
-                        f"loader_vs_{other}_tokens_per_second_workers{w}",
-                        median(rates["scalelab", w]),
-                        median(rates[other, w]),
-                        "tokens/s",
-                        baseline_name=f"{other} {versions[other]}",
-                        cpus=os.cpu_count(),
-                        rounds=args.repeats,
-                        paired_ratios=paired,
-                        median_paired_ratio=median(paired),
-                        loadavg_1m_per_round=loads,
-                        **common,
-                    )
-                    emit(
-                        f"loader_vs_{other}_tokens_per_cpu_second_workers{w}",
-                        median(per_cpu["scalelab", w]),
-                        median(per_cpu[other, w]),
-                        "tokens/cpu-s",
-                        baseline_name=f"{other} {versions[other]}",
-                        rounds=args.repeats,
-                        **common,
+                        report(
+                            f"loader_vs_{other}_tokens_per_second_workers{w}",
+                            rates["scalelab", w],
+                            rates[other, w],
+                            "tokens/s",
+                            cpu_values=per_cpu["scalelab", w],
+                            cpu_baselines=per_cpu[other, w],
+                            loads=loads,
+                            paired=paired,
+                            baseline_name=f"{other} {versions[other]}",
+                            **common,
+                        )
                     )
         best = {name: max(median(v) for (n, _w), v in rates.items() if n == name) for name in loaders}
         for other in ("litdata", "streaming"):
             if other in best:
-                emit(
+                emit_value(
                     f"loader_vs_{other}_tokens_per_second_best_workers",
                     best["scalelab"],
                     best[other],

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data_loader import RepeatedCorpus, emit  # noqa: E402
+from bench_data_loader import RepeatedCorpus  # noqa: E402
+from harness import emit_value  # noqa: E402
 
 from scalelab.data.ingest import ingest  # noqa: E402
 from scalelab.data.store import TokenStore  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> None:
                     peak_file = max(peak_file, status_kb("self", "RssFile"))
             secs = time.perf_counter() - t0
             it.close()  # type: ignore[attr-defined]
-            emit(
+            emit_value(
                 f"loader_peak_rss_anon_full_epoch_workers{workers}",
                 peak / 2**20,
                 base / 2**20,

@@ -3,7 +3,8 @@
 Prints JSON lines {name, value, baseline, ratio, unit}: for each message size, the bus bandwidth of a
 sum all-reduce over W processes (busbw = 2(W-1)/W · bytes / seconds, the NCCL-tests convention, so it is
 comparable across W) and, as the baseline measured in the same run, the bandwidth of `dst.copy_(src)` of
-that size in one process. The fastest of --rounds timings is reported (shared machines vary).
+that size in one process, min/median/max over --rounds timings of each (`harness.report`; medians as
+value and baseline). The copy is the fair floor: an all-reduce must at least read and write its buffer.
 CUDA/NCCL is not measured here.
 
   .venv/bin/python benchmarks/bench_dist_allreduce.py [--world 2] [--sizes-mib 1,8,32] [--iters 10]
@@ -12,7 +13,6 @@ CUDA/NCCL is not measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness import emit, report
 
 
 def _worker(rank: int, world: int, store_path: str, sizes: list[int], iters: int, rounds: int, q) -> None:
@@ -29,30 +30,29 @@ def _worker(rank: int, world: int, store_path: str, sizes: list[int], iters: int
     for size in sizes:
         t = torch.ones(size // 4, dtype=torch.float32)
         dist.all_reduce(t)  # warm up the connections
-        best = float("inf")
+        results[size] = []
         for _ in range(rounds):
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(iters):
                 dist.all_reduce(t)
-            best = min(best, (time.perf_counter() - t0) / iters)
-        results[size] = best
+            results[size].append((time.perf_counter() - t0) / iters)
     if rank == 0:
         q.put(results)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _copy_seconds(size: int, iters: int, rounds: int) -> float:
+def _copy_seconds(size: int, iters: int, rounds: int) -> list[float]:
     src, dst = torch.ones(size // 4), torch.empty(size // 4)
     dst.copy_(src)
-    best = float("inf")
+    out = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(iters):
             dst.copy_(src)
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best
+        out.append((time.perf_counter() - t0) / iters)
+    return out
 
 
 def main() -> None:
@@ -78,17 +78,15 @@ def main() -> None:
         p.join()
     w = args.world
     for size in sizes:
-        busbw = 2 * (w - 1) / w * size / seconds[size] / 1e9
-        copy_bw = size / _copy_seconds(size, args.iters, args.rounds) / 1e9
-        print(
-            json.dumps(
-                {
-                    "name": f"gloo_allreduce_busbw_{size >> 20}MiB_world{w}",
-                    "value": round(busbw, 4),
-                    "baseline": round(copy_bw, 4),
-                    "ratio": round(busbw / copy_bw, 4),
-                    "unit": "GB/s",
-                }
+        busbw = [2 * (w - 1) / w * size / t / 1e9 for t in seconds[size]]
+        copy_bw = [size / t / 1e9 for t in _copy_seconds(size, args.iters, args.rounds)]
+        emit(
+            report(
+                f"gloo_allreduce_busbw_{size >> 20}MiB_world{w}",
+                busbw,
+                copy_bw,
+                "GB/s",
+                baseline_name="dst.copy_(src) of the same size, one process",
             )
         )
 

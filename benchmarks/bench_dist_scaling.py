@@ -1,11 +1,16 @@
 """1 → W process scaling of DDP training on CPU gloo (strong scaling: the same global batch).
 
-Prints JSON lines {name, value, baseline, ratio, unit}: tokens/s of the trainer with strategy "ddp" on
-W processes (value) against W × the tokens/s of the same trainer on 1 process (baseline), so the ratio is
-the scaling efficiency (1.0 = perfect). Both use `parallelize` + `Trainer` exactly as a run does (μP/SP
-groups, AdamW, clipping, the cross-rank metrics callback), on random tokens, 1 thread per process. The
-fastest of --rounds is reported. On a machine with fewer free cores than W, efficiency is bounded by the
-cores, not by the communication. CUDA/NCCL is not measured here.
+Prints a harness JSON line: tokens/s of the trainer with strategy "ddp" on W processes (value) against
+W × the tokens/s of the same trainer on 1 process (baseline), so the ratio is the scaling efficiency
+(1.0 = perfect), and tokens per CPU-second of both (cpu_ratio: the CPU efficiency, communication and
+waiting included). The baseline is the fair one because it is the same trainer, model, data and thread
+count, with only the process group's size changed. Both use `parallelize` + `Trainer` exactly as a run
+does (μP/SP groups, AdamW, clipping, the cross-rank metrics callback), on random tokens, 1 thread per
+process. Both sides' processes start once and wait between rounds; a round is a fresh `Trainer.fit` of
+`--steps` timed steps after one warm-up step (rank 0's wall clock; every rank's CPU time over the same
+steps, summed); after one untimed round each, the sides alternate (W 1, 1 W, …) for `--rounds` rounds:
+min/median/max of both. On a machine with fewer free cores than W, efficiency
+is bounded by the cores, not by the communication. CUDA/NCCL is not measured here.
 
   .venv/bin/python benchmarks/bench_dist_scaling.py [--world 2] [--width 128] [--steps 8] [--rounds 3]
 """
@@ -13,16 +18,16 @@ cores, not by the communication. CUDA/NCCL is not measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
 import torch
 import torch.multiprocessing as mp
+from harness import Sample, compare, emit
 
 
-def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, q) -> None:
+def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, go, q) -> None:
     import torch.distributed as dist
 
     from scalelab.models.gpt import build_model
@@ -63,14 +68,13 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, q)
             yield torch.randint(0, 257, (local, args.context + 1), generator=gen)
 
     class Clock(Callback):
-        marks: list[float] = []
+        marks: list[tuple[float, float]] = []
 
         def on_step_end(self, state) -> None:
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.process_time()))
 
     clock = Clock()
-    best = float("inf")
-    for _ in range(args.rounds):
+    while go.get() is not None:  # one round per message: the processes live across rounds
         clock.marks.clear()
         trainer = Trainer(
             wrapped,
@@ -84,24 +88,40 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, q)
             grad_sync=lambda enabled: grad_sync(wrapped, enabled),
         )
         trainer.fit()
-        best = min(best, clock.marks[-1] - clock.marks[0])  # the first step is warm-up
-    if rank == 0:
-        q.put(args.steps * args.batch * args.context / best)
+        (w0, c0), (w1, c1) = clock.marks[0], clock.marks[-1]  # the first step is warm-up
+        q.put((rank, w1 - w0, c1 - c0))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _tokens_per_second(world: int, args: argparse.Namespace) -> float:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    store = os.path.join(tempfile.mkdtemp(prefix="scalelab-bench-"), "store")
-    procs = [ctx.Process(target=_worker, args=(r, world, store, args, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    value = q.get(timeout=900)
-    for p in procs:
-        p.join()
-    return value
+class Group:
+    """`world` spawned training processes (started once, idle between rounds); calling it runs one round
+    and returns the Sample of rank 0's wall time and all ranks' CPU time over the timed steps."""
+
+    def __init__(self, world: int, args: argparse.Namespace) -> None:
+        ctx = mp.get_context("spawn")
+        self.args, self.q = args, ctx.Queue()
+        self.go = [ctx.Queue() for _ in range(world)]
+        store = os.path.join(tempfile.mkdtemp(prefix="scalelab-bench-"), "store")
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, world, store, args, self.go[r], self.q))
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def __call__(self) -> Sample:
+        for g in self.go:
+            g.put(True)
+        got = sorted(self.q.get(timeout=900) for _ in self.go)
+        a = self.args
+        return Sample(a.steps * a.batch * a.context, got[0][1], sum(c for _, _, c in got))
+
+    def close(self) -> None:
+        for g in self.go:
+            g.put(None)
+        for p in self.procs:
+            p.join()
 
 
 def main() -> None:
@@ -115,19 +135,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    one = _tokens_per_second(1, args)
-    many = _tokens_per_second(args.world, args)
-    print(
-        json.dumps(
-            {
-                "name": f"ddp_scaling_efficiency_1to{args.world}_width{args.width}",
-                "value": round(many, 1),
-                "baseline": round(args.world * one, 1),
-                "ratio": round(many / (args.world * one), 4),
-                "unit": "tokens/s",
-            }
+    many, one = Group(args.world, args), Group(1, args)
+    try:
+        result = compare(
+            f"ddp_scaling_efficiency_1to{args.world}_width{args.width}",
+            many,
+            one,
+            "tokens/s",
+            rounds=args.rounds,
+            warmup=True,
+            baseline_scale=args.world,
+            baseline_name=f"{args.world} × the same trainer on 1 process",
+            world=args.world,
         )
-    )
+    finally:
+        many.close()
+        one.close()
+    emit(result)
 
 
 if __name__ == "__main__":

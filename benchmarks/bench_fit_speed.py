@@ -31,6 +31,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from harness import min_median_max  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
 from scalelab.fit import estimate as est  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> int:
         t_base = (time.perf_counter() - t0) * len(grid) / len(run)
     f_base = best[0]
 
-    # ---- ours: variable projection + polish (the default search), best of 5 timings
+    # ---- ours: variable projection + polish (the default search), median of 5 timings (min and max beside)
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -112,6 +113,7 @@ def main() -> int:
         method="variable projection (36x36 exponent grid, IRLS for E,A,B) + L-BFGS-B polish of best 4",
         baseline_method=f"L-BFGS-B from {len(grid)} Hoffmann grid starts ({len(run)} timed)",
         runs=len(table),
+        **min_median_max("value", times),
     )
     emit("chinchilla_fit_objective", f_ours, f_base, "huber", note="ratio = ours/baseline; <= 1 is no worse")
     emit("chinchilla_params", 0.0, None, "-", params=law.params_, baseline_theta=[float(v) for v in best[1]])
@@ -133,6 +135,7 @@ def main() -> int:
         "s",
         objective=alt.objective,
         note="alternative not chosen: objective at all 4500 starts at once, best 4 polished (median of 5)",
+        **min_median_max("value", alt_times),
     )
     emit(
         "search_choice_varpro_vs_vectorised",

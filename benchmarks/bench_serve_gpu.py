@@ -1,10 +1,11 @@
 """Serving on a GPU: int8 (torchao) and group-wise int4 weight-only decode against bf16, and their loss
 check on the device.
 
-Prints JSON lines {name, value, baseline, ratio, unit}:
+Prints harness JSON lines:
   1. decode tokens/s of the engine (in process, no HTTP) for a GPT-2-small-shaped model in bf16 (random
      weights: speed does not depend on them), at batch 1 and 16: int8 and int4 weight-only
-     (`quantize_model` on CUDA) against the bf16 model; weight bytes of each.
+     (`quantize_model` on CUDA) against the bf16 model, interleaved rounds, min/median/max; weight bytes
+     of each.
   2. the held-out loss of a small trained run, int8 and int4 on CUDA against fp32 on CUDA
      (`quantization_report`).
 Needs CUDA; prints a note and exits 0 without it.
@@ -15,7 +16,6 @@ Needs CUDA; prints a note and exits 0 without it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,21 +23,15 @@ import time
 from pathlib import Path
 
 import torch
+from harness import Sample, Side, compare, cpu_seconds, emit, emit_value
 
 
-def emit(name: str, value: float, baseline: float, unit: str, **extra) -> None:
-    rec = {"name": name, "value": round(value, 4), "baseline": round(baseline, 4)}
-    rec.update(ratio=round(value / baseline, 4) if baseline else None, unit=unit, **extra)
-    print(json.dumps(rec), flush=True)
-
-
-def decode_rate(model, batch: int, new_tokens: int, rounds: int = 3) -> float:  # noqa: ANN001
-    """Generated tokens/s of the engine for `batch` concurrent greedy requests (best of `rounds`)."""
+def decode_side(model, batch: int, new_tokens: int) -> Side:  # noqa: ANN001
+    """A side: `batch` concurrent greedy requests of `new_tokens` decoded by the engine (generated tokens)."""
     from scalelab.serve.engine import Engine, Job
     from scalelab.serve.sampling import SamplingParams
 
-    best = 0.0
-    for r in range(rounds + 1):  # the first round warms up
+    def run() -> Sample:
         engine = Engine(model, max_batch=batch, device="cuda")
         jobs = [
             Job(
@@ -46,14 +40,15 @@ def decode_rate(model, batch: int, new_tokens: int, rounds: int = 3) -> float:  
             for i in range(batch)
         ]
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        engine.admit(jobs)
-        while engine.active:
-            engine.decode()
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        with torch.inference_mode():
+            engine.admit(jobs)
+            while engine.active:
+                engine.decode()
         torch.cuda.synchronize()
-        if r:
-            best = max(best, sum(len(j.generated) for j in jobs) / (time.perf_counter() - t0))
-    return best
+        return Sample(sum(len(j.generated) for j in jobs), time.perf_counter() - t0, cpu_seconds() - c0)
+
+    return run
 
 
 def main() -> None:
@@ -84,10 +79,19 @@ def main() -> None:
     common = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens}
     for mode, qmodel in quantized.items():
         for batch in (1, 16):
-            with torch.inference_mode():
-                q, b = decode_rate(qmodel, batch, args.new_tokens), decode_rate(bf16, batch, args.new_tokens)
-            emit(f"serve_gpu_{mode}_decode_vs_bf16_batch{batch}_{tag}", q, b, "tokens/s", **common)
-        emit(
+            emit(
+                compare(
+                    f"serve_gpu_{mode}_decode_vs_bf16_batch{batch}_{tag}",
+                    decode_side(qmodel, batch, args.new_tokens),
+                    decode_side(bf16, batch, args.new_tokens),
+                    "tokens/s",
+                    rounds=3,
+                    warmup=True,
+                    baseline_name="the same engine on the bf16 model",
+                    **common,
+                )
+            )
+        emit_value(
             f"serve_gpu_{mode}_weight_bytes_vs_bf16_{tag}",
             model_size_bytes(qmodel),
             model_size_bytes(bf16),
@@ -103,7 +107,7 @@ def main() -> None:
     )
     for mode in ("int8", "int4"):
         rep = quantization_report(run_dir, mode, device="cuda")  # type: ignore[arg-type]
-        emit(
+        emit_value(
             f"serve_gpu_{mode}_heldout_loss_vs_fp32",
             rep["quantized_heldout_loss"],
             rep["fp32_heldout_loss"],

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -42,22 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def emit(name: str, value: float, baseline: float, unit: str, **extra: Any) -> None:
-    ratio = value / baseline if baseline else None
-    row = {"name": name, "value": value, "baseline": baseline, "ratio": ratio, "unit": unit, **extra}
-    print(json.dumps(row), flush=True)
+from harness import emit, emit_value, report
 
 
 def pct(xs: list[float], p: float) -> float:
     """The p-quantile by nearest rank: the ceil(p·n)-th smallest (p99 of up to 100 samples is the largest)."""
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, math.ceil(p * len(s)) - 1))] if s else float("nan")
-
-
-def spread(xs: list[float]) -> dict[str, float]:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
 
 class RawHTTP:
@@ -178,35 +168,39 @@ def bench_load(run_dir: Path, args: argparse.Namespace) -> None:
                 client.close()
 
         asyncio.run(main())
-    p99 = [r["load"]["p99_seconds"] / r["lone"]["p99_seconds"] for r in rounds]
-    tps = [r["load"]["tokens_per_second"] / r["lone"]["tokens_per_second"] for r in rounds]
-    med = len(rounds) // 2
-    by_p99 = sorted(range(len(rounds)), key=lambda i: p99[i])[med]
-    by_tps = sorted(range(len(rounds)), key=lambda i: tps[i])[med]
-    common = {
-        "rounds": len(rounds),
-        "clients": args.clients,
-        "max_tokens": args.max_tokens,
-        "per_round": rounds,
-    }
-    emit(
-        "serve_load_p99_latency_vs_lone",
-        rounds[by_p99]["load"]["p99_seconds"],
-        rounds[by_p99]["lone"]["p99_seconds"],
-        "seconds",
-        ratio_spread=spread(p99),
-        goal="ratio <= 2",
-        **common,
-    )
-    emit(
-        "serve_load_tokens_per_second_vs_unbatched",
-        rounds[by_tps]["load"]["tokens_per_second"],
-        rounds[by_tps]["lone"]["tokens_per_second"],
-        "tokens/s",
-        ratio_spread=spread(tps),
-        goal="ratio >= 4",
-        rounds=len(rounds),
-    )
+
+    def side(phase: str, key: str) -> list[float]:
+        return [r[phase][key] for r in rounds]
+
+    def per_cpu(phase: str) -> list[float]:
+        return [
+            r[phase]["tokens_per_second"]
+            * r[phase]["wall_seconds"]
+            / (r[phase]["server_cpu_seconds"] + r[phase]["client_cpu_seconds"])
+            for r in rounds
+        ]
+
+    common = {"clients": args.clients, "max_tokens": args.max_tokens, "per_round": rounds}
+    for name, key, unit, higher, goal in (
+        ("serve_load_p99_latency_vs_lone", "p99_seconds", "seconds", False, "ratio <= 2"),
+        ("serve_load_tokens_per_second_vs_unbatched", "tokens_per_second", "tokens/s", True, "ratio >= 4"),
+    ):
+        load, lone = side("load", key), side("lone", key)
+        cpu = {"cpu_values": per_cpu("load"), "cpu_baselines": per_cpu("lone")} if higher else {}
+        emit(
+            report(
+                name,
+                load,
+                lone,
+                unit,
+                paired=[a / b for a, b in zip(load, lone, strict=True)],
+                higher_is_better=higher,
+                goal=goal,
+                baseline_name=f"lone requests (concurrency 1) to the same server, alternating with {args.clients} clients",
+                **cpu,
+                **common,
+            )
+        )
 
 
 def bench_quant(run_dir: Path, args: argparse.Namespace) -> None:
@@ -235,23 +229,23 @@ def bench_quant(run_dir: Path, args: argparse.Namespace) -> None:
     for mode in ("int8", "int4"):
         rep = quantization_report(run_dir, mode)
         emit(
-            f"serve_{mode}_decode_tokens_per_second_vs_fp32",
-            statistics.median(speed[mode]),
-            statistics.median(speed["fp32"]),
-            "tokens/s",
-            batch=32,
-            rounds=args.rounds,
-            spread=spread(speed[mode]),
-            baseline_spread=spread(speed["fp32"]),
+            report(
+                f"serve_{mode}_decode_tokens_per_second_vs_fp32",
+                speed[mode],
+                speed["fp32"],
+                "tokens/s",
+                batch=32,
+                baseline_name="the same engine on the fp32 model, interleaved",
+            )
         )
-        emit(
+        emit_value(
             f"serve_{mode}_size_bytes_vs_fp32",
             rep["quantized_size_bytes"],
             rep["fp32_size_bytes"],
             "bytes",
             rounds=1,
         )
-        emit(
+        emit_value(
             f"serve_{mode}_heldout_loss_vs_fp32",
             rep["quantized_heldout_loss"],
             rep["fp32_heldout_loss"],
@@ -290,7 +284,7 @@ def bench_distill(teacher: Path, root: Path, args: argparse.Namespace) -> None:
     cfg = root / "student.toml"
     cfg.write_text(STUDENT.format(tokens=8 * 128 * 60, threads=args.threads))
     rep = distill(teacher, cfg, root / "distill")
-    emit(
+    emit_value(
         "distill_student_heldout_loss_vs_scratch",
         rep["student_eval_loss"],
         rep["scratch_eval_loss"],

@@ -1,6 +1,7 @@
-"""Study-engine benchmarks; prints one JSON object per line: {name, value, baseline, ratio, unit}.
+"""Study-engine benchmarks; prints harness JSON lines.
 
-1. skip path: `scalelab study run` on a finished 50-run study, against `scalelab --help` (the CLI's floor).
+1. skip path: `scalelab study run` on a finished 50-run study, against `scalelab --help` (the CLI's floor),
+   alternating, 3 rounds each, min/median/max.
 2. driver overhead: a 4-run study through the local executor, against the same 4 `scalelab train`
    commands run back to back by hand.
 3. forecast error: forecast vs actual wall time of a finished study (default runs/quickstart), if present.
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import emit, emit_value, report
 
 from scalelab.spec import load_study
 from scalelab.study.executors import prepare_run_dirs, write_study_files
@@ -53,29 +56,19 @@ seeds = {seeds}
 """
 
 
-def emit(name: str, value: float, baseline: float, unit: str, **extra: object) -> None:
-    print(
-        json.dumps(
-            {
-                "name": name,
-                "value": value,
-                "baseline": baseline,
-                "ratio": value / baseline if baseline else None,
-                "unit": unit,
-                **extra,
-            }
-        ),
-        flush=True,
-    )
-
-
-def timed(cmd: list[str], env: dict[str, str], repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def alternate(
+    a: list[str], b: list[str], env: dict[str, str], rounds: int = 3
+) -> tuple[list[float], list[float]]:
+    """Wall seconds of commands `a` and `b`, run in alternating order (a b, b a, …) `rounds` times each."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            t0 = time.perf_counter()
+            subprocess.run(
+                (a, b)[i], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+            )
+            times[i].append(time.perf_counter() - t0)
+    return times[0], times[1]
 
 
 def corpus(tmp: Path) -> Path:
@@ -103,10 +96,17 @@ def bench_skip_path(tmp: Path, env: dict[str, str]) -> None:
             (run_dir / "record.json").write_text(json.dumps(record))
             reg.record_result(planned.run_id, record)
     assert len(runs) == 50
-    value = timed([*CLI, "study", "run", str(spec), "--out", str(out)], env)
-    floor = timed([*CLI, "--help"], env)
+    value, floor = alternate([*CLI, "study", "run", str(spec), "--out", str(out)], [*CLI, "--help"], env)
     emit(
-        "study_rerun_finished_50_runs_seconds", value, floor, "s", goal="< 2 s", baseline_is="scalelab --help"
+        report(
+            "study_rerun_finished_50_runs_seconds",
+            value,
+            floor,
+            "s",
+            higher_is_better=False,
+            goal="< 2 s",
+            baseline_is="scalelab --help",
+        )
     )
 
 
@@ -140,7 +140,7 @@ def bench_driver_overhead(tmp: Path, env: dict[str, str]) -> None:
         )
     direct = time.perf_counter() - t0
     n = len(configs)
-    emit(
+    emit_value(
         "study_driver_seconds_for_4_runs",
         through_study,
         direct,
@@ -164,7 +164,7 @@ def bench_forecast_error(study_dir: Path) -> None:
     errs = [abs(r["forecast_seconds"] - r["wall_seconds"]) / r["wall_seconds"] for r in rows]
     total_f = sum(r["forecast_seconds"] for r in rows)
     total_a = sum(r["wall_seconds"] for r in rows)
-    emit(
+    emit_value(
         "forecast_total_run_seconds",
         total_f,
         total_a,

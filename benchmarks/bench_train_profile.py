@@ -70,7 +70,7 @@ def main() -> None:
         return
     from torch.profiler import ProfilerActivity, profile
 
-    from scalelab.hw import peak_flops
+    from scalelab.hw import peak_flops, step_gemms
     from scalelab.models.flops import ModelShape
     from scalelab.spec import ModelSpec
 
@@ -115,7 +115,8 @@ def main() -> None:
         "matmul": 6.0 * (shape.block_matmul_params + V * d) * tokens,
         "attention": 12.0 * L * T * d * tokens,  # the MFU convention: full (not causal-halved) attention
     }
-    peak, source = peak_flops(torch.device("cuda"), args.precision)
+    gemms = step_gemms(shape, args.batch)
+    peak, source = peak_flops(torch.device("cuda"), args.precision, gemms)
     mfu = shape.training_flops_per_token * tokens / (wall_us * 1e-6) / peak
     tag = f"{args.strategy}_{args.precision}{'' if args.no_compile else '_compiled'}_w{args.width}_d{args.depth}"
     tag += f"_t{args.context}_b{args.batch}_v{args.vocab}"

@@ -7,7 +7,8 @@ what the wrapper costs on one device (1.0 = nothing). Every variant is built as 
 blocks, for comparison), the trainer with clipping, the divergence guard and the cross-rank metrics
 callback; the unwrapped baseline is compiled whole, as `scalelab train` does for a single process. Each variant runs in a fresh process
 (variants compiled in one process were seen to slow each other: the same unwrapped baseline measured
-25 % apart), the baseline before and after the others; the fastest round of each is reported. Needs CUDA; prints a note and exits 0 without it.
+25 % apart), the baseline before and after the others (its rounds pooled); min/median/max of each
+variant's rounds are reported (`harness.report`), medians as value and baseline. Needs CUDA; prints a note and exits 0 without it.
 
   python benchmarks/bench_train_strategies.py [--width 768] [--depth 12] [--context 1024] [--batch 16]
       [--vocab 50304] [--precision bf16] [--no-compile] [--steps 20] [--rounds 3]
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -165,7 +167,9 @@ def main() -> None:
     if args.variant:
         print(json.dumps(measure_variant(args)))
         return
-    from scalelab.hw import peak_flops
+    from harness import emit, measured, report
+
+    from scalelab.hw import peak_flops, step_gemms
     from scalelab.models.flops import ModelShape
     from scalelab.spec import ModelSpec
 
@@ -179,48 +183,35 @@ def main() -> None:
         ModelSpec(width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context),
         args.vocab,
     )
-    peak, source = peak_flops(torch.device(args.device), args.precision)
+    gemms = step_gemms(shape, args.batch)
+    peak, source = peak_flops(torch.device(args.device), args.precision, gemms)
     fpt = shape.training_flops_per_token
-    base = max(rates["none"])
+    base = rates["none"]
     tag = f"{args.precision}{'' if args.no_compile else '_compiled'}_w{args.width}_d{args.depth}"
     tag += f"_t{args.context}_b{args.batch}_v{args.vocab}"
     tag += "_blocks" if args.compile_scope == "blocks" and not args.no_compile else ""
     tag += "_keepparams" if args.fsdp_keep_params else ""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    common = {"params": shape.total_params, "device": device_name}
-    print(
-        json.dumps(
-            {
-                "name": f"train_mfu_single_{tag}",
-                "value": round(fpt * base / peak, 4),
-                "baseline": 1.0,
-                "ratio": round(fpt * base / peak, 4),
-                "unit": f"fraction of {peak:.3g} FLOP/s ({source})",
-                "tokens_per_second": round(base, 1),
-                "rounds": [round(x, 1) for x in rates["none"]],
-                **common,
-            }
+    common = {"params": shape.total_params, "device": device_name, "peak_flops": peak, "peak_source": source}
+    mfu = [fpt * r / peak for r in base]
+    emit(
+        measured(
+            f"train_mfu_single_{tag}", median(mfu), 1.0, "fraction of peak FLOP/s", rounds_mfu=mfu, **common
         )
     )
     for s in order[1:-1]:
-        value = max(rates[s])
-        for name, v, b, unit in (
-            ("tokens_per_second", value, base, "tokens/s"),
-            ("mfu", fpt * value / peak, fpt * base / peak, f"fraction of {peak:.3g} FLOP/s"),
-        ):
-            print(
-                json.dumps(
-                    {
-                        "name": f"train_{s}_world1_vs_single_{name}_{tag}",
-                        "value": round(v, 4 if name == "mfu" else 1),
-                        "baseline": round(b, 4 if name == "mfu" else 1),
-                        "ratio": round(value / base, 4),
-                        "unit": unit,
-                        "rounds": [round(x, 1) for x in rates[s]],
-                        **common,
-                    }
-                )
+        emit(
+            report(
+                f"train_{s}_world1_vs_single_tokens_per_second_{tag}",
+                rates[s],
+                base,
+                "tokens/s",
+                baseline_name="the same trainer unwrapped (rounds before and after)",
+                mfu_median=fpt * median(rates[s]) / peak,
+                baseline_mfu_median=fpt * median(base) / peak,
+                **common,
             )
+        )
     sys.stdout.flush()
 
 

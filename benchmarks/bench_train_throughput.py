@@ -1,29 +1,33 @@
-"""Trainer throughput vs a bare PyTorch loop on the same model and data (CPU by default).
+"""Trainer throughput vs a bare PyTorch loop on the same model and data (CPU by default), for each model
+family (`gpt2` and `llama` by default) in the same run; prints harness JSON lines.
 
-Prints JSON lines {name, value, baseline, ratio, unit}. The trainer runs with everything it does in a
-real run (parametrization groups, AdamW, LR schedule, clipping, divergence guard, metrics.jsonl with MFU and
-memory); the baseline is the loop a person would write by hand: forward, backward, clip, fused AdamW
-(same groups and constant LR) step, zero_grad, loss.item(). Both are timed in alternating rounds and the fastest round of each is
-reported — the one least disturbed by other processes (on a shared machine rounds vary by ±20 %).
-Goal: ratio ≥ 0.95. Use more --rounds where the machine is busy.
+The trainer runs with everything it does in a real run (parametrization groups, AdamW, LR schedule,
+clipping, divergence guard, metrics.jsonl with MFU and memory); the baseline is the loop a person would
+write by hand — forward, backward, clip, fused AdamW (same groups and constant LR) step, zero_grad,
+loss.item() — on an identical copy of the model: the fair baseline, because it does the same arithmetic
+with nothing of the trainer around it. Per family, after one untimed round each, trainer and loop rounds
+alternate (T B, B T, …) for at least `--rounds` rounds and on until the paired ratios' spread is ≤ 10 %
+(`harness.compare`): min/median/max of tokens per wall second and per CPU second. Goal (issue 17):
+ratio ≥ 0.95 for every family. A second line per family reports the MFU of both against `peak_flops`
+measured at the model's own GEMM shapes (`hw.step_gemms`); an MFU above 1.0 stops the benchmark.
 
-  .venv/bin/python benchmarks/bench_train_throughput.py [--steps 10] [--rounds 7] [--width 128] [--device cpu|cuda] [--precision bf16] [--compile]
+  .venv/bin/python benchmarks/bench_train_throughput.py [--families gpt2,llama] [--steps 10] [--rounds 5]
+      [--width 128] [--device cpu|cuda] [--precision bf16] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from harness import compare, emit, measured, timed
 
-from scalelab.hw import peak_flops
+from scalelab.hw import peak_flops, step_gemms
 from scalelab.models.flops import ModelShape
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -60,8 +64,9 @@ def step_timer(trainer: Trainer) -> Callable[[int], float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--families", default="gpt2,llama", help="comma-separated model families")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--context", type=int, default=128)
@@ -76,10 +81,17 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     os.environ.setdefault("SCALELAB_CACHE_DIR", tempfile.mkdtemp(prefix="scalelab-bench-"))
+    for family in args.families.split(","):
+        bench_family(args, family.strip())
 
-    mspec = ModelSpec(width=args.width, depth=args.depth, n_heads=4, context_tokens=args.context)
+
+def bench_family(args: argparse.Namespace, family: str) -> None:
+    """One family: trainer against bare loop, interleaved; the throughput line and the MFU line."""
+    device = torch.device(args.device)
+    mspec = ModelSpec(
+        family=family, width=args.width, depth=args.depth, n_heads=4, context_tokens=args.context
+    )
     shape = ModelShape.from_spec(mspec, args.vocab)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab, (args.steps * 4, args.batch, args.context + 1), generator=gen)
@@ -106,11 +118,17 @@ def main() -> None:
         model = model.to(device)
         return (torch.compile(model) if args.compile else model), groups
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     # ---- trainer
     t_model, t_groups = make_model()
     tmp = Path(tempfile.mkdtemp(prefix="scalelab-bench-"))
+    gemms = step_gemms(shape, args.batch)
+    peak, source = peak_flops(device, args.precision, gemms)
     metrics = MetricsLogger(
-        tmp / "metrics.jsonl", flops_per_token=shape.training_flops_per_token, peak_flops=1e12, device=device
+        tmp / "metrics.jsonl", flops_per_token=shape.training_flops_per_token, peak_flops=peak, device=device
     )
     trainer = Trainer(
         t_model,
@@ -123,9 +141,6 @@ def main() -> None:
         callbacks=[] if args.no_callbacks else [DivergenceGuard(10.0), metrics],
     )
     run_steps = step_timer(trainer)
-
-    def trainer_round() -> float:
-        return tokens_per_round / run_steps(args.steps)
 
     # ---- bare loop
     # Same groups, LR and decay as the trainer, so both models follow the same trajectory (CPU kernels'
@@ -145,9 +160,8 @@ def main() -> None:
     )
     it = batches()
 
-    def bare_round() -> float:
+    def bare_steps() -> float:
         sync()
-        t0 = time.perf_counter()
         for _ in range(args.steps):
             b = next(it).to(device)
             with autocast(device.type, args.precision):
@@ -158,52 +172,47 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.item()
         sync()
-        return tokens_per_round / (time.perf_counter() - t0)
+        return tokens_per_round
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def trainer_steps() -> float:
+        run_steps(args.steps)
+        return tokens_per_round
 
-    trainer_round(), bare_round()  # warm-up
-    t_rates, b_rates = [], []
-    for r in range(args.rounds):
-        if r % 2:
-            b_rates.append(bare_round())
-            t_rates.append(trainer_round())  # noqa: E702
-        else:
-            t_rates.append(trainer_round())
-            b_rates.append(bare_round())  # noqa: E702
-    metrics.close()
-    value, baseline = max(t_rates), max(b_rates)
-    tag = f"{device.type}_{args.precision}{'_compiled' if args.compile else ''}"
+    tag = f"{family}_{device.type}_{args.precision}{'_compiled' if args.compile else ''}"
     tag += "_nocallbacks" if args.no_callbacks else ""
     tag += f"_w{args.width}_d{args.depth}_t{args.context}_b{args.batch}"
-    ratio = round(value / baseline, 4)
-    print(
-        json.dumps(
-            {
-                "name": f"train_tokens_per_second_{tag}",
-                "value": round(value, 1),
-                "baseline": round(baseline, 1),
-                "ratio": ratio,
-                "unit": "tokens/s",
-            }
-        )
+    result = compare(
+        f"train_tokens_per_second_{tag}",
+        lambda: timed(trainer_steps),
+        lambda: timed(bare_steps),
+        "tokens/s",
+        rounds=args.rounds,
+        spread_target=0.10,
+        max_rounds=args.rounds + 2,
+        warmup=True,
+        baseline_name="bare loop: forward, backward, clip, fused AdamW, zero_grad, loss.item()",
+        family=family,
+        goal_ratio=0.95,
+        threads=args.threads,
     )
-    peak, source = peak_flops(device, args.precision)
+    metrics.close()
+    emit(result)
     fpt = shape.training_flops_per_token
-    print(
-        json.dumps(
-            {
-                "name": f"train_mfu_{tag}",
-                "value": round(fpt * value / peak, 4),
-                "baseline": round(fpt * baseline / peak, 4),
-                "ratio": ratio,
-                "unit": f"fraction of {peak:.3g} FLOP/s ({source})",
-            }
+    mfu, mfu_bare = fpt * result["value"] / peak, fpt * result["baseline"] / peak
+    if max(mfu, mfu_bare, fpt * result["value_max"] / peak) > 1.0:
+        raise SystemExit(f"MFU above 1.0 ({mfu:.3f}) against a peak of {peak:.3g} FLOP/s ({source}): a bug")
+    emit(
+        measured(
+            f"train_mfu_{tag}",
+            mfu,
+            mfu_bare,
+            "fraction of peak FLOP/s",
+            peak_flops=peak,
+            peak_source=source,
+            peak_gemms=gemms,
+            family=family,
         )
     )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

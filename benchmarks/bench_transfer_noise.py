@@ -1,9 +1,9 @@
-"""Cost of logging the gradient noise scale during training; prints JSON lines
-``{name, value, baseline, ratio, unit}``.
+"""Cost of logging the gradient noise scale during training; prints a harness JSON line.
 
 Trains the same tiny GPT (random tokens, gradient accumulation over 4 micro-batches) with and without
-`GradientNoiseCallback`, alternating rounds, and reports the fastest round of each: the value is seconds
-per optimizer step with the callback, the baseline without it.
+`GradientNoiseCallback` (the fair baseline: the same trainer and run minus the callback), in
+interleaved rounds (`harness.compare`, only `fit` timed): optimizer steps per wall and per CPU second,
+min/median/max; the ratio is the speed kept with the callback (1.0 = free).
 
     .venv/bin/python benchmarks/bench_transfer_noise.py [--width 128] [--steps 20] [--rounds 3]
 """
@@ -11,10 +11,10 @@ per optimizer step with the callback, the baseline without it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from harness import Sample, compare, cpu_seconds, emit
 
 from scalelab.models.gpt import build_model
 from scalelab.models.parametrization import apply_parametrization
@@ -29,7 +29,7 @@ def _loader(vocab: int, batch: int, block: int):
         yield torch.randint(0, vocab, (batch, block), generator=gen)
 
 
-def seconds_per_step(width: int, steps: int, with_callback: bool) -> float:
+def train_steps(width: int, steps: int, with_callback: bool) -> Sample:
     torch.manual_seed(0)
     spec = ModelSpec(width=width, depth=2, n_heads=4, context_tokens=64, vocab_size=256)
     model = build_model(spec)
@@ -45,9 +45,9 @@ def seconds_per_step(width: int, steps: int, with_callback: bool) -> float:
         context_tokens=64,
         callbacks=cbs,
     )
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     tr.fit()
-    return (time.perf_counter() - t0) / steps
+    return Sample(steps, time.perf_counter() - t0, cpu_seconds() - c0)
 
 
 def main() -> None:
@@ -57,20 +57,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    with_cb, without = [], []
-    for _ in range(args.rounds):
-        without.append(seconds_per_step(args.width, args.steps, False))
-        with_cb.append(seconds_per_step(args.width, args.steps, True))
-    value, baseline = min(with_cb), min(without)
-    print(
-        json.dumps(
-            {
-                "name": f"gns_callback_step_seconds_w{args.width}",
-                "value": value,
-                "baseline": baseline,
-                "ratio": value / baseline,
-                "unit": "seconds/step",
-            }
+    emit(
+        compare(
+            f"gns_callback_steps_per_second_w{args.width}",
+            lambda: train_steps(args.width, args.steps, True),
+            lambda: train_steps(args.width, args.steps, False),
+            "steps/s",
+            rounds=args.rounds,
+            baseline_name="the same training without GradientNoiseCallback",
         )
     )
 

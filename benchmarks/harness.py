@@ -79,13 +79,66 @@ def timed(fn: Callable[[], float]) -> Sample:
     return Sample(work, time.perf_counter() - t0, cpu_seconds() - c0)
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of this process and all its descendants while it runs.
+
+    Workers of a forkserver are not our children's waited-for children, so `RUSAGE_CHILDREN` never sees
+    them: a thread polls psutil every `interval` seconds and keeps each descendant's last reading (a
+    process's last `interval` before it exits can be missed). Descendants already running at the start
+    count from then on.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._interval = interval
+        self._seen: dict[int, float] = {}
+        self._t0 = self._total(self._me)
+        self._start: dict[int, float] = {}
+        for child in self._me.children(recursive=True):
+            try:
+                self._start[child.pid] = self._seen[child.pid] = self._total(child)
+            except psutil.Error:
+                pass
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _total(p: Any) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self._interval):
+            for child in self._me.children(recursive=True):
+                try:
+                    self._seen[child.pid] = self._total(child)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> float:
+        """The CPU seconds since the start; stops polling."""
+        self._stop.set()
+        self._thread.join()
+        own = self._total(self._me) - self._t0
+        return own + sum(t - self._start.get(pid, 0.0) for pid, t in self._seen.items())
+
+
 def fresh_process(argv: Sequence[str], work: float, env: dict[str, str] | None = None) -> Side:
-    """A side that runs `argv` in a new process, timing all of it (start-up included)."""
+    """A side that runs `argv` in a new process, timing all of it (start-up included); CPU time is the
+    whole process tree's (`CpuMeter`), grandchildren of a forkserver included."""
 
     def run() -> Sample:
-        c0, t0 = cpu_seconds(), time.perf_counter()
+        t0, meter = time.perf_counter(), CpuMeter()
         proc = subprocess.run(list(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        sample = Sample(work, time.perf_counter() - t0, cpu_seconds() - c0)
+        wall = time.perf_counter() - t0
+        sample = Sample(work, wall, meter.stop())
         if proc.returncode:
             raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr.decode(errors='replace')}")
         return sample
@@ -119,7 +172,8 @@ def spread(xs: Sequence[float]) -> float:
     return (max(xs) - min(xs)) / m if m else float("inf")
 
 
-def _stats(prefix: str, xs: Sequence[float]) -> dict[str, float]:
+def min_median_max(prefix: str, xs: Sequence[float]) -> dict[str, float]:
+    """{prefix_min, prefix_median, prefix_max} of `xs`."""
     return {f"{prefix}_min": min(xs), f"{prefix}_median": median(xs), f"{prefix}_max": max(xs)}
 
 
@@ -133,12 +187,14 @@ def compare(
     spread_target: float | None = None,
     max_rounds: int = 9,
     warmup: bool = False,
+    baseline_scale: float = 1.0,
     **extra: Any,
 ) -> dict[str, Any]:
     """Interleaved rounds of `candidate` against `baseline`; the result dict (see the module docstring).
 
     `unit` is the unit of work per second (e.g. "tokens/s"); CPU rates are the same work per CPU second.
-    With `warmup`, each side runs once untimed first.
+    With `warmup`, each side runs once untimed first. `baseline_scale` multiplies the baseline's wall
+    rates only (e.g. W × one process's tokens/s, so that the ratio is a scaling efficiency).
     """
     if warmup:
         candidate(), baseline()
@@ -156,12 +212,12 @@ def compare(
     return report(
         name,
         [s.work / s.wall for s in a],
-        [s.work / s.wall for s in b],
+        [baseline_scale * s.work / s.wall for s in b],
         unit,
         cpu_values=[s.work / s.cpu for s in a if s.cpu > 0],
         cpu_baselines=[s.work / s.cpu for s in b if s.cpu > 0],
         loads=loads,
-        paired=_paired(a, b),
+        paired=[p / baseline_scale for p in _paired(a, b)],
         **extra,
     )
 
@@ -196,16 +252,32 @@ def report(
         "load": list(loads) or [load()],
         "cpus": os.cpu_count(),
         "higher_is_better": higher_is_better,
-        **_stats("value", values),
-        **_stats("baseline", baselines),
+        **min_median_max("value", values),
+        **min_median_max("baseline", baselines),
     }
     if cpu_values and cpu_baselines:
         out["cpu_ratio"] = median(cpu_values) / median(cpu_baselines)
-        out |= _stats("cpu_value", cpu_values) | _stats("cpu_baseline", cpu_baselines)
+        out |= min_median_max("cpu_value", cpu_values) | min_median_max("cpu_baseline", cpu_baselines)
         out["cpu_unit"] = unit.replace("/s", "/CPU-s")
     if paired:
         out["paired_ratios"] = list(paired)
     return out | extra
+
+
+def measured(name: str, value: float, baseline: float | None, unit: str, **extra: Any) -> dict[str, Any]:
+    """The result of one measured figure that is not a rate over rounds (a size, an error, a memory peak)."""
+    ratio = value / baseline if baseline else float("nan")
+    return {
+        "name": name,
+        "value": value,
+        "baseline": baseline,
+        "ratio": ratio,
+        "unit": unit,
+        "rounds": 1,
+        "load": [load()],
+        "cpus": os.cpu_count(),
+        **extra,
+    }
 
 
 def skip(name: str, reason: str) -> dict[str, Any]:
@@ -216,6 +288,11 @@ def skip(name: str, reason: str) -> dict[str, Any]:
 def emit(result: dict[str, Any]) -> None:
     """Prints `result` as one JSON line on stdout."""
     print(json.dumps(result, default=str), flush=True)
+
+
+def emit_value(name: str, value: float, baseline: float | None, unit: str, **extra: Any) -> None:
+    """Prints the line of one measured figure (`measured`)."""
+    emit(measured(name, value, baseline, unit, **extra))
 
 
 def here() -> Path:

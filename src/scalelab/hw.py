@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -116,6 +116,19 @@ def model_gemms(tokens: int, width: int, mlp_hidden: int, vocab_size: int) -> li
     shapes = [(m, width, 3 * width), (m, width, width), (m, width, mlp_hidden), (m, mlp_hidden, width)]
     shapes.append((m, width, vocab_size))
     return sorted({(m, min(k, MAX_DIM), min(n, MAX_DIM)) for m, k, n in shapes})
+
+
+class _Shape(Protocol):
+    width: int
+    mlp_hidden: int
+    vocab_size: int
+    context_tokens: int
+
+
+def step_gemms(shape: _Shape, sequences: int) -> list[Gemm]:
+    """`model_gemms` of a model shape (`models.flops.ModelShape`) run on `sequences` sequences a micro-step:
+    the shapes to hand `peak_flops` wherever a run's MFU is measured."""
+    return model_gemms(sequences * shape.context_tokens, shape.width, shape.mlp_hidden, shape.vocab_size)
 
 
 def measure_matmul_flops(

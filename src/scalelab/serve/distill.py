@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from scalelab.errors import SpecError
-from scalelab.hw import peak_flops
+from scalelab.hw import peak_flops, step_gemms
 from scalelab.io import atomic_write_json
 from scalelab.models.gpt import GPT
 from scalelab.serve.evaluation import heldout_loss
@@ -184,7 +184,11 @@ def train_student(
         metrics = MetricsLogger(
             out / "metrics.jsonl",
             flops_per_token=shape.training_flops_per_token,
-            peak_flops=peak_flops(device, student.train.precision)[0],
+            peak_flops=peak_flops(
+                device,
+                student.train.precision,
+                step_gemms(shape, prepared.train.micro_batch_size or prepared.train.global_batch_size),
+            )[0],
             device=device,
             log_interval_steps=student.train.log_interval_steps,
         )
