@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from scalelab.errors import CheckpointError, TrainingError
-from scalelab.hw import EnergyMeter, model_gemms, peak_flops, peak_memory_bytes
+from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes, step_gemms
 from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.provenance import utc_now
@@ -461,8 +461,7 @@ def _metrics_logger(
     out: Path, spec: RunSpec, shape: ModelShape, micro_batch: int, device: torch.device, ranks: Any
 ) -> MetricsLogger:
     """metrics.jsonl, with MFU against the peak measured on the run's own GEMM shapes (× world size)."""
-    gemms = model_gemms(micro_batch * shape.context_tokens, shape.width, shape.mlp_hidden, shape.vocab_size)
-    peak, peak_source = peak_flops(device, spec.train.precision, gemms)
+    peak, peak_source = peak_flops(device, spec.train.precision, step_gemms(shape, micro_batch))
     log.info("MFU reference: %.3g FLOP/s per rank (%s)", peak, peak_source)
     return MetricsLogger(
         out / "metrics.jsonl",
