@@ -11,6 +11,7 @@ import pytest
 from report_fixtures import fake_study
 from scalelab.report.fitview import fmt
 from scalelab.report.html import build_report
+from scalelab.units import count
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_report_has_no_external_urls(report: tuple[Path, str, dict]) -> None:
     urls = re.findall(r"""(?:src|href)\s*=\s*["']?([^"' >]+)""", page)
     assert urls, "expected links (table of contents, embedded images)"
     for u in urls:
-        assert u.startswith(("#", "data:image/png;base64,")), u
+        assert u.startswith(("#", "data:image/png;base64,", "data:application/toml;base64,")), u
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page.lower()
 
@@ -51,7 +52,8 @@ def test_summary_numbers_equal_fit_json(report: tuple[Path, str, dict]) -> None:
     rec = fit["recommendation"]
     summary = re.search(r"<div class=summary>(.*?)</div>", page, flags=re.S).group(1)
     for value in (rec["N_opt"], rec["D_opt"]):
-        assert fmt(value, ".3g") in summary
+        assert count(value) in summary  # human-readable: 1.48M, not 1.48e+06
+    assert "non-embedding parameters" in summary  # which N the fit used, named
     assert fmt(rec["loss"]) in summary
     lo, hi = rec["intervals"]["loss"]
     assert f"[{fmt(lo)}, {fmt(hi)}]" in page
