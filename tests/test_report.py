@@ -150,25 +150,6 @@ def test_predicted_versus_actual_inside_and_outside(tmp_path: Path) -> None:
     assert len(table_from_study(study)) == 15
 
 
-def test_notebook_rebuilds_every_figure(tmp_path: Path) -> None:
-    from scalelab.report.notebook import FIGURE_CELLS, write_notebook
-
-    study = fake_study(tmp_path)
-    nb = json.loads(write_notebook(study).read_text())
-    assert nb["nbformat"] == 4
-    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    assert len(code) == 1 + len(FIGURE_CELLS)
-    shown: list[bytes] = []
-    ns = {"__name__": "nb"}
-    exec(code[0], ns)  # noqa: S102 - our own generated notebook
-    ns["display"] = lambda img: shown.append(img)
-    ns["Image"] = lambda png: png
-    for cell in code[1:]:
-        exec(cell, ns)  # noqa: S102
-    assert len(shown) == 4  # every figure but the IsoFLOP one (this study has no IsoFLOP design)
-    assert all(png.startswith(b"\x89PNG") for png in shown)
-
-
 def test_transfer_section_from_an_lr_sweep(tmp_path: Path) -> None:
     from report_fixtures import fake_lr_sweep
 

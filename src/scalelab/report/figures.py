@@ -28,7 +28,10 @@ def n_label(n_key: str) -> str:
     return "N, total parameters" if n_key == "n_params_total" else "N, non-embedding parameters"
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Any, as_figure: bool = False) -> Any:
+    """PNG bytes of `fig` (closed afterwards), or `fig` itself when `as_figure` (to restyle, in a notebook)."""
+    if as_figure:
+        return fig
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -73,18 +76,12 @@ def _color_by(values: Sequence[float]) -> Callable[[float], Any]:
 
 
 def loss_curves(
-    runs: list[dict[str, Any]], spikes: dict[str, list[tuple[float, float]]] | None = None
-) -> bytes | None:
+    runs: list[dict[str, Any]],
+    spikes: dict[str, list[tuple[float, float]]] | None = None,
+    as_figure: bool = False,
+) -> Any:
     """Training loss (and held-out evals as markers) against tokens, one line per run: colour by N, line
     style by token budget within a size; `spikes` (run id → [(tokens, loss)]) marked with red crosses."""
-    fig = loss_curves_figure(runs, spikes)
-    return None if fig is None else _png(fig)
-
-
-def loss_curves_figure(
-    runs: list[dict[str, Any]], spikes: dict[str, list[tuple[float, float]]] | None = None
-) -> Any:
-    """`loss_curves` as a matplotlib Figure (to restyle in a notebook), or None without data."""
     series = []
     for r in runs:
         m = read_metrics(r["run_dir"]) if r.get("run_dir") else []
@@ -136,7 +133,7 @@ def loss_curves_figure(
         legend_columns=1 if len(series) <= 16 else 2,
         legend_outside=True,
     )
-    return fig
+    return _png(fig, as_figure)
 
 
 def fit_vs_data(
@@ -144,7 +141,8 @@ def fit_vs_data(
     predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
     loss_key: str,
     n_key: str = "n_params",
-) -> bytes | None:
+    as_figure: bool = False,
+) -> Any:
     """Final loss against N for each D, with the fitted law's curves (when a fit exists)."""
     pts = [p for p in points if p.get(loss_key) is not None and p.get(n_key) and p.get("tokens")]
     if not pts:
@@ -162,7 +160,7 @@ def fit_vs_data(
             ax.plot(grid, predict(grid, np.full_like(grid, d)), "-", color=c, lw=1)
     title = "Runs and the fitted law L(N, D)" if predict else "Final loss by model size"
     _style(ax, n_label(n_key), loss_key.replace("_", " "), title)
-    return _png(fig)
+    return _png(fig, as_figure)
 
 
 def residuals(
@@ -170,7 +168,8 @@ def residuals(
     predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
     loss_key: str,
     n_key: str = "n_params",
-) -> bytes | None:
+    as_figure: bool = False,
+) -> Any:
     """Log residuals log(actual) − log(fit) against N, D and C: a trend means the form misfits."""
     pts = [p for p in points if p.get(loss_key) and p.get(n_key) and p.get("tokens") and p.get("flops")]
     if predict is None or len(pts) < 2:
@@ -189,12 +188,13 @@ def residuals(
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("log residual")
     fig.suptitle("Residuals of the fit (log actual − log predicted)")
-    return _png(fig)
+    return _png(fig, as_figure)
 
 
 def isoflop_curves(
-    points: list[dict[str, Any]], loss_key: str, n_key: str, minima: list[tuple[float, float, float]] | None
-) -> bytes | None:
+    points: list[dict[str, Any]], loss_key: str, n_key: str, minima: list[tuple[float, float, float]] | None,
+    as_figure: bool = False,
+) -> Any:
     """Loss against N for each compute budget of an IsoFLOP design, with a parabola in log N per budget
     (display only) and the fitted per-budget minima (C, N*, L*) from the IsoFLOP estimator."""
     by_budget: dict[float, list[dict[str, Any]]] = {}
@@ -218,7 +218,7 @@ def isoflop_curves(
     for _c, n_star, l_star in minima or []:
         ax.plot([n_star], [l_star], marker="*", color="black", ms=12, zorder=4)
     _style(ax, n_label(n_key), loss_key.replace("_", " "), "IsoFLOP curves (stars: fitted minima)")
-    return _png(fig)
+    return _png(fig, as_figure)
 
 
 def frontier(
@@ -226,7 +226,8 @@ def frontier(
     optimal: Callable[[float], dict[str, Any]] | None,
     n_key: str,
     target_flops: float | None,
-) -> bytes | None:
+    as_figure: bool = False,
+) -> Any:
     """The compute-optimal frontier N_opt(C) with its interval, the runs in the (C, N) plane and the target."""
     pts = [p for p in points if p.get(n_key) and p.get("flops")]
     if optimal is None or not pts:
@@ -248,7 +249,7 @@ def frontier(
         ax.axvline(target_flops, color="#e0a100", ls="--", label=f"target C={target_flops:.2g}")
     ax.set_yscale("log")
     _style(ax, "C (training FLOPs)", n_label(n_key), "Compute-optimal frontier")
-    return _png(fig)
+    return _png(fig, as_figure)
 
 
 def loss_vs_compute(
@@ -258,7 +259,8 @@ def loss_vs_compute(
     n_key: str,
     target_flops: float | None,
     target_runs: list[dict[str, Any]] | None = None,
-) -> bytes | None:
+    as_figure: bool = False,
+) -> Any:
     """Final loss against compute: the runs (colour: N), the fitted compute-optimal loss L_opt(C) with its
     interval, running out to the target budget with its predicted interval, and any big runs added."""
     pts = [p for p in points if p.get(loss_key) is not None and p.get("flops")]
@@ -304,4 +306,4 @@ def loss_vs_compute(
         )
     _style(ax, "C (training FLOPs)", loss_key.replace("_", " "), "Loss against compute, out to the target",
            legend_outside=True)
-    return _png(fig)
+    return _png(fig, as_figure)

@@ -196,6 +196,10 @@ def summarize(
     meta = _study_meta(study_dir)
     with Registry(study_dir / "registry.sqlite", create=False) as reg:
         runs = reg.runs()
+    for r in runs:  # a study copied elsewhere: its run directories are where the copy put them
+        here = study_dir / "runs" / r["run_id"]
+        if r.get("run_dir") and not Path(r["run_dir"]).exists() and here.exists():
+            r["run_dir"] = str(here)
     fit_spec = meta.get("fit", {})
     s = StudySummary(
         name=meta.get("name", study_dir.name),
