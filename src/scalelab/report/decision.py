@@ -109,6 +109,11 @@ def shape_for_params(
     return min(near, key=lambda m: abs(math.log(n_of(m) / target_params)))
 
 
+def usd_text(usd: float) -> str:
+    """$0.22, $41.50, $12,345."""
+    return f"${usd:,.2f}" if usd < 100 else f"${usd:,.0f}"
+
+
 def _measured_flops_per_second(runs: list[dict[str, Any]]) -> float | None:
     """The training rate the study's largest runs achieved on its hardware (FLOPs per wall second)."""
     timed = sorted((r for r in runs if r.get("flops") and r.get("wall_seconds")), key=lambda r: r["flops"])
@@ -208,13 +213,13 @@ def recommend_run(
         ),
     ]
     if usd is not None:
-        rows.append(("forecast cost", f"${usd:,.2f} at ${usd_per_hour:g} per hour"))
+        rows.append(("forecast cost", f"{usd_text(usd)} at ${usd_per_hour:g} per hour"))
     header = (
         "The recommended run of this scaling study, written by `scalelab report`.\n"
         f"N = {count(shape.total_params)} parameters in total ({count(shape.non_embedding_params)} non-embedding), "
         f"D = {count(train.tokens)} tokens, C = {flops(compute)}"
         + (f", forecast {duration(seconds)}" if seconds is not None else "")
-        + (f" (${usd:,.0f})" if usd is not None else "")
+        + (f" ({usd_text(usd)})" if usd is not None else "")
         + ".\n"
         "Run it:   scalelab train recommended_run.toml --out runs/big\n"
         "Check it: scalelab study add-run STUDY_DIR runs/big   (then `scalelab report STUDY_DIR`)\n"

@@ -280,7 +280,7 @@ def loss_vs_compute(
     )
     if optimal is not None:
         c_hi = max([max(p["flops"] for p in pts) * 1.5, (target_flops or 0) * 1.5])
-        grid = np.geomspace(min(p["flops"] for p in pts) / 1.5, c_hi, 40)
+        grid = np.geomspace(min(p["flops"] for p in pts), c_hi, 40)
         rows = [optimal(float(c)) for c in grid]
         loss = np.array([r["loss"] for r in rows], float)
         lo = np.array([(r.get("intervals", {}).get("loss") or [np.nan, np.nan])[0] for r in rows], float)
@@ -298,7 +298,13 @@ def loss_vs_compute(
                 zorder=4, label=f"target {target_flops:.2g} FLOPs: {t['loss']:.3f}"
                 + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""),
             )
+    shown = [p[loss_key] for p in pts]
+    if optimal is not None and target_flops:
+        shown += [v for v in (iv or [t["loss"]]) if v is not None and np.isfinite(v)]
     done = [p for p in target_runs or [] if p.get(loss_key) is not None and p.get("flops")]
+    shown += [p[loss_key] for p in done]
+    pad = 0.08 * (max(shown) - min(shown) or 1.0)
+    ax.set_ylim(min(shown) - pad, max(shown) + pad)  # the runs and the target; not a band exploding far away
     if done:
         ax.plot(
             [p["flops"] for p in done], [p[loss_key] for p in done], "*", color="#c5221f", ms=14, mec="black",

@@ -184,7 +184,7 @@ class FitView:
                 ("D_opt (tokens)", count_interval(rec.get("D_opt"), iv.get("D_opt"))),
                 (
                     "tokens per parameter",
-                    fmt(rec.get("tokens_per_param"), ".3g") + fmt_interval(iv.get("tokens_per_param"), ".3g"),
+                    count_interval(rec.get("tokens_per_param"), iv.get("tokens_per_param")),
                 ),
                 (
                     "predicted loss",

@@ -36,8 +36,8 @@ code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}pre{w
 background:#f6f6f6;padding:.6em}nav ol{columns:2}.muted{color:#666;font-size:.9em}
 .decision h3{margin:1.1em 0 .3em}ol.actions li{margin:.3em 0}a.download{display:inline-block;margin:.3em 0;
 padding:.3em .8em;border:1px solid #3867d6;border-radius:4px;color:#3867d6;text-decoration:none}
-.flag{color:#c5221f;font-weight:600}
-@media print{nav{display:none}body{max-width:none}}
+.flag{color:#c5221f;font-weight:600}pre.toml{max-height:22em;overflow:auto;border:1px solid #e5e5e5}
+@media print{nav{display:none}body{max-width:none}pre.toml{max-height:none}}
 """
 
 
@@ -91,12 +91,12 @@ def _decision(s: StudySummary, out_dir: Path) -> str:
             + _kv_table(s.recommended.rows)
             + f'<a class=download download="recommended_run.toml" href="data:application/toml;base64,{data}">'
             "Download recommended_run.toml</a> <span class=muted>(also written beside this page as "
-            "<code>report/recommended_run.toml</code>; run it with <code>scalelab train "
-            "recommended_run.toml --out runs/big</code>)</span>"
-            f"<pre>{_e(s.recommended.toml)}</pre>"
+            "<code>report/recommended_run.toml</code>; its text is below the next actions)</span>"
         )
     if s.actions:
-        parts.append("<h3>Next actions</h3><ol class=actions>" + "".join(f"<li>{_e(a)}</li>" for a in s.actions) + "</ol>")
+        parts.append(
+            "<h3>Next actions</h3><ol class=actions>" + "".join(f"<li>{_e(a)}</li>" for a in s.actions) + "</ol>"
+        )
     parts.append(
         _figure(
             figures.loss_vs_compute(s.done_runs, s.optimal, s.loss_key, s.n_key, s.target_flops, s.target_runs),
@@ -106,6 +106,13 @@ def _decision(s: StudySummary, out_dir: Path) -> str:
             out_dir,
         )
     )
+    if s.recommended is not None:
+        parts.append(
+            "<h3>recommended_run.toml</h3><p class=muted>Ready for <code>scalelab train "
+            "report/recommended_run.toml --out runs/big</code>; machine settings (device, precision, "
+            "threads, strategy) go under <code>[execution]</code>.</p>"
+            f"<pre class=toml>{_e(s.recommended.toml)}</pre>"
+        )
     if s.warnings:
         parts.append("<h3>Caveats</h3>" + "".join(f"<div class=warn>{_e(w)}</div>" for w in s.warnings))
     return "<div class=decision>" + "".join(parts) + "</div>"
