@@ -52,7 +52,9 @@ def test_terminal_view_shows_the_stage_and_count() -> None:
 def test_cli_fit_is_quiet_when_not_a_terminal(tmp_path: Path) -> None:
     table = tmp_path / "runs.csv"
     t = simulate(N=N, D=D, seed=0)
-    table.write_text("N,D,loss\n" + "".join(f"{n},{d},{x}\n" for n, d, x in zip(t.N, t.D, t.loss, strict=True)))
+    table.write_text(
+        "N,D,loss\n" + "".join(f"{n},{d},{x}\n" for n, d, x in zip(t.N, t.D, t.loss, strict=True))
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "scalelab", "fit", str(table), "--bootstrap", "50"],
         capture_output=True,

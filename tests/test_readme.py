@@ -125,7 +125,11 @@ def table_rows() -> list[tuple[list[str], list[str]]]:
         first, *more = [v.strip() for v in cell.split(" / ")]  # "scalelab data ingest / verify / …"
         path = list(itertools.takewhile(word.fullmatch, first.split()[1:]))
         rows.append((path, re.findall(r"--[a-z][a-z-]*", first)))
-        rows += [(path[:-1] + [v.split()[0]], re.findall(r"--[a-z][a-z-]*", v)) for v in more if word.fullmatch(v.split()[0])]
+        rows += [
+            (path[:-1] + [v.split()[0]], re.findall(r"--[a-z][a-z-]*", v))
+            for v in more
+            if word.fullmatch(v.split()[0])
+        ]
     return rows
 
 
@@ -134,7 +138,9 @@ def test_every_table_command_and_option_exists(path: list[str], options: list[st
     proc = scalelab([*path, "--help"], ROOT)
     assert proc.returncode == 0, (path, proc.stderr[-1000:])
     for opt in options:
-        assert opt in proc.stdout, f"`scalelab {' '.join(path)}` has no {opt} (README's command table says it does)"
+        assert opt in proc.stdout, (
+            f"`scalelab {' '.join(path)}` has no {opt} (README's command table says it does)"
+        )
 
 
 def test_make_targets_exist_and_demo_runs_the_quickstart_commands() -> None:

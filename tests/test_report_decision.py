@@ -33,7 +33,11 @@ def _study_with_configs(root: Path, corpus: Path, spike_in: str | None = None) -
     (study / "report").mkdir(parents=True)
     base = {
         "model": {"n_heads": 2, "width": 16, "depth": 1, "context_tokens": 16},
-        "data": {"sources": [{"kind": "text", "path": str(corpus)}], "heldout_fraction": 0.2, "shard_tokens": 4096},
+        "data": {
+            "sources": [{"kind": "text", "path": str(corpus)}],
+            "heldout_fraction": 0.2,
+            "shard_tokens": 4096,
+        },
         "train": {"global_batch_size": 8, "lr": 3e-3, "threads": 1, "eval_tokens": 512},
     }
     rng = np.random.default_rng(0)
@@ -69,7 +73,11 @@ def _study_with_configs(root: Path, corpus: Path, spike_in: str | None = None) -
                         "wall_seconds": 2.0,
                     },
                 )
-    meta = {"name": "decide", "fit": {"loss": "eval", "bootstrap": 20}, "target": {"compute_flops": 4 * c_max}}
+    meta = {
+        "name": "decide",
+        "fit": {"loss": "eval", "bootstrap": 20},
+        "target": {"compute_flops": 4 * c_max},
+    }
     (study / "study.json").write_text(json.dumps({**meta, **base}))
     return study
 
@@ -98,7 +106,10 @@ def test_recommended_run_is_written_shown_and_trains(decided: Path, tmp_path: Pa
     assert abs(spec.train.tokens - rec["D_opt"]) <= step_tokens / 2 + 1
     assert spec.train.checkpoint_interval_steps >= 1 and spec.train.eval_interval_steps >= 1
     text = path.read_text()
-    assert f"{count(shape.total_params)} parameters in total ({count(shape.non_embedding_params)} non-embedding)" in text
+    assert (
+        f"{count(shape.total_params)} parameters in total ({count(shape.non_embedding_params)} non-embedding)"
+        in text
+    )
     page = (decided / "report" / "index.html").read_text()
     assert 'download="recommended_run.toml"' in page and "Recommended run" in page
     assert "forecast cost" in page and "$" in page  # 2.5 $/h × the forecast hours
@@ -131,8 +142,12 @@ def test_decision_section_flags_and_actions(decided: Path) -> None:
     # a 4× extrapolation is not flagged; the seeds are not replicated, so the spread is an action
     assert any("seeds = [0, 1]" in a for a in actions)
     assert "N non-embedding" in page and "N total" in page  # both columns, named
-    assert 'id="loss-vs-compute"' in page and (decided / "report" / "loss-vs-compute.png").stat().st_size > 1000
-    assert "e+0" not in page.split("<pre>")[0].split('id="sec-fit"')[0]  # the decision and runs: no e-notation
+    assert (
+        'id="loss-vs-compute"' in page and (decided / "report" / "loss-vs-compute.png").stat().st_size > 1000
+    )
+    assert (
+        "e+0" not in page.split("<pre>")[0].split('id="sec-fit"')[0]
+    )  # the decision and runs: no e-notation
 
 
 def test_actions_name_runs_to_add_when_the_target_is_far(tmp_path: Path, tiny_corpus: Path) -> None:
@@ -152,13 +167,17 @@ def test_actions_name_runs_to_add_when_the_target_is_far(tmp_path: Path, tiny_co
 def test_shape_search_follows_the_study_and_lands_nearest() -> None:
     base = ModelSpec(n_heads=4, width=128, depth=2)
     for target in (2e5, 3e6, 1.2e9):
-        m = shape_for_params(base, 257, target, total=False, rule=ScalingRule(width=True, depth=False, fixed_heads=True))
+        m = shape_for_params(
+            base, 257, target, total=False, rule=ScalingRule(width=True, depth=False, fixed_heads=True)
+        )
         assert (m.depth, m.n_heads) == (2, 4) and m.width % 8 == 0
         n = ModelShape.from_spec(m, 257).non_embedding_params
         for other in (m.width - 8, m.width + 8):  # its neighbours are no closer
             n2 = ModelShape.from_spec(m.model_copy(update={"width": other}), 257).non_embedding_params
             assert abs(np.log(n / target)) <= abs(np.log(n2 / target))
-    m = shape_for_params(base, 257, 1e8, total=True, rule=ScalingRule(width=True, depth=True, fixed_heads=False))
+    m = shape_for_params(
+        base, 257, 1e8, total=True, rule=ScalingRule(width=True, depth=True, fixed_heads=False)
+    )
     assert m.width // m.n_heads == 32 and abs(m.width / m.depth - 64) < 8  # head size and aspect kept
 
 
@@ -189,7 +208,11 @@ def test_toml_writer_round_trips_a_run_spec() -> None:
     )
     text = dumps(json.loads(spec.canonical_json()), header="hello\nworld", comments={"train.lr": "tuned"})
     assert text.startswith("# hello\n# world\n") and "lr = 0.001  # tuned" in text
-    assert run_from_dict(tomllib.loads(text)).run_id == spec.run_id == RunSpec.model_validate(spec.model_dump()).run_id
+    assert (
+        run_from_dict(tomllib.loads(text)).run_id
+        == spec.run_id
+        == RunSpec.model_validate(spec.model_dump()).run_id
+    )
 
 
 def test_human_readable_numbers() -> None:

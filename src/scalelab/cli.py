@@ -572,7 +572,9 @@ def report(
     usd_per_hour: Annotated[
         float | None,
         typer.Option(
-            "--usd-per-hour", min=0.0, help="Price of the study's hardware per hour: the recommended run's cost."
+            "--usd-per-hour",
+            min=0.0,
+            help="Price of the study's hardware per hour: the recommended run's cost.",
         ),
     ] = None,
 ) -> None:

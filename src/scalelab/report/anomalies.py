@@ -46,7 +46,9 @@ def loss_spikes(
         base = statistics.median(float(s["loss"]) for s in steps[i - window : i])
         loss = float(steps[i]["loss"])
         if base > 0 and (loss > factor * base or not np.isfinite(loss)):
-            out.append({"step": steps[i]["step"], "tokens": steps[i].get("tokens"), "loss": loss, "baseline": base})
+            out.append(
+                {"step": steps[i]["step"], "tokens": steps[i].get("tokens"), "loss": loss, "baseline": base}
+            )
     return out
 
 

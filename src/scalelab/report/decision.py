@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scalelab.errors import ScalelabError
@@ -40,8 +40,10 @@ class ScalingRule:
     fixed_heads: bool
 
     def describe(self) -> str:
-        axes = "width and depth (at the largest run's aspect ratio)" if self.width and self.depth else (
-            "depth" if self.depth else "width"
+        axes = (
+            "width and depth (at the largest run's aspect ratio)"
+            if self.width and self.depth
+            else ("depth" if self.depth else "width")
         )
         heads = "the number of heads fixed" if self.fixed_heads else "the head size fixed"
         return f"scaled in {axes} with {heads}, as the study's runs were"
@@ -65,7 +67,9 @@ def scaling_rule(configs: list[dict[str, Any]]) -> ScalingRule:
     widths = {c["model"]["width"] for c in configs}
     depths = {c["model"]["depth"] for c in configs}
     heads = {c["model"]["n_heads"] for c in configs}
-    return ScalingRule(width=len(widths) > 1 or len(depths) == 1, depth=len(depths) > 1, fixed_heads=len(heads) == 1)
+    return ScalingRule(
+        width=len(widths) > 1 or len(depths) == 1, depth=len(depths) > 1, fixed_heads=len(heads) == 1
+    )
 
 
 def _candidates(base: ModelSpec, rule: ScalingRule) -> tuple[int, Callable[[int], ModelSpec]]:
@@ -157,7 +161,9 @@ def recommend_run(
         return None
     vocab = planning_vocab(base)
     rule = scaling_rule([c for _, c in configs])
-    model = shape_for_params(base.model, vocab, float(recommendation["N_opt"]), n_key == "n_params_total", rule)
+    model = shape_for_params(
+        base.model, vocab, float(recommendation["N_opt"]), n_key == "n_params_total", rule
+    )
     t = base.train
     batch = batch_sequences or t.global_batch_size
     step_tokens = batch * model.context_tokens
@@ -231,7 +237,16 @@ def recommend_run(
     if run_from_dict(_parse(text), "recommended_run.toml").run_id != spec.run_id:
         raise ScalelabError("recommended_run.toml does not read back as the spec it was written from (a bug)")
     return RecommendedRun(
-        spec, text, shape.non_embedding_params, shape.total_params, train.tokens, steps, compute, seconds, usd, rows
+        spec,
+        text,
+        shape.non_embedding_params,
+        shape.total_params,
+        train.tokens,
+        steps,
+        compute,
+        seconds,
+        usd,
+        rows,
     )
 
 

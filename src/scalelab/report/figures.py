@@ -48,7 +48,9 @@ def _style(
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     if legend_outside:
-        ax.legend(fontsize=7, ncol=legend_columns, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.legend(
+            fontsize=7, ncol=legend_columns, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+        )
     else:
         ax.legend(fontsize=7 if legend_columns > 1 else 8, ncol=legend_columns)
 
@@ -99,7 +101,9 @@ def loss_curves(
     fig, ax = plt.subplots(figsize=(9, 4.8))
     for r, steps, evals in series:
         c = color(max(1, r.get("n_params") or 1))
-        style = LINESTYLES[sorted(set(budgets[r.get("n_params")])).index(r.get("tokens") or 0) % len(LINESTYLES)]
+        style = LINESTYLES[
+            sorted(set(budgets[r.get("n_params")])).index(r.get("tokens") or 0) % len(LINESTYLES)
+        ]
         ax.plot(
             [s["tokens"] for s in steps],
             [s["loss"] for s in steps],
@@ -192,7 +196,10 @@ def residuals(
 
 
 def isoflop_curves(
-    points: list[dict[str, Any]], loss_key: str, n_key: str, minima: list[tuple[float, float, float]] | None,
+    points: list[dict[str, Any]],
+    loss_key: str,
+    n_key: str,
+    minima: list[tuple[float, float, float]] | None,
     as_figure: bool = False,
 ) -> Any:
     """Loss against N for each compute budget of an IsoFLOP design, with a parabola in log N per budget
@@ -294,8 +301,16 @@ def loss_vs_compute(
             iv = t.get("intervals", {}).get("loss")
             yerr = None if not iv else [[t["loss"] - iv[0]], [iv[1] - t["loss"]]]
             ax.errorbar(
-                [target_flops], [t["loss"]], yerr=yerr, fmt="D", color="#e0a100", mec="black", ms=8, capsize=5,
-                zorder=4, label=f"target {target_flops:.2g} FLOPs: {t['loss']:.3f}"
+                [target_flops],
+                [t["loss"]],
+                yerr=yerr,
+                fmt="D",
+                color="#e0a100",
+                mec="black",
+                ms=8,
+                capsize=5,
+                zorder=4,
+                label=f"target {target_flops:.2g} FLOPs: {t['loss']:.3f}"
                 + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""),
             )
     shown = [p[loss_key] for p in pts]
@@ -307,9 +322,20 @@ def loss_vs_compute(
     ax.set_ylim(min(shown) - pad, max(shown) + pad)  # the runs and the target; not a band exploding far away
     if done:
         ax.plot(
-            [p["flops"] for p in done], [p[loss_key] for p in done], "*", color="#c5221f", ms=14, mec="black",
-            zorder=5, label="big run(s), actual",
+            [p["flops"] for p in done],
+            [p[loss_key] for p in done],
+            "*",
+            color="#c5221f",
+            ms=14,
+            mec="black",
+            zorder=5,
+            label="big run(s), actual",
         )
-    _style(ax, "C (training FLOPs)", loss_key.replace("_", " "), "Loss against compute, out to the target",
-           legend_outside=True)
+    _style(
+        ax,
+        "C (training FLOPs)",
+        loss_key.replace("_", " "),
+        "Loss against compute, out to the target",
+        legend_outside=True,
+    )
     return _png(fig, as_figure)

@@ -95,11 +95,15 @@ def _decision(s: StudySummary, out_dir: Path) -> str:
         )
     if s.actions:
         parts.append(
-            "<h3>Next actions</h3><ol class=actions>" + "".join(f"<li>{_e(a)}</li>" for a in s.actions) + "</ol>"
+            "<h3>Next actions</h3><ol class=actions>"
+            + "".join(f"<li>{_e(a)}</li>" for a in s.actions)
+            + "</ol>"
         )
     parts.append(
         _figure(
-            figures.loss_vs_compute(s.done_runs, s.optimal, s.loss_key, s.n_key, s.target_flops, s.target_runs),
+            figures.loss_vs_compute(
+                s.done_runs, s.optimal, s.loss_key, s.n_key, s.target_flops, s.target_runs
+            ),
             "loss-vs-compute",
             "Final loss of each run against its compute, the fitted compute-optimal loss with its interval, "
             "and the target budget's predicted loss with its interval (diamond).",

@@ -260,7 +260,11 @@ def _add_decision(s: StudySummary, usd_per_hour: float | None) -> None:
 
     study_runs = [r for r in s.runs if r.get("role", "study") == "study"]
     s.anomalies = find_anomalies(
-        study_runs, lambda r: read_metrics(r["run_dir"]) if r.get("run_dir") else [], s.predict, s.loss_key, s.n_key
+        study_runs,
+        lambda r: read_metrics(r["run_dir"]) if r.get("run_dir") else [],
+        s.predict,
+        s.loss_key,
+        s.n_key,
     )
     rec = (s.fit or {}).get("recommendation") or {}
     if s.batch is not None:

@@ -29,7 +29,9 @@ def _is_table_list(v: Any) -> bool:
 
 
 def _table(name: str, data: dict[str, Any], out: list[str], comments: dict[str, str]) -> None:
-    plain = {k: v for k, v in data.items() if v is not None and not isinstance(v, dict) and not _is_table_list(v)}
+    plain = {
+        k: v for k, v in data.items() if v is not None and not isinstance(v, dict) and not _is_table_list(v)
+    }
     if name and (plain or not data):
         out += ["", f"[{name}]"]
     for k, v in plain.items():
