@@ -17,7 +17,7 @@ from scalelab.errors import ScalelabError
 from scalelab.io import atomic_write_bytes, atomic_write_text
 from scalelab.report import figures
 from scalelab.report.summary import StudySummary, summarize
-from scalelab.units import count, duration
+from scalelab.units import count, duration, flops
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _runs_table(runs: list[dict[str, Any]], flags: dict[str, list[str]]) -> str:
             f"<tr><td><code>{_e(r['run_id'])}</code></td><td class='l {_e(r['status'])}'>{_e(r['status'])}"
             f"{' (target)' if r.get('role') == 'target' else ''}</td>"
             f"<td>{count(r.get('n_params'))}</td><td>{count(r.get('n_params_total'))}</td>"
-            f"<td>{count(r.get('tokens'))}</td><td>{_num(r.get('flops'), '.2g')}</td>"
+            f"<td>{count(r.get('tokens'))}</td><td>{flops(r.get('flops')).removesuffix(' FLOPs')}</td>"
             f"<td>{_num(r.get('eval_loss'), '.4f')}</td><td>{_num(r.get('final_train_loss'), '.4f')}</td>"
             f"<td>{duration(r.get('wall_seconds'))}</td><td>{duration(r.get('forecast_seconds'))}</td>"
             f"<td class='l flag'>{_e(', '.join(flags.get(r['run_id'], [])))}</td></tr>"
