@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scalelab.units import count, si  # noqa: E402
+from scalelab.units import count, flops, si  # noqa: E402
 
 DPI = 110
 #: line styles that tell apart the token budgets of one model size in the loss curves
@@ -253,7 +253,7 @@ def frontier(
         ax.fill_between(grid[ok], lo[ok], hi[ok], color="#3867d6", alpha=0.15, label="interval")
     ax.plot([p["flops"] for p in pts], [p[n_key] for p in pts], "o", color="#444", ms=4, label="runs")
     if target_flops:
-        ax.axvline(target_flops, color="#e0a100", ls="--", label=f"target C={target_flops:.2g}")
+        ax.axvline(target_flops, color="#e0a100", ls="--", label=f"target C={flops(target_flops)}")
     ax.set_yscale("log")
     _style(ax, "C (training FLOPs)", n_label(n_key), "Compute-optimal frontier")
     return _png(fig, as_figure)
@@ -310,7 +310,7 @@ def loss_vs_compute(
                 ms=8,
                 capsize=5,
                 zorder=4,
-                label=f"target {target_flops:.2g} FLOPs: {t['loss']:.3f}"
+                label=f"target {flops(target_flops)}: {t['loss']:.3f}"
                 + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""),
             )
     shown = [p[loss_key] for p in pts]
