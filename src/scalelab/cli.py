@@ -570,12 +570,23 @@ def report(
             help="JSON of `scalelab transfer noise-scale --json`: batch size for the recommended run."
         ),
     ] = None,
+    usd_per_hour: Annotated[
+        float | None,
+        typer.Option(
+            "--usd-per-hour",
+            min=0.0,
+            help="Price of the study's hardware per hour: the recommended run's cost.",
+        ),
+    ] = None,
 ) -> None:
-    """Write DIR/report/index.html: summary, loss curves, the fit and its intervals (self-contained)."""
+    """Write DIR/report/index.html: the decision (recommended run, next actions), loss curves, the fit and
+    its intervals (self-contained); and DIR/report/recommended_run.toml, ready for `scalelab train`."""
     from scalelab.report.html import build_report
 
-    path = build_report(study_dir, transfer, noise_scale)
+    path = build_report(study_dir, transfer, noise_scale, usd_per_hour)
     console.print(f"report: {path}")
+    if (path.parent / "recommended_run.toml").exists():
+        console.print(f"recommended run: {path.parent / 'recommended_run.toml'}")
     if notebook:
         from scalelab.report.notebook import write_notebook
 

@@ -38,3 +38,22 @@ def duration(seconds: Any) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def count(x: Any, digits: int = 3) -> str:
+    """A count of things (parameters, tokens): 1.23e9 → '1.23B', 44_500 → '44.5k'; None → '—'."""
+    if x is None:
+        return "—"
+    x = float(x)
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.{digits}g}{unit}"
+    return f"{x:.{digits}g}"
+
+
+def flops(x: Any) -> str:
+    """Compute in FLOPs, as papers write it: 3.4e20 → '3.4e20 FLOPs'; None → '—'."""
+    if x is None:
+        return "—"
+    mantissa, exponent = f"{float(x):.2g}e0".split("e")[:2]
+    return f"{mantissa}e{int(exponent)} FLOPs" if int(exponent) else f"{mantissa} FLOPs"

@@ -39,6 +39,7 @@ import numpy as np
 
 from scalelab.errors import FitError, ScalelabError
 from scalelab.fit.laws import _floats, law_from_dict, make_law
+from scalelab.fit.progress import report as report_progress
 from scalelab.fit.table import COMPUTE_TABLE, RunTable, load_table, make_table
 from scalelab.fit.validate import (
     backtest,
@@ -319,6 +320,7 @@ def fit_table(
         pr = parse_prior(prior)
         est = MAPChinchillaLaw(pr, confidence=confidence, seed=seed, delta=delta).fit(table)
     else:
+        report_progress(f"fitting {law}")
         est = make_law(law, **kw).fit(table)
     n_par = len(est.param_names)
     crit = information_criteria(est.residuals_, n_par) if hasattr(est, "residuals_") else {}
@@ -326,6 +328,7 @@ def fit_table(
     comparison = []
     fitted: dict[str, Any] = {}
     if compare:
+        report_progress("comparing laws")
         for other in COMPARE_LAWS:
             try:
                 o = est if other == law else make_law(other, delta=delta, calibrate=False).fit(table)
@@ -348,6 +351,7 @@ def fit_table(
             "--holdout: the isoflop law predicts optima, not single runs; backtest with --law chinchilla"
         )
     if k_hold:
+        report_progress("backtest")
         bt = backtest(est, table, largest=k_hold, n_bootstrap=min(bootstrap, 200))
     rec = None
     if target_compute is not None and hasattr(est, "optimal"):
@@ -359,6 +363,7 @@ def fit_table(
         n_configs = np.unique(table.clusters()).size
         if n_configs >= max(2 * cv_folds, 10):
             try:
+                report_progress("cross-validation")
                 cv = kfold(est, table, k=cv_folds, seed=seed)
             except FitError as err:
                 cv = {"error": str(err)}

@@ -229,8 +229,11 @@ def register(app: typer.Typer) -> None:
             raise FitError(f"--bootstrap must be >= 0, got {bootstrap}")
         if bootstrap is None and not source.is_dir():
             bootstrap = 1000
+        from scalelab.fit.progress import reporting
+
         console = Console()
-        with console.status("fitting…") if console.is_terminal and not json_ else _null():
+        view = FitProgressView(Console(stderr=True)) if console.is_terminal and not json_ else None
+        with view or _null(), reporting(view):
             rep = fit_source(
                 source,
                 law=law or None,
@@ -267,6 +270,35 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(rec, indent=2))
             return
         render_recommendation(rec, Console())
+
+
+class FitProgressView:
+    """A rich bar for a fit on a terminal: the current stage, and refits done of total for a bootstrap."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("fitting", total=None)
+
+    def __enter__(self) -> FitProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, p: Any) -> None:  # fit.progress.FitProgress
+        self.progress.update(
+            self.task, description=p.stage, completed=p.done, total=p.total if p.total else None
+        )
 
 
 class _null:

@@ -36,6 +36,7 @@ from scipy.optimize import minimize
 
 from scalelab.errors import FitError
 from scalelab.fit._blas import one_blas_thread, pin_process_to_one_thread
+from scalelab.fit.progress import report
 
 log = logging.getLogger(__name__)
 
@@ -548,6 +549,12 @@ def _refit_chunk(
     return out, time.process_time() - t0
 
 
+def _refit_chunk_args(
+    args: tuple[Any, np.ndarray, np.ndarray],
+) -> tuple[list[tuple[np.ndarray, float, bool]], float]:
+    return _refit_chunk(*args)
+
+
 def bootstrap(
     problem: PowerSumProblem | GenericProblem,
     theta_hat: np.ndarray,
@@ -567,15 +574,25 @@ def bootstrap(
     jobs = min(n_jobs or default_jobs(), n_boot)
     if mp.current_process().daemon:  # daemonic workers may not start children: refit serially
         jobs = 1
+    report("bootstrap refits", 0, n_boot)
     if jobs <= 1 or n_boot < 16:
+        rows, cpu = [], 0.0
+        block = 256 if hasattr(problem, "refit_batch") else 32
         with one_blas_thread():
-            rows, cpu = _refit_chunk(problem, theta_hat, counts)
+            for lo in range(0, n_boot, block):  # in blocks, to report progress between them
+                part, part_cpu = _refit_chunk(problem, theta_hat, counts[lo : lo + block])
+                rows += part
+                cpu += part_cpu
+                report("bootstrap refits", len(rows), n_boot)
     else:
         chunks = np.array_split(counts, jobs * 2)
         # fork is cheap; the initializer pins the inherited BLAS libraries to one thread
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        parts = []
         with blas_env_one_thread(), ctx.Pool(processes=jobs, initializer=_pin_blas) as pool:
-            parts = pool.starmap(_refit_chunk, [(problem, theta_hat, c) for c in chunks if len(c)])
+            for part in pool.imap(_refit_chunk_args, [(problem, theta_hat, c) for c in chunks if len(c)]):
+                parts.append(part)  # in chunk order, as starmap returned them
+                report("bootstrap refits", sum(len(p) for p, _ in parts), n_boot)
         rows = [r for part, _ in parts for r in part]
         cpu = float(sum(c for _, c in parts))
     thetas = np.stack([r[0] for r in rows])

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from scalelab.units import count, flops
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +34,13 @@ def fmt_interval(iv: Any, spec: str = ".4g") -> str:
     if not iv or len(iv) != 2 or iv[0] is None:
         return ""
     return f" [{fmt(iv[0], spec)}, {fmt(iv[1], spec)}]"
+
+
+def count_interval(x: Any, iv: Any) -> str:
+    """A count with its interval, human-readable: '1.23M [0.98M, 1.6M]'."""
+    if not iv or len(iv) != 2 or iv[0] is None:
+        return count(x)
+    return f"{count(x)} [{count(iv[0])}, {count(iv[1])}]"
 
 
 @dataclass
@@ -170,12 +179,12 @@ class FitView:
         iv = rec.get("intervals", {})
         if "N_opt" in rec:
             rows = [
-                ("compute budget", f"{fmt(rec.get('compute_flops'), '.3g')} FLOPs"),
-                ("N_opt (parameters)", fmt(rec.get("N_opt"), ".3g") + fmt_interval(iv.get("N_opt"), ".3g")),
-                ("D_opt (tokens)", fmt(rec.get("D_opt"), ".3g") + fmt_interval(iv.get("D_opt"), ".3g")),
+                ("compute budget", flops(rec.get("compute_flops"))),
+                (f"N_opt ({self.n_kind} parameters)", count_interval(rec.get("N_opt"), iv.get("N_opt"))),
+                ("D_opt (tokens)", count_interval(rec.get("D_opt"), iv.get("D_opt"))),
                 (
                     "tokens per parameter",
-                    fmt(rec.get("tokens_per_param"), ".3g") + fmt_interval(iv.get("tokens_per_param"), ".3g"),
+                    count_interval(rec.get("tokens_per_param"), iv.get("tokens_per_param")),
                 ),
                 (
                     "predicted loss",
@@ -243,6 +252,11 @@ class FitView:
 
     def warnings(self) -> list[str]:
         return [str(w) for w in self.raw.get("warnings", [])]
+
+    @property
+    def n_kind(self) -> str:
+        """Which parameters the fit's N counts: 'non-embedding' (Kaplan et al.) or 'total'."""
+        return "total" if self.n_params_key == "n_params_total" else "non-embedding"
 
     @property
     def n_params_key(self) -> str:

@@ -17,6 +17,7 @@ from scalelab.errors import ScalelabError
 from scalelab.io import atomic_write_bytes, atomic_write_text
 from scalelab.report import figures
 from scalelab.report.summary import StudySummary, summarize
+from scalelab.units import count, duration, flops
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ th:first-child,td:first-child{text-align:left}td.l,th.l{text-align:left}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}pre{white-space:pre-wrap;
 background:#f6f6f6;padding:.6em}nav ol{columns:2}.muted{color:#666;font-size:.9em}
-@media print{nav{display:none}body{max-width:none}}
+.decision h3{margin:1.1em 0 .3em}ol.actions li{margin:.3em 0}a.download{display:inline-block;margin:.3em 0;
+padding:.3em .8em;border:1px solid #3867d6;border-radius:4px;color:#3867d6;text-decoration:none}
+.flag{color:#c5221f;font-weight:600}pre.toml{max-height:22em;overflow:auto;border:1px solid #e5e5e5}
+@media print{nav{display:none}body{max-width:none}pre.toml{max-height:none}}
 """
 
 
@@ -56,22 +60,66 @@ def _figure(png: bytes | None, fig_id: str, caption: str, out_dir: Path) -> str:
     )
 
 
-def _runs_table(runs: list[dict[str, Any]]) -> str:
+def _runs_table(runs: list[dict[str, Any]], flags: dict[str, list[str]]) -> str:
     head = (
-        "<tr><th>run id</th><th class=l>status</th><th>N</th><th>D</th><th>FLOPs</th><th>eval loss</th>"
-        "<th>train loss</th><th>wall s</th><th>forecast s</th></tr>"
+        "<tr><th>run id</th><th class=l>status</th><th>N non-embedding</th><th>N total</th><th>D (tokens)</th>"
+        "<th>C (FLOPs)</th><th>eval loss</th><th>train loss</th><th>wall</th><th>forecast</th>"
+        "<th class=l>flags</th></tr>"
     )
     body = []
     for r in runs:
         body.append(
             f"<tr><td><code>{_e(r['run_id'])}</code></td><td class='l {_e(r['status'])}'>{_e(r['status'])}"
             f"{' (target)' if r.get('role') == 'target' else ''}</td>"
-            f"<td>{_num(r.get('n_params'), '.3g')}</td><td>{_num(r.get('tokens'), '.3g')}</td>"
-            f"<td>{_num(r.get('flops'), '.3g')}</td><td>{_num(r.get('eval_loss'), '.4f')}</td>"
-            f"<td>{_num(r.get('final_train_loss'), '.4f')}</td><td>{_num(r.get('wall_seconds'), '.1f')}</td>"
-            f"<td>{_num(r.get('forecast_seconds'), '.1f')}</td></tr>"
+            f"<td>{count(r.get('n_params'))}</td><td>{count(r.get('n_params_total'))}</td>"
+            f"<td>{count(r.get('tokens'))}</td><td>{flops(r.get('flops')).removesuffix(' FLOPs')}</td>"
+            f"<td>{_num(r.get('eval_loss'), '.4f')}</td><td>{_num(r.get('final_train_loss'), '.4f')}</td>"
+            f"<td>{duration(r.get('wall_seconds'))}</td><td>{duration(r.get('forecast_seconds'))}</td>"
+            f"<td class='l flag'>{_e(', '.join(flags.get(r['run_id'], [])))}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _decision(s: StudySummary, out_dir: Path) -> str:
+    """The executive summary: the headline, the recommended run (shown and downloadable), the next actions,
+    loss against compute out to the target, and the caveats."""
+    parts = [f"<div class=summary><p>{_e(s.headline)}</p></div>"]
+    if s.recommended is not None:
+        data = base64.b64encode(s.recommended.toml.encode()).decode()
+        parts.append(
+            "<h3>Recommended run</h3>"
+            + _kv_table(s.recommended.rows)
+            + f'<a class=download download="recommended_run.toml" href="data:application/toml;base64,{data}">'
+            "Download recommended_run.toml</a> <span class=muted>(also written beside this page as "
+            "<code>report/recommended_run.toml</code>; its text is below the next actions)</span>"
+        )
+    if s.actions:
+        parts.append(
+            "<h3>Next actions</h3><ol class=actions>"
+            + "".join(f"<li>{_e(a)}</li>" for a in s.actions)
+            + "</ol>"
+        )
+    parts.append(
+        _figure(
+            figures.loss_vs_compute(
+                s.done_runs, s.optimal, s.loss_key, s.n_key, s.target_flops, s.target_runs
+            ),
+            "loss-vs-compute",
+            "Final loss of each run against its compute, the fitted compute-optimal loss with its interval, "
+            "and the target budget's predicted loss with its interval (diamond).",
+            out_dir,
+        )
+    )
+    if s.recommended is not None:
+        parts.append(
+            "<h3>recommended_run.toml</h3><p class=muted>Ready for <code>scalelab train "
+            "report/recommended_run.toml --out runs/big</code>; machine settings (device, precision, "
+            "threads, strategy) go under <code>[execution]</code>.</p>"
+            f"<pre class=toml>{_e(s.recommended.toml)}</pre>"
+        )
+    if s.warnings:
+        parts.append("<h3>Caveats</h3>" + "".join(f"<div class=warn>{_e(w)}</div>" for w in s.warnings))
+    return "<div class=decision>" + "".join(parts) + "</div>"
 
 
 def _pva_table(rows: list[dict[str, Any]]) -> str:
@@ -107,21 +155,29 @@ def _kv_table(rows: list[tuple[str, Any]]) -> str:
 def render_html(s: StudySummary, out_dir: Path) -> str:
     """The whole report as an HTML string (figures written beside it as PNG and embedded)."""
     sections: list[tuple[str, str, str]] = []  # (id, title, body)
-    warn_html = "".join(f"<div class=warn>{_e(w)}</div>" for w in s.warnings)
-    sections.append(
-        ("summary", "Executive summary", f"<div class=summary><p>{_e(s.headline)}</p></div>{warn_html}")
-    )
+    sections.append(("summary", "Executive summary: the decision", _decision(s, out_dir)))
     if s.recommendation_rows:
         sections.append(("recommendation", "Recommendation", _kv_table(s.recommendation_rows)))
-    sections.append(("runs", "The study", f"<p>{_e(s.study_line)}</p>{_runs_table(s.runs)}"))
+    anomalies = "".join(f"<div class=warn>{_e(a.detail)}: {_e(a.action)}.</div>" for a in s.anomalies)
+    sections.append(
+        ("runs", "The study", f"<p>{_e(s.study_line)}</p>{_runs_table(s.runs, s.flags())}{anomalies}")
+    )
     sections.append(
         (
             "loss-curves",
             "Loss curves",
             _figure(
-                figures.loss_curves(s.done_runs),
+                figures.loss_curves(
+                    s.done_runs,
+                    {
+                        a.run_id: [(a.tokens, a.loss)]
+                        for a in s.anomalies
+                        if a.kind == "spike" and a.tokens is not None
+                    },
+                ),
                 "loss-curves",
-                "Training loss per run against tokens seen (log scale); dots are held-out evals.",
+                "Training loss per run against tokens seen (log scale); dots are held-out evals, red "
+                "crosses loss spikes.",
                 out_dir,
             ),
         )
@@ -206,13 +262,17 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
 
 
 def build_report(
-    study_dir: str | Path, transfer_dir: str | Path | None = None, noise_scale: str | Path | None = None
+    study_dir: str | Path,
+    transfer_dir: str | Path | None = None,
+    noise_scale: str | Path | None = None,
+    usd_per_hour: float | None = None,
 ) -> Path:
     """Write `report/index.html` and `report/summary.md` for the study in `study_dir`; return the HTML path.
 
     `transfer_dir`: an LR-sweep study whose transfer analysis the report includes (default: the study
     itself when its design sweeps `train.lr`); `noise_scale`: `scalelab transfer noise-scale --json` output,
-    for the batch-size recommendation."""
+    for the batch-size recommendation; `usd_per_hour`: the price of the study's hardware, for the recommended
+    run's forecast cost. Also writes `report/recommended_run.toml` when the fit recommends a run."""
     study_dir = Path(study_dir)
     if not (study_dir / "registry.sqlite").exists():
         raise ScalelabError(
@@ -220,10 +280,14 @@ def build_report(
         )
     out_dir = study_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(study_dir, transfer_dir, noise_scale)
+    summary = summarize(study_dir, transfer_dir, noise_scale, usd_per_hour)
     page = render_html(summary, out_dir)
     atomic_write_text(out_dir / "index.html", page)
     atomic_write_text(out_dir / "summary.md", summary.markdown())
+    if summary.recommended is not None:
+        atomic_write_text(out_dir / "recommended_run.toml", summary.recommended.toml)
+    else:  # no stale recommendation from an earlier fit
+        (out_dir / "recommended_run.toml").unlink(missing_ok=True)
     atomic_write_text(
         out_dir / "summary.json", json.dumps(summary.to_dict(), indent=2, sort_keys=True, default=str)
     )

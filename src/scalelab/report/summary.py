@@ -19,6 +19,7 @@ from scalelab import __version__
 from scalelab.errors import ScalelabError
 from scalelab.provenance import utc_now
 from scalelab.study.registry import Registry
+from scalelab.units import count
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class StudySummary:
     optimal: Callable[[float], dict[str, Any]] | None = None
     isoflop_minima: list[tuple[float, float, float]] = field(default_factory=list)
     transfer: Any = None  # report.transfer.TransferView
+    batch: Any = None  # transfer.batch.BatchRecommendation, from a measured noise scale
+    anomalies: list[Any] = field(default_factory=list)  # report.anomalies.Anomaly
+    recommended: Any = None  # report.decision.RecommendedRun
+    actions: list[str] = field(default_factory=list)  # next steps, most blocking first
 
     @property
     def done_runs(self) -> list[dict[str, Any]]:
@@ -71,6 +76,11 @@ class StudySummary:
             "version": self.version,
             "headline": self.headline,
             "warnings": self.warnings,
+            "next_actions": self.actions,
+            "anomalies": [a.__dict__ for a in self.anomalies],
+            "recommended_run": None
+            if self.recommended is None
+            else {"toml": self.recommended.toml, **dict(self.recommended.rows)},
             "recommendation": dict(self.recommendation_rows),
             "fit": dict(self.fit_rows),
             "backtest": dict(self.backtest_rows),
@@ -89,8 +99,19 @@ class StudySummary:
             },
         }
 
+    def flags(self) -> dict[str, list[str]]:
+        """Run id → the anomaly labels the runs tables show."""
+        out: dict[str, list[str]] = {}
+        for a in self.anomalies:
+            out.setdefault(a.run_id, []).append(a.flag)
+        return out
+
     def markdown(self) -> str:
         lines = [f"# Scaling study: {self.name}", "", self.headline, ""]
+        if self.actions:
+            lines += ["## Next actions", ""] + [f"{i}. {a}" for i, a in enumerate(self.actions, 1)] + [""]
+        if self.recommended is not None:
+            lines += ["## Recommended run", "", "```toml", self.recommended.toml.rstrip(), "```", ""]
         lines += [f"> **Caveat:** {w}" for w in self.warnings]
         for title, rows in (
             ("Recommendation", self.recommendation_rows),
@@ -99,11 +120,18 @@ class StudySummary:
         ):
             if rows:
                 lines += ["", f"## {title}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-        lines += ["", "## Runs", "", "| run | status | N | D | eval loss |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Runs",
+            "",
+            "| run | status | N non-embedding | N total | D | eval loss | flags |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        flags = self.flags()
         for r in self.runs:
             lines.append(
-                f"| {r['run_id']} | {r['status']} | {r.get('n_params')} | {r.get('tokens')} | "
-                f"{r.get('eval_loss')} |"
+                f"| {r['run_id']} | {r['status']} | {count(r.get('n_params'))} | {count(r.get('n_params_total'))} "
+                f"| {count(r.get('tokens'))} | {_fmt(r.get('eval_loss'))} | {', '.join(flags.get(r['run_id'], []))} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -156,7 +184,10 @@ def _provenance_rows(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def summarize(
-    study_dir: str | Path, transfer_dir: str | Path | None = None, noise_scale: str | Path | None = None
+    study_dir: str | Path,
+    transfer_dir: str | Path | None = None,
+    noise_scale: str | Path | None = None,
+    usd_per_hour: float | None = None,
 ) -> StudySummary:
     """Collect the report's content for a study directory (and an LR-sweep study for the transfer section:
     `transfer_dir`, or the study itself when it sweeps the learning rate; `noise_scale`: the JSON of
@@ -165,6 +196,10 @@ def summarize(
     meta = _study_meta(study_dir)
     with Registry(study_dir / "registry.sqlite", create=False) as reg:
         runs = reg.runs()
+    for r in runs:  # a study copied elsewhere: its run directories are where the copy put them
+        here = study_dir / "runs" / r["run_id"]
+        if r.get("run_dir") and not Path(r["run_dir"]).exists() and here.exists():
+            r["run_dir"] = str(here)
     fit_spec = meta.get("fit", {})
     s = StudySummary(
         name=meta.get("name", study_dir.name),
@@ -213,7 +248,44 @@ def summarize(
             ("learning rate (from the transfer sweep)", f"{s.transfer.recommended_lr:.3g}")
         )
     s.recommendation_rows += _batch_rows(s, meta, noise_scale)
+    _add_decision(s, usd_per_hour)
     return s
+
+
+def _add_decision(s: StudySummary, usd_per_hour: float | None) -> None:
+    """Anomalies, the recommended run and the next actions (report.anomalies, report.decision)."""
+    from scalelab.report.anomalies import find_anomalies
+    from scalelab.report.decision import next_actions, recommend_run
+    from scalelab.report.figures import read_metrics
+
+    study_runs = [r for r in s.runs if r.get("role", "study") == "study"]
+    s.anomalies = find_anomalies(
+        study_runs,
+        lambda r: read_metrics(r["run_dir"]) if r.get("run_dir") else [],
+        s.predict,
+        s.loss_key,
+        s.n_key,
+    )
+    rec = (s.fit or {}).get("recommendation") or {}
+    if s.batch is not None:
+        lr, lr_source = s.batch.lr, "rescaled to the measured-noise batch from the tuned (batch, LR) pair"
+    elif s.transfer is not None and s.transfer.recommended_lr:
+        lr, lr_source = s.transfer.recommended_lr, "from the transfer sweep"
+    else:
+        lr, lr_source = None, "the study's learning rate (no transfer sweep given)"
+    try:
+        s.recommended = recommend_run(
+            s.done_runs,
+            rec,
+            s.n_key,
+            lr=lr,
+            lr_source=lr_source,
+            batch_sequences=None if s.batch is None else s.batch.batch_sequences,
+            usd_per_hour=usd_per_hour,
+        )
+    except ScalelabError as err:
+        s.warnings.append(f"no recommended run: {err}")
+    s.actions = next_actions(s)
 
 
 def _add_fit(s: StudySummary, fit_path: Path) -> None:
@@ -263,9 +335,10 @@ def _headline(s: StudySummary, target: dict[str, Any]) -> str:
         )
     rec = dict(s.recommendation_rows)
     if "compute budget" in rec:
+        n_label, n_opt = next(((k, v) for k, v in rec.items() if k.startswith("N_opt")), ("N_opt", "?"))
         core = (
-            f"for a budget of {rec['compute budget']}, train N ≈ {rec.get('N_opt (parameters)', '?')} "
-            f"parameters on D ≈ {rec.get('D_opt (tokens)', '?')} tokens; predicted loss "
+            f"for a budget of {rec['compute budget']}, train N ≈ {n_opt} {n_label.removeprefix('N_opt (').removesuffix(')')} "
+            f"on D ≈ {rec.get('D_opt (tokens)', '?')} tokens; predicted loss "
             f"{rec.get('predicted loss', '?')}"
             + (f"; {rec['verdict']}" if rec.get("verdict") else "")
             + f". Based on {done} finished runs."
@@ -315,7 +388,7 @@ def _batch_rows(
         if s.transfer is not None and s.transfer.recommended_lr
         else train.get("lr", 3e-3)
     )
-    rec = recommend_batch(
+    rec = s.batch = recommend_batch(
         b_noise,
         target_tokens=int(rec_d["D_opt"]),
         context_tokens=int(model.get("context_tokens", 128)),
