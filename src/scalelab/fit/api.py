@@ -49,6 +49,7 @@ from scalelab.fit.validate import (
     residual_diagnostics,
 )
 from scalelab.io import atomic_write_text
+from scalelab.record import FIT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -245,17 +246,17 @@ def table_from_study(study_dir: str | Path, n_params: str = "non_embedding", los
             close()
     if not rows:
         raise FitError(f"{db}: no runs with status 'done' to fit")
-    n_key = {"non_embedding": "n_params", "total": "n_params_total"}[n_params]
-    l_key = {"eval": "eval_loss", "train": "final_train_loss"}[loss]
+    n_key, l_key = FIT_FIELDS["N"][n_params], FIT_FIELDS["loss"][loss]
     cols: dict[str, list[Any]] = {"N": [], "D": [], "C": [], "loss": [], "seed": [], "run_id": []}
     for r in rows:
         rid = r.get("run_id", "?")
-        for key in (n_key, "tokens", "flops", l_key):
+        d_key, c_key = FIT_FIELDS["D"]["any"], FIT_FIELDS["C"]["any"]
+        for key in (n_key, d_key, c_key, l_key):
             if r.get(key) is None:
                 raise FitError(f"{db}: run {rid}: field '{key}' is missing; re-run it or mark it failed")
         cols["N"].append(r[n_key])
-        cols["D"].append(r["tokens"])
-        cols["C"].append(r["flops"])
+        cols["D"].append(r[d_key])
+        cols["C"].append(r[c_key])
         cols["loss"].append(r[l_key])
         cols["seed"].append(r.get("seed") if r.get("seed") is not None else 0)
         cols["run_id"].append(rid)

@@ -21,6 +21,7 @@ from typing import Any
 
 from scalelab.errors import RegistryError
 from scalelab.provenance import utc_now
+from scalelab.record import REGISTRY_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,8 @@ ROLES = ("study", "target")
 STATUSES = ("pending", "running", "done", "failed", "diverged", "timeout")
 FINISHED = ("done",)
 
-#: numeric/text columns copied from record.json into the row (the rest stays in record_json).
-RECORD_COLUMNS = (
-    "n_params",
-    "n_params_total",
-    "tokens",
-    "flops",
-    "steps",
-    "final_train_loss",
-    "eval_loss",
-    "wall_seconds",
-    "tokens_per_second",
-    "peak_memory_bytes",
-    "energy_joules",
-    "started_at",
-    "finished_at",
-)
+#: columns copied from record.json into the row (the rest stays in record_json): the record's schema
+RECORD_COLUMNS = REGISTRY_COLUMNS
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -186,6 +186,8 @@ def prepare_run(
         groups=groups,
         total_steps=train.tokens // (train.global_batch_size * t),
         train_loader=train_factory(store, "train", t + 1, train.global_batch_size, data_seed),
-        eval_batches=eval_batches_for(eval_factory, store, spec.model_copy(update={"train": train}), data_seed),
+        eval_batches=eval_batches_for(
+            eval_factory, store, spec.model_copy(update={"train": train}), data_seed
+        ),
         trainer_kwargs=hooks,
     )

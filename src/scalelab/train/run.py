@@ -46,6 +46,7 @@ from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes, step_gemms
 from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.provenance import utc_now
+from scalelab.record import RunRecord
 from scalelab.spec import RunSpec, config_hash
 from scalelab.train.branch import SNAPSHOT_DIR
 from scalelab.train.build import LoaderFactory, PreparedRun, prepare_run, resolve_device
@@ -58,6 +59,7 @@ from scalelab.train.trainer import Callback, DivergenceGuard, Trainer
 log = logging.getLogger(__name__)
 
 EXIT_CODES = {"done": 0, "diverged": 3, "failed": 1}
+
 
 def exit_code(record: dict[str, Any]) -> int:
     """The `scalelab train` exit code of a record: done 0, diverged 3, anything else 1."""
@@ -81,62 +83,33 @@ def _torch_settings(threads: int | None, deterministic: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
-def blank_record(spec: RunSpec, chash: str, started: str) -> dict[str, Any]:
-    """record.json before anything ran: status "failed" until training proves otherwise (docs/contracts.md)."""
-    return {
-        "run_id": spec.run_id,
-        "config_hash": chash,
-        "status": "failed",
-        "error": None,
-        "n_params": None,
-        "n_params_total": None,
-        "tokens": 0,
-        "flops": 0.0,
-        "steps": 0,
-        "final_train_loss": None,
-        "eval_loss": None,
-        "wall_seconds": 0.0,
-        "tokens_per_second": None,
-        "peak_memory_bytes": None,
-        "energy_joules": None,
-        "energy_note": None,
-        "branch": None,
-        "world_size": 1,
-        "strategy": spec.train.strategy,
-        "micro_batch_size": None,
-        "batch_changes": None,
-        "started_at": started,
-        "finished_at": None,
-    }
-
-
-def fit_into_record(trainer: Trainer, controls: Any, energy: Any, record: dict[str, Any]) -> None:
+def fit_into_record(trainer: Trainer, controls: Any, energy: Any, record: RunRecord) -> None:
     """Train to the end (energy metered) and put the outcome — status, error, batch changes — in `record`."""
     energy.start()
     state = trainer.fit()
-    record["status"] = state.status
-    record["error"] = state.message if state.status != "done" else None
-    record.update(controls.record())
+    record.status = state.status
+    record.error = state.message if state.status != "done" else None
+    record.batch_changes = controls.record().get("batch_changes", record.batch_changes)
 
 
 def finish_record(
-    record: dict[str, Any], trainer: Any, shape: Any, device: Any, energy: Any, wall_seconds: float
+    record: RunRecord, trainer: Any, shape: Any, device: Any, energy: Any, wall_seconds: float
 ) -> None:
     """Fill a run's record from the trainer's final state, the FLOP count, memory, energy and time."""
     if trainer is not None:
         st = trainer.state
-        record["steps"] = st.step
-        record["tokens"] = st.tokens
-        record["final_train_loss"] = _finite(st.loss)
-        record["eval_loss"] = _finite(st.eval_loss)
-        record["tokens_per_second"] = st.tokens / st.train_seconds if st.train_seconds > 0 else None
+        record.steps = st.step
+        record.tokens = st.tokens
+        record.final_train_loss = _finite(st.loss)
+        record.eval_loss = _finite(st.eval_loss)
+        record.tokens_per_second = st.tokens / st.train_seconds if st.train_seconds > 0 else None
     if shape is not None:
-        record["flops"] = shape.training_flops(record["tokens"])
-    record["peak_memory_bytes"] = peak_memory_bytes(device)
-    record["energy_joules"] = energy.joules()
-    record["energy_note"] = energy.note
-    record["wall_seconds"] = wall_seconds
-    record["finished_at"] = utc_now()
+        record.flops = shape.training_flops(record.tokens)
+    record.peak_memory_bytes = peak_memory_bytes(device)
+    record.energy_joules = energy.joules()
+    record.energy_note = energy.note
+    record.wall_seconds = wall_seconds
+    record.finished_at = utc_now()
 
 
 def _capture_provenance(spec: RunSpec, store: Any) -> dict[str, Any]:
@@ -162,7 +135,7 @@ def _finite(x: float | None) -> float | None:
 
 
 def _branch_point(
-    snapshot: Path | str, spec: RunSpec, device: torch.device, metrics_path: Path, record: dict[str, Any]
+    snapshot: Path | str, spec: RunSpec, device: torch.device, metrics_path: Path, record: RunRecord
 ) -> Checkpoint | None:
     """The trunk snapshot this run starts from; None (train from scratch) when the snapshot does not
     verify. A snapshot of an incompatible run is an error (BranchError), not a silent fallback."""
@@ -176,7 +149,7 @@ def _branch_point(
         log.error("cannot branch, training from scratch: %s", err)
         return None
     copy_trunk_metrics(point, metrics_path)
-    record["branch"] = point.describe()
+    record.branch = point.describe()
     log.info("branching from %s (run %s, step %d)", snapshot, point.trunk.run_id, point.checkpoint.step)
     return point.checkpoint
 
@@ -240,7 +213,11 @@ class ShardedCheckpoints:
     def save(self, trainer: Trainer, directory: Path, keep: int, json_state: dict[str, Any]) -> Path:
         from scalelab.train.parallel.checkpoint import save_sharded
 
-        json_state = {**json_state, "scaler": trainer.scaler.state_dict(), "world_size": self.ranks.world_size}
+        json_state = {
+            **json_state,
+            "scaler": trainer.scaler.state_dict(),
+            "world_size": self.ranks.world_size,
+        }
         return save_sharded(
             self.ranks,
             directory,
@@ -318,7 +295,7 @@ def run_training(
     out = Path(out_dir)
     t_start = time.time()
     chash = config_hash(spec)
-    record = blank_record(spec, chash, utc_now())
+    record = RunRecord(spec.run_id, chash, strategy=spec.train.strategy, started_at=utc_now())
     if not distributed:
         refusal = _claim(out, spec, chash, resume)
         if refusal:
@@ -337,7 +314,7 @@ def run_training(
             from scalelab.train.distributed import init_distributed
 
             ranks = init_distributed(spec.train)
-            record["world_size"] = ranks.world_size
+            record.world_size = ranks.world_size
             refusal = ranks.broadcast(_claim(out, spec, chash, resume) if ranks.is_main else None)
             if refusal:
                 ranks.close()
@@ -365,11 +342,11 @@ def run_training(
 
             prepared = prepare_run(spec, store, loader_factory, device, ranks if distributed else None)
             shape, train = prepared.shape, prepared.train
-            record["n_params"], record["n_params_total"] = shape.non_embedding_params, shape.total_params
-            record["micro_batch_size"] = train.micro_batch_size or train.global_batch_size
+            record.n_params, record.n_params_total = shape.non_embedding_params, shape.total_params
+            record.micro_batch_size = train.micro_batch_size or train.global_batch_size
             controls = build_controls(train, out, spec.run_id, ranks.is_main, hyperparameters(spec))
             if ranks.is_main:  # only rank 0 logs MFU; the others need not measure (nor race on the cache)
-                metrics = _metrics_logger(out, spec, shape, record["micro_batch_size"], device, ranks)
+                metrics = _metrics_logger(out, spec, shape, record.micro_batch_size, device, ranks)
             checkpoints: Any = (
                 ShardedCheckpoints(prepared, chash, ranks)
                 if distributed
@@ -380,7 +357,7 @@ def run_training(
                 def save(tr: Trainer) -> Path:
                     js = tr.json_state()
                     js["wall_seconds"] = wall["prior"] + (time.time() - t_start)
-                    js["branch"] = record["branch"]
+                    js["branch"] = record.branch
                     return checkpoints.save(tr, directory, keep, js)
 
                 return save
@@ -392,7 +369,10 @@ def run_training(
                 from scalelab.train.parallel.gradnorm import local_grad_norm_source
 
                 first = [CrossRankMetrics(grad_norm_source=local_grad_norm_source(prepared.parallel_model))]
-                extra |= {"world_size": ranks.dp_size, "grad_sync": partial(grad_sync, prepared.parallel_model)}
+                extra |= {
+                    "world_size": ranks.dp_size,
+                    "grad_sync": partial(grad_sync, prepared.parallel_model),
+                }
             ckpt_dir = out / "checkpoint"
             trainer = Trainer(
                 prepared.model,
@@ -431,8 +411,8 @@ def run_training(
         # one paragraph; the traceback only with --debug (docs/trust.md: exit codes)
         rank = f" on rank {ranks.rank}" if distributed and ranks is not None else ""
         log.error("run %s failed%s: %s", spec.run_id, rank, err, exc_info=log.isEnabledFor(logging.DEBUG))
-        record["status"] = "failed"
-        record["error"] = f"{type(err).__name__}: {err}"
+        record.status = "failed"
+        record.error = f"{type(err).__name__}: {err}"
     finally:
         if metrics is not None:
             metrics.close()
@@ -442,19 +422,19 @@ def run_training(
     finish_record(record, trainer, shape, device, energy, wall["prior"] + (time.time() - t_start))
     try:
         if claimed and (ranks is None or ranks.is_main):
-            atomic_write_json(out / "record.json", record, indent=1, allow_nan=False)
+            atomic_write_json(out / "record.json", record.to_json(), indent=1, allow_nan=False)
     finally:
-        if distributed and ranks is not None and record["status"] == "done":
+        if distributed and ranks is not None and record.status == "done":
             ranks.close()  # on failure the group may be broken; the process exits anyway
-    return record
+    return record.to_json()
 
 
-def _refused(record: dict[str, Any], refusal: str) -> dict[str, Any]:
+def _refused(record: RunRecord, refusal: str) -> dict[str, Any]:
     """The record of a run refused its directory: nothing written there."""
-    record["error"] = refusal
-    record["finished_at"] = utc_now()
+    record.error = refusal
+    record.finished_at = utc_now()
     log.error("%s", refusal)
-    return record
+    return record.to_json()
 
 
 def _metrics_logger(
@@ -478,7 +458,7 @@ def _resume(
     trainer: Trainer,
     resume: bool,
     ranks: Any,
-    record: dict[str, Any],
+    record: RunRecord,
     wall: dict[str, float],
 ) -> int | None:
     """Restore the newest checkpoint when resuming (its step), or discard old ones (None)."""
@@ -491,7 +471,7 @@ def _resume(
     if found is None:
         return None
     wall["prior"] = float(found.json_state.get("wall_seconds", 0.0))
-    record["branch"] = found.json_state.get("branch")
+    record.branch = found.json_state.get("branch")
     log.info("resuming from %s", found.path)
     checkpoints.restore(found, trainer)
     return int(found.step)
