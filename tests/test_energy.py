@@ -99,7 +99,13 @@ def test_cpu_run_record_has_energy(tmp_path, monkeypatch):
     spec = RunSpec.model_validate(
         {
             "model": {"width": 32, "depth": 1, "n_heads": 4, "context_tokens": 32},
-            "train": {"tokens": 32 * 4 * 3, "global_batch_size": 4, "threads": 1, "eval_interval_steps": 100, "eval_tokens": 128},
+            "train": {
+                "tokens": 32 * 4 * 3,
+                "global_batch_size": 4,
+                "threads": 1,
+                "eval_interval_steps": 100,
+                "eval_tokens": 128,
+            },
         }
     )
     rec = run_training(spec, tmp_path / "run", store=SyntheticStore(), loader_factory=synthetic_factory)
@@ -133,7 +139,13 @@ def test_gpu_record_energy_is_measured_when_nvml_is_present(tmp_path, monkeypatc
     spec = RunSpec.model_validate(
         {
             "model": {"width": 32, "depth": 1, "n_heads": 4, "context_tokens": 32},
-            "train": {"tokens": 32 * 4 * 4, "global_batch_size": 4, "device": "cuda", "eval_interval_steps": 100, "eval_tokens": 128},
+            "train": {
+                "tokens": 32 * 4 * 4,
+                "global_batch_size": 4,
+                "device": "cuda",
+                "eval_interval_steps": 100,
+                "eval_tokens": 128,
+            },
         }
     )
     rec = run_training(spec, tmp_path / "run", store=SyntheticStore(), loader_factory=synthetic_factory)

@@ -182,7 +182,10 @@ def watts_per_cpu(root: Path = POWERCAP_ROOT) -> tuple[float, str]:
     cpus = os.cpu_count() or 1
     if limit is not None:
         return limit / cpus, f"RAPL package power limit {limit:.0f} W / {cpus} CPUs"
-    return DEFAULT_WATTS_PER_CPU, f"assumed {DEFAULT_WATTS_PER_CPU:g} W per CPU (typical server TDP / threads)"
+    return (
+        DEFAULT_WATTS_PER_CPU,
+        f"assumed {DEFAULT_WATTS_PER_CPU:g} W per CPU (typical server TDP / threads)",
+    )
 
 
 class _CpuTimeEstimate:
