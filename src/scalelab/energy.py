@@ -188,6 +188,18 @@ def watts_per_cpu(root: Path = POWERCAP_ROOT) -> tuple[float, str]:
     )
 
 
+def busy_watts(device: torch.device, threads: int | None = None) -> tuple[float | None, str]:
+    """(watts, where from) of one busy device, for energy forecasts: a GPU's board power (None when
+    unlisted), or a CPU run's threads × watts per CPU."""
+    if device.type == "cuda":
+        name = device_name(device)
+        watts = board_watts(name)
+        return watts, f"{name} board power" if watts else f"no board power known for {name!r}"
+    per_cpu, origin = watts_per_cpu()
+    n = threads or torch.get_num_threads()
+    return n * per_cpu, f"{n} CPUs × {per_cpu:.3g} W ({origin})"
+
+
 class _CpuTimeEstimate:
     """This process's CPU seconds × watts per logical CPU."""
 

@@ -493,6 +493,18 @@ class TargetSpec(_Spec):
     loss: float | None = Field(None, gt=0)
 
 
+class ForecastSpec(_Spec):
+    """What `study plan` prices its forecast at: money per device-hour and, optionally, watts per device."""
+
+    price_per_device_hour: float | None = Field(
+        None, gt=0, description="price of one device (GPU, or CPU machine) for an hour; None: no cost forecast"
+    )
+    currency: str = Field("USD", min_length=1, max_length=8)
+    watts_per_device: float | None = Field(
+        None, gt=0, description="power draw of one busy device; None: the GPU's board power or the CPU estimate"
+    )
+
+
 class StudySpec(_Spec):
     """A base run plus a design that varies it; fit settings and the target for the report."""
 
@@ -509,6 +521,7 @@ class StudySpec(_Spec):
     )
     fit: FitSpec = Field(default_factory=FitSpec)
     target: TargetSpec = Field(default_factory=TargetSpec)
+    forecast: ForecastSpec = Field(default_factory=ForecastSpec)
     hypotheses: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
