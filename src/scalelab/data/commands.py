@@ -35,6 +35,20 @@ FieldOpt = Annotated[str, typer.Option("--field", help="JSONL field / Parquet co
 SkipBadOpt = Annotated[
     bool, typer.Option("--skip-bad", help="Skip malformed JSONL lines instead of failing.")
 ]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        help="local (this machine's processes) | ray (Ray tasks on the cluster at $RAY_ADDRESS, else a "
+        "local Ray; input paths must be readable on every node).",
+    ),
+]
+
+
+def _executor(value: str) -> str:
+    if value not in ("local", "ray"):
+        raise DataError(f"--executor: expected 'local' or 'ray', got {value!r}")
+    return value
 
 
 def make_sources(specs: list[str], field: str = "text", skip_bad: bool = False) -> list[Source]:
@@ -81,12 +95,14 @@ def ingest(
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 1 << 22,
     field: FieldOpt = "text",
     skip_bad: SkipBadOpt = False,
+    executor: ExecutorOpt = "local",
 ) -> None:
     """Tokenize SOURCES into a checksummed token store (resumes if interrupted)."""
     from scalelab.data.ingest import ingest as run_ingest
     from scalelab.data.store import TokenStore
     from scalelab.data.tokenize import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
 
+    executor = _executor(executor)
     srcs = make_sources(sources, field, skip_bad)
     tok: Tokenizer
     if tokenizer_file is not None:
@@ -108,6 +124,7 @@ def ingest(
             shard_tokens=shard_tokens,
             workers=workers,
             progress=lambda n: progress.advance(task, n),
+            executor=executor,  # type: ignore[arg-type]
         )
     _render_info(TokenStore.open(path).info())
 
@@ -179,15 +196,21 @@ def stats(
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes.")] = 1,
     split: Annotated[str, typer.Option(help="Token store split.")] = "train",
+    executor: ExecutorOpt = "local",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Out-of-core moments and quantiles of table columns, or document lengths of a token store."""
     from scalelab.data.stats import column_stats, token_store_stats
 
+    if _executor(executor) == "ray":
+        from scalelab.data.raymap import cluster_cpus
+
+        workers = max(workers, cluster_cpus())  # cut the table into units for the cluster's CPUs
+
     if table.is_dir():
         from scalelab.data.store import TokenStore
 
-        res = token_store_stats(TokenStore.open(table), split, workers=workers)
+        res = token_store_stats(TokenStore.open(table), split, workers=workers, executor=executor)
         summaries = {"doc_length_tokens": res["doc_length"].summary()}
         counts = res["token_counts"]
         top = sorted(((int(c), i) for i, c in enumerate(counts) if c), reverse=True)[:10]
@@ -200,7 +223,8 @@ def stats(
         if not columns:
             raise DataError("--columns: name the numeric columns to summarise, e.g. --columns loss,tokens")
         cols = [c.strip() for c in columns.split(",") if c.strip()]
-        summaries = {c: s.summary() for c, s in column_stats(table, cols, workers=workers).items()}
+        stats_ = column_stats(table, cols, workers=workers, executor=executor)
+        summaries = {c: s.summary() for c, s in stats_.items()}
         extra = {}
     if as_json:
         print(json.dumps({**extra, "columns": _jsonable(summaries)}, indent=2))

@@ -352,18 +352,9 @@ class RayExecutor:
         self.local_cpus = local_cpus
 
     def _init(self) -> Any:
-        try:
-            import ray
-        except ImportError as err:
-            from scalelab.errors import ScalelabError
+        from scalelab.raycluster import ray_connect
 
-            raise ScalelabError("the Ray executor needs Ray: pip install 'scalelab[ray]'") from err
-        if not ray.is_initialized():
-            if self.address:
-                ray.init(address=self.address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=self.local_cpus, include_dashboard=False, log_to_driver=False)
-        return ray
+        return ray_connect(self.address, self.local_cpus, "the Ray executor")
 
     def execute(
         self, todo: list[tuple[PlannedRun, Path]], registry: Registry, progress: ProgressFn | None = None
