@@ -214,7 +214,11 @@ def study_run(
     timeout: Annotated[float | None, typer.Option(help="Per-run timeout in seconds.")] = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a run whose process crashed.")] = 0,
     executor_kind: Annotated[
-        str, typer.Option("--executor", help="`local` (subprocesses here) or `ray`.")
+        str,
+        typer.Option(
+            "--executor",
+            help="`local` (subprocesses here), `ray`, or `slurm` (a job per run; [study.slurm] resources).",
+        ),
     ] = "local",
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address; default: a local Ray instance.")
@@ -238,14 +242,14 @@ def study_run(
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
     from scalelab.study.eta import StudyEta
-    from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
+    from scalelab.study.executors import Executor, LocalExecutor, RayExecutor, RunOutcome, run_study
     from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
     _out_dir(out)
     expand_runs(study, source=spec.name)  # every run the design makes is valid, before anything runs
     if executor_kind == "local":
-        executor: LocalExecutor | RayExecutor = LocalExecutor(
+        executor: Executor = LocalExecutor(
             parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
         )
     elif executor_kind == "ray":
@@ -258,8 +262,14 @@ def study_run(
             local_cpus=None if address else parallel * (study.train.threads or 1) * nproc_per_run,
             nproc_per_run=nproc_per_run,
         )
+    elif executor_kind == "slurm":
+        from scalelab.study.slurm import SlurmExecutor
+
+        executor = SlurmExecutor(
+            study.slurm, nproc_per_run=nproc_per_run, timeout_seconds=timeout, retries=retries
+        )
     else:
-        raise SpecError(f"--executor: expected 'local' or 'ray', got {executor_kind!r}")
+        raise SpecError(f"--executor: expected 'local', 'ray' or 'slurm', got {executor_kind!r}")
     forecasters: list[Any] = []
 
     def forecast_seconds(planned: Any) -> float | None:
