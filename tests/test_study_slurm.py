@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -181,7 +182,8 @@ def _which(name: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """slurmctld + slurmd on this machine (auth/none, one node with this machine's CPUs), SLURM_CONF set."""
+    """slurmctld + slurmd on this machine (auth/none, one node with this machine's CPUs), SLURM_CONF set.
+    KillWait=2: a cancelled job is killed 2 s after its SIGTERM (default 30 s, longer than these runs)."""
     missing = [d for d in DAEMONS if _which(d) is None]
     if missing:
         pytest.skip(f"Slurm is not installed here ({', '.join(missing)} not found; Debian: slurmctld slurmd)")
@@ -217,6 +219,7 @@ ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MinJobAge=600
+KillWait=2
 NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
@@ -273,13 +276,11 @@ def test_a_two_run_study_on_slurm_equals_the_local_executor(
 def test_a_cancelled_job_is_requeued_and_resumes_from_its_checkpoint(
     slurm_cluster: Path, tmp_path: Path, tiny_corpus: Path
 ) -> None:
-    extra = "checkpoint_interval_steps = 4\n[study.debug]\nsleep_seconds_per_step = 0.4"
     spec = tmp_path / "study.toml"
-    spec.write_text(
-        STUDY.format(corpus=tiny_corpus, axes='"model.width" = [8]', extra="").replace(
-            "checkpoint_interval_steps = 8", extra
-        )
+    text = STUDY.format(
+        corpus=tiny_corpus, axes='"model.width" = [8]', extra="[study.debug]\nsleep_seconds_per_step = 0.4"
     )
+    spec.write_text(text.replace("checkpoint_interval_steps = 8", "checkpoint_interval_steps = 4"))
     study = load_study(spec)
     out = tmp_path / "slurm"
     outcomes: list = []
@@ -306,7 +307,11 @@ def test_a_cancelled_job_is_requeued_and_resumes_from_its_checkpoint(
     with Registry(out / "registry.sqlite") as reg:
         messages = [e["message"] or "" for e in reg.events()]
     assert any("ended CANCELLED; requeued (1/3)" in m for m in messages), messages
-    assert "resuming from" in (run_dir / "stderr.log").read_text()
+    log_text = (run_dir / "stderr.log").read_text()
+    attempts = log_text.split("preparing the token store")
+    assert len(attempts) == 3, log_text  # two starts of the training: the job and its requeue
+    first_step = int(re.search(r" step (\d+)/32", attempts[2]).group(1))
+    assert first_step > 1, attempts[2]  # the requeued job went on from its checkpoint, not from step 1
     local = run_study(study, tmp_path / "local", executor=LocalExecutor())  # uninterrupted
     ours = json.loads((run_dir / "record.json").read_text())
     theirs = json.loads((tmp_path / "local" / "runs" / run_dir.name / "record.json").read_text())
