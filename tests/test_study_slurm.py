@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -145,23 +146,30 @@ def test_requeue_decisions() -> None:
 
 
 def test_the_job_body_stops_its_training_when_signalled_and_requeues_itself(tmp_path: Path) -> None:
+    """As in a job: the signal arrives while the main thread waits for the training process, and the
+    handler (here the checkpoint call submitit's USR2 handler makes) must not wait on that process."""
     pytest.importorskip("submitit")
     from submitit.helpers import DelayedSubmission
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     task = SlurmRunTask(str(tmp_path), sleeper, threads=1)
-    result: list[tuple[str, str | None]] = []
-    thread = threading.Thread(target=lambda: result.append(task()))
-    thread.start()
-    deadline = time.monotonic() + 30
-    while task._proc is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    t0 = time.monotonic()
-    again = task.checkpoint()  # what submitit's USR2 handler calls before `scontrol requeue`
-    thread.join(30)
-    assert not thread.is_alive() and time.monotonic() - t0 < 20
-    assert result and result[0][0] == "crashed" and "signal" in (result[0][1] or "")
-    assert isinstance(again, DelayedSubmission) and again.function is task
+    requeued: list[DelayedSubmission] = []
+
+    def send_when_started() -> None:
+        deadline = time.monotonic() + 30
+        while task._proc is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(task.checkpoint()))
+    try:
+        threading.Thread(target=send_when_started, daemon=True).start()
+        t0 = time.monotonic()
+        status, error = task()
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    assert time.monotonic() - t0 < 30 and status == "crashed" and "signal" in (error or "")
+    assert len(requeued) == 1 and requeued[0].function is task
     copy = pickle.loads(pickle.dumps(task))  # what submitit writes for the requeued job
     assert copy._proc is None and copy.command == sleeper
 
@@ -239,6 +247,10 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             pytest.skip(f"Slurm did not come up: {(root / 'slurmctld.log').read_text()[-2000:]}")
         yield root
     finally:
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=False)
+        if jobs.stdout.split():  # a failed test's jobs: ended first, or their steps outlive the daemons
+            subprocess.run(["scancel", *jobs.stdout.split()], capture_output=True, check=False)
+            time.sleep(5)
         subprocess.run(["scontrol", "shutdown"], capture_output=True, check=False, timeout=60)
         for name in ("slurmd.pid", "slurmctld.pid"):  # whichever did not stop
             try:
@@ -273,9 +285,20 @@ def test_a_two_run_study_on_slurm_equals_the_local_executor(
 
 
 @pytest.mark.slow
-def test_a_cancelled_job_is_requeued_and_resumes_from_its_checkpoint(
-    slurm_cluster: Path, tmp_path: Path, tiny_corpus: Path
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(["scancel"], id="cancelled-driver-resubmits"),
+        pytest.param(["scancel", "--signal=USR2"], id="preempt-signal-job-requeues-itself"),
+    ],
+)
+def test_a_stopped_job_is_requeued_and_resumes_from_its_checkpoint(
+    slurm_cluster: Path, tmp_path: Path, tiny_corpus: Path, stop: list[str]
 ) -> None:
+    """`scancel`: the job ends CANCELLED and the driver submits the run again; USR2 (what Slurm sends
+    before a time limit or a preemption): submitit's handler in the job stops the training and
+    `scontrol requeue`s the same job. Either way the run resumes from its checkpoint and ends as an
+    uninterrupted run does."""
     spec = tmp_path / "study.toml"
     text = STUDY.format(
         corpus=tiny_corpus, axes='"model.width" = [8]', extra="[study.debug]\nsleep_seconds_per_step = 0.4"
@@ -300,13 +323,14 @@ def test_a_cancelled_job_is_requeued_and_resumes_from_its_checkpoint(
     assert run_dir is not None, "the run never checkpointed"
     jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert len(jobs) == 1
-    subprocess.run(["scancel", jobs[0]], check=True)
+    subprocess.run([*stop, jobs[0]], check=True)
     driver.join(600)
     assert not driver.is_alive()
-    assert [o.status for o in outcomes] == ["done"] and outcomes[0].attempts == 2
+    by_driver = stop == ["scancel"]
+    assert [o.status for o in outcomes] == ["done"] and outcomes[0].attempts == (2 if by_driver else 1)
     with Registry(out / "registry.sqlite") as reg:
         messages = [e["message"] or "" for e in reg.events()]
-    assert any("ended CANCELLED; requeued (1/3)" in m for m in messages), messages
+    assert any("ended CANCELLED; requeued (1/3)" in m for m in messages) == by_driver, messages
     log_text = (run_dir / "stderr.log").read_text()
     attempts = log_text.split("preparing the token store")
     assert len(attempts) == 3, log_text  # two starts of the training: the job and its requeue

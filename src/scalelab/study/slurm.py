@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,6 @@ from scalelab.study.executors import (
     Dependencies,
     ProgressFn,
     RunOutcome,
-    _kill_group,
     _read_json,
     _tail,
     attempt_run,
@@ -182,6 +182,17 @@ def parse_squeue(text: str, job_ids: Sequence[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ in the job
+def stop_group(pgid: int, grace_seconds: float = 3.0) -> None:
+    """SIGTERM a training's process group, SIGKILL it `grace_seconds` later. Never waits on the process:
+    this runs in submitit's signal handler, which interrupted `Popen.wait` and so holds its lock."""
+    for sig, pause in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(pause)
+
+
 try:  # the job body must be a submitit Checkpointable for its signal handler to requeue it
     from submitit.helpers import Checkpointable as _JobBase
 except ImportError:  # without the `slurm` extra the class still exists (for tests and typing)
@@ -217,9 +228,9 @@ class SlurmRunTask(_JobBase):  # type: ignore[misc,valid-type]
         submitit requeue this same task, which resumes from them (`--resume`)."""
         from submitit.helpers import DelayedSubmission
 
-        if self._proc is not None and self._proc.poll() is None:
+        if self._proc is not None:
             log.warning("job signalled (preemption or time limit): stopping the training for a requeue")
-            _kill_group(self._proc)
+            stop_group(self._proc.pid)
         return DelayedSubmission(self, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
