@@ -18,11 +18,10 @@ from scalelab.data.stats import column_stats, token_store_stats
 from scalelab.data.store import TokenStore
 from scalelab.data.tokenize import ByteTokenizer, train_bpe
 from scalelab.errors import DataError
+from test_data_ingest_parallel import KW, WORDS, make_corpus, store_bytes
 
 ray = pytest.importorskip("ray")
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def return import".split()
-KW = dict(heldout_fraction=0.2, shard_tokens=2048, chunk_bytes=1500)
 QS = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
@@ -41,19 +40,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-def make_corpus(root: Path, n_docs: int = 60, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        words = rng.choice(WORDS, size=int(rng.integers(50, 600)))
-        (root / f"doc{i:03d}.txt").write_text(" ".join(words) + f"\n# {i} ✓\n")
-    return root
-
-
-def store_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
-
-
 def test_ray_ingest_is_byte_identical_to_local(tmp_path):
     corpus = make_corpus(tmp_path / "c")
     jsonl = tmp_path / "docs.jsonl"
@@ -61,7 +47,11 @@ def test_ray_ingest_is_byte_identical_to_local(tmp_path):
     sources = [TextSource(corpus), JsonlSource(jsonl, "text")]
     local = ingest(sources, tmp_path / "local", ByteTokenizer(), **KW)
     remote = ingest(
-        [TextSource(corpus), JsonlSource(jsonl, "text")], tmp_path / "ray", ByteTokenizer(), executor="ray", **KW
+        [TextSource(corpus), JsonlSource(jsonl, "text")],
+        tmp_path / "ray",
+        ByteTokenizer(),
+        executor="ray",
+        **KW,
     )
     expected = store_bytes(local)
     assert len([n for n in expected if n.endswith(".bin")]) > 4  # several shards per split

@@ -13,7 +13,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from scalelab.data.corpus import BuiltinCorpus, JsonlSource, ParquetSource, Source, TextSource
@@ -67,12 +73,14 @@ def make_sources(specs: list[str], field: str = "text", skip_bad: bool = False) 
     return out
 
 
-def _progress() -> Progress:
+def _ingest_progress() -> Progress:
+    """On a terminal: a bar over the sources' bytes of text, with the tokens written and the time left."""
     return Progress(
-        SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
-        TextColumn("{task.completed:,.0f} tokens"),
-        TimeElapsedColumn(),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=not Console(stderr=True).is_terminal,
         transient=True,
@@ -114,8 +122,12 @@ def ingest(
             tok = train_bpe(srcs, vocab_size)
     else:
         raise DataError(f"--tokenizer: expected 'byte' or 'bpe', got {tokenizer!r}")
-    with _progress() as progress:
-        task = progress.add_task("ingest", total=None)
+    with _ingest_progress() as progress:
+        task = progress.add_task("ingest", total=None if progress.disable else _text_bytes(srcs), tokens=0)
+
+        def tokens_done(n: int) -> None:
+            progress.update(task, tokens=progress.tasks[0].fields["tokens"] + n)
+
         path = run_ingest(
             srcs,
             out,
@@ -123,10 +135,17 @@ def ingest(
             heldout_fraction=heldout_fraction,
             shard_tokens=shard_tokens,
             workers=workers,
-            progress=lambda n: progress.advance(task, n),
+            progress=tokens_done,
             executor=executor,  # type: ignore[arg-type]
+            text_progress=lambda n: progress.advance(task, n),
         )
     _render_info(TokenStore.open(path).info())
+
+
+def _text_bytes(sources: list[Source]) -> int | None:
+    """The bar's total: the sources' bytes of text, None (no bar, a count) when some source cannot say."""
+    sizes = [s.size_bytes() for s in sources]
+    return None if any(n is None for n in sizes) else sum(n for n in sizes if n is not None)
 
 
 @app.command("train-tokenizer")

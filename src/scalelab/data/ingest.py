@@ -509,6 +509,7 @@ def ingest(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
     executor: Literal["local", "ray"] = "local",
+    text_progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Tokenize `sources` into a token store at `out`; returns `out`.
 
@@ -518,7 +519,9 @@ def ingest(
     everything runs here, in order, and the tokenizer with its own threading (HF `tokenizers` uses
     all cores unless ``TOKENIZERS_PARALLELISM=false``). The result is byte-identical for any value.
     Re-running after an interruption resumes from the last checkpoint. `progress` (if given) is
-    called after each chunk with the number of tokens it produced. ``executor="ray"`` tokenizes as Ray
+    called after each chunk with the number of tokens it produced, `text_progress` with the bytes of text
+    it covered (`Span.size_bytes`; chunks a resume skips count at once), which add up to about
+    `sum(s.size_bytes() for s in sources)`. ``executor="ray"`` tokenizes as Ray
     tasks on the cluster at $RAY_ADDRESS (or a local Ray) instead; `workers` is then unused.
     """
     out = Path(out)
@@ -545,7 +548,16 @@ def ingest(
             )
         _claim(out)
         return _ingest_locked(
-            sources, out, tokenizer, heldout_fraction, shard_tokens, workers, chunk_bytes, progress, executor
+            sources,
+            out,
+            tokenizer,
+            heldout_fraction,
+            shard_tokens,
+            workers,
+            chunk_bytes,
+            progress,
+            executor,
+            text_progress,
         )
 
 
@@ -559,6 +571,7 @@ def _ingest_locked(
     chunk_bytes: int,
     progress: Callable[[int], None] | None,
     executor: str = "local",
+    text_progress: Callable[[int], None] | None = None,
 ) -> Path:
     state_path = out / STATE_NAME
 
@@ -584,7 +597,8 @@ def _ingest_locked(
             log.info("%s: resuming ingest at chunk %d", out, next_chunk)
             _clean_partial(out, temporary_only=True)
 
-        chunks = (c for i, c in enumerate(iter_spans(sources, chunk_bytes)) if i >= next_chunk)
+        sizes: collections.deque[int] = collections.deque()  # text bytes of the chunks in flight, in order
+        chunks = _chunks_from(iter_spans(sources, chunk_bytes), next_chunk, sizes, text_progress)
         here = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction, tokenizer=tokenizer)
         if executor == "ray":
             from scalelab.data.raymap import ray_ordered_map
@@ -618,6 +632,8 @@ def _ingest_locked(
                 _save_state(state_path, job, chunk_index, writers)
             if progress is not None:
                 progress(int(train.size + heldout.size))
+            if text_progress is not None:
+                text_progress(sizes.popleft())
 
         if fingerprints is not None and job is None:
             fingerprints.wait()
@@ -680,6 +696,24 @@ def _ingest_locked(
         index["splits"]["heldout"]["tokens"],
     )
     return out
+
+
+def _chunks_from(
+    spans: Iterator[tuple[int, Span]],
+    first: int,
+    sizes: collections.deque[int],
+    text_progress: Callable[[int], None] | None,
+) -> Iterator[tuple[int, Span]]:
+    """The chunks from number `first` on; each one's text bytes appended to `sizes` as it is handed out
+    (with `text_progress`), and the bytes of the chunks before `first` (done before a resume) reported."""
+    for i, chunk in enumerate(spans):
+        if i < first:
+            if text_progress is not None:
+                text_progress(chunk[1].size_bytes)
+            continue
+        if text_progress is not None:
+            sizes.append(chunk[1].size_bytes)
+        yield chunk
 
 
 def store_fingerprint(source_fingerprint: str, tokenizer_hash: str) -> str:
