@@ -182,10 +182,7 @@ def watts_per_cpu(root: Path = POWERCAP_ROOT) -> tuple[float, str]:
     cpus = os.cpu_count() or 1
     if limit is not None:
         return limit / cpus, f"RAPL package power limit {limit:.0f} W / {cpus} CPUs"
-    return (
-        DEFAULT_WATTS_PER_CPU,
-        f"assumed {DEFAULT_WATTS_PER_CPU:g} W per CPU (typical server TDP / threads)",
-    )
+    return DEFAULT_WATTS_PER_CPU, "assumed: typical server TDP / threads; $SCALELAB_WATTS_PER_CPU overrides"
 
 
 def busy_watts(device: torch.device, threads: int | None = None) -> tuple[float | None, str]:
