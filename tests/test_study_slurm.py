@@ -271,15 +271,21 @@ COMPARED = ("status", "steps", "tokens", "final_train_loss", "eval_loss", "n_par
 def test_a_two_run_study_on_slurm_equals_the_local_executor(
     slurm_cluster: Path, tmp_path: Path, tiny_corpus: Path
 ) -> None:
-    study = _study(tmp_path, tiny_corpus)
-    slurm = run_study(study, tmp_path / "slurm", executor=SlurmExecutor(study.slurm, poll_seconds=1))
-    local = run_study(study, tmp_path / "local", executor=LocalExecutor(parallel=2))
+    """One single-process run and one DDP run (torchrun with 2 ranks inside its job, srun-started)."""
+    study = _study(tmp_path, tiny_corpus, axes='"train.strategy" = ["none", "ddp"]')
+    ex = SlurmExecutor(study.slurm, nproc_per_run=2, poll_seconds=1)
+    slurm = run_study(study, tmp_path / "slurm", executor=ex)
+    local = run_study(study, tmp_path / "local", executor=LocalExecutor(parallel=2, nproc_per_run=2))
     assert sorted(o.status for o in slurm.outcomes) == ["done", "done"] and local.count("done") == 2
+    worlds = set()
     for o in slurm.outcomes:
         ours = json.loads((tmp_path / "slurm" / "runs" / o.run_id / "record.json").read_text())
         theirs = json.loads((tmp_path / "local" / "runs" / o.run_id / "record.json").read_text())
         assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
+        assert ours.get("world_size", 1) == theirs.get("world_size", 1)
+        worlds.add(ours.get("world_size", 1))
         assert list((tmp_path / "slurm" / "runs" / o.run_id / "slurm").glob("*_log.out"))  # ran as a job
+    assert worlds == {1, 2}
     with Registry(tmp_path / "slurm" / "registry.sqlite") as reg:
         assert any("Slurm job" in (e["message"] or "") for e in reg.events())
 
