@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,ray,serve,hf,mlflow,tensorboard,wandb,notebook]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,ray,serve,hf,mlflow,tensorboard,wandb,notebook,gpu,slurm]'
 	touch $@
 
 venv: $(VENV)/.installed-dev

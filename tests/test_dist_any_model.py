@@ -77,6 +77,9 @@ def _parity(work_store, name: str, model: dict, layout: str) -> None:
     rec, ref = (json.loads((d / "record.json").read_text()) for d in (out, one))
     assert rec["eval_loss"] == pytest.approx(ref["eval_loss"], rel=REL)
     assert rec["n_params"] == ref["n_params"] and rec["flops"] == ref["flops"]
+    assert rec["world_size"] == 2 and rec["strategy"] == LAYOUTS[layout]["strategy"]
+    assert rec["energy_source"] in ("measured", "estimated") and rec["energy_joules"] > 0
+    assert rec["energy_note"].startswith("sum over 2 meters")  # both ranks' energy, not rank 0's alone
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -1,4 +1,4 @@
-"""Hardware peaks (measured + cached, vendor table), memory, energy, and the metrics.jsonl sink."""
+"""Hardware peaks (measured + cached, vendor table), memory, and the metrics.jsonl sink (energy: test_energy)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scalelab import hw
-from scalelab.hw import EnergyMeter, model_gemms, peak_flops, peak_for_name, peak_memory_bytes
+from scalelab.hw import model_gemms, peak_flops, peak_for_name, peak_memory_bytes
 from scalelab.train.observe import MetricsLogger, MFUError, step_mfu
 from scalelab.train.trainer import TrainState
 
@@ -79,26 +79,15 @@ def test_vendor_table():
     assert peak_for_name("Some Future GPU", "bf16") is None
 
 
-def test_memory_and_energy_on_cpu():
+def test_memory_on_cpu():
     assert peak_memory_bytes("cpu") > 10 * 2**20
-    meter = EnergyMeter("cpu")
-    meter.start()
-    assert meter.joules() is None and "no GPU" in meter.note
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
-def test_energy_and_peak_on_gpu():
+def test_peak_on_gpu():
     value, source = peak_flops("cuda", "bf16")
     assert value > 1e12
-    meter = EnergyMeter("cuda")
-    meter.start()
-    a = torch.randn(4096, 4096, device="cuda")
-    for _ in range(20):
-        a = a @ a / 64
-    torch.cuda.synchronize()
-    joules = meter.joules()
-    assert joules is None or joules >= 0, meter.note
 
 
 def test_metrics_logger_lines_and_truncation(tmp_path):

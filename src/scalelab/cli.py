@@ -121,21 +121,28 @@ def study_plan(
         bool,
         typer.Option("--measure/--no-measure", help="Time a few real steps per shape to forecast (cached)."),
     ] = True,
+    price: Annotated[
+        float | None,
+        typer.Option("--price", min=0, help="Price per device-hour (overrides the spec's forecast section)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show every run the study will make (id, shape, N, D, FLOPs, forecast time and memory) and the totals.
+    """Show every run the study will make (id, shape, N, D, FLOPs, forecast time, memory, energy, cost) and
+    the totals.
 
     Forecasts come from throughput measured on this machine: a few timed optimizer steps per distinct
     shape, cached per machine, so the first plan takes seconds and later ones nothing.
     """
     from scalelab.spec import load_study
-    from scalelab.study.forecast import Forecaster, plan_rows
+    from scalelab.study.forecast import Forecaster, Pricing, plan_rows
     from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
     if measure:
         err_console.print(FORECASTING, markup=False, highlight=False, soft_wrap=True)
-    plan = plan_rows(expand_runs(study, source=spec.name), Forecaster() if measure else None, parallel)
+    pricing = Pricing.from_spec(study.forecast, price)
+    runs = expand_runs(study, source=spec.name)
+    plan = plan_rows(runs, Forecaster() if measure else None, parallel, pricing)
     if as_json:
         print(json.dumps({"study": study.name, **plan}, indent=2))
         return
@@ -182,6 +189,10 @@ def study_plan(
             f"; forecast {total['forecast_run_seconds'] / 60:.1f} run-minutes, "
             f"{total['forecast_wall_seconds'] / 60:.1f} minutes wall with --parallel {parallel}"
         )
+    if total["forecast_energy_joules"] is not None:
+        line += f"; energy {total['forecast_energy_joules'] / 3.6e6:.3g} kWh"
+    if total["forecast_cost"] is not None:
+        line += f"; cost {total['forecast_cost']:.2f} {total['currency']}"
     console.print(line)
 
 
@@ -203,7 +214,11 @@ def study_run(
     timeout: Annotated[float | None, typer.Option(help="Per-run timeout in seconds.")] = None,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a run whose process crashed.")] = 0,
     executor_kind: Annotated[
-        str, typer.Option("--executor", help="`local` (subprocesses here) or `ray`.")
+        str,
+        typer.Option(
+            "--executor",
+            help="`local` (subprocesses here), `ray`, or `slurm` (a job per run; [study.slurm] resources).",
+        ),
     ] = "local",
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address; default: a local Ray instance.")
@@ -227,14 +242,14 @@ def study_run(
     from scalelab.errors import SpecError
     from scalelab.spec import load_study
     from scalelab.study.eta import StudyEta
-    from scalelab.study.executors import LocalExecutor, RayExecutor, RunOutcome, run_study
+    from scalelab.study.executors import Executor, LocalExecutor, RayExecutor, RunOutcome, run_study
     from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
     _out_dir(out)
     expand_runs(study, source=spec.name)  # every run the design makes is valid, before anything runs
     if executor_kind == "local":
-        executor: LocalExecutor | RayExecutor = LocalExecutor(
+        executor: Executor = LocalExecutor(
             parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
         )
     elif executor_kind == "ray":
@@ -247,8 +262,14 @@ def study_run(
             local_cpus=None if address else parallel * (study.train.threads or 1) * nproc_per_run,
             nproc_per_run=nproc_per_run,
         )
+    elif executor_kind == "slurm":
+        from scalelab.study.slurm import SlurmExecutor
+
+        executor = SlurmExecutor(
+            study.slurm, nproc_per_run=nproc_per_run, timeout_seconds=timeout, retries=retries
+        )
     else:
-        raise SpecError(f"--executor: expected 'local' or 'ray', got {executor_kind!r}")
+        raise SpecError(f"--executor: expected 'local', 'ray' or 'slurm', got {executor_kind!r}")
     forecasters: list[Any] = []
 
     def forecast_seconds(planned: Any) -> float | None:

@@ -1,4 +1,4 @@
-"""Hardware facts for MFU and forecasts: peak matmul FLOP/s (measured or from a table), memory, energy.
+"""Hardware facts for MFU and forecasts: peak matmul FLOP/s (measured or from a table), memory.
 
 `peak_flops(device, precision, gemms)` is the reference for MFU (model FLOP utilisation = achieved model
 FLOP/s ÷ peak). On a GPU listed in `KNOWN_PEAK_FLOPS` the vendor's dense peak is used. Elsewhere the
@@ -257,43 +257,3 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
-
-# ------------------------------------------------------------------------------------- energy
-class EnergyMeter:
-    """GPU energy from NVML's cumulative counter (Volta and newer); None with a reason elsewhere."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.note: str | None = None
-        self._handle: Any = None
-        self._nvml: Any = None
-        self._start_mj: int | None = None
-
-    def start(self) -> None:
-        if self.device.type != "cuda":
-            self.note = "no GPU: energy is only measured through NVML on CUDA devices"
-            return
-        try:
-            import pynvml  # lazy: optional dependency
-
-            pynvml.nvmlInit()
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self._start_mj = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
-            self._nvml = pynvml
-        except ImportError:
-            self.note = "pynvml is not installed (pip install nvidia-ml-py)"
-        except Exception as err:  # noqa: BLE001 — NVML errors are many and vendor-specific
-            self.note = f"NVML energy counter unavailable: {err}"
-
-    def joules(self) -> float | None:
-        """Energy since `start()` in joules, or None (see `note`)."""
-        if self._nvml is None or self._start_mj is None:
-            return None
-        try:
-            now = int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
-        except Exception as err:  # noqa: BLE001
-            self.note = f"NVML energy counter failed: {err}"
-            return None
-        self.note = "NVML total energy consumption of the GPU (whole device, all processes)"
-        return (now - self._start_mj) / 1000.0

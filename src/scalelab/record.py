@@ -38,8 +38,9 @@ class RunRecord:
     wall_seconds: float = _column(0.0)  # across resumes
     tokens_per_second: float | None = _column()
     peak_memory_bytes: int | None = _column()
-    energy_joules: float | None = _column()
-    energy_note: str | None = None
+    energy_joules: float | None = _column()  # every rank's meter summed (energy.EnergyMeter.scope)
+    energy_source: str = "unavailable"  # measured (NVML, RAPL) / estimated (power × time) / unavailable
+    energy_note: str | None = None  # how it was measured or estimated
     branch: dict[str, Any] | None = None  # the WSD trunk snapshot this run started from
     world_size: int = 1
     strategy: str = "none"

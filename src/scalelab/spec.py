@@ -493,6 +493,51 @@ class TargetSpec(_Spec):
     loss: float | None = Field(None, gt=0)
 
 
+class ForecastSpec(_Spec):
+    """What `study plan` prices its forecast at: money per device-hour and, optionally, watts per device."""
+
+    price_per_device_hour: float | None = Field(
+        None,
+        gt=0,
+        description="price of one device (GPU, or CPU machine) for an hour; None: no cost forecast",
+    )
+    currency: str = Field("USD", min_length=1, max_length=8)
+    watts_per_device: float | None = Field(
+        None,
+        gt=0,
+        description="power draw of one busy device; None: the GPU's board power or the CPU estimate",
+    )
+
+
+class SlurmSpec(_Spec):
+    """Slurm resources of each run's job (`study run --executor slurm`); not part of any run's identity."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_minutes: int | None = Field(
+        None, ge=1, description="job time limit; None: twice the run's forecast + 10 minutes (60 unforecast)"
+    )
+    mem_gb: float | None = Field(None, gt=0, description="memory per node; None: the partition's default")
+    nodes: int = Field(
+        1, ge=1, description="nodes per ddp/fsdp run (torchrun on each, --nproc-per-run ranks each)"
+    )
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="None: --nproc-per-run for CUDA runs, 0 for CPU runs"
+    )
+    cpus_per_task: int | None = Field(None, ge=1, description="None: train.threads × ranks per node")
+    requeues: int = Field(
+        3, ge=0, description="resubmissions of a run whose job was cancelled, preempted or lost its node"
+    )
+    signal_delay_seconds: int = Field(
+        120, ge=10, description="seconds before the time limit that the job is signalled to requeue itself"
+    )
+    setup: list[str] = Field(default_factory=list, description="shell lines run before srun (module load …)")
+    sbatch: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="further sbatch options, e.g. {constraint = 'a100'}"
+    )
+
+
 class StudySpec(_Spec):
     """A base run plus a design that varies it; fit settings and the target for the report."""
 
@@ -509,6 +554,8 @@ class StudySpec(_Spec):
     )
     fit: FitSpec = Field(default_factory=FitSpec)
     target: TargetSpec = Field(default_factory=TargetSpec)
+    forecast: ForecastSpec = Field(default_factory=ForecastSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     hypotheses: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")

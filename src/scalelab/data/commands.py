@@ -13,7 +13,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from scalelab.data.corpus import BuiltinCorpus, JsonlSource, ParquetSource, Source, TextSource
@@ -35,6 +41,20 @@ FieldOpt = Annotated[str, typer.Option("--field", help="JSONL field / Parquet co
 SkipBadOpt = Annotated[
     bool, typer.Option("--skip-bad", help="Skip malformed JSONL lines instead of failing.")
 ]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        help="local (this machine's processes) | ray (Ray tasks on the cluster at $RAY_ADDRESS, else a "
+        "local Ray; input paths must be readable on every node).",
+    ),
+]
+
+
+def _executor(value: str) -> str:
+    if value not in ("local", "ray"):
+        raise DataError(f"--executor: expected 'local' or 'ray', got {value!r}")
+    return value
 
 
 def make_sources(specs: list[str], field: str = "text", skip_bad: bool = False) -> list[Source]:
@@ -53,12 +73,14 @@ def make_sources(specs: list[str], field: str = "text", skip_bad: bool = False) 
     return out
 
 
-def _progress() -> Progress:
+def _ingest_progress() -> Progress:
+    """On a terminal: a bar over the sources' bytes of text, with the tokens written and the time left."""
     return Progress(
-        SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
-        TextColumn("{task.completed:,.0f} tokens"),
-        TimeElapsedColumn(),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=not Console(stderr=True).is_terminal,
         transient=True,
@@ -81,12 +103,14 @@ def ingest(
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 1 << 22,
     field: FieldOpt = "text",
     skip_bad: SkipBadOpt = False,
+    executor: ExecutorOpt = "local",
 ) -> None:
     """Tokenize SOURCES into a checksummed token store (resumes if interrupted)."""
     from scalelab.data.ingest import ingest as run_ingest
     from scalelab.data.store import TokenStore
     from scalelab.data.tokenize import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
 
+    executor = _executor(executor)
     srcs = make_sources(sources, field, skip_bad)
     tok: Tokenizer
     if tokenizer_file is not None:
@@ -98,8 +122,12 @@ def ingest(
             tok = train_bpe(srcs, vocab_size)
     else:
         raise DataError(f"--tokenizer: expected 'byte' or 'bpe', got {tokenizer!r}")
-    with _progress() as progress:
-        task = progress.add_task("ingest", total=None)
+    with _ingest_progress() as progress:
+        task = progress.add_task("ingest", total=None if progress.disable else _text_bytes(srcs), tokens=0)
+
+        def tokens_done(n: int) -> None:
+            progress.update(task, tokens=progress.tasks[0].fields["tokens"] + n)
+
         path = run_ingest(
             srcs,
             out,
@@ -107,9 +135,17 @@ def ingest(
             heldout_fraction=heldout_fraction,
             shard_tokens=shard_tokens,
             workers=workers,
-            progress=lambda n: progress.advance(task, n),
+            progress=tokens_done,
+            executor=executor,  # type: ignore[arg-type]
+            text_progress=lambda n: progress.advance(task, n),
         )
     _render_info(TokenStore.open(path).info())
+
+
+def _text_bytes(sources: list[Source]) -> int | None:
+    """The bar's total: the sources' bytes of text, None (no bar, a count) when some source cannot say."""
+    sizes = [s.size_bytes() for s in sources]
+    return None if any(n is None for n in sizes) else sum(n for n in sizes if n is not None)
 
 
 @app.command("train-tokenizer")
@@ -179,15 +215,21 @@ def stats(
     ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes.")] = 1,
     split: Annotated[str, typer.Option(help="Token store split.")] = "train",
+    executor: ExecutorOpt = "local",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Out-of-core moments and quantiles of table columns, or document lengths of a token store."""
     from scalelab.data.stats import column_stats, token_store_stats
 
+    if _executor(executor) == "ray":
+        from scalelab.data.raymap import cluster_cpus
+
+        workers = max(workers, cluster_cpus())  # cut the table into units for the cluster's CPUs
+
     if table.is_dir():
         from scalelab.data.store import TokenStore
 
-        res = token_store_stats(TokenStore.open(table), split, workers=workers)
+        res = token_store_stats(TokenStore.open(table), split, workers=workers, executor=executor)
         summaries = {"doc_length_tokens": res["doc_length"].summary()}
         counts = res["token_counts"]
         top = sorted(((int(c), i) for i, c in enumerate(counts) if c), reverse=True)[:10]
@@ -200,7 +242,8 @@ def stats(
         if not columns:
             raise DataError("--columns: name the numeric columns to summarise, e.g. --columns loss,tokens")
         cols = [c.strip() for c in columns.split(",") if c.strip()]
-        summaries = {c: s.summary() for c, s in column_stats(table, cols, workers=workers).items()}
+        stats_ = column_stats(table, cols, workers=workers, executor=executor)
+        summaries = {c: s.summary() for c, s in stats_.items()}
         extra = {}
     if as_json:
         print(json.dumps({**extra, "columns": _jsonable(summaries)}, indent=2))

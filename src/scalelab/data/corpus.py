@@ -89,6 +89,12 @@ class Source(ABC):
         """The files the documents come from (None when not file-backed)."""
         return None
 
+    def size_bytes(self) -> int | None:
+        """About how many bytes of text `spans` will cover (for progress bars): the files' sizes, None when
+        not file-backed. Cheap: no file is read."""
+        files = self.files()
+        return None if files is None else sum(_file_size(f) for f in files)
+
     def spans(self, target_bytes: int) -> Iterator[Span]:
         """Consecutive spans of about `target_bytes` of text covering `documents()` in order.
 
@@ -483,6 +489,14 @@ class ParquetSource(Source):
             for span in _group(((g, g[2]) for g in groups), target_bytes, tuple, None):
                 rgs = span.part
                 yield Span(self, (rel, f, tuple(g[0] for g in rgs), rgs[0][1]), span.size_bytes)
+
+    def size_bytes(self) -> int | None:
+        """The row groups' uncompressed bytes, as `spans` sizes them (from the files' metadata)."""
+        total = 0
+        for _, f in list_files(self.path):
+            meta = self._open(f).metadata
+            total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        return total
 
     def read_part(self, part: Any) -> Iterator[Document]:
         """`part`: (relative id, path, row groups or None for all, index of the first row)."""

@@ -23,6 +23,11 @@ How it stays deterministic and resumable:
   is written. What stays serial in this process: cutting chunks (for JSONL a read of the file
   that counts its lines), receiving results, and the bookkeeping (shards are cut as views, never
   copied). ``workers=1`` does everything here, in order, on one core.
+- With ``executor="ray"`` the chunks are tokenized as Ray tasks instead (`scalelab.data.raymap`: each
+  chunk travels as its source and span, every node reads its text from the same paths, so those must
+  be on a shared file system); results still arrive in chunk order and everything after tokenizing —
+  the writer thread, shards, state files, the index — is the same code here, so the store is
+  byte-identical to a local ingest.
 - A document goes to ``heldout`` when a hash of its id falls below `heldout_fraction`.
 - Each split's tokens are cut into shards of exactly `shard_tokens` (the last may be shorter). A
   shard is written atomically as soon as it is full. After a chunk that completed a shard, the
@@ -56,7 +61,7 @@ import re
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -109,6 +114,20 @@ def _init_worker(definition: dict[str, Any]) -> None:
     global _worker_tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process = one core; parallelism is ours
     _worker_tokenizer = tokenizer_from_definition(definition)
+
+
+_tokenizers_by_hash: dict[str, Tokenizer] = {}
+
+
+def _tokenize_chunk_shared(
+    chunk: tuple[int, Span], heldout_fraction: float, tokenizer_hash: str, definition: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """`_tokenize_chunk` in a Ray task: the tokenizer is built from its definition once per process."""
+    tok = _tokenizers_by_hash.get(tokenizer_hash)
+    if tok is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a task is given one CPU
+        tok = _tokenizers_by_hash[tokenizer_hash] = tokenizer_from_definition(definition)
+    return _tokenize_chunk(chunk, heldout_fraction, tok)
 
 
 def _tokenizer_threads_off(results: Iterator[Any]) -> Iterator[Any]:
@@ -489,6 +508,8 @@ def ingest(
     workers: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Callable[[int], None] | None = None,
+    executor: Literal["local", "ray"] = "local",
+    text_progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Tokenize `sources` into a token store at `out`; returns `out`.
 
@@ -498,7 +519,10 @@ def ingest(
     everything runs here, in order, and the tokenizer with its own threading (HF `tokenizers` uses
     all cores unless ``TOKENIZERS_PARALLELISM=false``). The result is byte-identical for any value.
     Re-running after an interruption resumes from the last checkpoint. `progress` (if given) is
-    called after each chunk with the number of tokens it produced.
+    called after each chunk with the number of tokens it produced, `text_progress` with the bytes of text
+    it covered (`Span.size_bytes`; chunks a resume skips count at once), which add up to about
+    `sum(s.size_bytes() for s in sources)`. ``executor="ray"`` tokenizes as Ray
+    tasks on the cluster at $RAY_ADDRESS (or a local Ray) instead; `workers` is then unused.
     """
     out = Path(out)
     if not 0 < heldout_fraction < 1:
@@ -507,6 +531,8 @@ def ingest(
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
     if workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
+    if executor not in ("local", "ray"):
+        raise DataError(f"executor must be 'local' or 'ray', got {executor!r}")
     if (out / INDEX_NAME).exists():
         raise DataError(f"{out}: already contains a complete token store; remove it or choose another path")
     if not sources:
@@ -522,7 +548,16 @@ def ingest(
             )
         _claim(out)
         return _ingest_locked(
-            sources, out, tokenizer, heldout_fraction, shard_tokens, workers, chunk_bytes, progress
+            sources,
+            out,
+            tokenizer,
+            heldout_fraction,
+            shard_tokens,
+            workers,
+            chunk_bytes,
+            progress,
+            executor,
+            text_progress,
         )
 
 
@@ -535,13 +570,15 @@ def _ingest_locked(
     workers: int,
     chunk_bytes: int,
     progress: Callable[[int], None] | None,
+    executor: str = "local",
+    text_progress: Callable[[int], None] | None = None,
 ) -> Path:
     state_path = out / STATE_NAME
 
     def job_key() -> str:  # also fingerprints the sources (unless they already are)
         return _job_key(sources, tokenizer, heldout_fraction, shard_tokens, chunk_bytes)
 
-    background = workers > 1
+    background = workers > 1 or executor == "ray"
     fingerprints: _BackgroundFingerprints | None = None
     job: str | None = None
     if background and not state_path.exists() and _fingerprint_in_background(sources):
@@ -560,9 +597,18 @@ def _ingest_locked(
             log.info("%s: resuming ingest at chunk %d", out, next_chunk)
             _clean_partial(out, temporary_only=True)
 
-        chunks = (c for i, c in enumerate(iter_spans(sources, chunk_bytes)) if i >= next_chunk)
+        sizes: collections.deque[int] = collections.deque()  # text bytes of the chunks in flight, in order
+        chunks = _chunks_from(iter_spans(sources, chunk_bytes), next_chunk, sizes, text_progress)
         here = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction, tokenizer=tokenizer)
-        if workers == 1:
+        if executor == "ray":
+            from scalelab.data.raymap import ray_ordered_map
+
+            results = ray_ordered_map(
+                _tokenize_chunk_shared,
+                chunks,
+                shared=(heldout_fraction, tokenizer.hash, tokenizer.definition()),
+            )
+        elif workers == 1:
             results = map(here, chunks)
         else:
             there = functools.partial(_tokenize_chunk, heldout_fraction=heldout_fraction)
@@ -586,6 +632,8 @@ def _ingest_locked(
                 _save_state(state_path, job, chunk_index, writers)
             if progress is not None:
                 progress(int(train.size + heldout.size))
+            if text_progress is not None:
+                text_progress(sizes.popleft())
 
         if fingerprints is not None and job is None:
             fingerprints.wait()
@@ -648,6 +696,24 @@ def _ingest_locked(
         index["splits"]["heldout"]["tokens"],
     )
     return out
+
+
+def _chunks_from(
+    spans: Iterator[tuple[int, Span]],
+    first: int,
+    sizes: collections.deque[int],
+    text_progress: Callable[[int], None] | None,
+) -> Iterator[tuple[int, Span]]:
+    """The chunks from number `first` on; each one's text bytes appended to `sizes` as it is handed out
+    (with `text_progress`), and the bytes of the chunks before `first` (done before a resume) reported."""
+    for i, chunk in enumerate(spans):
+        if i < first:
+            if text_progress is not None:
+                text_progress(chunk[1].size_bytes)
+            continue
+        if text_progress is not None:
+            sizes.append(chunk[1].size_bytes)
+        yield chunk
 
 
 def store_fingerprint(source_fingerprint: str, tokenizer_hash: str) -> str:

@@ -253,8 +253,20 @@ def _merge_all(
     return total
 
 
-def _run_units(fn: Callable[..., Any], units: list[tuple[Any, ...]], workers: int) -> Iterator[Any]:
-    """Results of fn(*unit) in unit order, computed in `workers` spawned processes when > 1."""
+def _star(unit: tuple[Any, ...], fn: Callable[..., Any]) -> Any:
+    return fn(*unit)
+
+
+def _run_units(
+    fn: Callable[..., Any], units: list[tuple[Any, ...]], workers: int, executor: str = "local"
+) -> Iterator[Any]:
+    """Results of fn(*unit) in unit order, computed in `workers` spawned processes when > 1, or as Ray
+    tasks with ``executor="ray"`` (`scalelab.data.raymap`); merged in this order either way."""
+    if executor == "ray":
+        from scalelab.data.raymap import ray_ordered_map
+
+        yield from ray_ordered_map(_star, units, shared=(fn,))
+        return
     if workers <= 1 or len(units) <= 1:
         for u in units:
             yield fn(*u)
@@ -263,6 +275,11 @@ def _run_units(fn: Callable[..., Any], units: list[tuple[Any, ...]], workers: in
         futures = [pool.submit(fn, *u) for u in units]
         for f in futures:
             yield f.result()
+
+
+def _check_executor(executor: str) -> None:
+    if executor not in ("local", "ray"):
+        raise DataError(f"executor must be 'local' or 'ray', got {executor!r}")
 
 
 def _numeric(arr: Any, column: str, where: str) -> np.ndarray:
@@ -333,12 +350,16 @@ def column_stats(
     k: int = DEFAULT_K,
     batch_rows: int = 65_536,
     block_bytes: int = 8 << 20,
+    executor: str = "local",
 ) -> dict[str, ColumnStats]:
     """Moments and quantiles of numeric `columns` of a Parquet or CSV file, streamed and merged.
 
     Parquet is split by row group, CSV by byte ranges aligned to line starts (this assumes no line
     breaks inside quoted CSV fields). A missing or non-numeric column raises `DataError` naming it.
+    The units are cut for `workers` and computed there, or as Ray tasks with ``executor="ray"`` (the
+    file's path must then be readable on every node).
     """
+    _check_executor(executor)
     path = Path(path)
     columns = list(columns)
     if not columns:
@@ -354,7 +375,7 @@ def column_stats(
         fn = _csv_unit
     else:
         raise DataError(f"{path}: unsupported table format '{suffix}' (use .parquet or .csv)")
-    return _merge_all(_run_units(fn, units, workers), columns, k)
+    return _merge_all(_run_units(fn, units, workers, executor), columns, k)
 
 
 def _parquet_units(path: Path, columns: list[str], k: int, batch_rows: int, workers: int) -> list[tuple]:
@@ -417,19 +438,21 @@ def _shard_unit(
 
 
 def token_store_stats(
-    store: Any, split: str = "train", *, workers: int = 1, k: int = DEFAULT_K
+    store: Any, split: str = "train", *, workers: int = 1, k: int = DEFAULT_K, executor: str = "local"
 ) -> dict[str, Any]:
     """Document-length statistics (tokens per document, EOD excluded) and token frequencies of a split.
 
-    Shards are processed in parallel; documents that span shards are stitched together in order.
+    Shards are processed in parallel (`workers` processes, or Ray tasks with ``executor="ray"``);
+    documents that span shards are stitched together in order.
     Returns ``{"documents", "tokens", "doc_length": ColumnStats, "token_counts": ndarray[vocab]}``.
     """
+    _check_executor(executor)
     n = len(store.shards(split))
     units = [(str(store.path), split, i, k) for i in range(n)]
     doc = ColumnStats(quantiles=Quantiles(k))
     counts = np.zeros(store.vocab_size, dtype=np.int64)
     carry = 0
-    for head, moments, tail, has_eod, c, sketch in _run_units(_shard_unit, units, workers):
+    for head, moments, tail, has_eod, c, sketch in _run_units(_shard_unit, units, workers, executor):
         counts += c
         if not has_eod:
             carry += head

@@ -19,6 +19,7 @@ from scalelab import __version__
 from scalelab.errors import ScalelabError
 from scalelab.provenance import utc_now
 from scalelab.study.registry import Registry
+from scalelab.study.spend import spend_sentence
 from scalelab.units import count
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ def summarize(
         f"diverged, {counts['timeout']} timed out, {counts['pending'] + counts['running']} not finished; "
         f"{total_seconds / 60:.1f} minutes of training in total."
     )
+    s.study_line += spend_sentence(runs, meta.get("forecast"))
     if counts["failed"] + counts["diverged"] + counts["timeout"]:
         s.warnings.append(
             f"{counts['failed'] + counts['diverged'] + counts['timeout']} run(s) did not finish; "

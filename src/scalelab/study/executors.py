@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from scalelab.errors import SpecError
 from scalelab.extras import require_sinks
@@ -30,6 +30,9 @@ from scalelab.study.plan import PlannedRun, expand_runs
 from scalelab.study.registry import Registry
 from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
 from scalelab.units import si
+
+if TYPE_CHECKING:
+    from scalelab.study.slurm import SlurmExecutor
 
 log = logging.getLogger(__name__)
 
@@ -352,18 +355,9 @@ class RayExecutor:
         self.local_cpus = local_cpus
 
     def _init(self) -> Any:
-        try:
-            import ray
-        except ImportError as err:
-            from scalelab.errors import ScalelabError
+        from scalelab.raycluster import ray_connect
 
-            raise ScalelabError("the Ray executor needs Ray: pip install 'scalelab[ray]'") from err
-        if not ray.is_initialized():
-            if self.address:
-                ray.init(address=self.address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=self.local_cpus, include_dashboard=False, log_to_driver=False)
-        return ray
+        return ray_connect(self.address, self.local_cpus, "the Ray executor")
 
     def execute(
         self, todo: list[tuple[PlannedRun, Path]], registry: Registry, progress: ProgressFn | None = None
@@ -430,7 +424,7 @@ def _ray_train_task(
     return attempt_with_retries(Path(run_dir), env, timeout_seconds, retries, command=command)
 
 
-Executor = LocalExecutor | RayExecutor
+Executor = Union[LocalExecutor, RayExecutor, "SlurmExecutor"]  # noqa: UP007 — the last is a forward reference
 
 
 def guarded(command: Sequence[str]) -> list[str]:

@@ -3,7 +3,9 @@
 For each distinct shape (model, batch, precision, device, threads) a few real optimizer steps are timed
 on random tokens and cached per machine in `<cache>/forecast.json`, so a plan costs seconds once and
 nothing after. A run's forecast = start-up + training tokens / measured tokens-per-second + held-out
-evaluations (a forward pass costs about a third of a training step).
+evaluations (a forward pass costs about a third of a training step). Energy and cost follow from the time:
+devices × forecast hours × price per device-hour (`[forecast]` in the spec, or `--price`), and devices ×
+forecast seconds × busy power per device (`energy.busy_watts`, or `forecast.watts_per_device`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any
 
 import torch
 
+from scalelab.energy import busy_watts
 from scalelab.hw import cache_dir, load_changed, load_per_cpu, machine_key, peak_memory_bytes
 from scalelab.io import atomic_write_json
-from scalelab.spec import RunSpec
+from scalelab.spec import ForecastSpec, RunSpec
 from scalelab.study.plan import PlannedRun, planning_vocab
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,46 @@ class Forecast:
     seconds: float
     peak_memory_bytes: int
     tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Price of a device-hour and power of a busy device (None: from the device) for energy/cost forecasts."""
+
+    price_per_device_hour: float | None = None
+    currency: str = "USD"
+    watts_per_device: float | None = None
+    devices_per_run: int = 1
+
+    @classmethod
+    def from_spec(cls, spec: ForecastSpec, price: float | None = None, devices_per_run: int = 1) -> Pricing:
+        """The spec's `[forecast]` section; `price` (the `--price` flag) overrides its price."""
+        return cls(
+            price if price is not None else spec.price_per_device_hour,
+            spec.currency,
+            spec.watts_per_device,
+            devices_per_run,
+        )
+
+    def watts(self, spec: RunSpec) -> float | None:
+        if self.watts_per_device is not None:
+            return self.watts_per_device
+        return busy_watts(_device(spec), spec.train.threads)[0]
+
+    def energy_and_cost(self, spec: RunSpec, seconds: float | None) -> tuple[float | None, float | None]:
+        """(joules, cost) of a run forecast to take `seconds` on `devices_per_run` devices."""
+        if seconds is None:
+            return None, None
+        watts = self.watts(spec)
+        joules = None if watts is None else watts * seconds * self.devices_per_run
+        price = self.price_per_device_hour
+        cost = None if price is None else price * self.devices_per_run * seconds / 3600.0
+        return joules, cost
+
+
+def _sum_known(values: list[float | None]) -> float | None:
+    """Sum of the values, None when any is unknown (a partial total would read as the whole)."""
+    return None if not values or any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
 def shape_key(spec: RunSpec) -> str:
@@ -198,12 +241,16 @@ def _trunk_index(runs: list[PlannedRun]) -> list[int | None]:
     return [index.get(r.branch_of) if r.branch_of else None for r in runs]
 
 
-def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: int = 1) -> dict[str, Any]:
-    """Rows of `study plan` (id, shape, N, D, FLOPs, forecast time and memory) and the totals."""
+def plan_rows(
+    runs: list[PlannedRun], forecaster: Forecaster | None, parallel: int = 1, pricing: Pricing | None = None
+) -> dict[str, Any]:
+    """Rows of `study plan` (id, shape, N, D, FLOPs, forecast time, memory, energy, cost) and the totals."""
     rows, forecasts = [], []
+    pricing = pricing or Pricing()
     for r in runs:
         fc = forecaster.forecast(r) if forecaster else None
         forecasts.append(fc)
+        joules, cost = pricing.energy_and_cost(r.spec, None if fc is None else fc.seconds)
         rows.append(
             {
                 "run_id": r.run_id,
@@ -221,6 +268,8 @@ def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: i
                 "branch_step": r.branch_step or None,
                 "forecast_seconds": None if fc is None else fc.seconds,
                 "forecast_peak_memory_bytes": None if fc is None else fc.peak_memory_bytes,
+                "forecast_energy_joules": joules,
+                "forecast_cost": cost,
             }
         )
     total = {
@@ -234,5 +283,9 @@ def plan_rows(runs: list[PlannedRun], forecaster: Forecaster | None, parallel: i
         if forecaster
         else None,
         "parallel": parallel,
+        "forecast_energy_joules": _sum_known([r["forecast_energy_joules"] for r in rows]),
+        "forecast_cost": _sum_known([r["forecast_cost"] for r in rows]),
+        "currency": pricing.currency,
+        "price_per_device_hour": pricing.price_per_device_hour,
     }
     return {"runs": rows, "total": total}

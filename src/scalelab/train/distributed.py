@@ -173,6 +173,10 @@ class DistContext:
         return self.env.world_size
 
     @property
+    def local_rank(self) -> int:
+        return self.env.local_rank
+
+    @property
     def is_main(self) -> bool:
         return self.env.rank == 0
 
@@ -196,6 +200,12 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (pickled)."""
+        box: list[Any] = [None] * self.world_size
+        dist.all_gather_object(box, obj)
+        return box
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -207,6 +217,7 @@ class SingleProcess:
 
     device: torch.device
     rank: int = 0
+    local_rank: int = 0
     world_size: int = 1
     is_main: bool = True
     dp_rank: int = 0
@@ -218,6 +229,9 @@ class SingleProcess:
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
 
     def close(self) -> None:
         pass

@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
+from scalelab.energy import EnergyMeter
 from scalelab.errors import CheckpointError, TrainingError
-from scalelab.hw import EnergyMeter, peak_flops, peak_memory_bytes, step_gemms
+from scalelab.hw import peak_flops, peak_memory_bytes, step_gemms
 from scalelab.io import atomic_write_json, atomic_write_text
 from scalelab.models.flops import ModelShape
 from scalelab.provenance import utc_now
@@ -106,7 +107,8 @@ def finish_record(
     if shape is not None:
         record.flops = shape.training_flops(record.tokens)
     record.peak_memory_bytes = peak_memory_bytes(device)
-    record.energy_joules = energy.joules()
+    record.energy_joules = energy.joules()  # first: a failed read makes the source "unavailable"
+    record.energy_source = energy.energy_source
     record.energy_note = energy.note
     record.wall_seconds = wall_seconds
     record.finished_at = utc_now()
@@ -420,6 +422,8 @@ def run_training(
             controls.close_sinks()
     shape = prepared.shape if prepared is not None else None
     finish_record(record, trainer, shape, device, energy, wall["prior"] + (time.time() - t_start))
+    if distributed and ranks is not None and record.status == "done":  # a collective: healthy groups only
+        _energy_of_all_ranks(record, energy, ranks)
     try:
         if claimed and (ranks is None or ranks.is_main):
             atomic_write_json(out / "record.json", record.to_json(), indent=1, allow_nan=False)
@@ -435,6 +439,20 @@ def _refused(record: RunRecord, refusal: str) -> dict[str, Any]:
     record.finished_at = utc_now()
     log.error("%s", refusal)
     return record.to_json()
+
+
+def _energy_of_all_ranks(record: RunRecord, energy: EnergyMeter, ranks: Any) -> None:
+    """The record's energy as the sum of every rank's meter: each process or device once, a node-wide
+    counter (RAPL) once per node; unavailable when any rank has none."""
+    mine = (record.energy_joules, energy.scope, ranks.local_rank, record.energy_source)
+    counted = [m for m in ranks.gather(mine) if m[1] != "node" or m[2] == 0]
+    if any(joules is None for joules, *_ in counted):
+        record.energy_joules, record.energy_source = None, "unavailable"
+        return
+    record.energy_joules = float(sum(joules for joules, *_ in counted))
+    sources = {source for *_, source in counted}
+    record.energy_source = "estimated" if "estimated" in sources else sources.pop()
+    record.energy_note = f"sum over {len(counted)} meters ({energy.scope}): {record.energy_note}"
 
 
 def _metrics_logger(
