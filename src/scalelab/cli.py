@@ -239,37 +239,26 @@ def study_run(
 ) -> None:
     """Run (or continue) a study: finished runs are skipped, interrupted ones resume from checkpoints."""
     from scalelab.cli_progress import LiveTextColumn
-    from scalelab.errors import SpecError
     from scalelab.spec import load_study
     from scalelab.study.eta import StudyEta
-    from scalelab.study.executors import Executor, LocalExecutor, RayExecutor, RunOutcome, run_study
+    from scalelab.study.executors import ExecutorOptions, RunOutcome, make_executor, run_study
     from scalelab.study.plan import expand_runs
 
     study = load_study(spec, set_ or ())
     _out_dir(out)
     expand_runs(study, source=spec.name)  # every run the design makes is valid, before anything runs
-    if executor_kind == "local":
-        executor: Executor = LocalExecutor(
-            parallel=parallel, timeout_seconds=timeout, retries=retries, nproc_per_run=nproc_per_run
-        )
-    elif executor_kind == "ray":
-        executor = RayExecutor(
-            address=address,
-            cpus_per_run=study.train.threads or 1,
-            gpus_per_run=gpus_per_run,
+    executor = make_executor(
+        executor_kind,
+        study,
+        ExecutorOptions(
+            parallel=parallel,
             timeout_seconds=timeout,
             retries=retries,
-            local_cpus=None if address else parallel * (study.train.threads or 1) * nproc_per_run,
             nproc_per_run=nproc_per_run,
-        )
-    elif executor_kind == "slurm":
-        from scalelab.study.slurm import SlurmExecutor
-
-        executor = SlurmExecutor(
-            study.slurm, nproc_per_run=nproc_per_run, timeout_seconds=timeout, retries=retries
-        )
-    else:
-        raise SpecError(f"--executor: expected 'local', 'ray' or 'slurm', got {executor_kind!r}")
+            address=address,
+            gpus_per_run=gpus_per_run,
+        ),
+    )
     forecasters: list[Any] = []
 
     def forecast_seconds(planned: Any) -> float | None:

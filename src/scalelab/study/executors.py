@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from scalelab.errors import SpecError
 from scalelab.extras import require_sinks
@@ -32,7 +32,7 @@ from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
 from scalelab.units import si
 
 if TYPE_CHECKING:
-    from scalelab.study.slurm import SlurmExecutor
+    from scalelab.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,10 @@ class LocalExecutor:
         self._stopping = threading.Event()
         self._slots: GpuSlots | None = None  # built when the first run starts (study/gpus.py)
 
+    @classmethod
+    def from_options(cls, study: StudySpec, o: ExecutorOptions) -> LocalExecutor:
+        return cls(o.parallel, o.timeout_seconds, o.retries, o.nproc_per_run)
+
     def gpu_slots(self) -> GpuSlots:
         """One slot per concurrent run, each with its own GPUs when there are enough (study/gpus.py)."""
         with self._lock:
@@ -354,6 +358,21 @@ class RayExecutor:
         self.retries = retries
         self.local_cpus = local_cpus
 
+    @classmethod
+    def from_options(cls, study: StudySpec, o: ExecutorOptions) -> RayExecutor:
+        """A Ray task per run with the run's threads as CPUs; a local Ray sized for `parallel` runs
+        when no cluster address is given."""
+        threads = study.train.threads or 1
+        return cls(
+            address=o.address,
+            cpus_per_run=threads,
+            gpus_per_run=o.gpus_per_run,
+            timeout_seconds=o.timeout_seconds,
+            retries=o.retries,
+            local_cpus=None if o.address else o.parallel * threads * o.nproc_per_run,
+            nproc_per_run=o.nproc_per_run,
+        )
+
     def _init(self) -> Any:
         from scalelab.raycluster import ray_connect
 
@@ -424,7 +443,47 @@ def _ray_train_task(
     return attempt_with_retries(Path(run_dir), env, timeout_seconds, retries, command=command)
 
 
-Executor = Union[LocalExecutor, RayExecutor, "SlurmExecutor"]  # noqa: UP007 — the last is a forward reference
+@runtime_checkable
+class Executor(Protocol):
+    """Runs a study's planned runs somewhere (here, Ray, Slurm) and reports each outcome; the driver
+    (`run_study`) alone writes the registry from what `execute` returns and reports."""
+
+    def execute(
+        self, todo: list[tuple[PlannedRun, Path]], registry: Registry, progress: ProgressFn | None = None
+    ) -> list[RunOutcome]: ...
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """What `scalelab study run` passes to every executor; each takes the options that apply to it."""
+
+    parallel: int = 1
+    timeout_seconds: float | None = None
+    retries: int = 0
+    nproc_per_run: int = 1
+    address: str | None = None  # a Ray cluster
+    gpus_per_run: float = 0
+
+
+#: `--executor NAME` → "module:class"; a new executor is one module whose class has
+#: `from_options(study, options)` and `execute`, plus one line here
+EXECUTORS: dict[str, str] = {
+    "local": "scalelab.study.executors:LocalExecutor",
+    "ray": "scalelab.study.executors:RayExecutor",
+    "slurm": "scalelab.study.slurm:SlurmExecutor",
+}
+
+
+def make_executor(name: str, study: StudySpec, options: ExecutorOptions) -> Executor:
+    """The executor `--executor NAME` names, built for `study`; SpecError naming the flag when unknown."""
+    import importlib
+
+    from scalelab.errors import SpecError
+
+    if name not in EXECUTORS:
+        raise SpecError(f"--executor: expected one of {', '.join(EXECUTORS)}, got {name!r}")
+    module, _, attr = EXECUTORS[name].partition(":")
+    return getattr(importlib.import_module(module), attr).from_options(study, options)  # type: ignore[no-any-return]
 
 
 def guarded(command: Sequence[str]) -> list[str]:

@@ -37,6 +37,7 @@ from scalelab.errors import ScalelabError
 from scalelab.spec import SlurmSpec
 from scalelab.study.executors import (
     Dependencies,
+    ExecutorOptions,
     ProgressFn,
     RunOutcome,
     _read_json,
@@ -269,6 +270,13 @@ class _Active:
 
 class SlurmExecutor:
     """Each run a Slurm job through submitit (module doc); the driver alone writes the registry."""
+
+    @classmethod
+    def from_options(cls, study: Any, o: ExecutorOptions) -> SlurmExecutor:
+        """A Slurm job per run with the resources of the study's [study.slurm] section."""
+        return cls(
+            study.slurm, nproc_per_run=o.nproc_per_run, timeout_seconds=o.timeout_seconds, retries=o.retries
+        )
 
     def __init__(
         self,
