@@ -102,3 +102,13 @@ def test_models_without_a_capability_are_refused_by_name():
         tp_plan_of(Plain())
     with pytest.raises(DistributedError, match="no embed/readout"):
         Stage(Plain(), 0, 2)
+
+
+def test_the_mesh_is_built_from_the_registered_layouts():
+    from scalelab.train.distributed import mesh_layout
+
+    train = TrainSpec(strategy="fsdp", tensor_parallel=2, pipeline_parallel=2)
+    assert mesh_layout(8, train) == (("pp", "dp", "tp"), (2, 2, 2))
+    assert mesh_layout(1, TrainSpec()) == (("pp", "dp", "tp"), (1, 1, 1))
+    with pytest.raises(DistributedError, match=r"train.pipeline_parallel=2 × train.tensor_parallel=2"):
+        mesh_layout(6, train)

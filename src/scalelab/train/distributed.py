@@ -237,15 +237,28 @@ class SingleProcess:
         pass
 
 
-def mesh_shape(world_size: int, train: TrainSpec) -> tuple[int, int, int]:
-    """(pp, dp, tp) sizes for this world; DistributedError when the degrees do not divide it."""
-    tp, pp = train.tensor_parallel, train.pipeline_parallel
-    if world_size % (tp * pp):
+def mesh_layout(world_size: int, train: TrainSpec) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(dimension names, sizes) of the device mesh for this world, from the registered layouts
+    (`scalelab.train.parallel.mesh_dims`: e.g. ("pp", "dp", "tp")); DistributedError when the
+    model-parallel degrees do not divide the world."""
+    from scalelab.train.parallel import mesh_dims
+
+    dims = mesh_dims(train)
+    model_parallel = math.prod(size for _, size, field in dims if field)
+    if world_size % model_parallel:
+        degrees = " × ".join(f"train.{field}={size}" for _, size, field in dims if field)
         raise DistributedError(
-            f"WORLD_SIZE={world_size} is not divisible by train.tensor_parallel={tp} × "
-            f"train.pipeline_parallel={pp}; change the number of processes or the degrees"
+            f"WORLD_SIZE={world_size} is not divisible by {degrees}; change the number of processes or "
+            "the degrees"
         )
-    return pp, world_size // (tp * pp), tp
+    names = tuple(name for name, _, _ in dims)
+    sizes = tuple(size if field else world_size // model_parallel for _, size, field in dims)
+    return names, sizes
+
+
+def mesh_shape(world_size: int, train: TrainSpec) -> tuple[int, ...]:
+    """The mesh's sizes for this world, in `mesh_layout`'s order ((pp, dp, tp) today)."""
+    return mesh_layout(world_size, train)[1]
 
 
 def _rendezvous_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
@@ -304,9 +317,17 @@ def init_distributed(train: TrainSpec, env: DistEnv | None = None) -> DistContex
         raise DistributedError(
             f"a process group of size {dist.get_world_size()} exists but WORLD_SIZE={env.world_size}"
         )
-    shape = mesh_shape(env.world_size, train)
-    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", "dp", "tp"))
-    log.info("rank %d/%d on %s (%s), mesh pp×dp×tp = %s", env.rank, env.world_size, device, backend, shape)
+    names, shape = mesh_layout(env.world_size, train)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    log.info(
+        "rank %d/%d on %s (%s), mesh %s = %s",
+        env.rank,
+        env.world_size,
+        device,
+        backend,
+        "×".join(names),
+        shape,
+    )
     return DistContext(env, device, backend, mesh, owns_group=owns)
 
 

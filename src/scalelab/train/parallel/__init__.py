@@ -24,14 +24,26 @@ if TYPE_CHECKING:
 STRATEGIES: tuple[str, ...] = ("pipeline", "tensor", "ddp", "fsdp")
 
 
+def all_strategies() -> list[Strategy]:
+    """Every registered layout, in application order."""
+    return [importlib.import_module(f"{__name__}.{name}").STRATEGY for name in STRATEGIES]
+
+
 def active_strategies(train: TrainSpec) -> list[Strategy]:
     """The strategies `train` asks for, in application order."""
-    found = []
-    for name in STRATEGIES:
-        strategy = importlib.import_module(f"{__name__}.{name}").STRATEGY
-        if strategy.active(train):
-            found.append(strategy)
-    return found
+    return [s for s in all_strategies() if s.active(train)]
+
+
+def mesh_dims(train: TrainSpec) -> list[tuple[str, int, str | None]]:
+    """The device mesh's dimensions as (name, size, spec field): the model-parallel layouts' own (size 1
+    when off), the outer ones, then "dp" (size 0: whatever the world leaves), then the inner ones."""
+    outer, inner = [], []
+    for s in all_strategies():
+        if s.mesh_dim is not None and s.degree_field is not None:
+            (outer if s.outer else inner).append(
+                (s.mesh_dim, int(getattr(train, s.degree_field)), s.degree_field)
+            )
+    return [*outer, ("dp", 0, None), *inner]
 
 
 def parallelize(model: nn.Module, mesh: Any, train: TrainSpec) -> nn.Module:

@@ -11,9 +11,18 @@ from scalelab.spec import TrainSpec
 
 
 class Strategy:
-    """One layout (data, tensor, pipeline, …). `apply` returns the transformed model (in place or wrapped)."""
+    """One layout (data, tensor, pipeline, …). `apply` returns the transformed model (in place or wrapped).
+
+    A model-parallel layout owns a dimension of the device mesh: `mesh_dim` (its name), `degree_field`
+    (the TrainSpec field giving its size) and `outer` (placed before the data-parallel dimension, as
+    pipeline stages are, or after it, innermost, as tensor shards are — their collectives are the most
+    frequent, so their ranks should be neighbours on one node).
+    """
 
     name: ClassVar[str]
+    mesh_dim: ClassVar[str | None] = None
+    degree_field: ClassVar[str | None] = None
+    outer: ClassVar[bool] = False
 
     def active(self, train: TrainSpec) -> bool:
         raise NotImplementedError

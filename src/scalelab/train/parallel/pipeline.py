@@ -239,6 +239,9 @@ class PipelineRunner:
 
 class PipelineStrategy(Strategy):
     name = "pipeline"
+    mesh_dim = "pp"
+    degree_field = "pipeline_parallel"
+    outer = True
 
     def active(self, train: TrainSpec) -> bool:
         return train.pipeline_parallel > 1

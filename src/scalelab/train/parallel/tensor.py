@@ -102,6 +102,8 @@ def _check_divisible(model: nn.Module, block: nn.Module, plan: Mapping[str, str]
 
 class TensorStrategy(Strategy):
     name = "tensor"
+    mesh_dim = "tp"
+    degree_field = "tensor_parallel"
 
     def active(self, train: TrainSpec) -> bool:
         return train.tensor_parallel > 1
