@@ -109,3 +109,21 @@ def test_a_measurement_taken_under_another_load_is_retaken(
     assert fc.Forecaster(path, measure=False).forecast(run) == first  # not allowed to measure: keep it
     again = fc.Forecaster(path).forecast(run)
     assert len(calls) == 1 and again.tokens_per_second == 1e3  # busier machine: measured again
+
+
+def test_forecasts_of_different_families_are_measured_apart():
+    """The throughput cache keys on the model family and its attention shape, not only width × depth."""
+    from scalelab.spec import RunSpec
+    from scalelab.study.forecast import shape_key
+
+    base = {"model": {"width": 32, "depth": 2, "n_heads": 4, "context_tokens": 16}, "data": {"store": "/x"}}
+    keys = {
+        shape_key(RunSpec.model_validate({**base, "model": {**base["model"], **extra}}))
+        for extra in (
+            {},
+            {"family": "llama"},
+            {"family": "llama", "n_kv_heads": 2},
+            {"family": "llama", "qk_norm": True},
+        )
+    }
+    assert len(keys) == 4

@@ -90,9 +90,13 @@ def _sum_known(values: list[float | None]) -> float | None:
 
 
 def shape_key(spec: RunSpec) -> str:
-    """What decides speed and memory: the model shape, batch, precision, compile, device, threads."""
+    """What decides speed and memory: the model (family and shape), batch, precision, compile, device,
+    threads."""
     m, t = spec.model, spec.train
     fields = {
+        "family": m.family,
+        "kv_heads": m.n_kv_heads,
+        "qk_norm": m.qk_norm,
         "width": m.width,
         "depth": m.depth,
         "n_heads": m.n_heads,
@@ -118,8 +122,7 @@ def _device(spec: RunSpec) -> torch.device:
 
 def measure_throughput(spec: RunSpec, steps: int = 5, warmup: int = 2) -> Throughput:
     """Time `steps` real optimizer steps (after `warmup`) of this run's model on random tokens."""
-    from scalelab.models.gpt import build_model
-    from scalelab.models.parametrization import apply_parametrization
+    from scalelab.train.build import build_parametrized
     from scalelab.train.precision import autocast
     from scalelab.train.trainer import make_optimizer
 
@@ -129,8 +132,9 @@ def measure_throughput(spec: RunSpec, steps: int = 5, warmup: int = 2) -> Throug
         torch.set_num_threads(spec.train.threads)
     try:
         gen = torch.Generator().manual_seed(0)
-        model = build_model(spec.model, planning_vocab(spec)).to(device)
-        groups = apply_parametrization(model, spec.model)
+        torch.manual_seed(spec.train.seed)
+        raw, groups = build_parametrized(spec.model, planning_vocab(spec), device)
+        model = torch.compile(raw) if spec.train.compile else raw
         opt = make_optimizer(groups, spec.train, device)
         micro = spec.train.micro_batch_size or spec.train.global_batch_size
         n_micro = spec.train.global_batch_size // micro

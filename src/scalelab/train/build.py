@@ -23,7 +23,7 @@ from scalelab.errors import TrainingError
 from scalelab.models.flops import ModelShape
 from scalelab.models.parametrization import apply_parametrization
 from scalelab.models.registry import build_model
-from scalelab.spec import RunSpec, TrainSpec
+from scalelab.spec import ModelSpec, RunSpec, TrainSpec
 from scalelab.train.controls import resolve_micro_batch
 
 #: builds a loader: (store, split, block_tokens, global_batch_size, seed) → iterable of LongTensor batches
@@ -118,6 +118,16 @@ class PreparedRun:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # what the layout changes in a step
 
 
+def build_parametrized(
+    model_spec: ModelSpec, vocab: int, device: torch.device
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The spec's model with its parametrization applied (init, multipliers) on `device`, and its optimizer
+    groups; seed first for reproducible weights. Used by runs and by throughput forecasts alike."""
+    model = build_model(model_spec, vocab)
+    groups = apply_parametrization(model, model_spec)
+    return model.to(device), groups
+
+
 def check_vocab(spec: RunSpec, store: Any) -> int:
     """The model's vocabulary size (the tokenizer's unless the spec fixes a larger one)."""
     vocab = spec.model.vocab_size or int(store.vocab_size)
@@ -156,9 +166,7 @@ def prepare_run(
             train = train.model_copy(update={"micro_batch_size": ranks.broadcast(micro)})
     data_seed = train.data_seed if train.data_seed is not None else train.seed
     seed_everything(train.seed)
-    raw_model = build_model(spec.model, vocab)
-    groups = apply_parametrization(raw_model, spec.model)
-    raw_model.to(device)
+    raw_model, groups = build_parametrized(spec.model, vocab, device)
     parallel_model, hooks = raw_model, {}
     if distributed:
         from scalelab.train.distributed import compile_for_training, param_group_index, regroup
