@@ -204,6 +204,11 @@ class TrainSpec(_Spec):
         20, ge=1, description="noise-scale estimates averaged before the batch may change"
     )
     noise_scale_min_steps: int = Field(10, ge=1, description="steps between two batch-size changes")
+    reference_run: str | None = Field(
+        None,
+        description="run directory (or metrics.jsonl) to measure convergence_lag against: the loss gap at "
+        "equal training time (train/lag.py); set it in [execution] to keep the run id",
+    )
     noise_scale_shards: int | None = Field(
         None,
         ge=2,
@@ -321,6 +326,7 @@ EXECUTION_FIELDS: tuple[str, ...] = (
     "keep_checkpoints",
     "log_interval_steps",
     "sinks",
+    "reference_run",
 )
 
 
@@ -436,6 +442,7 @@ HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
     ("train", "noise_scale_min_measurements"): 20,
     ("train", "noise_scale_min_steps"): 10,
     ("train", "noise_scale_shards"): None,
+    ("train", "reference_run"): None,
     ("train", "sinks"): [],
 }
 

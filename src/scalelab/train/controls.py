@@ -8,6 +8,8 @@
 * `train.batch_schedule` / `train.max_global_batch_size` → a batch-size controller growing the global
   batch by schedule, or growing and (`noise_scale_shrink_below`) shrinking it from the noise scale; its
   changes and their reasons go into record.json ("batch_changes") and the log.
+* `train.reference_run` → convergence_lag (loss gap at equal training time against that run, train/lag.py)
+  in every metrics.jsonl line.
 * `train.sinks` → TensorBoard, MLflow and W&B sinks (train/sinks.py), logging `params` when the run starts.
 
 Callbacks that add to a step's metrics or change the batch run before the metrics logger; sinks after it.
@@ -93,6 +95,10 @@ def build_controls(
         )
     if controls.growth is not None:
         controls.before_metrics.append(controls.growth)
+    if train.reference_run is not None:
+        from scalelab.train.lag import ConvergenceLagCallback, read_reference
+
+        controls.before_metrics.append(ConvergenceLagCallback(read_reference(train.reference_run)))
     if is_main:
         params = params or {"run_id": run_name}
         controls.sinks = build_sinks(train.sinks, Path(out_dir), params, train.log_interval_steps)
