@@ -43,7 +43,11 @@ def rows(out: Path) -> list[dict]:
 
 def test_loss_curve_interpolates_in_time_and_never_extrapolates() -> None:
     curve = LossCurve.from_rows(
-        [{"step": 1, "loss": 4.0, "step_seconds": 1.0}, {"eval_loss": 9.0}, {"step": 2, "loss": 2.0, "step_seconds": 1.0}]
+        [
+            {"step": 1, "loss": 4.0, "step_seconds": 1.0},
+            {"eval_loss": 9.0},
+            {"step": 2, "loss": 2.0, "step_seconds": 1.0},
+        ]
     )
     assert curve.seconds == (1.0, 2.0)
     assert curve.at(1.0) == 4.0 and curve.at(1.5) == 3.0 and curve.at(2.0) == 2.0

@@ -66,12 +66,23 @@ def test_default_run_id_is_pinned() -> None:
         ({"micro_batch_size": 3}, "micro_batch_size: must divide"),
         ({"micro_batch_size": "big"}, "micro_batch_size"),
         ({"noise_scale": True, "micro_batch_size": 1, "noise_scale_shards": 3}, "noise_scale_shards: 3 must"),
-        ({"noise_scale": True, "micro_batch_size": 1, "noise_scale_shards": 2, "strategy": "ddp"}, "single-proc"),
+        (
+            {"noise_scale": True, "micro_batch_size": 1, "noise_scale_shards": 2, "strategy": "ddp"},
+            "single-proc",
+        ),
         ({"noise_scale_shards": 2}, "noise_scale_shards: needs noise_scale"),
-        ({"noise_scale": True, "strategy": "fsdp", "tensor_parallel": 2}, "noise_scale: data parallelism only"),
+        (
+            {"noise_scale": True, "strategy": "fsdp", "tensor_parallel": 2},
+            "noise_scale: data parallelism only",
+        ),
         ({"noise_scale": True, "micro_batch_size": 1, "noise_scale_shrink_below": 0.5}, "needs max_global"),
         (
-            {"noise_scale": True, "micro_batch_size": 1, "max_global_batch_size": 8, "noise_scale_shrink_below": 2},
+            {
+                "noise_scale": True,
+                "micro_batch_size": 1,
+                "max_global_batch_size": 8,
+                "noise_scale_shrink_below": 2,
+            },
             "noise_scale_shrink_below: must be at most noise_scale_headroom / 2 = 1",
         ),
     ],

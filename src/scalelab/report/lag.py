@@ -14,7 +14,9 @@ from scalelab.report.figures import read_metrics
 
 def lag_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """{steps, mean, last, last_seconds} of the rows' convergence_lag values; None when there are none."""
-    lags = [(r["convergence_lag"], r.get("train_seconds")) for r in rows if r.get("convergence_lag") is not None]
+    lags = [
+        (r["convergence_lag"], r.get("train_seconds")) for r in rows if r.get("convergence_lag") is not None
+    ]
     if not lags:
         return None
     values = [v for v, _ in lags]

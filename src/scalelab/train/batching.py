@@ -232,7 +232,9 @@ class NoiseScaleBatchController(_BatchGrowth):
         if max_multiplier < 1 or headroom <= 0:
             raise ValueError("max_multiplier must be ≥ 1 and headroom positive")
         if shrink_below is not None and not 0 < shrink_below <= headroom / 2:
-            raise ValueError(f"shrink_below must be in (0, headroom / 2 = {headroom / 2:g}], got {shrink_below}")
+            raise ValueError(
+                f"shrink_below must be in (0, headroom / 2 = {headroom / 2:g}], got {shrink_below}"
+            )
         self.estimator = estimator
         self.max_multiplier = max_multiplier
         self.headroom = headroom
