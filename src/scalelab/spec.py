@@ -206,8 +206,9 @@ class TrainSpec(_Spec):
     noise_scale_min_steps: int = Field(10, ge=1, description="steps between two batch-size changes")
     reference_run: str | None = Field(
         None,
-        description="run directory (or metrics.jsonl) to measure convergence_lag against: the loss gap at "
-        "equal training time (train/lag.py); set it in [execution] to keep the run id",
+        description="run directory (or metrics.jsonl; absolute, or relative to the training process's "
+        "working directory) to measure convergence_lag against: the loss gap at equal training time "
+        "(train/lag.py); set it in [execution] to keep the run id",
     )
     noise_scale_shards: int | None = Field(
         None,
