@@ -65,12 +65,51 @@ def test_default_run_id_is_pinned() -> None:
         ({"batch_schedule": [[100, 8], [0, 4]]}, "batch_schedule: token counts must increase"),
         ({"micro_batch_size": 3}, "micro_batch_size: must divide"),
         ({"micro_batch_size": "big"}, "micro_batch_size"),
+        ({"noise_scale": True, "micro_batch_size": 1, "noise_scale_shards": 3}, "noise_scale_shards: 3 must"),
+        (
+            {"noise_scale": True, "micro_batch_size": 1, "noise_scale_shards": 2, "strategy": "ddp"},
+            "single-proc",
+        ),
+        ({"noise_scale_shards": 2}, "noise_scale_shards: needs noise_scale"),
+        (
+            {"noise_scale": True, "strategy": "fsdp", "tensor_parallel": 2},
+            "noise_scale: data parallelism only",
+        ),
+        ({"noise_scale": True, "micro_batch_size": 1, "noise_scale_shrink_below": 0.5}, "needs max_global"),
+        (
+            {
+                "noise_scale": True,
+                "micro_batch_size": 1,
+                "max_global_batch_size": 8,
+                "noise_scale_shrink_below": 2,
+            },
+            "noise_scale_shrink_below: must be at most noise_scale_headroom / 2 = 1",
+        ),
     ],
 )
 def test_bad_controls_are_refused_naming_the_field(train: dict, message: str) -> None:
     data = {"train": {"global_batch_size": 4, **train}}
     with pytest.raises(SpecError, match=message):
         run_from_dict(data, "run.toml")
+
+
+def test_noise_scale_is_accepted_under_data_parallelism() -> None:
+    """DDP/FSDP need no micro-batches: the ranks' local gradients are the small batches."""
+    for strategy in ("ddp", "fsdp"):
+        s = run_from_dict({"train": {"global_batch_size": 4, "noise_scale": True, "strategy": strategy}})
+        assert s.train.noise_scale and s.train.micro_batch_size is None
+
+
+def test_shards_of_single_micro_batches_estimate_as_the_micro_batches(tmp_path) -> None:
+    """With one micro-batch per shard the two single-process estimators see the same small batches."""
+    run(spec(steps=5, micro_batch_size=2, noise_scale=True), tmp_path / "micro")
+    run(spec(steps=5, micro_batch_size=2, noise_scale=True, noise_scale_shards=2), tmp_path / "shards")
+    a, b = metrics(tmp_path / "micro"), metrics(tmp_path / "shards")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == y["loss"]  # the estimator only reads gradients
+        for key in ("noise_g2", "noise_trace", "noise_scale_tokens"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
 
 
 def test_auto_micro_batch_is_resolved_and_recorded(tmp_path) -> None:
@@ -159,3 +198,27 @@ def test_noise_scale_controller_doubles_while_below_the_critical_batch_and_stops
     assert _drive(NoiseScaleBatchController(_Estimator(200.0), max_multiplier=8), 40) == []  # < 2 × 128
     assert _drive(NoiseScaleBatchController(_Estimator(1e9, n=5), max_multiplier=8), 40) == []  # too early
     assert _drive(NoiseScaleBatchController(_Estimator(math.nan), max_multiplier=8), 40) == []
+
+
+class _Falling(_Estimator):
+    """B_simple of 1000 tokens for the first 20 steps, then 50 (the noise scale collapses)."""
+
+    def __init__(self) -> None:
+        super().__init__(1000.0)
+        self.step = 0
+
+    def estimate(self) -> SimpleNamespace:
+        self.step += 1
+        return SimpleNamespace(b_simple=1000.0 if self.step <= 20 else 50.0, n=self.n)
+
+
+def test_noise_scale_controller_shrinks_back_to_the_base_batch_and_says_why() -> None:
+    ctl = NoiseScaleBatchController(_Falling(), max_multiplier=8, shrink_below=0.5, min_steps=5)
+    assert _drive(ctl, 40) == [8, 16, 8, 4]  # never below the base batch of 4
+    assert [c["step"] for c in ctl.changes] == [5, 10, 21, 26]  # B_simple falls at step 21
+    assert "< 0.5 × batch 512 tokens: shrink" in ctl.changes[2]["reason"]
+    assert "≥ 2 × batch 128 tokens: grow" in ctl.changes[0]["reason"]
+    # without shrink_below the batch never shrinks
+    assert _drive(NoiseScaleBatchController(_Falling(), max_multiplier=8, min_steps=5), 40) == [8, 16]
+    with pytest.raises(ValueError, match="shrink_below"):
+        NoiseScaleBatchController(_Falling(), max_multiplier=8, shrink_below=1.5)

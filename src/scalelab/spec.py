@@ -191,6 +191,31 @@ class TrainSpec(_Spec):
         description="grow the global batch (doubling) up to this while the noise scale says a larger batch "
         "is still efficient; needs noise_scale",
     )
+    noise_scale_headroom: float = Field(
+        2.0, gt=0, description="double the batch when the noise scale B_simple ≥ this × the batch (tokens)"
+    )
+    noise_scale_shrink_below: float | None = Field(
+        None,
+        gt=0,
+        description="halve the batch (not below global_batch_size) when B_simple < this × the batch; "
+        "None: never shrink; at most noise_scale_headroom / 2",
+    )
+    noise_scale_min_measurements: int = Field(
+        20, ge=1, description="noise-scale estimates averaged before the batch may change"
+    )
+    noise_scale_min_steps: int = Field(10, ge=1, description="steps between two batch-size changes")
+    reference_run: str | None = Field(
+        None,
+        description="run directory (or metrics.jsonl; absolute, or relative to the training process's "
+        "working directory) to measure convergence_lag against: the loss gap at equal training time "
+        "(train/lag.py); set it in [execution] to keep the run id",
+    )
+    noise_scale_shards: int | None = Field(
+        None,
+        ge=2,
+        description="one process: estimate from N data-parallel shards of each step instead of the "
+        "micro-batches, deciding as an N-rank DDP/FSDP run on the same data would",
+    )
     sinks: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
         description="metrics sinks besides metrics.jsonl (optional extras, checked before a run starts)",
@@ -229,13 +254,38 @@ class TrainSpec(_Spec):
                 )
         if self.noise_scale:
             micro = self.micro_batch_size
-            if not isinstance(micro, int) or micro >= g:
+            if self.tensor_parallel > 1 or self.pipeline_parallel > 1:
                 raise ValueError(
-                    "noise_scale: needs at least two micro-batches per step (an integer micro_batch_size "
-                    f"below global_batch_size={g}), got micro_batch_size={micro!r}"
+                    "noise_scale: data parallelism only (the per-rank local gradients are the small "
+                    "batches); tensor_parallel and pipeline_parallel must be 1"
                 )
-            if self.strategy != "none":
-                raise ValueError("noise_scale: single-process runs only (strategy='none') for now")
+            if self.strategy == "none":
+                if not isinstance(micro, int) or micro >= g:
+                    raise ValueError(
+                        "noise_scale: needs at least two micro-batches per step (an integer "
+                        f"micro_batch_size below global_batch_size={g}), got micro_batch_size={micro!r}"
+                    )
+                shards = self.noise_scale_shards
+                if shards is not None and (g % shards or (g // shards) % micro):
+                    raise ValueError(
+                        f"noise_scale_shards: {shards} must divide global_batch_size={g} into shards of "
+                        f"whole micro-batches (micro_batch_size={micro})"
+                    )
+            elif self.noise_scale_shards is not None:
+                raise ValueError(
+                    "noise_scale_shards: single-process runs only; under ddp/fsdp the ranks are the shards"
+                )
+        elif self.noise_scale_shards is not None:
+            raise ValueError("noise_scale_shards: needs noise_scale=true")
+        shrink = self.noise_scale_shrink_below
+        if shrink is not None:
+            if self.max_global_batch_size is None:
+                raise ValueError("noise_scale_shrink_below: needs max_global_batch_size (the batch control)")
+            if shrink > self.noise_scale_headroom / 2:
+                raise ValueError(
+                    f"noise_scale_shrink_below: must be at most noise_scale_headroom / 2 = "
+                    f"{self.noise_scale_headroom / 2:g} (or a doubling would be undone at once), got {shrink}"
+                )
         if self.max_global_batch_size is not None:
             if not self.noise_scale:
                 raise ValueError(
@@ -277,6 +327,7 @@ EXECUTION_FIELDS: tuple[str, ...] = (
     "keep_checkpoints",
     "log_interval_steps",
     "sinks",
+    "reference_run",
 )
 
 
@@ -387,6 +438,12 @@ HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
     ("train", "batch_schedule"): [],
     ("train", "noise_scale"): False,
     ("train", "max_global_batch_size"): None,
+    ("train", "noise_scale_headroom"): 2.0,
+    ("train", "noise_scale_shrink_below"): None,
+    ("train", "noise_scale_min_measurements"): 20,
+    ("train", "noise_scale_min_steps"): 10,
+    ("train", "noise_scale_shards"): None,
+    ("train", "reference_run"): None,
     ("train", "sinks"): [],
 }
 

@@ -16,6 +16,7 @@ from typing import Any
 from scalelab.errors import ScalelabError
 from scalelab.io import atomic_write_bytes, atomic_write_text
 from scalelab.report import figures
+from scalelab.report.lag import lag_sections
 from scalelab.report.summary import StudySummary, summarize
 from scalelab.units import count, duration, flops
 
@@ -239,6 +240,7 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
                 "against the fit's intervals.</p>" + _kv_table(s.hypothesis_outcomes),
             )
         )
+    sections.extend(lag_sections(s.runs))
     sections.append(("provenance", "Data and provenance", _kv_table(s.provenance_rows)))
     if s.failures:
         fail = "".join(

@@ -6,8 +6,8 @@
 * `pack_documents` groups documents into bins of at most `token_budget` tokens (first-fit decreasing),
   for variable-length batches with little padding.
 * `BatchSizeController` grows the global batch during training by a schedule (tokens seen → multiple of
-  the base batch) and `NoiseScaleBatchController` from the gradient noise scale (train/noise_scale.py), each
-  logging every change and its reason. The LR schedule keeps following the tokens seen, and the token
+  the base batch) and `NoiseScaleBatchController` grows and shrinks it from the gradient noise scale
+  (train/noise_scale.py; single process, DDP or FSDP), each logging every change and its reason. The LR schedule keeps following the tokens seen, and the token
   budget stays the same (fewer, larger steps).
 """
 
@@ -149,7 +149,7 @@ class _BatchGrowth(Callback):
     def __init__(self) -> None:
         self.changes: list[dict[str, Any]] = []
 
-    def _grow(self, state: TrainState, multiplier: int, reason: str) -> None:
+    def _set(self, state: TrainState, multiplier: int, reason: str) -> None:
         trainer = self.trainer
         assert trainer is not None
         base = trainer.train.global_batch_size
@@ -199,17 +199,23 @@ class BatchSizeController(_BatchGrowth):
             return
         mult, at = self.target(state.tokens)
         if mult != trainer.batch_multiplier:
-            self._grow(state, mult, f"schedule: tokens seen {state.tokens} ≥ {at}")
+            self._set(state, mult, f"schedule: tokens seen {state.tokens} ≥ {at}")
 
 
 class NoiseScaleBatchController(_BatchGrowth):
-    """Doubles the global batch while the gradient noise scale says a larger batch is still efficient.
+    """Doubles the global batch while the gradient noise scale says a larger batch is still efficient, and
+    halves it (optionally) when the noise scale falls well below it.
 
     McCandlish et al. (2018): the critical batch size B_crit ≈ B_simple; below it, doubling the batch
-    nearly halves the steps needed. So when the running estimate `estimator.estimate().b_simple` (tokens)
-    is at least `headroom` × the current batch in tokens, the batch doubles, up to `max_multiplier` × the
-    base — after `min_measurements` estimates and at least `min_steps` steps since the last change, so a
-    noisy early estimate does not trigger it. The learning rate keeps following the schedule over tokens.
+    nearly halves the steps needed, above it the extra examples are mostly wasted. So when the running
+    estimate `estimator.estimate().b_simple` (tokens) is at least `headroom` × the current batch in tokens,
+    the batch doubles, up to `max_multiplier` × the base; when `shrink_below` is set and B_simple is below
+    `shrink_below` × the batch, it halves, down to the base (`train.global_batch_size`). Either only after
+    `min_measurements` estimates and at least `min_steps` steps since the last change, so a noisy early
+    estimate does not trigger it. `shrink_below ≤ headroom / 2` keeps a doubling from being undone at
+    once. The decision depends only on the estimate and the batch, so runs whose estimates agree (one
+    process with `shards=N`, N data-parallel ranks) decide alike. The learning rate keeps following the
+    schedule over tokens.
     """
 
     def __init__(
@@ -218,30 +224,44 @@ class NoiseScaleBatchController(_BatchGrowth):
         max_multiplier: int,
         *,
         headroom: float = 2.0,
+        shrink_below: float | None = None,
         min_measurements: int = 20,
         min_steps: int = 10,
     ) -> None:
         super().__init__()
         if max_multiplier < 1 or headroom <= 0:
             raise ValueError("max_multiplier must be ≥ 1 and headroom positive")
+        if shrink_below is not None and not 0 < shrink_below <= headroom / 2:
+            raise ValueError(
+                f"shrink_below must be in (0, headroom / 2 = {headroom / 2:g}], got {shrink_below}"
+            )
         self.estimator = estimator
         self.max_multiplier = max_multiplier
         self.headroom = headroom
+        self.shrink_below = shrink_below
         self.min_measurements = min_measurements
         self.min_steps = min_steps
 
+    def decide(self, b_simple: float, batch_tokens: int, multiplier: int) -> tuple[int, str] | None:
+        """The new multiplier and the reason, or None to keep `multiplier` (B_simple and batch in tokens)."""
+        if not b_simple > 0:
+            return None
+        if b_simple >= self.headroom * batch_tokens and 2 * multiplier <= self.max_multiplier:
+            why = f"≥ {self.headroom:g} × batch {batch_tokens} tokens: grow"
+            return 2 * multiplier, f"noise scale B_simple = {b_simple:.4g} tokens {why}"
+        if self.shrink_below is not None and multiplier > 1 and b_simple < self.shrink_below * batch_tokens:
+            why = f"< {self.shrink_below:g} × batch {batch_tokens} tokens: shrink"
+            return max(1, multiplier // 2), f"noise scale B_simple = {b_simple:.4g} tokens {why}"
+        return None
+
     def on_step_end(self, state: TrainState) -> None:
         trainer = self.trainer
-        if trainer is None or state.stop or 2 * trainer.batch_multiplier > self.max_multiplier:
+        if trainer is None or state.stop:
             return
         last = self.changes[-1]["step"] if self.changes else 0
         est = self.estimator.estimate()
-        if est.n < self.min_measurements or state.step - last < self.min_steps or not est.b_simple > 0:
+        if est.n < self.min_measurements or state.step - last < self.min_steps:
             return
-        batch_tokens = trainer.step_tokens
-        if est.b_simple >= self.headroom * batch_tokens:
-            self._grow(
-                state,
-                2 * trainer.batch_multiplier,
-                f"noise scale B_simple = {est.b_simple:.4g} tokens ≥ {self.headroom:g} × batch {batch_tokens} tokens",
-            )
+        decision = self.decide(est.b_simple, trainer.step_tokens, trainer.batch_multiplier)
+        if decision is not None:
+            self._set(state, *decision)

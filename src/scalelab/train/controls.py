@@ -3,9 +3,13 @@
 * `train.micro_batch_size = "auto"` → `resolve_micro_batch`: the largest micro-batch that fits
   (train/batching.py), fixed before training starts and recorded in record.json.
 * `train.noise_scale` → the gradient-noise-scale estimator (train/noise_scale.py) writing noise_scale_tokens,
-  noise_g2 and noise_trace into every metrics.jsonl line.
+  noise_g2 and noise_trace into every metrics.jsonl line (small batches: micro-batches in one process,
+  `noise_scale_shards` shards of the step, or the data-parallel ranks under DDP/FSDP).
 * `train.batch_schedule` / `train.max_global_batch_size` → a batch-size controller growing the global
-  batch by schedule or from the noise scale; its changes go into record.json ("batch_changes").
+  batch by schedule, or growing and (`noise_scale_shrink_below`) shrinking it from the noise scale; its
+  changes and their reasons go into record.json ("batch_changes") and the log.
+* `train.reference_run` → convergence_lag (loss gap at equal training time against that run, train/lag.py)
+  in every metrics.jsonl line.
 * `train.sinks` → TensorBoard, MLflow and W&B sinks (train/sinks.py), logging `params` when the run starts.
 
 Callbacks that add to a step's metrics or change the batch run before the metrics logger; sinks after it.
@@ -73,7 +77,7 @@ def build_controls(
     if train.noise_scale:
         from scalelab.train.noise_scale import GradientNoiseCallback
 
-        noise = GradientNoiseCallback()
+        noise = GradientNoiseCallback(shards=train.noise_scale_shards)
         controls.before_metrics.append(noise)
     base = train.global_batch_size
     if train.batch_schedule:
@@ -81,9 +85,20 @@ def build_controls(
             [(tokens, size // base) for tokens, size in train.batch_schedule]
         )
     elif train.max_global_batch_size is not None and noise is not None:
-        controls.growth = NoiseScaleBatchController(noise, train.max_global_batch_size // base)
+        controls.growth = NoiseScaleBatchController(
+            noise,
+            train.max_global_batch_size // base,
+            headroom=train.noise_scale_headroom,
+            shrink_below=train.noise_scale_shrink_below,
+            min_measurements=train.noise_scale_min_measurements,
+            min_steps=train.noise_scale_min_steps,
+        )
     if controls.growth is not None:
         controls.before_metrics.append(controls.growth)
+    if train.reference_run is not None:
+        from scalelab.train.lag import ConvergenceLagCallback, read_reference
+
+        controls.before_metrics.append(ConvergenceLagCallback(read_reference(train.reference_run)))
     if is_main:
         params = params or {"run_id": run_name}
         controls.sinks = build_sinks(train.sinks, Path(out_dir), params, train.log_interval_steps)

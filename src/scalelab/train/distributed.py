@@ -434,7 +434,9 @@ class CrossRankMetrics(Callback):
     and `state.extra["metrics"]` carries, for the metrics.jsonl line, grad_norm_min/max/std (per-rank
     local gradient norms before data-parallel averaging: the full model under DDP/FSDP, the rank's shard
     under tensor parallelism, its stage under pipeline parallelism — the module docstring says what their
-    spread means in each case; absent when a rank has no recorder) and step_seconds_min/max/std.
+    spread means in each case; absent when a rank has no recorder) and step_seconds_min/max/std;
+    `state.extra["local_grad_norms"]` lists the per-rank local norms in rank order (when every rank has
+    one): the gradient-noise estimator (train/noise_scale.py) reads them as small-batch gradients.
     """
 
     def __init__(self, group: Any = None, grad_norm_source: GradNormRecorder | None = None) -> None:
@@ -473,4 +475,5 @@ class CrossRankMetrics(Callback):
         if bool(torch.isfinite(norms).all()):
             g_min, g_max, g_std = _spread(norms)
             metrics.update(grad_norm_min=g_min, grad_norm_max=g_max, grad_norm_std=g_std)
+            state.extra["local_grad_norms"] = [float(n) for n in norms]
         state.extra.setdefault("metrics", {}).update(metrics)

@@ -12,11 +12,12 @@ numerator and denominator are averaged separately (exponential moving averages, 
 the ratio is taken, as the paper recommends.
 
 Gradient accumulation gives both sizes for free: the micro-batch gradients are the small batches and their
-mean, the optimizer-step gradient, is the big one. `GradientNoiseCallback` reads them during training:
-tensor hooks on every parameter add up the squared norm of each backward pass's incoming gradient (one
-backward per micro-batch), and the trainer's pre-clipping `grad_norm` is |G_big|. It costs one squared
-norm per parameter per micro-batch. Batch sizes are counted in tokens (sequences × context), the unit the
-loss is averaged over.
+mean, the optimizer-step gradient, is the big one. So does data parallelism: each rank's local gradient is
+a small batch, the all-reduced one the big batch. `GradientNoiseCallback` reads them during training: in one
+process, tensor hooks on every parameter add up the squared norm of each backward pass's incoming gradient
+(one backward per micro-batch; one squared norm per parameter per micro-batch); under DDP/FSDP, the per-rank
+local norms the data-parallel wrapper measures anyway. The trainer's pre-clipping `grad_norm` is |G_big|.
+Batch sizes are counted in tokens (sequences × context), the unit the loss is averaged over.
 """
 
 from __future__ import annotations
@@ -105,25 +106,48 @@ class NoiseScaleAccumulator:
 
 
 class GradientNoiseCallback(Callback):
-    """Estimates the gradient noise scale during training from micro-batch and step gradients.
+    """Estimates the gradient noise scale during training from small-batch and step gradients.
 
-    Needs gradient accumulation (`train.micro_batch_size` < `train.global_batch_size`): the micro-batches
-    are the small batches. After each step, `history` gets `{step, tokens, g2, trace, b_simple}` (the
-    running averages, B in tokens), also appended to `log_path` as JSONL when given, and the step's
-    metrics.jsonl line gets noise_scale_tokens, noise_g2 and noise_trace (`train.noise_scale = true` adds
-    this callback ahead of the metrics logger). `estimate()` is the
-    current average. With fp16 loss scaling the hooks' gradients are divided by the scale.
+    The small batches are, by the trainer's data-parallel world size:
+
+    * one process (`trainer.world_size == 1`): the micro-batches (`train.micro_batch_size` <
+      `train.global_batch_size`), read by tensor hooks on every parameter — or, with `shards=N`, the N
+      data-parallel shards the step would have under N ranks (rank r's rows of every loader batch, the
+      `BlockLoader` split), so a single process decides exactly as an N-rank run on the same data would
+      (costs N gradient copies);
+    * N > 1 data-parallel ranks (DDP, FSDP): each rank's local gradient over its share of the step, whose
+      norms `CrossRankMetrics` gathers into ``state.extra["local_grad_norms"]`` (measured where the
+      gradient enters averaging, train/parallel/gradnorm.py); the big batch is the all-reduced step.
+
+    After each step, `history` gets `{step, tokens, g2, trace, b_simple, ...}` (the running averages, B in
+    tokens), also appended to `log_path` as JSONL when given, and the step's metrics.jsonl line gets
+    noise_scale_tokens, noise_g2 and noise_trace (`train.noise_scale = true` adds this callback ahead of
+    the metrics logger). `estimate()` is the current average. With fp16 loss scaling the hooks' gradients
+    are divided by the scale.
     """
 
-    def __init__(self, decay: float | None = 0.95, log_path: str | Path | None = None, skip_steps: int = 0):
+    def __init__(
+        self,
+        decay: float | None = 0.95,
+        log_path: str | Path | None = None,
+        skip_steps: int = 0,
+        shards: int | None = None,
+    ):
+        if shards is not None and shards < 2:
+            raise ValueError(f"shards must be at least 2, got {shards}")
         self.acc = NoiseScaleAccumulator(decay)
         self.log_path = Path(log_path) if log_path is not None else None
         self.skip_steps = skip_steps
+        self.shards = shards
+        self.mode = "micro"  # "micro", "shards" or "ranks", fixed at on_fit_start
         self.history: list[dict[str, Any]] = []
         self._handles: list[Any] = []
         self._sq: torch.Tensor | None = None
         self._backwards = 0
         self._first: torch.Tensor | None = None
+        self._forwards = 0
+        self._per_batch = 1  # micro-batches per loader batch (shards mode)
+        self._shard_grads: list[list[torch.Tensor | None]] = []
         self._warned = False
 
     # --------------------------------------------------------------------------------- hooks
@@ -136,34 +160,89 @@ class GradientNoiseCallback(Callback):
 
         return hook
 
+    def _shard_hook_for(self, index: int) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            micro = (self._forwards - 1) % self._per_batch  # index within its loader batch
+            shard = micro // (self._per_batch // len(self._shard_grads))
+            bufs = self._shard_grads[shard]
+            g = grad.detach().float()
+            bufs[index] = g.clone() if bufs[index] is None else bufs[index].add_(g)
+
+        return hook
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled() and module.training:
+            self._forwards += 1
+
     def on_fit_start(self, trainer: Trainer) -> None:
         super().on_fit_start(trainer)
+        if trainer.world_size > 1:
+            self.mode = "ranks"
+            return
         params = [p for g in trainer.optimizer.param_groups for p in g["params"] if p.requires_grad]
         if not params:
             raise TrainingError("GradientNoiseCallback: the optimizer has no trainable parameters")
-        self._first = params[0]
-        self._handles = [p.register_hook(self._hook_for(p)) for p in params]
+        if self.shards is None:
+            self._first = params[0]
+            self._handles = [p.register_hook(self._hook_for(p)) for p in params]
+            return
+        self.mode = "shards"
+        self._per_batch = trainer.local_batch_size // trainer.micro_batch_size
+        if self._per_batch % self.shards:
+            raise TrainingError(
+                f"GradientNoiseCallback: shards={self.shards} must divide the {self._per_batch} "
+                f"micro-batches of a batch (train.micro_batch_size must divide global_batch_size / shards)"
+            )
+        self._shard_grads = [[None] * len(params) for _ in range(self.shards)]
+        self._handles = [p.register_hook(self._shard_hook_for(i)) for i, p in enumerate(params)]
+        self._handles.append(trainer.model.register_forward_pre_hook(self._count_forward))
+
+    def _small_batches(self, state: TrainState) -> tuple[float, float] | None:
+        """(mean squared norm of the step's small-batch gradients, small batch in tokens), or None."""
+        trainer = self.trainer
+        assert trainer is not None
+        if self.mode == "ranks":
+            norms = state.extra.get("local_grad_norms")
+            if not norms:
+                return self._skip("no per-rank local gradient norms (needs strategy ddp or fsdp)")
+            return sum(n * n for n in norms) / len(norms), trainer.step_tokens / len(norms)
+        scale2 = state.loss_scale**2  # the hooks saw gradients scaled by the fp16 loss scale
+        if self.mode == "shards":
+            n, forwards = len(self._shard_grads), self._forwards
+            sq = [sum(float(g.pow(2).sum()) for g in bufs if g is not None) for bufs in self._shard_grads]
+            self._shard_grads = [[None] * len(bufs) for bufs in self._shard_grads]
+            self._forwards = 0
+            if forwards == 0:
+                return None
+            # each backward's gradient is g_i / n_micro, so shard r's mean gradient is n × its sum S_r:
+            # the mean over shards of |n S_r|² is n Σ_r |S_r|²
+            return n * sum(sq) / scale2, trainer.step_tokens / n
+        sq_t, n_micro = self._sq, self._backwards
+        self._sq, self._backwards = None, 0
+        if sq_t is None:
+            return None
+        if n_micro < 2:
+            return self._skip(
+                "needs ≥ 2 micro-batches per step (set train.micro_batch_size below train.global_batch_size)"
+            )
+        # each backward's gradient is g_i / n_micro (the trainer scales the loss by 1/n_micro)
+        return float(sq_t) * n_micro / scale2, trainer.step_tokens / n_micro
+
+    def _skip(self, why: str) -> None:
+        if not self._warned:
+            log.warning("gradient noise scale %s; not estimated", why)
+            self._warned = True
+        return None
 
     def on_step_end(self, state: TrainState) -> None:
-        trainer = self.trainer
-        sq, n_micro = self._sq, self._backwards
-        self._sq, self._backwards = None, 0
-        if trainer is None or sq is None or state.step <= self.skip_steps:
+        if self.trainer is None:
             return
-        if n_micro < 2:
-            if not self._warned:
-                log.warning(
-                    "gradient noise scale needs ≥ 2 micro-batches per step (set train.micro_batch_size "
-                    "below train.global_batch_size); not estimated"
-                )
-                self._warned = True
+        small = self._small_batches(state)
+        if small is None or state.step <= self.skip_steps:
             return
-        scale = state.loss_scale  # the hooks saw gradients scaled by the fp16 loss scale
-        # each backward's gradient is g_i / n_micro (the trainer scales the loss by 1/n_micro)
-        sq_small = float(sq) * n_micro / scale**2  # mean over micro-batches of |g_i|²
+        sq_small, tokens_small = small
         sq_big = float(state.grad_norm) ** 2
-        tokens_small = trainer.micro_batch_size * trainer.context_tokens
-        self.acc.add(sq_small, tokens_small, sq_big, tokens_small * n_micro)
+        self.acc.add(sq_small, tokens_small, sq_big, self.trainer.step_tokens)
         est = self.acc.estimate()
         state.extra.setdefault("metrics", {}).update(
             {"noise_scale_tokens": est.b_simple, "noise_g2": est.g2, "noise_trace": est.trace}
