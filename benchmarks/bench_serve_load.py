@@ -113,6 +113,47 @@ async def requests_phase(
     return latencies, tokens, time.perf_counter() - t0
 
 
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The server's /metrics samples as {(name, labels): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def breakdown(before: dict[Any, float], after: dict[Any, float], wall: float) -> dict[str, float]:
+    """Where a phase's time went, from the server's own histograms (differences over the phase): mean
+    queue wait (submit → slot), mean server-side request time, prefill and decode steps (count, mean
+    seconds of the model call, mean batch) and the fraction of the wall time the engine spent in them."""
+
+    def d(name: str, **labels: str) -> float:
+        key = (f"scalelab_serve_{name}", tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    def mean(name: str, **labels: str) -> float:
+        n = d(f"{name}_count", **labels)
+        return d(f"{name}_sum", **labels) / n if n else 0.0
+
+    out = {
+        "queue_wait_mean_seconds": mean("queue_wait_seconds"),
+        "server_request_mean_seconds": mean("request_latency_seconds", route="/v1/generate"),
+        "prefill_steps": d("step_seconds_count", kind="prefill"),
+        "prefill_step_mean_seconds": mean("step_seconds", kind="prefill"),
+        "prefill_batch_mean": mean("prefill_batch_size"),
+        "decode_steps": d("step_seconds_count", kind="decode"),
+        "decode_step_mean_seconds": mean("step_seconds", kind="decode"),
+        "decode_batch_mean": mean("decode_batch_size"),
+    }
+    busy = d("step_seconds_sum", kind="prefill") + d("step_seconds_sum", kind="decode")
+    out["engine_model_busy_fraction"] = busy / wall if wall else 0.0
+    return out
+
+
 def bench_load(run_dir: Path, args: argparse.Namespace) -> None:
     import psutil
 
@@ -152,16 +193,20 @@ def bench_load(run_dir: Path, args: argparse.Namespace) -> None:
                         ("lone", args.lone_requests, 1),
                         ("load", args.clients * args.requests_per_client, args.clients),
                     ):
+                        metrics0 = scrape(url)
                         cpu_s0, cpu_c0 = sum(server_ps.cpu_times()[:2]), time.process_time()
                         lat, tokens, wall = await requests_phase(client, bodies(n), conc)
+                        cpu_s1, cpu_c1 = sum(server_ps.cpu_times()[:2]), time.process_time()
                         row[phase] = {
                             "p50_seconds": pct(lat, 0.5),
                             "p99_seconds": pct(lat, 0.99),
                             "tokens_per_second": tokens / wall,
                             "requests": len(lat),
                             "wall_seconds": wall,
-                            "server_cpu_seconds": sum(server_ps.cpu_times()[:2]) - cpu_s0,
-                            "client_cpu_seconds": time.process_time() - cpu_c0,
+                            "server_cpu_seconds": cpu_s1 - cpu_s0,
+                            "client_cpu_seconds": cpu_c1 - cpu_c0,
+                            "loadavg_1min": os.getloadavg()[0],
+                            "server": breakdown(metrics0, scrape(url), wall),
                         }
                     rounds.append(row)
             finally:
@@ -303,6 +348,7 @@ def main() -> None:
     ap.add_argument("--lone-requests", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run-dir", type=Path, help="serve this trained run instead of training the tiny one")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-quant", action="store_true")
     ap.add_argument("--skip-distill", action="store_true")
@@ -321,7 +367,7 @@ def main() -> None:
     from scalelab.serve._testing import train_tiny_run
 
     t0 = time.perf_counter()
-    run_dir = train_tiny_run(
+    run_dir = args.run_dir or train_tiny_run(
         root,
         **{
             "model.width": 128,

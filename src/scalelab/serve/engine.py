@@ -249,9 +249,7 @@ class Engine:
         slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
         start_t = torch.tensor(starts, dtype=torch.long)
         lens_t = torch.tensor([len(j.ids) - s for j, s in zip(jobs, starts, strict=True)], dtype=torch.long)
-        logits = extend(self.pool, slots, tokens, start_t, lens_t)
-        last = (lens_t - 1).clamp(min=0).to(self.device, non_blocking=True)
-        return logits[torch.arange(len(jobs), device=self.device), last].float().cpu()
+        return extend(self.pool, slots, tokens, start_t, lens_t, last_only=True).float().cpu()
 
     def _next_logits(self, jobs: Sequence[Job]) -> torch.Tensor:
         """(B, V) logits after each job's last generated token."""

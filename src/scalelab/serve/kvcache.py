@@ -86,8 +86,12 @@ def extend(
     tokens: torch.Tensor,
     starts: torch.Tensor,
     lengths: torch.Tensor,
+    *,
+    last_only: bool = False,
 ) -> torch.Tensor:
-    """Logits (B, T, V) for `tokens` (B, T) placed at positions starts[b] + t of slot slots[b].
+    """Logits (B, T, V) for `tokens` (B, T) placed at positions starts[b] + t of slot slots[b]; with
+    `last_only`, (B, V) logits after each row's last real token only (a prefill needs no others, and the
+    readout is most of a token's cost when the vocabulary is large).
 
     Only the first lengths[b] tokens of row b are real (the rest is padding: its keys/values are not
     stored and its logits are meaningless). The pool must already hold positions 0..starts[b]-1.
@@ -107,14 +111,19 @@ def extend(
     pos = (starts[:, None] + steps[None, :]).clamp(max=ctx - 1)  # (B, T) absolute positions
     rows = (steps[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1)  # real (b, t) as b·T + t
     write_slot = slots[:, None].expand(b, t).reshape(-1)[rows]
-    write_pos = pos.reshape(-1)[rows]
+    write_pos = pos.reshape(-1)[rows]  # padding past the context was clamped; it is never stored
 
     def there(x: torch.Tensor) -> torch.Tensor:
         return x.to(device, non_blocking=True)
 
     first = int(slots[0])
     contiguous = bool(torch.equal(slots, torch.arange(first, first + b)))
-    rows, write_slot, write_pos, slots, pos = map(there, (rows, write_slot, write_pos, slots, pos))
+    all_real = rows.numel() == b * t
+    hkv, d_head = pool.k.shape[2], pool.k.shape[4]
+    # one flat row of a layer's (slots·kv_heads·context, d_head) view per stored (token, head): one
+    # index_copy_ a layer (advanced-index assignment with two index tensors took ~3x as long at 32 slots)
+    flat = ((write_slot[:, None] * hkv + torch.arange(hkv)[None, :]) * ctx + write_pos[:, None]).reshape(-1)
+    rows, flat, slots, pos = map(there, (rows, flat, slots, pos))
 
     def rows_of(pool_layer: torch.Tensor) -> torch.Tensor:
         # a view when the batch is a run of consecutive slots (a full decode batch is); else a gather.
@@ -124,16 +133,24 @@ def extend(
         return pool_layer.index_select(0, slots)[:, :, :end]
 
     keys = torch.arange(end, device=device)
-    mask = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B, 1, T, end): causal within the slot
+    allowed = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # (B, 1, T, end): causal within the slot
+    # additive float mask, made once for all layers (SDPA would convert a boolean one in every call)
+    mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
     x, step_ctx = family.embed(tokens.to(device, non_blocking=True), pos)
+    mask = mask.to(x.dtype)
+
+    def store(pool_layer: torch.Tensor, z: torch.Tensor) -> None:
+        z = z.reshape(b * t, hkv, d_head)
+        if not all_real:
+            z = z.index_select(0, rows)
+        pool_layer.view(-1, d_head).index_copy_(0, flat, z.reshape(-1, d_head).to(pool_layer.dtype))
 
     def attend(
         layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     ) -> torch.Tensor:
         # q (B, T, H, dh); k, v (B, T, Hkv, dh): store the real rows' k/v, attend over the slot's cache
-        hkv = k.shape[2]
-        pool.k[layer][write_slot, :, write_pos] = k.reshape(b * t, hkv, -1).index_select(0, rows)
-        pool.v[layer][write_slot, :, write_pos] = v.reshape(b * t, hkv, -1).index_select(0, rows)
+        store(pool.k[layer], k)
+        store(pool.v[layer], v)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             rows_of(pool.k[layer]),
@@ -146,6 +163,9 @@ def extend(
 
     for layer in range(family.depth):
         x = family.block(layer, x, step_ctx, functools.partial(attend, layer))
+    if last_only:
+        last = there((lengths - 1).clamp(min=0))
+        return family.readout(x[torch.arange(b, device=device), last][:, None])[:, 0]
     return family.readout(x)
 
 
