@@ -67,7 +67,7 @@ class ServeConfig:
     """How a model is served. Byte sizes bound the caches; `max_queue` bounds waiting requests."""
 
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0  # see scheduler.py: a lone request waits ARRIVAL_GAP_SECONDS only
     max_queue: int = 256
     quantize: Literal["int8", "int4"] | None = None
     device: str = "cpu"
