@@ -164,3 +164,24 @@ def test_corrupted_checkpoint_is_refused(tmp_path: Path, run: LoadedRun) -> None
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="no checkpoint verifies"):
         load_run(bad)
+
+
+def test_a_lone_request_does_not_wait_out_the_batching_window(run: LoadedRun) -> None:
+    """With a 10 s --max-wait-ms, a lone request is admitted once no other has arrived for the arrival
+    gap (2 ms), not after 10 s; the window only bounds how long a burst of arrivals is gathered."""
+    import threading
+
+    from scalelab.serve.scheduler import Scheduler
+
+    engine = Engine(run.model, max_batch=4)  # type: ignore[arg-type]
+    scheduler = Scheduler(engine, max_batch=4, max_wait_ms=10_000, max_queue=4)
+    done = threading.Event()
+    job = Job("generate", _prompts(run)[0], SamplingParams(max_tokens=3), on_done=lambda _j: done.set())
+    scheduler.start()
+    try:
+        scheduler.submit(job)
+        assert done.wait(5.0), "the lone request waited for the batching window"
+    finally:
+        scheduler.stop()
+    assert job.finish_reason == "length" and job.admitted_at is not None
+    assert job.admitted_at - job.submitted_at < 2.0
