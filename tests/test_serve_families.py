@@ -31,7 +31,9 @@ PROMPTS = ["def ", "import email.utils\n", "class Message:\n    x = "]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, LoadedRun]]:
+def family_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, LoadedRun]]:
     name = request.param
     if name.startswith("hf-"):
         pytest.importorskip("transformers")

@@ -18,7 +18,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from scalelab.serve.cache import PrefixCache
@@ -112,7 +111,9 @@ class Engine:
             log.warning("%s: KV cache disabled, serving with a full forward (%s)", type(model).__name__, why)
             family = None
         self.cached = family is not None
-        self.pool: SlotPool = KVPool(family, max_batch, self.device) if family is not None else SlotPool(max_batch)
+        self.pool: SlotPool = (
+            KVPool(family, max_batch, self.device) if family is not None else SlotPool(max_batch)
+        )
         if not self.cached and prefix_cache is not None:
             log.info("%s: no KV cache, so no prefix cache", type(model).__name__)
             prefix_cache = None

@@ -192,9 +192,7 @@ def cache_mismatch(family: CachedFamily, device: torch.device | str = "cpu", tok
     if cached.shape != full.shape:
         return f"logits of shape {tuple(cached.shape)}, the model gives {tuple(full.shape)}"
     diff = float((cached - full).abs().max())
-    tol = (1e-3 if pool.k.dtype == torch.float32 else 5e-2) * max(
-        1.0, float(full.abs().max())
-    )
+    tol = (1e-3 if pool.k.dtype == torch.float32 else 5e-2) * max(1.0, float(full.abs().max()))
     return None if diff <= tol else f"cached logits differ from the forward by {diff:.3g} (> {tol:.3g})"
 
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from scalelab.data.tokenize import ByteTokenizer, Tokenizer
 from scalelab.errors import CheckpointError, SpecError
-from scalelab.models.registry import build_model
 from scalelab.models.parametrization import apply_parametrization
+from scalelab.models.registry import build_model
 from scalelab.spec import RunSpec, config_hash
 from scalelab.train.checkpoint import CheckpointConfigMismatch, list_checkpoints, verify_checkpoint
 from scalelab.train.parallel.checkpoint import FORMAT as SHARDED_FORMAT
