@@ -1,7 +1,7 @@
 """Serving under load: 32 concurrent clients against a lone request on the same server; int4/int8 vs fp32.
 
   .venv/bin/python benchmarks/bench_serve_load.py [--clients 32] [--rounds 3] [--requests-per-client 2]
-      [--lone-requests 12] [--max-tokens 32] [--skip-quant] [--skip-distill]
+      [--lone-requests 12] [--max-tokens 32] [--threads 1] [--run-dir RUN] [--skip-quant] [--skip-distill]
 
 1. load. One server process (`python -m scalelab.serve serve RUN --max-batch 32`, 127.0.0.1, response
    and prefix caches off). Each of `--rounds` rounds runs, back to back, (a) `--lone-requests` requests
@@ -12,7 +12,9 @@
      serve_load_p99_latency_vs_lone: p99 latency under load / p99 of a lone request (goal ≤ 2),
      serve_load_tokens_per_second_vs_unbatched: generated tokens/s under load / tokens/s of requests
        served one at a time (goal ≥ 4),
-   with wall time and the CPU seconds of the server process and of this (client) process.
+   with wall time, the CPU seconds of the server process and of this (client) process, the 1-minute load
+   average, and where the time went on the server (`server`: mean queue wait, prefill and decode steps
+   with their mean model-call seconds and batch, the engine's busy fraction — from its own histograms).
    Why the baseline is fair: the lone request and the loaded requests hit the same server process with
    the same flags and the same kind of request, in alternating phases of the same rounds, so drift
    (thermal, other load on the machine) hits both; no cache can serve either (caches off, distinct

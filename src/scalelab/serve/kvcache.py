@@ -192,7 +192,9 @@ def cache_mismatch(family: CachedFamily, device: torch.device | str = "cpu", tok
     if cached.shape != full.shape:
         return f"logits of shape {tuple(cached.shape)}, the model gives {tuple(full.shape)}"
     diff = float((cached - full).abs().max())
-    tol = (1e-3 if pool.k.dtype == torch.float32 else 5e-2) * max(1.0, float(full.abs().max()))
+    # relative to the logits' scale; loose enough for TF32/bf16 kernels, far below what a misread model gives
+    scale = max(1.0, float(full.abs().max()))
+    tol = (2e-2 if pool.k.dtype == torch.float32 else 5e-2) * scale
     return None if diff <= tol else f"cached logits differ from the forward by {diff:.3g} (> {tol:.3g})"
 
 
