@@ -6,7 +6,8 @@ knows the family and no cache. Families without an adapter (user `python:` facto
 are served by a cache-less full forward instead (`kvcache.forward_last`). An adapter reads the model's
 public submodules only (the same modules, quantized or not, and the multipliers a parametrization set);
 `cached_family` returns one only for the built-in classes, and the engine checks it against the plain
-forward before using it.
+forward before using it. The readout is the model's own (`readout(x)`, models/protocol.py); the embedding
+is not, since the model's `embed(idx)` places tokens at positions 0..T-1 and a decode step is at T.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from scalelab.models.gpt import GPT
-from scalelab.models.llama import Llama, rope_tables, rotate_half
+from scalelab.models.llama import Llama, rotate_half
 
 #: attention over the cache: (q (B,T,H,dh), k, v (B,T,Hkv,dh), scale or None) → (B, T, H·dh)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None], torch.Tensor]
@@ -40,7 +41,7 @@ class CachedFamily(Protocol):
     def block(self, layer: int, x: torch.Tensor, ctx: Any, attend: Attend) -> torch.Tensor: ...
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) from the last block's output."""
+        """Logits (B, T, V) from the last block's output (the model's own `readout`)."""
         ...
 
 
@@ -49,12 +50,22 @@ def _heads(z: torch.Tensor, heads: int) -> torch.Tensor:
     return z.view(b, t, heads, -1)
 
 
-class GPTCached:
+class _Adapter:
+    """What every adapter shares: the model, its depth, and its own readout."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model: Any = model
+        self.depth = len(model.blocks)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.readout(x)  # type: ignore[no-any-return]
+
+
+class GPTCached(_Adapter):
     """`models/gpt.py`: learned positions, pre-LayerNorm blocks with a fused qkv, tied or untied readout."""
 
     def __init__(self, model: GPT) -> None:
-        self.model = model
-        self.depth = len(model.blocks)
+        super().__init__(model)
         self.kv_heads = model.shape.n_heads
         self.d_head = model.shape.width // model.shape.n_heads
 
@@ -70,28 +81,23 @@ class GPTCached:
         x = x + blk.residual_multiplier * attn.proj(y)
         return x + blk.residual_multiplier * blk.mlp(blk.ln2(x))
 
-    def readout(self, x: torch.Tensor) -> torch.Tensor:
-        return _readout(self.model, self.model.ln_f(x))
 
-
-class LlamaCached:
+class LlamaCached(_Adapter):
     """`models/llama.py`: rotary positions on q and k (at each token's absolute position), optional
     QK-norm, grouped-query attention (the cache holds `n_kv_heads` heads), RMSNorm, SwiGLU."""
 
     def __init__(self, model: Llama) -> None:
-        self.model = model
+        super().__init__(model)
         shape = model.shape
-        self.depth = len(model.blocks)
         self.kv_heads = shape.kv_heads
         self.d_head = shape.d_head
-        self.cos, self.sin = rope_tables(shape.context_tokens, shape.d_head)  # moved to x's device on use
 
     def embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, Any]:
         x = self.model.tok_emb(tokens)
-        if self.cos.device != x.device:
-            self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
-        # (B, T, 1, dh): broadcast over heads in the (B, T, H, dh) layout
-        return x, (self.cos[pos].to(x.dtype).unsqueeze(2), self.sin[pos].to(x.dtype).unsqueeze(2))
+        attn = self.model.blocks[0].attn  # every layer holds the same rotary tables
+        # (B, T, 1, dh) at each token's absolute position: broadcast over heads in the (B, T, H, dh) layout
+        cos, sin = (t[pos].to(x.dtype).unsqueeze(2) for t in (attn.rope_cos, attn.rope_sin))
+        return x, (cos, sin)
 
     def block(self, layer: int, x: torch.Tensor, ctx: Any, attend: Attend) -> torch.Tensor:
         blk = self.model.blocks[layer]
@@ -106,15 +112,6 @@ class LlamaCached:
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         x = x + blk.residual_multiplier * attn.wo(attend(q, k, v, attn.scale))
         return x + blk.residual_multiplier * blk.mlp(blk.mlp_norm(x))
-
-    def readout(self, x: torch.Tensor) -> torch.Tensor:
-        return _readout(self.model, self.model.norm(x))
-
-
-def _readout(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    logits = model.head(x)
-    mult = float(model.output_multiplier)
-    return logits * mult if mult != 1.0 else logits
 
 
 def cached_family(model: nn.Module) -> CachedFamily | None:
