@@ -2,9 +2,11 @@
 
 Admission takes a burst of arrivals together: waiting requests are admitted once no request has arrived
 for `ARRIVAL_GAP_SECONDS` (the burst is over), or they fill the free slots, or the first of them has
-waited `max_wait_ms`. A lone request so waits only the gap, while 32 clients whose requests arrive over
-a few tens of milliseconds share one or two prefills instead of each arrival's prefill stalling every
-decoding request in turn (each prefill call has a fixed cost of about a decode step). While requests are
+waited `max_wait_ms`. A lone request so waits only the gap (the old fixed window made it wait all of
+`max_wait_ms`: ~10 ms measured at 5 ms), while arrivals closer together than the gap share a prefill
+instead of each one's prefill stalling every decoding request in turn (a prefill call's fixed cost is
+one or two batch-1 decode steps). On the loaded 2-core development machine 32 clients' requests still
+arrived in 2–5 groups per wave (gaps > 2 ms between them). While requests are
 decoding, admitted requests join between two decode steps, so a short request never waits for a long
 one to finish. The queue is bounded: at most `max_queue` requests wait beyond the free slots: `submit`
 raises `QueueFull` instead of letting latency grow without limit; the HTTP layer turns that into 503 +
