@@ -1,7 +1,7 @@
 """Serving under load: 32 concurrent clients against a lone request on the same server; int4/int8 vs fp32.
 
   .venv/bin/python benchmarks/bench_serve_load.py [--clients 32] [--rounds 3] [--requests-per-client 2]
-      [--lone-requests 12] [--max-tokens 32] [--threads 1] [--run-dir RUN] [--skip-quant] [--skip-distill]
+      [--lone-requests N] [--max-tokens 32] [--threads 1] [--run-dir RUN] [--skip-quant] [--skip-distill]
 
 1. load. One server process (`python -m scalelab.serve serve RUN --max-batch 32`, 127.0.0.1, response
    and prefix caches off). Each of `--rounds` rounds runs, back to back, (a) `--lone-requests` requests
@@ -15,6 +15,9 @@
    with wall time, the CPU seconds of the server process and of this (client) process, the 1-minute load
    average, and where the time went on the server (`server`: mean queue wait, prefill and decode steps
    with their mean model-call seconds and batch, the engine's busy fraction — from its own histograms).
+   Both phases send the same number of requests a round by default (clients × requests-per-client), so the two p99s
+   are quantiles of equally many samples (with fewer than 100, the nearest-rank p99 is the largest, and
+   the largest of 64 catches a machine hiccup more often than the largest of 12 did).
    Why the baseline is fair: the lone request and the loaded requests hit the same server process with
    the same flags and the same kind of request, in alternating phases of the same rounds, so drift
    (thermal, other load on the machine) hits both; no cache can serve either (caches off, distinct
@@ -192,7 +195,7 @@ def bench_load(run_dir: Path, args: argparse.Namespace) -> None:
                 for _ in range(args.rounds):
                     row: dict[str, Any] = {}
                     for phase, n, conc in (
-                        ("lone", args.lone_requests, 1),
+                        ("lone", args.lone_requests or args.clients * args.requests_per_client, 1),
                         ("load", args.clients * args.requests_per_client, args.clients),
                     ):
                         metrics0 = scrape(url)
@@ -347,7 +350,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests-per-client", type=int, default=2)
-    ap.add_argument("--lone-requests", type=int, default=12)
+    ap.add_argument("--lone-requests", type=int, help="default: clients × requests-per-client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--run-dir", type=Path, help="serve this trained run instead of training the tiny one")
