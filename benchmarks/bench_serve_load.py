@@ -69,6 +69,8 @@ class RawHTTP:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        while self.idle and self.idle[-1][0].at_eof():  # closed by the server's keep-alive timeout
+            self.idle.pop()[1].close()
         conn = self.idle.pop() if self.idle else await self._connect()
         reader, writer = conn
         data = json.dumps(body).encode()
