@@ -42,3 +42,10 @@ def test_token_offsets_cover_a_prefix_and_all_tokens_once_final() -> None:
     cut = TokenOffsets(TOK.decode)
     assert cut.covered(ids_, "a\N{EURO SIGN}", final=True) == 4  # cut before "b"
     assert TokenOffsets(TOK.decode).covered(ids("hello"), "he", final=True) == 2
+
+
+def test_a_stop_string_that_cuts_into_a_token_keeps_that_token_once_final() -> None:
+    pieces = ["ab", "cd", "ef"]  # multi-character tokens, as a BPE vocabulary has
+    offs = TokenOffsets(lambda ids: "".join(pieces[i] for i in ids))
+    assert offs.covered([0, 1, 2], "abc", final=False) == 1  # "cd" not wholly sent yet
+    assert offs.covered([0, 1, 2], "abc", final=True) == 2 and offs.offsets == [0, 2]
