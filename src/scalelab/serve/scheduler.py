@@ -60,6 +60,13 @@ class Scheduler:
         return len(self._pending)
 
     @property
+    def waiting_beyond_slots(self) -> int:
+        """Waiting requests beyond the free slots not yet taken: what `max_queue` bounds (`queue_depth`
+        may exceed it by the free slots while the engine is held between steps, e.g. `paused()`)."""
+        with self._cond:
+            return max(0, len(self._pending) - max(0, self.engine.free_slots - self._reserved))
+
+    @property
     def running(self) -> bool:
         """True while the engine thread serves (False before start, after stop, or after it died)."""
         return self._running and self.error is None
