@@ -1,7 +1,7 @@
 """Serving under load: 32 concurrent clients against a lone request on the same server; int4/int8 vs fp32.
 
   .venv/bin/python benchmarks/bench_serve_load.py [--clients 32] [--rounds 3] [--requests-per-client 2]
-      [--lone-requests 12] [--max-tokens 32] [--skip-quant] [--skip-distill]
+      [--lone-requests N] [--max-tokens 32] [--threads 1] [--run-dir RUN] [--skip-quant] [--skip-distill]
 
 1. load. One server process (`python -m scalelab.serve serve RUN --max-batch 32`, 127.0.0.1, response
    and prefix caches off). Each of `--rounds` rounds runs, back to back, (a) `--lone-requests` requests
@@ -12,7 +12,12 @@
      serve_load_p99_latency_vs_lone: p99 latency under load / p99 of a lone request (goal ≤ 2),
      serve_load_tokens_per_second_vs_unbatched: generated tokens/s under load / tokens/s of requests
        served one at a time (goal ≥ 4),
-   with wall time and the CPU seconds of the server process and of this (client) process.
+   with wall time, the CPU seconds of the server process and of this (client) process, the 1-minute load
+   average, and where the time went on the server (`server`: mean queue wait, prefill and decode steps
+   with their mean model-call seconds and batch, the engine's busy fraction — from its own histograms).
+   Both phases send the same number of requests a round by default (clients × requests-per-client), so the two p99s
+   are quantiles of equally many samples (with fewer than 100, the nearest-rank p99 is the largest, and
+   the largest of 64 catches a machine hiccup more often than the largest of 12 did).
    Why the baseline is fair: the lone request and the loaded requests hit the same server process with
    the same flags and the same kind of request, in alternating phases of the same rounds, so drift
    (thermal, other load on the machine) hits both; no cache can serve either (caches off, distinct
@@ -64,6 +69,8 @@ class RawHTTP:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        while self.idle and self.idle[-1][0].at_eof():  # closed by the server's keep-alive timeout
+            self.idle.pop()[1].close()
         conn = self.idle.pop() if self.idle else await self._connect()
         reader, writer = conn
         data = json.dumps(body).encode()
@@ -113,6 +120,47 @@ async def requests_phase(
     return latencies, tokens, time.perf_counter() - t0
 
 
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The server's /metrics samples as {(name, labels): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def breakdown(before: dict[Any, float], after: dict[Any, float], wall: float) -> dict[str, float]:
+    """Where a phase's time went, from the server's own histograms (differences over the phase): mean
+    queue wait (submit → slot), mean server-side request time, prefill and decode steps (count, mean
+    seconds of the model call, mean batch) and the fraction of the wall time the engine spent in them."""
+
+    def d(name: str, **labels: str) -> float:
+        key = (f"scalelab_serve_{name}", tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    def mean(name: str, **labels: str) -> float:
+        n = d(f"{name}_count", **labels)
+        return d(f"{name}_sum", **labels) / n if n else 0.0
+
+    out = {
+        "queue_wait_mean_seconds": mean("queue_wait_seconds"),
+        "server_request_mean_seconds": mean("request_latency_seconds", route="/v1/generate"),
+        "prefill_steps": d("step_seconds_count", kind="prefill"),
+        "prefill_step_mean_seconds": mean("step_seconds", kind="prefill"),
+        "prefill_batch_mean": mean("prefill_batch_size"),
+        "decode_steps": d("step_seconds_count", kind="decode"),
+        "decode_step_mean_seconds": mean("step_seconds", kind="decode"),
+        "decode_batch_mean": mean("decode_batch_size"),
+    }
+    busy = d("step_seconds_sum", kind="prefill") + d("step_seconds_sum", kind="decode")
+    out["engine_model_busy_fraction"] = busy / wall if wall else 0.0
+    return out
+
+
 def bench_load(run_dir: Path, args: argparse.Namespace) -> None:
     import psutil
 
@@ -149,19 +197,23 @@ def bench_load(run_dir: Path, args: argparse.Namespace) -> None:
                 for _ in range(args.rounds):
                     row: dict[str, Any] = {}
                     for phase, n, conc in (
-                        ("lone", args.lone_requests, 1),
+                        ("lone", args.lone_requests or args.clients * args.requests_per_client, 1),
                         ("load", args.clients * args.requests_per_client, args.clients),
                     ):
+                        metrics0 = scrape(url)
                         cpu_s0, cpu_c0 = sum(server_ps.cpu_times()[:2]), time.process_time()
                         lat, tokens, wall = await requests_phase(client, bodies(n), conc)
+                        cpu_s1, cpu_c1 = sum(server_ps.cpu_times()[:2]), time.process_time()
                         row[phase] = {
                             "p50_seconds": pct(lat, 0.5),
                             "p99_seconds": pct(lat, 0.99),
                             "tokens_per_second": tokens / wall,
                             "requests": len(lat),
                             "wall_seconds": wall,
-                            "server_cpu_seconds": sum(server_ps.cpu_times()[:2]) - cpu_s0,
-                            "client_cpu_seconds": time.process_time() - cpu_c0,
+                            "server_cpu_seconds": cpu_s1 - cpu_s0,
+                            "client_cpu_seconds": cpu_c1 - cpu_c0,
+                            "loadavg_1min": os.getloadavg()[0],
+                            "server": breakdown(metrics0, scrape(url), wall),
                         }
                     rounds.append(row)
             finally:
@@ -300,9 +352,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests-per-client", type=int, default=2)
-    ap.add_argument("--lone-requests", type=int, default=12)
+    ap.add_argument("--lone-requests", type=int, help="default: clients × requests-per-client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run-dir", type=Path, help="serve this trained run instead of training the tiny one")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-quant", action="store_true")
     ap.add_argument("--skip-distill", action="store_true")
@@ -321,7 +374,7 @@ def main() -> None:
     from scalelab.serve._testing import train_tiny_run
 
     t0 = time.perf_counter()
-    run_dir = train_tiny_run(
+    run_dir = args.run_dir or train_tiny_run(
         root,
         **{
             "model.width": 128,

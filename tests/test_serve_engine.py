@@ -13,6 +13,7 @@ from scalelab.errors import CheckpointError
 from scalelab.serve._testing import train_tiny_run
 from scalelab.serve.cache import LRUCache, PrefixCache
 from scalelab.serve.engine import Engine, Job
+from scalelab.serve.families import cached_family
 from scalelab.serve.kvcache import KVPool, extend
 from scalelab.serve.loading import LoadedRun, load_run
 from scalelab.serve.sampling import SamplingParams
@@ -50,24 +51,24 @@ def test_kv_cache_logits_equal_full_forward(run: LoadedRun) -> None:
     text = "From: someone@example.com\nSubject: a test of the cache\n"
     ids = torch.from_numpy(run.tokenizer.encode(text)[:60].astype("int64"))[None]
     full = model(ids)
-    pool = KVPool(model, slots=3)
+    pool = KVPool(cached_family(model), slots=3)  # type: ignore[arg-type]
     slot = torch.tensor([1])
-    parts = [extend(model, pool, slot, ids[:, :20], torch.tensor([0]), torch.tensor([20]))]
+    parts = [extend(pool, slot, ids[:, :20], torch.tensor([0]), torch.tensor([20]))]
     for t in range(20, ids.shape[1]):  # then one token at a time from the cache
-        parts.append(extend(model, pool, slot, ids[:, t : t + 1], torch.tensor([t]), torch.tensor([1])))
+        parts.append(extend(pool, slot, ids[:, t : t + 1], torch.tensor([t]), torch.tensor([1])))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
 def test_padded_batch_prefill_equals_each_alone(run: LoadedRun) -> None:
     model = run.model
     prompts = _prompts(run)[:3]
-    pool = KVPool(model, slots=3)
+    pool = KVPool(cached_family(model), slots=3)  # type: ignore[arg-type]
     width = max(map(len, prompts))
     tokens = torch.zeros(3, width, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
     lens = torch.tensor([len(p) for p in prompts])
-    batched = extend(model, pool, torch.arange(3), tokens, torch.zeros(3, dtype=torch.long), lens)
+    batched = extend(pool, torch.arange(3), tokens, torch.zeros(3, dtype=torch.long), lens)
     for i, p in enumerate(prompts):
         alone = model(torch.tensor([p]))[0]
         torch.testing.assert_close(batched[i, : len(p)], alone, atol=1e-4, rtol=1e-4)
@@ -163,3 +164,24 @@ def test_corrupted_checkpoint_is_refused(tmp_path: Path, run: LoadedRun) -> None
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="no checkpoint verifies"):
         load_run(bad)
+
+
+def test_a_lone_request_does_not_wait_out_the_batching_window(run: LoadedRun) -> None:
+    """With a 10 s --max-wait-ms, a lone request is admitted once no other has arrived for the arrival
+    gap (2 ms), not after 10 s; the window only bounds how long a burst of arrivals is gathered."""
+    import threading
+
+    from scalelab.serve.scheduler import Scheduler
+
+    engine = Engine(run.model, max_batch=4)  # type: ignore[arg-type]
+    scheduler = Scheduler(engine, max_batch=4, max_wait_ms=10_000, max_queue=4)
+    done = threading.Event()
+    job = Job("generate", _prompts(run)[0], SamplingParams(max_tokens=3), on_done=lambda _j: done.set())
+    scheduler.start()
+    try:
+        scheduler.submit(job)
+        assert done.wait(5.0), "the lone request waited for the batching window"
+    finally:
+        scheduler.stop()
+    assert job.finish_reason == "length" and job.admitted_at is not None
+    assert job.admitted_at - job.submitted_at < 2.0

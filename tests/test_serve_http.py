@@ -149,7 +149,7 @@ def test_full_queue_gets_503_with_retry_after(served: tuple[InferenceServer, str
                     sum(t.done() for t in tasks) < n - MAX_BATCH - MAX_QUEUE and time.monotonic() < deadline
                 ):
                     await asyncio.sleep(0.01)
-                assert server.scheduler.queue_depth <= MAX_QUEUE  # bounded, never more
+                assert server.scheduler.waiting_beyond_slots <= MAX_QUEUE  # bounded, never more
             return await asyncio.gather(*tasks)
 
     responses = asyncio.run(main())

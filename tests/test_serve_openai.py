@@ -153,3 +153,33 @@ def test_stream_with_n_and_usage(client: openai.OpenAI, model: str) -> None:
     finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1, 2, 3}
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4 * 5
+
+
+@pytest.mark.parametrize("stop", [None, "e"])
+def test_streamed_logprobs_equal_the_plain_ones(client: openai.OpenAI, model: str, stop: str | None) -> None:
+    kw = {"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0.8, "seed": 7, "stop": stop}
+    plain = client.completions.create(**kw, logprobs=3).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, logprobs=3, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == plain.text
+    lps = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert plain.logprobs is not None and lps
+    assert [t for lp in lps for t in lp.tokens] == plain.logprobs.tokens
+    assert [v for lp in lps for v in lp.token_logprobs] == plain.logprobs.token_logprobs
+    assert [v for lp in lps for v in lp.top_logprobs] == plain.logprobs.top_logprobs
+    assert [v for lp in lps for v in lp.text_offset] == plain.logprobs.text_offset
+    assert all(len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) for lp in lps)
+    assert all(len(t) <= 3 for lp in lps for t in lp.top_logprobs)
+
+
+def test_streamed_chat_logprobs_equal_the_plain_ones(client: openai.OpenAI, model: str) -> None:
+    kw = {
+        "model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 10,
+        "temperature": 0.7, "seed": 2, "logprobs": True, "top_logprobs": 2,
+    }  # fmt: skip
+    plain = client.chat.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == plain.message.content
+    assert plain.logprobs is not None and plain.logprobs.content is not None
+    streamed = [e for c in chunks if c.logprobs and c.logprobs.content for e in c.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in plain.logprobs.content]
+    assert all(len(e.top_logprobs) == 2 for e in streamed)

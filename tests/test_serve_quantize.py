@@ -59,6 +59,7 @@ def test_quantized_model_serves_through_the_kv_cache(run_dir: Path, mode: str) -
     with torch.no_grad():
         full = quant(torch.tensor([ids]))[0, -1]
     engine = Engine(quant, max_batch=2)  # type: ignore[arg-type]
+    assert engine.cached  # the KV-cache path, not the cache-less fallback
     job = Job("generate", ids, SamplingParams(max_tokens=5, temperature=0.0))
     engine.admit([job])
     assert job.generated[0] == int(torch.argmax(full))

@@ -4,11 +4,12 @@ teacher run into a smaller student.
 
 Modules, one concern each:
   loading     a run directory → model (newest verified safetensors checkpoint) + tokenizer
-  kvcache     the KV slot pool and `extend`, the cached forward built from the model's own modules
+  families    per-family KV-cache adapters (gpt2, llama: RoPE, GQA) over the model's own modules
+  kvcache     the KV slot pool, `extend` (the cached forward) and `forward_last` (cache-less, any model)
   sampling    per-request greedy / temperature / top-k / top-p sampling with the request's own generator
-  text        stop strings and the text a stream may send so far
+  text        stop strings, the text a stream may send so far, which tokens a text covers (logprobs)
   engine      synchronous continuous batching: admit (batched prefill), decode, finish, score
-  scheduler   the bounded queue and the engine thread (max_batch, max_wait_ms, max_queue)
+  scheduler   the bounded queue, burst-aware admission and the engine thread
   cache       byte-bounded LRU caches: responses and prompt-prefix KV
   metrics     prometheus_client series in a per-server registry, labelled by route template
   quantize    int8 (torchao weight-only) and group-wise int4, size and held-out loss report

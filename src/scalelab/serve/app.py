@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -176,10 +177,22 @@ def check_loopback(host: str, allow_remote: bool) -> None:
     )
 
 
+#: how long a Python thread may hold the GIL while another waits for it (Python's default is 5 ms): the
+#: engine thread gives up and retakes the GIL around every torch operation, so each retake could wait
+#: up to the whole interval while the event loop runs Python (requests, responses), and vice versa
+GIL_SWITCH_SECONDS = 0.0005
+
+
 def run(server: InferenceServer, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted (blocking)."""
+    """Serve until interrupted (blocking). The process is the server's, so this also shortens its GIL
+    switch interval to `GIL_SWITCH_SECONDS` for the time it serves."""
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning", access_log=False)
-    uvicorn.Server(config).run()
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        sys.setswitchinterval(previous)
 
 
 class BackgroundServer:

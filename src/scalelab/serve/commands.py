@@ -37,8 +37,14 @@ def serve(
         int, typer.Option("--max-batch", min=1, help="KV slots = largest decode batch.")
     ] = 32,
     max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", min=0, help="How long an idle server waits to fill a batch.")
-    ] = 5.0,
+        float,
+        typer.Option(
+            "--max-wait-ms",
+            min=0,
+            help="Longest a request waits for others arriving with it, to share one prefill "
+            "(a burst ends after 2 ms without arrivals, so a lone request waits 2 ms).",
+        ),
+    ] = 20.0,
     max_queue: Annotated[
         int,
         typer.Option("--max-queue", min=1, help="Requests that may wait beyond the free slots (then 503)."),

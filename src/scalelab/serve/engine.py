@@ -18,10 +18,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from scalelab.models.gpt import GPT
 from scalelab.serve.cache import PrefixCache
-from scalelab.serve.kvcache import KVPool, extend
+from scalelab.serve.families import cached_family
+from scalelab.serve.kvcache import KVPool, SlotPool, cache_mismatch, extend, forward_last
 from scalelab.serve.metrics import Metrics
 from scalelab.serve.sampling import SamplingParams, sample_tokens
 
@@ -86,11 +87,16 @@ def _record_logprobs(job: Job, row: torch.Tensor, token: int) -> None:
 
 
 class Engine:
-    """Batched prefill and decode over a KV slot pool (`max_batch` slots) for one model."""
+    """Batched prefill and decode over a KV slot pool (`max_batch` slots) for one model.
+
+    Models of a family with a KV-cache adapter (`serve/families.py`) that passes `cache_mismatch` decode
+    through the cache (`cached` is True); any other causal LM is served by a cache-less full forward of
+    each sequence at every step (`kvcache.forward_last`: same tokens, more compute, no prefix cache).
+    """
 
     def __init__(
         self,
-        model: GPT,
+        model: nn.Module,
         *,
         max_batch: int,
         device: torch.device | str = "cpu",
@@ -100,7 +106,17 @@ class Engine:
         self.model = model
         self.device = torch.device(device)
         self.context_tokens = model.shape.context_tokens
-        self.pool = KVPool(model, max_batch, self.device)
+        family = cached_family(model)
+        if family is not None and (why := cache_mismatch(family, self.device)) is not None:
+            log.warning("%s: KV cache disabled, serving with a full forward (%s)", type(model).__name__, why)
+            family = None
+        self.cached = family is not None
+        self.pool: SlotPool = (
+            KVPool(family, max_batch, self.device) if family is not None else SlotPool(max_batch)
+        )
+        if not self.cached and prefix_cache is not None:
+            log.info("%s: no KV cache, so no prefix cache", type(model).__name__)
+            prefix_cache = None
         self.prefix_cache = prefix_cache
         self.metrics = metrics
         self.active: list[Job] = []
@@ -186,28 +202,20 @@ class Engine:
             if self.prefix_cache is not None:
                 entry = self.prefix_cache.lookup(job.ids)
                 if entry is not None:
+                    assert isinstance(self.pool, KVPool)
                     self.pool.write(job.slot, entry.k, entry.v)
                     start = entry.length
             job.prefix_hit_tokens = start
             starts.append(start)
-        width = max(len(j.ids) - s for j, s in zip(jobs, starts, strict=True))
-        tokens = torch.zeros(len(jobs), width, dtype=torch.long)
-        for row, (job, s) in enumerate(zip(jobs, starts, strict=True)):
-            tokens[row, : len(job.ids) - s] = torch.tensor(job.ids[s:], dtype=torch.long)
-        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
-        start_t = torch.tensor(starts, dtype=torch.long)
-        lens_t = torch.tensor([len(j.ids) - s for j, s in zip(jobs, starts, strict=True)], dtype=torch.long)
         t0 = time.perf_counter()
-        logits = extend(self.model, self.pool, slots, tokens, start_t, lens_t)
-        last = (lens_t - 1).clamp(min=0).to(self.device, non_blocking=True)
-        rows = logits[torch.arange(len(jobs), device=self.device), last].float().cpu()
+        rows = self._prefill(jobs, starts)
         if self.metrics is not None:
             self.metrics.prefill_batch.observe(len(jobs))
             self.metrics.step_seconds.labels("prefill").observe(time.perf_counter() - t0)
         for job in jobs:
             assert job.slot is not None
             self.active.append(job)
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and isinstance(self.pool, KVPool):
                 n = self.prefix_cache.wants(job.ids)
                 if n:
                     k, v = self.pool.read(job.slot, n)
@@ -223,17 +231,36 @@ class Engine:
         jobs = sorted(self.active, key=lambda j: j.slot or 0)  # consecutive slots: `extend` reads a view
         if not jobs:
             return 0
-        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
-        tokens = torch.tensor([[j.generated[-1]] for j in jobs], dtype=torch.long)
-        starts = torch.tensor([len(j.ids) + len(j.generated) - 1 for j in jobs], dtype=torch.long)
-        ones = torch.ones(len(jobs), dtype=torch.long)
         t0 = time.perf_counter()
-        logits = extend(self.model, self.pool, slots, tokens, starts, ones)[:, 0].float().cpu()
+        logits = self._next_logits(jobs)
         if self.metrics is not None:
             self.metrics.decode_batch.observe(len(jobs))
             self.metrics.step_seconds.labels("decode").observe(time.perf_counter() - t0)
         self._accept_all(jobs, logits)
         return len(jobs)
+
+    def _prefill(self, jobs: Sequence[Job], starts: Sequence[int]) -> torch.Tensor:
+        """(B, V) logits after each job's prompt (positions starts[b].. are new; the rest is cached)."""
+        if not isinstance(self.pool, KVPool):
+            return forward_last(self.model, [j.ids for j in jobs], self.device).float().cpu()
+        width = max(len(j.ids) - s for j, s in zip(jobs, starts, strict=True))
+        tokens = torch.zeros(len(jobs), width, dtype=torch.long)
+        for row, (job, s) in enumerate(zip(jobs, starts, strict=True)):
+            tokens[row, : len(job.ids) - s] = torch.tensor(job.ids[s:], dtype=torch.long)
+        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
+        start_t = torch.tensor(starts, dtype=torch.long)
+        lens_t = torch.tensor([len(j.ids) - s for j, s in zip(jobs, starts, strict=True)], dtype=torch.long)
+        return extend(self.pool, slots, tokens, start_t, lens_t, last_only=True).float().cpu()
+
+    def _next_logits(self, jobs: Sequence[Job]) -> torch.Tensor:
+        """(B, V) logits after each job's last generated token."""
+        if not isinstance(self.pool, KVPool):
+            return forward_last(self.model, [j.ids + j.generated for j in jobs], self.device).float().cpu()
+        slots = torch.tensor([j.slot for j in jobs], dtype=torch.long)  # host indices: see `extend`
+        tokens = torch.tensor([[j.generated[-1]] for j in jobs], dtype=torch.long)
+        starts = torch.tensor([len(j.ids) + len(j.generated) - 1 for j in jobs], dtype=torch.long)
+        ones = torch.ones(len(jobs), dtype=torch.long)
+        return extend(self.pool, slots, tokens, starts, ones)[:, 0].float().cpu()
 
     @torch.inference_mode()
     def score(self, jobs: Sequence[Job]) -> None:

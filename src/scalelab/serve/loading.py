@@ -22,8 +22,8 @@ from torch import nn
 
 from scalelab.data.tokenize import ByteTokenizer, Tokenizer
 from scalelab.errors import CheckpointError, SpecError
-from scalelab.models.gpt import GPT, build_model
 from scalelab.models.parametrization import apply_parametrization
+from scalelab.models.registry import build_model
 from scalelab.spec import RunSpec, config_hash
 from scalelab.train.checkpoint import CheckpointConfigMismatch, list_checkpoints, verify_checkpoint
 from scalelab.train.parallel.checkpoint import FORMAT as SHARDED_FORMAT
@@ -38,7 +38,7 @@ class LoadedRun:
 
     run_dir: Path
     spec: RunSpec
-    model: GPT
+    model: nn.Module  # any family (models/protocol.py)
     tokenizer: Tokenizer
     checkpoint: Path
     step: int
@@ -157,5 +157,5 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
             f"{path}: the checkpoint's weights do not fit the run's model ({err})"
         ) from None
     model.to(device).eval().requires_grad_(False)
-    log.info("loaded %s step %d (%d parameters)", path, step, model.num_params())
+    log.info("loaded %s step %d (%d parameters)", path, step, sum(p.numel() for p in model.parameters()))
     return LoadedRun(run_dir, spec, model, tokenizer, path, step)

@@ -3,9 +3,11 @@ POST /v1/chat/completions (streaming as server-sent events), errors in OpenAI's 
 
 What is supported: `prompt` as a string or a list of strings, `max_tokens`, `temperature` (0–2; below
 1e-5 it is greedy), `top_p`, `top_k` (an extension, as in vLLM), `stop` (a string or up to 4), `seed`,
-`n`, `ignore_eos` (an extension), `logprobs` (completions: 0–5 alternatives; chat: `logprobs` + `top_logprobs`), `stream` (SSE ending
-in `data: [DONE]`; `stream_options.include_usage`), `usage`. Not supported (400 naming the field):
-`echo`, `logit_bias`, `best_of`, non-zero penalties, tools, and `logprobs` together with `stream`.
+`n`, `ignore_eos` (an extension), `logprobs` (completions: 0–5 alternatives; chat: `logprobs` +
+`top_logprobs`), `stream` (SSE ending in `data: [DONE]`; `stream_options.include_usage`; with `logprobs`,
+each chunk carries the log-probabilities of the tokens its text covers, in OpenAI's per-chunk shape, and
+their concatenation equals the plain response's), `usage`. Not supported (400 naming the field): `echo`,
+`logit_bias`, `best_of`, non-zero penalties, tools.
 
 Chat template (the served models are base models, so the template is plain text the model has seen):
 
@@ -46,8 +48,10 @@ from scalelab.serve.server import (
     PromptTooLong,
     QueueFull,
     ServerError,
+    StreamDelta,
     choice_params,
 )
+from scalelab.serve.text import TokenOffsets
 from scalelab.serve.validation import Finite, Text, first_field
 
 log = logging.getLogger(__name__)
@@ -214,43 +218,50 @@ def create_router(server: InferenceServer) -> APIRouter:
             "model", "model_not_found",
         )  # fmt: skip
 
-    def offsets(c: Completion) -> list[int]:
-        """Character offset of each generated token in the text, cut where the text was cut."""
-        out = [len(decode(c.tokens[:k])) for k in range(len(c.tokens))]
-        return [o for o in out if o < len(c.text)] if len(c.text) < len(decode(c.tokens)) else out
-
-    def completion_logprobs(c: Completion) -> dict[str, Any] | None:
+    def covered(c: Completion) -> StreamDelta | None:
+        """The tokens of a finished choice that its (possibly stop-cut) text covers, with logprobs."""
         if c.logprobs is None or c.top is None:
             return None
-        offs = offsets(c)
-        k = len(offs)
+        offs = TokenOffsets(decode)
+        k = offs.covered(c.tokens, c.text, final=True)
+        return StreamDelta(0, c.text, None, c.tokens[:k], offs.offsets[:k], c.logprobs[:k], c.top[:k])
+
+    def completion_logprobs(d: StreamDelta | None) -> dict[str, Any] | None:
+        """OpenAI's completions `logprobs` object for the tokens of `d` (a whole choice or a streamed delta)."""
+        if d is None or d.logprobs is None or d.top is None:
+            return None
         return {
-            "tokens": [decode([t]) for t in c.tokens[:k]],
-            "token_logprobs": c.logprobs[:k],
-            "top_logprobs": [{decode([i]): lp for i, lp in alts} for alts in c.top[:k]],
-            "text_offset": offs,
+            "tokens": [decode([t]) for t in d.tokens],
+            "token_logprobs": d.logprobs,
+            "top_logprobs": [{decode([i]): lp for i, lp in alts} for alts in d.top],
+            "text_offset": d.offsets,
         }
 
-    def chat_logprobs(c: Completion) -> dict[str, Any] | None:
-        if c.logprobs is None or c.top is None:
+    def chat_logprobs(d: StreamDelta | None) -> dict[str, Any] | None:
+        """OpenAI's chat `logprobs` object ({"content": [...]}) for the tokens of `d`."""
+        if d is None or d.logprobs is None or d.top is None:
             return None
 
         def entry(token: int, lp: float) -> dict[str, Any]:
             s = decode([token])
             return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
-        k = len(offsets(c))
         return {
             "content": [
                 {**entry(t, lp), "top_logprobs": [entry(i, a) for i, a in alts]}
-                for t, lp, alts in zip(c.tokens[:k], c.logprobs[:k], c.top[:k], strict=True)
+                for t, lp, alts in zip(d.tokens, d.logprobs, d.top, strict=True)
             ]
         }
 
     def stream_response(
-        requests: list[tuple[str, SamplingParams]], stops: list[str], body: Any, chat: bool
+        requests: list[tuple[str, SamplingParams]],
+        stops: list[str],
+        body: Any,
+        chat: bool,
+        top_logprobs: int | None,
     ) -> StreamingResponse:
-        stream = server.stream(requests, stop=stops)  # raises before any byte is sent
+        # raises before any byte is sent
+        stream = server.stream(requests, stop=stops, top_logprobs=top_logprobs)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         head = {
             "id": rid,
@@ -260,14 +271,16 @@ def create_router(server: InferenceServer) -> APIRouter:
         }
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(i: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        def chunk(
+            i: int, text: str | None, finish: str | None, role: bool = False, d: StreamDelta | None = None
+        ) -> dict[str, Any]:
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
                 if text:
                     delta["content"] = text
-                choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None}
+                choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": chat_logprobs(d)}
             else:
-                choice = {"index": i, "text": text or "", "logprobs": None}
+                choice = {"index": i, "text": text or "", "logprobs": completion_logprobs(d)}
             choice["finish_reason"] = finish
             return {**head, "choices": [choice], **({"usage": None} if include_usage else {})}
 
@@ -276,8 +289,8 @@ def create_router(server: InferenceServer) -> APIRouter:
                 if chat:
                     for i in range(len(requests)):
                         yield _sse(chunk(i, None, None, role=True))
-                async for i, delta, finish in stream.events():
-                    yield _sse(chunk(i, delta, finish))
+                async for d in stream.events():
+                    yield _sse(chunk(d.index, d.text, d.finish, d=d))
                 if include_usage:
                     usage = _usage(stream.prompt_tokens // body.n, stream.completion_tokens)
                     yield _sse({**head, "choices": [], "usage": usage})
@@ -307,12 +320,11 @@ def create_router(server: InferenceServer) -> APIRouter:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         params = body.sampling(body.max_tokens or 16)
         if body.stream:
-            if body.logprobs is not None:
-                return openai_error(
-                    400, "logprobs with stream is not supported", "invalid_request_error", "logprobs"
-                )
             reqs = [(p, choice_params(params, j)) for p in prompts for j in range(body.n)]
-            return await _guard(_call(stream_response, reqs, body.stops, body, chat=False), "prompt")
+            return await _guard(
+                _call(stream_response, reqs, body.stops, body, chat=False, top_logprobs=body.logprobs),
+                "prompt",
+            )
 
         async def run() -> Any:
             gone = until_disconnected(request)
@@ -339,7 +351,7 @@ def create_router(server: InferenceServer) -> APIRouter:
                     {
                         "index": i,
                         "text": c.text,
-                        "logprobs": completion_logprobs(c),
+                        "logprobs": completion_logprobs(covered(c)),
                         "finish_reason": c.finish_reason,
                     }
                     for i, c in enumerate(choices)
@@ -361,12 +373,10 @@ def create_router(server: InferenceServer) -> APIRouter:
         stops = [*body.stops, CHAT_STOP]
         top = (body.top_logprobs or 0) if body.logprobs else None
         if body.stream:
-            if body.logprobs:
-                return openai_error(
-                    400, "logprobs with stream is not supported", "invalid_request_error", "logprobs"
-                )
             reqs = [(prompt, choice_params(params, j)) for j in range(body.n)]
-            return await _guard(_call(stream_response, reqs, stops, body, chat=True), "messages")
+            return await _guard(
+                _call(stream_response, reqs, stops, body, chat=True, top_logprobs=top), "messages"
+            )
 
         async def run() -> Any:
             choices = await server.complete(
@@ -386,7 +396,7 @@ def create_router(server: InferenceServer) -> APIRouter:
                     {
                         "index": i,
                         "message": {"role": "assistant", "content": c.text},
-                        "logprobs": chat_logprobs(c),
+                        "logprobs": chat_logprobs(covered(c)),
                         "finish_reason": c.finish_reason,
                     }
                     for i, c in enumerate(choices)

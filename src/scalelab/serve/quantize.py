@@ -128,13 +128,17 @@ class Int4Embedding(_Int4Weight):
         return w.reshape(*idx.shape, self.embedding_dim)
 
 
-def _replace(model: nn.Module, make: Any) -> nn.Module:
+def _replace(model: nn.Module, make: Any, done: dict[int, nn.Module] | None = None) -> nn.Module:
+    """Replace every child `make` maps (not None), once per module object: a module registered under two
+    names (an `hf:` wrapper's `head` is also its `hf.lm_head`) gets one replacement in both places."""
+    done = {} if done is None else done
     for name, child in list(model.named_children()):
-        new = make(child)
+        new = done.get(id(child)) or make(child)
         if new is not None:
+            done[id(child)] = new
             setattr(model, name, new)
         else:
-            _replace(child, make)
+            _replace(child, make, done)
     return model
 
 
@@ -159,7 +163,14 @@ def _torchao_int8(model: nn.Module) -> bool:
     except ImportError as err:
         log.info("torchao unavailable (%s); int8 through Int8WeightOnlyLinear", err)
         return False
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, _fqn: isinstance(m, nn.Linear))
+    seen: set[int] = set()  # a Linear registered under two names is quantized once
+
+    def linear_once(m: nn.Module, _fqn: str) -> bool:
+        fresh = id(m) not in seen
+        seen.add(id(m))
+        return isinstance(m, nn.Linear) and fresh
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=linear_once)
     return True
 
 

@@ -1,11 +1,16 @@
 """Dynamic batching: a bounded queue in front of the engine and the thread that drives it.
 
-When the engine is idle the thread waits for the first request, then up to `max_wait_ms` more for
-others to arrive (or until `max_batch` are waiting) and prefills them together. While requests are
-decoding, waiting requests join between decode steps without any wait, so a short request never
-waits for a long one to finish. The queue is bounded: at most `max_queue` requests wait beyond the
-free slots: `submit` raises `QueueFull`
-instead of letting latency grow without limit; the HTTP layer turns that into 503 + Retry-After.
+Admission takes a burst of arrivals together: waiting requests are admitted once no request has arrived
+for `ARRIVAL_GAP_SECONDS` (the burst is over), or they fill the free slots, or the first of them has
+waited `max_wait_ms`. A lone request so waits only the gap (the old fixed window made it wait all of
+`max_wait_ms`: ~10 ms measured at 5 ms), while arrivals closer together than the gap share a prefill
+instead of each one's prefill stalling every decoding request in turn (a prefill call's fixed cost is
+one or two batch-1 decode steps). On the loaded 2-core development machine 32 clients' requests still
+arrived in 2–5 groups per wave (gaps > 2 ms between them). While requests are
+decoding, admitted requests join between two decode steps, so a short request never waits for a long
+one to finish. The queue is bounded: at most `max_queue` requests wait beyond the free slots: `submit`
+raises `QueueFull` instead of letting latency grow without limit; the HTTP layer turns that into 503 +
+Retry-After.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from scalelab.errors import ScalelabError
 from scalelab.serve.engine import Engine, Job
 
 log = logging.getLogger(__name__)
+
+#: a burst of arrivals is over when no request has arrived for this long
+ARRIVAL_GAP_SECONDS = 0.002
 
 
 class QueueFull(ScalelabError):
@@ -42,6 +50,7 @@ class Scheduler:
         self._step_lock = threading.Lock()  # held while the engine works; `paused()` takes it
         self._running = False
         self._reserved = 0  # jobs taken off the queue for the next admit, not yet holding a slot
+        self._last_arrival = 0.0
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -49,6 +58,13 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def waiting_beyond_slots(self) -> int:
+        """Waiting requests beyond the free slots not yet taken: what `max_queue` bounds (`queue_depth`
+        may exceed it by the free slots while the engine is held between steps, e.g. `paused()`)."""
+        with self._cond:
+            return max(0, len(self._pending) - max(0, self.engine.free_slots - self._reserved))
 
     @property
     def running(self) -> bool:
@@ -68,6 +84,7 @@ class Scheduler:
             if len(self._pending) >= self.max_queue + free:
                 raise QueueFull(f"queue full ({len(self._pending)} requests waiting, {free} free slots)")
             self._pending.append(job)
+            self._last_arrival = time.monotonic()
             self._cond.notify()
 
     def withdraw(self, job: Job) -> bool:
@@ -114,14 +131,11 @@ class Scheduler:
                 self._cond.wait(0.5)
             if not self._running:
                 return None
-            if not self.engine.active and self._pending:
-                # Idle engine: give other requests up to max_wait to arrive and share the prefill.
-                deadline = time.monotonic() + self.max_wait_seconds
-                while self._running and len(self._pending) < self.max_batch:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
+            if not self.engine.active:
+                while self._running and (left := self._admission_wait()) > 0:
                     self._cond.wait(left)
+            elif self._admission_wait() > 0:
+                return [], []  # a burst is still arriving: decode one more step first
             admit: list[Job] = []
             scores: list[Job] = []
             free = self.engine.free_slots
@@ -139,6 +153,19 @@ class Scheduler:
             self._pending = kept
             self._reserved = len(admit)
             return admit, scores
+
+    def _admission_wait(self) -> float:
+        """0 when the waiting requests should be admitted now (module docstring), else seconds to wait."""
+        if not self._pending:
+            return 0.0
+        if len(self._pending) >= min(self.max_batch, self.engine.free_slots):
+            return 0.0
+        now = time.monotonic()
+        quiet = now - self._last_arrival
+        waited = now - self._pending[0].submitted_at
+        if quiet >= ARRIVAL_GAP_SECONDS or waited >= self.max_wait_seconds:
+            return 0.0
+        return min(ARRIVAL_GAP_SECONDS - quiet, self.max_wait_seconds - waited)
 
     def _loop(self) -> None:
         try:

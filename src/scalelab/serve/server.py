@@ -25,7 +25,7 @@ from scalelab.serve.metrics import Metrics
 from scalelab.serve.quantize import model_size_bytes, quantize_model
 from scalelab.serve.sampling import SamplingParams
 from scalelab.serve.scheduler import QueueFull, Scheduler
-from scalelab.serve.text import StopText
+from scalelab.serve.text import StopText, TokenOffsets
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ __all__ = [
     "QueueFull",
     "ServeConfig",
     "ServerError",
+    "StreamDelta",
     "TextStream",
 ]
 
@@ -66,7 +67,7 @@ class ServeConfig:
     """How a model is served. Byte sizes bound the caches; `max_queue` bounds waiting requests."""
 
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0  # see scheduler.py: a lone request waits ARRIVAL_GAP_SECONDS only
     max_queue: int = 256
     quantize: Literal["int8", "int4"] | None = None
     device: str = "cpu"
@@ -299,10 +300,12 @@ class InferenceServer:
         requests: Sequence[tuple[str, SamplingParams]],
         *,
         stop: Sequence[str] = (),
+        top_logprobs: int | None = None,
     ) -> TextStream:
         """Queue one generation per (prompt, params) now (raising PromptTooLong or QueueFull before any
-        byte is sent); iterate the returned stream's `events()` for text deltas."""
-        prepared = [self.prepare(p, params, stop) for p, params in requests]
+        byte is sent); iterate the returned stream's `events()` for text deltas (with the log-probabilities
+        of the tokens each delta covers when `top_logprobs` is not None)."""
+        prepared = [self.prepare(p, params, stop, top_logprobs) for p, params in requests]
         return TextStream(self, prepared, asyncio.get_running_loop())
 
     async def score(self, text: str, until_disconnected: Disconnect | None = None) -> dict[str, Any]:
@@ -364,11 +367,25 @@ def _completion(job: Job, stops: StopText) -> Completion:
     )
 
 
-class TextStream:
-    """Generations in flight, read as text deltas: `async for index, delta, finish in stream.events()`.
+@dataclass(frozen=True)
+class StreamDelta:
+    """One event of a `TextStream`: choice `index` has `text` more; `finish` is None until it ends, then
+    "stop" or "length". `tokens` are the generated tokens this text newly covers (`TokenOffsets.covered`),
+    with their character `offsets` in the choice's text and, when asked for, `logprobs` and `top`."""
 
-    `finish` is None until choice `index` ends, then "stop" or "length" (with its last delta). Leaving
-    the loop early (client gone) cancels whatever is still running.
+    index: int
+    text: str
+    finish: str | None
+    tokens: list[int]
+    offsets: list[int]
+    logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
+
+
+class TextStream:
+    """Generations in flight, read as text deltas: `async for delta in stream.events()` (`StreamDelta`).
+
+    Leaving the loop early (client gone) cancels whatever is still running.
     """
 
     def __init__(
@@ -398,8 +415,10 @@ class TextStream:
     def completion_tokens(self) -> int:
         return sum(len(j.generated) for j in self.jobs)
 
-    async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
-        sent = [0] * len(self.jobs)
+    async def events(self) -> AsyncIterator[StreamDelta]:
+        sent = [0] * len(self.jobs)  # characters sent, per choice
+        sent_tokens = [0] * len(self.jobs)
+        offsets = [TokenOffsets(s.decode) for s in self.stops]
         open_ = set(range(len(self.jobs)))
         try:
             while open_:
@@ -410,14 +429,26 @@ class TextStream:
                 done = count is None
                 if done and job.finish_reason in ("error", "shutdown", "cancelled"):
                     raise ServerError(f"request failed in the engine ({job.finish_reason})")
-                text = self.stops[i].emittable(job.generated[:count], done)
+                ids = job.generated[:count]
+                text = self.stops[i].emittable(ids, done)
                 delta, sent[i] = text[sent[i] :], max(sent[i], len(text))
+                a, b = sent_tokens[i], max(sent_tokens[i], offsets[i].covered(ids, text, done))
+                sent_tokens[i] = b
                 finish = None
                 if done:
                     open_.discard(i)
                     finish = "stop" if job.finish_reason == "stop" else "length"
-                if delta or finish:
-                    yield i, delta, finish
+                if delta or finish or b > a:
+                    logged = job.top_logprobs is not None
+                    yield StreamDelta(
+                        i,
+                        delta,
+                        finish,
+                        list(ids[a:b]),
+                        offsets[i].offsets[a:b],
+                        job.logprobs[a:b] if logged else None,
+                        job.top[a:b] if logged else None,
+                    )
         finally:
             self.close()
 

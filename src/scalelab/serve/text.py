@@ -47,3 +47,28 @@ class StopText:
                     hold = max(hold, k)
                     break
         return text[: end - hold]
+
+
+class TokenOffsets:
+    """Which generated tokens a text covers, and where each starts in it — the rule behind `logprobs` of a
+    plain and a streamed response alike. Call `covered` with growing `ids` and `text` (a stream's)."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self.decode = decode
+        self.offsets: list[int] = []  # character offset of each covered token
+        self._end = 0  # characters of text the covered tokens decode to
+
+    def covered(self, ids: Sequence[int], text: str, final: bool) -> int:
+        """How many of `ids` belong to `text` (a prefix of their text, or their text cut at a stop string):
+        the longest run whose decoding is a prefix of `text` (the bytes of a multi-byte character join
+        together, at the character's offset); once `final`, also the token a stop string cuts into."""
+        n = len(self.offsets)
+        for k in range(n + 1, len(ids) + 1):
+            piece = self.decode(ids[:k])
+            if text.startswith(piece):
+                self.offsets += [self._end] * (k - len(self.offsets))
+                self._end = len(piece)
+        if final and len(self.offsets) < len(ids) and len(text) > self._end:
+            self.offsets.append(self._end)
+            self._end = len(text)
+        return len(self.offsets)
