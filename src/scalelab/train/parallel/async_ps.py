@@ -73,6 +73,9 @@ class GradientWorker:
         self.params = dict(self.model.named_parameters())
         self.index, self.slow_factor, self.kill_at, self.done = index, slow_factor, kill_at, 0
 
+    def ready(self) -> bool:
+        return True
+
     def compute(
         self, share: torch.Tensor, micro: int, partition: list[list[str]], *weights: dict[str, torch.Tensor]
     ) -> tuple[Any, ...]:
@@ -146,6 +149,14 @@ class ParameterServer:
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def staleness_lr_factor(mode: str, staleness: list[int]) -> float:
+    """An update's LR multiplier: 1 / (1 + mean staleness of its shares) for "inverse" (Zhang et al. 2016,
+    "Staleness-aware async-SGD"), 1 for "none"."""
+    if mode == "none" or not staleness:
+        return 1.0
+    return 1.0 / (1.0 + sum(staleness) / len(staleness))
 
 
 def partition_params(model: nn.Module, servers: int) -> list[list[str]]:
@@ -239,6 +250,7 @@ class AsyncPSTrainer(Trainer):
         if self._server_states is not None:
             ray.get([s.load_optimizer_state.remote(self._server_states[f"server{i}"]) for i, s in enumerate(self.servers)])
         self.workers = [self._new_worker(i, first=True) for i in range(self.cfg.workers)]
+        ray.get([w.ready.remote() for w in self.workers])  # start-up is not training time
         return started
 
     def _new_worker(self, index: int, first: bool) -> Any:
@@ -367,7 +379,7 @@ class AsyncPSTrainer(Trainer):
         squares = ray.get([srv.accumulate.remote(*g) for srv, g in zip(self.servers, per_server, strict=True)])
         total = math.sqrt(sum(squares))
         mean_stale = sum(stale) / len(stale)
-        factor = 1.0 / (1.0 + mean_stale) if self.cfg.staleness_lr == "inverse" else 1.0
+        factor = staleness_lr_factor(self.cfg.staleness_lr, stale)
         lr_scale = self.schedule(state.tokens / self.base_step_tokens)
         ray.get([srv.step.remote(total, lr_scale * factor) for srv in self.servers])
         state.loss = sum(st["loss"] for _, st in shares) / len(shares)
