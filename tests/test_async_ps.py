@@ -103,9 +103,7 @@ def test_bound_zero_equals_synchronous_training(work, store, sync_run):
 
 def test_slowed_worker_runs_stale_and_completes(work, store, sync_long):
     out = work / "slow"
-    record = _async(
-        store, out, {"slow_worker": 1, "slow_factor": 4.0}, LONG, max_staleness=2
-    )
+    record = _async(store, out, {"slow_worker": 1, "slow_factor": 4.0}, LONG, max_staleness=2)
     assert record["status"] == "done", record["error"]
     rows = step_rows(out)
     assert len(rows) == LONG

@@ -138,7 +138,9 @@ class AsyncPSSpec(_Spec):
     workers: int = Field(2, ge=1, description="worker actors (and shares per global batch)")
     servers: int = Field(1, ge=1, description="parameter-server actors the parameters are split over")
     max_staleness: int = Field(
-        1, ge=0, description="a share's weights are at most this many versions behind its update; 0: synchronous"
+        1,
+        ge=0,
+        description="a share's weights are at most this many versions behind its update; 0: synchronous",
     )
     staleness_lr: Literal["none", "inverse"] = Field(
         "none", description="'inverse': an update's LR × 1 / (1 + its mean staleness)"
@@ -390,10 +392,13 @@ class RunSpec(_Spec):
 
     @model_validator(mode="after")
     def _async_ps_in_train(self) -> RunSpec:
-        if self.train.strategy == "async_ps" and self.hashed_execution.get("strategy", "async_ps") != "async_ps":
+        if (
+            self.train.strategy == "async_ps"
+            and self.hashed_execution.get("strategy", "async_ps") != "async_ps"
+        ):
             raise ValueError(
                 "execution.strategy: 'async_ps' trains on stale gradients (a different result, so a "
-                "different run id); set strategy = \"async_ps\" in [train] instead"
+                'different run id); set strategy = "async_ps" in [train] instead'
             )
         return self
 

@@ -377,7 +377,7 @@ def run_training(
                 }
             ckpt_dir = out / "checkpoint"
             trainer_cls: Any = Trainer
-            if spec.train.strategy == "async_ps":  # the updates run on Ray actors (train/parallel/async_ps.py)
+            if spec.train.strategy == "async_ps":  # updates on Ray actors (train/parallel/async_ps.py)
                 from scalelab.train.parallel.async_ps import AsyncPSTrainer
 
                 trainer_cls = partial(AsyncPSTrainer, spec=spec, vocab=shape.vocab_size)

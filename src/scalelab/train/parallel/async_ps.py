@@ -111,7 +111,9 @@ class GradientWorker:
 class ParameterServer:
     """A Ray actor holding some parameters and their optimizer state; applies updates, serves weights."""
 
-    def __init__(self, spec_json: str, groups: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, spec_json: str, groups: list[dict[str, Any]], tensors: dict[str, torch.Tensor]
+    ) -> None:
         from scalelab.train.trainer import make_optimizer
 
         spec = RunSpec.model_validate_json(spec_json)
@@ -120,7 +122,9 @@ class ParameterServer:
         self.params = {n: nn.Parameter(t.clone()) for n, t in tensors.items()}
         opt_groups = [{**g, "params": [self.params[n] for n in g["names"]]} for g in groups]
         self.optimizer = make_optimizer(
-            [{k: v for k, v in g.items() if k != "names"} for g in opt_groups], self.train, torch.device("cpu")
+            [{k: v for k, v in g.items() if k != "names"} for g in opt_groups],
+            self.train,
+            torch.device("cpu"),
         )
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -179,7 +183,13 @@ def server_groups(model: nn.Module, groups: list[dict[str, Any]], names: list[st
     out = []
     for i, g in enumerate(groups):
         mine = [name_of[id(p)] for p in g["params"] if name_of.get(id(p)) in keep]
-        out.append({**{k: v for k, v in g.items() if k != "params"}, "name": g.get("name", f"group{i}"), "names": mine})
+        out.append(
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "name": g.get("name", f"group{i}"),
+                "names": mine,
+            }
+        )
     return out
 
 
@@ -202,14 +212,22 @@ class AsyncPSTrainer(Trainer):
     under "servers") and resume are the base class's; the driver's own optimizer is unused."""
 
     def __init__(
-        self, model: nn.Module, param_groups: list[dict[str, Any]], train: Any, *, spec: RunSpec,
-        vocab: int, **kwargs: Any
+        self,
+        model: nn.Module,
+        param_groups: list[dict[str, Any]],
+        train: Any,
+        *,
+        spec: RunSpec,
+        vocab: int,
+        **kwargs: Any,
     ) -> None:
         super().__init__(model, param_groups, train, **kwargs)
         self.param_groups = list(param_groups)
         self.spec, self.vocab, self.cfg = spec, vocab, spec.train.async_ps
         if self.device.type != "cpu":
-            raise TrainingError(f"strategy='async_ps' runs on CPU only for now, got train.device={self.device}")
+            raise TrainingError(
+                f"strategy='async_ps' runs on CPU only for now, got train.device={self.device}"
+            )
         workers = self.cfg.workers
         self.share_size = self.train.global_batch_size // workers
         self.share_micro = min(self.micro_batch_size, self.share_size)
@@ -248,7 +266,12 @@ class AsyncPSTrainer(Trainer):
             for names in self.partition
         ]
         if self._server_states is not None:
-            ray.get([s.load_optimizer_state.remote(self._server_states[f"server{i}"]) for i, s in enumerate(self.servers)])
+            ray.get(
+                [
+                    s.load_optimizer_state.remote(self._server_states[f"server{i}"])
+                    for i, s in enumerate(self.servers)
+                ]
+            )
         self.workers = [self._new_worker(i, first=True) for i in range(self.cfg.workers)]
         ray.get([w.ready.remote() for w in self.workers])  # start-up is not training time
         return started
@@ -260,7 +283,9 @@ class AsyncPSTrainer(Trainer):
         slow = debug.slow_factor if debug.slow_worker == index else 1.0
         kill = debug.kill_worker_at_share if first and index == 0 else None
         Worker = ray.remote(num_cpus=0, max_restarts=0)(GradientWorker)
-        return Worker.remote(self.spec.model_dump_json(), self.vocab, index, self.train.threads or 1, slow, kill)
+        return Worker.remote(
+            self.spec.model_dump_json(), self.vocab, index, self.train.threads or 1, slow, kill
+        )
 
     def _stop(self, started: bool) -> None:
         import ray
@@ -317,8 +342,10 @@ class AsyncPSTrainer(Trainer):
                 else:
                     break
                 share.worker, share.version = idle.popleft(), version
-                refs = self.workers[share.worker].compute.options(num_returns=1 + len(self.servers)).remote(
-                    share.data, self.share_micro, self.partition, *weights
+                refs = (
+                    self.workers[share.worker]
+                    .compute.options(num_returns=1 + len(self.servers))
+                    .remote(share.data, self.share_micro, self.partition, *weights)
                 )
                 share.grads = list(refs[1:])
                 flying[refs[0]] = share
@@ -365,8 +392,13 @@ class AsyncPSTrainer(Trainer):
                 f"async_ps worker {index} died ({type(err).__name__}) after {self.restarts - 1} restart(s); "
                 f"train.async_ps.worker_restarts={self.cfg.worker_restarts} allows no more"
             )
-        log.warning("async_ps worker %d died (%s); restarting it (%d/%d)", index, type(err).__name__,
-                    self.restarts, self.cfg.worker_restarts)
+        log.warning(
+            "async_ps worker %d died (%s); restarting it (%d/%d)",
+            index,
+            type(err).__name__,
+            self.restarts,
+            self.cfg.worker_restarts,
+        )
         self.workers[index] = self._new_worker(index, first=False)
 
     def _apply(self, shares: list[tuple[_Share, dict[str, float]]]) -> None:
@@ -376,7 +408,9 @@ class AsyncPSTrainer(Trainer):
         state = self.state
         stale = [state.step - s.version for s, _ in shares]
         per_server = [[s.grads[j] for s, _ in shares] for j in range(len(self.servers))]
-        squares = ray.get([srv.accumulate.remote(*g) for srv, g in zip(self.servers, per_server, strict=True)])
+        squares = ray.get(
+            [srv.accumulate.remote(*g) for srv, g in zip(self.servers, per_server, strict=True)]
+        )
         total = math.sqrt(sum(squares))
         mean_stale = sum(stale) / len(stale)
         factor = staleness_lr_factor(self.cfg.staleness_lr, stale)
@@ -416,7 +450,9 @@ class AsyncPSTrainer(Trainer):
             state.eval_loss = self.evaluate()
             for cb in self.callbacks:
                 cb.on_eval_end(state)
-        if self.checkpoint_fn is not None and (last or state.step % self.train.checkpoint_interval_steps == 0):
+        if self.checkpoint_fn is not None and (
+            last or state.step % self.train.checkpoint_interval_steps == 0
+        ):
             self._pull_weights()
             path = self.checkpoint_fn(self)
             for cb in self.callbacks:
