@@ -5,6 +5,7 @@ What must hold (losses per update from metrics.jsonl):
     global batch (float tolerance; test_dist_train.py pins DDP on 2 ranks to that same one-process run);
   * one worker slowed 4× under max_staleness 2 shows staleness > 0 in metrics.jsonl, the run completes, and
     its loss curve stays within ASYNC_CURVE_REL (held-out loss ASYNC_EVAL_REL) of the synchronous run's;
+  * a run resumed from a checkpoint continues the same updates (bound 0: still ≡ synchronous);
   * a worker whose process exits mid-run is restarted, its share recomputed (so bound 0 still equals
     synchronous training); with no restarts allowed the run fails with WorkerLostError instead of hanging.
 """
@@ -12,6 +13,7 @@ What must hold (losses per update from metrics.jsonl):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -86,10 +88,17 @@ def _close(a: list[float], b: list[float], rel: float = REL) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rel * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
 
 
-def test_bound_zero_equals_synchronous_training(work, store, sync_run):
+@pytest.fixture(scope="module")
+def bound0_run(work, store) -> Path:
     out = work / "bound0"
     record = _async(store, out, servers=2, max_staleness=0)
     assert record["status"] == "done", record["error"]
+    return out
+
+
+def test_bound_zero_equals_synchronous_training(bound0_run, sync_run):
+    out = bound0_run
+    record = json.loads((out / "record.json").read_text())
     assert record["strategy"] == "async_ps" and record["world_size"] == 2
     assert _close(losses(out), losses(sync_run))
     sync_record = json.loads((sync_run / "record.json").read_text())
@@ -99,6 +108,19 @@ def test_bound_zero_equals_synchronous_training(work, store, sync_run):
     for name in ("config.json", "provenance.json", "metrics.jsonl", "record.json"):
         assert (out / name).is_file()
     assert sorted(p.name for p in (out / "checkpoint").iterdir())[-1] == "step-000012"
+
+
+def test_resume_continues_the_same_updates(work, store, bound0_run, sync_run):
+    out = work / "resumed"
+    shutil.copytree(bound0_run, out)
+    for step in (9, 12):  # as if it had been killed after the checkpoint of step 6
+        shutil.rmtree(out / "checkpoint" / f"step-{step:06d}")
+    (out / "record.json").unlink()
+    spec = make_spec(store, strategy="async_ps", async_ps={"workers": 2, "servers": 2, "max_staleness": 0})
+    record = run_training(spec, out, resume=True)
+    assert record["status"] == "done", record["error"]
+    assert record["steps"] == 12
+    assert _close(losses(out), losses(sync_run))
 
 
 def test_slowed_worker_runs_stale_and_completes(work, store, sync_long):

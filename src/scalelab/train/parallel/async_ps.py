@@ -240,20 +240,22 @@ class AsyncPSTrainer(Trainer):
         self.servers: list[Any] = []
         self.workers: list[Any] = []
         self.restarts = 0
+        self._own_ray = False
         self._server_states: dict[str, Any] | None = None
         self._loader_after: dict[int, Any] = {}  # update → loader position after its batch
-        for cb in self.callbacks:  # MFU against all workers' peak, not one process's
+        for cb in self.callbacks:  # an update's interval is not its compute (shares run ahead): no MFU
             if getattr(cb, "peak_flops", None):
-                cb.peak_flops *= workers  # type: ignore[attr-defined]
+                cb.peak_flops = None  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------------------- actors
-    def _start(self) -> bool:
-        """Connect to Ray (a local instance when none is running: then True) and start the actors."""
+    def _start(self) -> None:
+        """Connect to Ray (a local instance when none is running, shut down again by `_stop`) and start
+        the actors."""
         import ray
 
-        started = not ray.is_initialized()
-        if started:
+        if not ray.is_initialized():
             ray.init(num_cpus=max(2, self.cfg.workers), include_dashboard=False, log_to_driver=False)
+            self._own_ray = True
         spec_json = self.spec.model_dump_json()
         named = dict(self.raw_model.named_parameters())
         Server = ray.remote(num_cpus=0)(ParameterServer)
@@ -274,7 +276,6 @@ class AsyncPSTrainer(Trainer):
             )
         self.workers = [self._new_worker(i, first=True) for i in range(self.cfg.workers)]
         ray.get([w.ready.remote() for w in self.workers])  # start-up is not training time
-        return started
 
     def _new_worker(self, index: int, first: bool) -> Any:
         import ray
@@ -287,14 +288,15 @@ class AsyncPSTrainer(Trainer):
             self.spec.model_dump_json(), self.vocab, index, self.train.threads or 1, slow, kill
         )
 
-    def _stop(self, started: bool) -> None:
+    def _stop(self) -> None:
         import ray
 
         for actor in [*self.workers, *self.servers]:
             ray.kill(actor)
         self.workers, self.servers = [], []
-        if started:
+        if self._own_ray:
             ray.shutdown()
+            self._own_ray = False
 
     # ---------------------------------------------------------------------------------- loop
     def fit(self) -> TrainState:
@@ -302,11 +304,11 @@ class AsyncPSTrainer(Trainer):
         for cb in self.callbacks:
             cb.on_fit_start(self)
         self._iterator = iter(self.train_loader)
-        started = self._start()
         try:
+            self._start()
             self._loop()
         finally:
-            self._stop(started)
+            self._stop()
             self.close()
         if state.status == "running":
             state.status = "done"
