@@ -2,7 +2,7 @@
 
 Prints one JSON line (harness.compare): value = `train.strategy = "async_ps"` (2 Ray worker actors, 1
 server, max_staleness 2, worker 1 slowed by debug.slow_worker), baseline = DDP on 2 gloo processes whose
-rank 1 sleeps (factor − 1) × its step time after every step — the same 2× slowdown, the same spec, global
+rank 1 sleeps (factor − 1) × its own step time after every step — the same 2× slowdown, the same spec, global
 batch, model, data and 1 torch thread per process — so the ratio is what letting the fast worker run
 ahead (stale gradients) buys over waiting for the slow one every step. A second line compares against
 async_ps itself at max_staleness 0 (synchronous: every update waits for the slow worker), the same Ray
@@ -133,8 +133,14 @@ def ddp_rank(args: argparse.Namespace) -> None:
     from scalelab.train.trainer import Callback, TrainState
 
     class SlowRank(Callback):
+        """Sleeps (factor − 1) × this rank's own time since its last sleep (state.step_seconds is the
+        slowest rank's under DDP, and would feed the sleep back into itself)."""
+
+        mark = time.perf_counter()
+
         def on_step_end(self, state: TrainState) -> None:
-            time.sleep((args.factor - 1) * state.step_seconds)
+            time.sleep((args.factor - 1) * (time.perf_counter() - self.mark))
+            self.mark = time.perf_counter()
 
     spec = run_from_dict(json.loads(Path(args.config).read_text()))
     slow = [SlowRank()] if args.ddp_rank == 1 else []

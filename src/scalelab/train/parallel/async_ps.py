@@ -38,7 +38,7 @@ from torch import nn
 
 from scalelab.errors import TrainingError
 from scalelab.spec import RunSpec
-from scalelab.train.trainer import Trainer, TrainState
+from scalelab.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -299,22 +299,12 @@ class AsyncPSTrainer(Trainer):
             self._own_ray = False
 
     # ---------------------------------------------------------------------------------- loop
-    def fit(self) -> TrainState:
-        state = self.state
-        for cb in self.callbacks:
-            cb.on_fit_start(self)
-        self._iterator = iter(self.train_loader)
+    def run_steps(self) -> None:
         try:
             self._start()
             self._loop()
         finally:
             self._stop()
-            self.close()
-        if state.status == "running":
-            state.status = "done"
-        for cb in self.callbacks:
-            cb.on_fit_end(state)
-        return state
 
     def _loop(self) -> None:
         import ray
@@ -435,30 +425,19 @@ class AsyncPSTrainer(Trainer):
         }
 
     def _after_update(self, seconds: float) -> None:
-        """Counters, callbacks, evaluation and checkpoints after one update (as Trainer.fit does)."""
+        """Counters after one update, then callbacks, evaluation and checkpoints as after any step."""
         state = self.state
         state.step += 1
         state.tokens += self.step_tokens
         state.step_seconds = seconds
         state.train_seconds += seconds
         state.tokens_per_second = self.step_tokens / seconds if seconds > 0 else 0.0
-        for cb in self.callbacks:
-            cb.on_step_end(state)
-        if state.stop:
-            return
-        last = state.step >= state.total_steps
-        if self.eval_batches and (last or state.step % self.train.eval_interval_steps == 0):
-            self._pull_weights()
-            state.eval_loss = self.evaluate()
-            for cb in self.callbacks:
-                cb.on_eval_end(state)
-        if self.checkpoint_fn is not None and (
-            last or state.step % self.train.checkpoint_interval_steps == 0
-        ):
-            self._pull_weights()
-            path = self.checkpoint_fn(self)
-            for cb in self.callbacks:
-                cb.on_checkpoint(state, path)
+        self.after_step()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self._pull_weights()
+        return super().evaluate()
 
     def _pull_weights(self) -> None:
         """The servers' current weights into the driver's model (evaluation, checkpoints, the end)."""
@@ -472,8 +451,10 @@ class AsyncPSTrainer(Trainer):
 
     # --------------------------------------------------------------------------- resumable state
     def tensor_state(self) -> dict[str, Any]:
+        """The servers' optimizer states; also pulls their weights into the model a checkpoint saves."""
         import ray
 
+        self._pull_weights()
         states = ray.get([s.optimizer_state.remote() for s in self.servers])
         return {"servers": {f"server{i}": st for i, st in enumerate(states)}}
 
