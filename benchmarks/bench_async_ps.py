@@ -9,7 +9,9 @@ async_ps itself at max_staleness 0 (synchronous: every update waits for the slow
 machinery, which separates the gain of staleness from the difference between the two implementations
 (DDP's per-step cross-rank metrics and gloo collectives). Rounds interleave (A B, B A, …).
 Rates are training tokens over training seconds (the records' tokens_per_second: process-group and actor
-start-up excluded on both sides); CPU time is every descendant's over the whole side, start-up included.
+start-up excluded on both sides). CPU time is the harness's (this process and its live descendants, start-up
+included); on the async side it misses the actors' own CPU (they are killed at the end of the run, before
+it is read), so its cpu_ratio is not meaningful — compare wall rates only.
 
   python benchmarks/bench_async_ps.py [--width 128] [--depth 4] [--context 128] [--batch 16]
       [--steps 24] [--staleness 2] [--factor 2] [--rounds 3]
