@@ -251,7 +251,10 @@ class AsyncPSTrainer(Trainer):
     def _start(self) -> None:
         """Connect to Ray (a local instance when none is running, shut down again by `_stop`) and start
         the actors."""
-        import ray
+        try:
+            import ray
+        except ImportError as err:
+            raise TrainingError("train.strategy='async_ps' needs Ray: pip install 'scalelab[ray]'") from err
 
         if not ray.is_initialized():
             ray.init(num_cpus=max(2, self.cfg.workers), include_dashboard=False, log_to_driver=False)
