@@ -130,6 +130,29 @@ class DataSpec(_Spec):
     )
 
 
+class AsyncPSSpec(_Spec):
+    """Asynchronous data parallelism on Ray actors (train/parallel/async_ps.py): each update is one global
+    batch in `workers` shares, computed by whichever worker is free on weights up to `max_staleness`
+    versions old; parameter-server actors apply the updates with the run's optimizer."""
+
+    workers: int = Field(2, ge=1, description="worker actors (and shares per global batch)")
+    servers: int = Field(1, ge=1, description="parameter-server actors the parameters are split over")
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="a share's weights are at most this many versions behind its update; 0: synchronous",
+    )
+    staleness_lr: Literal["none", "inverse"] = Field(
+        "none", description="'inverse': an update's LR × 1 / (1 + its mean staleness)"
+    )
+    worker_restarts: int = Field(
+        2, ge=0, description="dead worker actors replaced per run before it fails with WorkerLostError"
+    )
+    timeout_seconds: float = Field(
+        300.0, gt=0, description="no share finished for this long ⇒ the run fails (never hangs)"
+    )
+
+
 class TrainSpec(_Spec):
     """The optimisation: token budget, batch, schedule, precision, checkpoints."""
 
@@ -156,7 +179,7 @@ class TrainSpec(_Spec):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    strategy: Literal["none", "ddp", "fsdp", "async_ps"] = "none"
     tensor_parallel: int = Field(
         1, ge=1, description="tensor-parallel degree (DTensor, needs strategy='fsdp'); 1: off"
     )
@@ -221,6 +244,24 @@ class TrainSpec(_Spec):
         description="metrics sinks besides metrics.jsonl (optional extras, checked before a run starts)",
     )
     divergence_factor: float = Field(10.0, gt=1, description="loss above this × its best so far ⇒ diverged")
+    async_ps: AsyncPSSpec = Field(
+        default_factory=lambda: AsyncPSSpec(), description="strategy='async_ps' only: Ray workers and servers"
+    )
+
+    @model_validator(mode="after")
+    def _async_ps_alone(self) -> TrainSpec:
+        if self.strategy == "async_ps":
+            for name in ("noise_scale", "batch_schedule", "max_global_batch_size", "sinks"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: not supported with strategy='async_ps'")
+            if self.precision == "fp16" or self.compile:
+                raise ValueError("strategy='async_ps': fp16 loss scaling and compile are not supported")
+            if self.global_batch_size % self.async_ps.workers:
+                raise ValueError(
+                    f"async_ps.workers: must divide global_batch_size={self.global_batch_size} (each update "
+                    f"is the global batch in {self.async_ps.workers} shares), got {self.async_ps.workers}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _model_parallel_needs_fsdp(self) -> TrainSpec:
@@ -310,6 +351,13 @@ class DebugSpec(_Spec):
     )
     nan_at_step: int | None = Field(None, ge=0, description="make this step's loss NaN (steps count from 1)")
     sleep_seconds_per_step: float = Field(0.0, ge=0, description="slow every step down (timeouts)")
+    slow_worker: int | None = Field(
+        None, ge=0, description="async_ps: this worker sleeps (slow_factor - 1) × its compute time per share"
+    )
+    slow_factor: float = Field(2.0, ge=1, description="async_ps: how much slower slow_worker is")
+    kill_worker_at_share: int | None = Field(
+        None, ge=1, description="async_ps: worker 0's process exits at its n-th share (once per run)"
+    )
 
 
 #: Fields of `TrainSpec` that say how a run executes, not what it computes: set in `[execution]`, they
@@ -394,6 +442,18 @@ class RunSpec(_Spec):
         return _merge_execution(data)
 
     @model_validator(mode="after")
+    def _async_ps_in_train(self) -> RunSpec:
+        if (
+            self.train.strategy == "async_ps"
+            and self.hashed_execution.get("strategy", "async_ps") != "async_ps"
+        ):
+            raise ValueError(
+                "execution.strategy: 'async_ps' trains on stale gradients (a different result, so a "
+                'different run id); set strategy = "async_ps" in [train] instead'
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batch_fits_context(self) -> RunSpec:
         per_step = self.train.global_batch_size * self.model.context_tokens
         if self.train.tokens < per_step:
@@ -445,6 +505,10 @@ HASH_OMITTED_AT_DEFAULT: dict[tuple[str, str], Any] = {
     ("train", "noise_scale_shards"): None,
     ("train", "reference_run"): None,
     ("train", "sinks"): [],
+    ("train", "async_ps"): AsyncPSSpec().model_dump(mode="json"),
+    ("debug", "slow_worker"): None,
+    ("debug", "slow_factor"): 2.0,
+    ("debug", "kill_worker_at_share"): None,
 }
 
 

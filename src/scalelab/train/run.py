@@ -290,7 +290,7 @@ def run_training(
     (module docstring; one process only).
     """
     spec = under_torchrun(spec)
-    distributed = spec.train.strategy != "none"  # ddp/fsdp: a process group (also as a world of one)
+    distributed = spec.train.strategy in ("ddp", "fsdp")  # a process group (also as a world of one)
     if distributed and (snapshot_steps or branch_from is not None):
         log.warning("WSD snapshots and branching are single-process only; %s trains whole", spec.run_id)
         snapshot_steps, branch_from = (), None
@@ -376,7 +376,13 @@ def run_training(
                     "grad_sync": partial(grad_sync, prepared.parallel_model),
                 }
             ckpt_dir = out / "checkpoint"
-            trainer = Trainer(
+            trainer_cls: Any = Trainer
+            if spec.train.strategy == "async_ps":  # updates on Ray actors (train/parallel/async_ps.py)
+                from scalelab.train.parallel.async_ps import AsyncPSTrainer
+
+                trainer_cls = partial(AsyncPSTrainer, spec=spec, vocab=shape.vocab_size)
+                record.world_size = spec.train.async_ps.workers
+            trainer = trainer_cls(
                 prepared.model,
                 prepared.groups,
                 train,

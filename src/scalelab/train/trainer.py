@@ -304,31 +304,41 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         self._iterator = iter(self.train_loader)
-        while state.step < state.total_steps and not state.stop:
-            self._step()
-            for cb in self.callbacks:
-                cb.on_step_end(state)
-            if state.stop:
-                break
-            last = state.step >= state.total_steps
-            if self.eval_batches and (last or state.step % self.train.eval_interval_steps == 0):
-                state.eval_loss = self.evaluate()
-                for cb in self.callbacks:
-                    cb.on_eval_end(state)
-            if self.checkpoint_fn is not None and (
-                last or state.step % self.train.checkpoint_interval_steps == 0
-            ):
-                path = self.checkpoint_fn(self)
-                for cb in self.callbacks:
-                    cb.on_checkpoint(state, path)
-            if self.snapshot_fn is not None and state.step in self.snapshot_steps:
-                self.snapshot_fn(self)
+        self.run_steps()
         self.close()
         if state.status == "running":
             state.status = "done"
         for cb in self.callbacks:
             cb.on_fit_end(state)
         return state
+
+    def run_steps(self) -> None:
+        """The optimizer steps, each followed by `after_step` (async_ps runs them on Ray actors instead)."""
+        state = self.state
+        while state.step < state.total_steps and not state.stop:
+            self._step()
+            self.after_step()
+
+    def after_step(self) -> None:
+        """After a step: its callbacks, then evaluation, checkpoint and snapshot when they are due."""
+        state = self.state
+        for cb in self.callbacks:
+            cb.on_step_end(state)
+        if state.stop:
+            return
+        last = state.step >= state.total_steps
+        if self.eval_batches and (last or state.step % self.train.eval_interval_steps == 0):
+            state.eval_loss = self.evaluate()
+            for cb in self.callbacks:
+                cb.on_eval_end(state)
+        if self.checkpoint_fn is not None and (
+            last or state.step % self.train.checkpoint_interval_steps == 0
+        ):
+            path = self.checkpoint_fn(self)
+            for cb in self.callbacks:
+                cb.on_checkpoint(state, path)
+        if self.snapshot_fn is not None and state.step in self.snapshot_steps:
+            self.snapshot_fn(self)
 
     def close(self) -> None:
         """Close the training batch iterator (stops a loader's prefetch thread)."""
