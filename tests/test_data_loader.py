@@ -211,6 +211,20 @@ def test_block_map_rows_are_the_shards_blocks(tmp_path, dtype, block):
     assert not bm.rows.flags.writeable
 
 
+def test_ring_depth_is_prefetch_raised_within_the_byte_budget(store):
+    from scalelab.data import loader as loader_module
+
+    small = BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=2)
+    assert small._ring_depth() == loader_module.RING_DEPTH  # 8 slots of 8x257 uint16 fit easily
+    assert BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=11)._ring_depth() == 11
+    slot_bytes = B * T * store.dtype.itemsize
+    big = BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=1)
+    big_budget = 3 * slot_bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader_module, "RING_BYTES", big_budget)
+        assert big._ring_depth() == 3
+
+
 # ------------------------------------------------------------------ worker transport (shared slots)
 @pytest.mark.parametrize(("workers", "prefetch"), [(1, 0), (3, 1), (2, 5)])
 def test_worker_ring_order_for_odd_worker_counts_and_depths(store, reference, workers, prefetch):

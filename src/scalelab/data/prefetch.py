@@ -12,7 +12,7 @@ notices (9 and 1 bytes) cross plain pipes, so no batch is ever pickled. Worker `
 positions ``start + w + j*num_workers`` into its own `depth` slots, slot ``j % depth``, and may refill
 a slot only after the consumer has copied it out, so the consumer reads batch ``k`` from a slot it
 can compute itself. Credits for copied slots go back half a worker's slots at a time, so a worker
-refills several slots per wake-up. Why these choices:
+refills several slots per wake-up, and the consumer reads every notice already in a pipe at once. Why these choices:
 
 - ``fork``, like torch's DataLoader on Linux: workers share the parent's open memmaps, its verified
   shard checksums and the anonymous mapping, and start in milliseconds (no re-import, nothing

@@ -8,7 +8,9 @@ waits and then opens what the first built.
 
 Shard reads are checked: the first time a process opens a shard it re-hashes the file and compares
 against the index (`ShardChecksumError` on mismatch). Verified shards are remembered per process,
-keyed by the file's identity (device, inode, size, mtime), so later opens are free.
+keyed by the file's identity (device, inode, size, mtime), so later opens are free. `block_map`
+(the loader's one-gather view of a whole split) verifies every shard of the split the same way before
+it maps them.
 """
 
 from __future__ import annotations
