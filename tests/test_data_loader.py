@@ -216,7 +216,10 @@ def test_ring_depth_is_prefetch_raised_within_the_byte_budget(store):
 
     small = BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=2)
     assert small._ring_depth() == loader_module.RING_DEPTH  # 8 slots of 8x257 uint16 fit easily
-    assert BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=11)._ring_depth() == 11
+    assert (
+        BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=11)._ring_depth()
+        == 11
+    )
     slot_bytes = B * T * store.dtype.itemsize
     big = BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=1)
     big_budget = 3 * slot_bytes

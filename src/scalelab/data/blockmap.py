@@ -37,7 +37,14 @@ def _libc() -> ctypes.CDLL | None:
     except OSError:
         return None
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
     libc.munmap.restype = ctypes.c_int
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return libc
@@ -102,7 +109,10 @@ class BlockMap:
         buffer._unmap = weakref.finalize(buffer, _munmap, os.getpid(), base, total)  # type: ignore[attr-defined]
         flat = np.frombuffer(buffer, dtype=dtype.newbyteorder("<"))
         rows = np.lib.stride_tricks.as_strided(
-            flat, shape=(total // row_bytes, block_tokens), strides=(row_bytes, dtype.itemsize), writeable=False
+            flat,
+            shape=(total // row_bytes, block_tokens),
+            strides=(row_bytes, dtype.itemsize),
+            writeable=False,
         )
         return cls(rows, first_row)
 
