@@ -17,17 +17,19 @@ side as one 2-D array of blocks (`scalelab.data.blockmap`; every shard of the sp
 once per process before it is mapped; no shard is ever read whole), or, where the platform cannot map
 them so, a block per row from memmaps. A background thread (``num_workers=0``) or `num_workers` forked
 processes keep at least `prefetch` batches ready (per worker; workers get up to `RING_DEPTH` slots
-while they fit in `RING_BYTES`, so each wakes once per several batches). Workers write blocks in the store's narrow dtype into a ring of
-shared-memory slots and pass only slot notices (`scalelab.data.prefetch.WorkerRing`); this process
-widens each slot into a fresh int64 tensor (pinned when asked), its only copy per batch. No batch is
-ever pickled.
+while they fit in `RING_BYTES`, so each wakes once per several batches). Workers write blocks in the
+store's narrow dtype into a ring of shared-memory slots and pass only slot notices
+(`scalelab.data.prefetch.WorkerRing`); this process widens each slot into a fresh int64 tensor
+(pinned when asked), its only copy per batch. No batch is ever pickled.
 
-What that costs, measured on the 2-core development machine (1 GB store in the page cache, batches of
-32×1024 tokens): the thread path spends ~190 µs of this process's CPU per batch; with workers this
-process spends ~60 µs (the widening copy and two pipe notices) and the workers ~100 µs, at the same
-or higher throughput (100–200 M tokens/s either way, most of the spread being the machine's other
-load). So workers pay off whenever the training loop keeps this process's core busy, or reads stall
-(cold page cache, network file systems); more workers than cores gain nothing.
+What that costs, measured on the 2-core development machine under load 6-10 (64 MB store in the page
+cache, batches of 32x1024 tokens, CPU microseconds per batch): one gather into a worker's uint16 slot
+13-18 (a Python loop over rows: 30-38); `make_batch` 34-36 (68); the thread path 55-65 of this
+process's CPU (94-115), the extra over `make_batch` being the thread hand-off; with two workers this
+process spends 16-27 (the widening copy and the pipe notices) and the workers 24-37 (25 and 55 with
+the row loop and 2-slot rings). `benchmarks/bench_data_loader.py` compares both with a plain numpy
+reader of the same blocks. Workers pay off whenever the training loop keeps this process's core busy,
+or reads stall (cold page cache, network file systems); more workers than cores gain nothing.
 """
 
 from __future__ import annotations
