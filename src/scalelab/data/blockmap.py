@@ -106,7 +106,9 @@ class BlockMap:
             raise
         buffer = (ctypes.c_char * total).from_address(base)
         # The buffer owns the mapping: numpy keeps it as the base of every view of `rows`.
-        buffer._unmap = weakref.finalize(buffer, _munmap, os.getpid(), base, total)  # type: ignore[attr-defined]
+        unmap = weakref.finalize(buffer, _munmap, os.getpid(), base, total)
+        unmap.atexit = False  # a daemon prefetch thread may still read it at exit; the OS unmaps then
+        buffer._unmap = unmap  # type: ignore[attr-defined]
         flat = np.frombuffer(buffer, dtype=dtype.newbyteorder("<"))
         rows = np.lib.stride_tricks.as_strided(
             flat,
