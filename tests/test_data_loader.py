@@ -171,6 +171,63 @@ def test_permutation_cache_keeps_earlier_epoch_after_going_back(store):
     assert len(blocks._perms) == 2
 
 
+# ----------------------------------------------------------------------- block map (one gather)
+def test_row_loop_fallback_gives_the_block_map_batches(store, reference, monkeypatch):
+    """Where the split cannot be mapped as one array (not Linux), the per-row reads give the same batches."""
+    fresh = TokenStore.open(store.path)
+    monkeypatch.setattr(fresh, "block_map", lambda split, block_tokens: None)
+    loader = BlockLoader(fresh, block_tokens=T, global_batch_size=B, seed=3, prefetch=0)
+    assert loader._block_map() is None
+    np.testing.assert_array_equal(np.stack([loader.make_array(k) for k in range(STEPS)]), reference)
+    assert store.block_map("train", T) is not None  # this test means something on this platform
+
+
+@pytest.mark.parametrize(("dtype", "block"), [(np.uint16, 257), (np.uint32, 1000), (np.uint32, 1024)])
+def test_block_map_rows_are_the_shards_blocks(tmp_path, dtype, block):
+    """Every block of every shard (sizes off the page and block grid, an empty one) is its row."""
+    from scalelab.data.blockmap import BlockMap
+
+    rng = np.random.default_rng(1)
+    sizes = [5 * block + 17, 0, 3 * block, block - 1, 9000]
+    files, arrays = [], []
+    for i, n in enumerate(sizes):
+        a = rng.integers(0, np.iinfo(dtype).max, size=n, dtype=dtype)
+        files.append(tmp_path / f"s{i}.bin")
+        a.tofile(files[-1])
+        arrays.append(a)
+    bm = BlockMap.create(files, sizes, np.dtype(dtype), block)
+    if bm is None:
+        pytest.skip("BlockMap needs Linux on x86-64/aarch64")
+    expect, rows = [], []
+    for s, a in enumerate(arrays):
+        for b in range(a.size // block):
+            expect.append(a[b * block : (b + 1) * block])
+            rows.append(bm.first_row[s] + b)
+    order = rng.permutation(len(rows))
+    ids = np.asarray(rows)[order]
+    want = np.stack(expect)[order]
+    np.testing.assert_array_equal(bm.gather(ids, np.empty(want.shape, dtype)), want)
+    np.testing.assert_array_equal(bm.gather(ids, np.empty(want.shape, np.int64)), want)
+    assert not bm.rows.flags.writeable
+
+
+def test_ring_depth_is_prefetch_raised_within_the_byte_budget(store):
+    from scalelab.data import loader as loader_module
+
+    small = BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=2)
+    assert small._ring_depth() == loader_module.RING_DEPTH  # 8 slots of 8x257 uint16 fit easily
+    assert (
+        BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=11)._ring_depth()
+        == 11
+    )
+    slot_bytes = B * T * store.dtype.itemsize
+    big = BlockLoader(store, block_tokens=T, global_batch_size=B, num_workers=2, prefetch=1)
+    big_budget = 3 * slot_bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader_module, "RING_BYTES", big_budget)
+        assert big._ring_depth() == 3
+
+
 # ------------------------------------------------------------------ worker transport (shared slots)
 @pytest.mark.parametrize(("workers", "prefetch"), [(1, 0), (3, 1), (2, 5)])
 def test_worker_ring_order_for_odd_worker_counts_and_depths(store, reference, workers, prefetch):

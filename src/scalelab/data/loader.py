@@ -12,19 +12,24 @@ The order is defined globally, once:
 
 So the sequence of global batches is the same for every world size and every number of loader
 workers, and a position is just ``(epoch, batch)``: `state_dict()` saved at any world size resumes
-exactly at any other. Batches are gathered from memmaps, a block per row (no shard is ever read
-whole); a background thread (``num_workers=0``) or `num_workers` forked processes keep `prefetch`
-batches ready (per worker). Workers write blocks in the store's narrow dtype into a ring of
-shared-memory slots and pass only slot notices (`scalelab.data.prefetch.WorkerRing`); this process
-widens each slot into a fresh int64 tensor (pinned when asked), its only copy per batch. No batch is
-ever pickled.
+exactly at any other. A batch is gathered with one ``np.take`` from the split's shards mapped side by
+side as one 2-D array of blocks (`scalelab.data.blockmap`; every shard of the split is checksum-verified
+once per process before it is mapped; no shard is ever read whole), or, where the platform cannot map
+them so, a block per row from memmaps. A background thread (``num_workers=0``) or `num_workers` forked
+processes keep at least `prefetch` batches ready (per worker; workers get up to `RING_DEPTH` slots
+while they fit in `RING_BYTES`, so each wakes once per several batches). Workers write blocks in the
+store's narrow dtype into a ring of shared-memory slots and pass only slot notices
+(`scalelab.data.prefetch.WorkerRing`); this process widens each slot into a fresh int64 tensor
+(pinned when asked), its only copy per batch. No batch is ever pickled.
 
-What that costs, measured on the 2-core development machine (1 GB store in the page cache, batches of
-32×1024 tokens): the thread path spends ~190 µs of this process's CPU per batch; with workers this
-process spends ~60 µs (the widening copy and two pipe notices) and the workers ~100 µs, at the same
-or higher throughput (100–200 M tokens/s either way, most of the spread being the machine's other
-load). So workers pay off whenever the training loop keeps this process's core busy, or reads stall
-(cold page cache, network file systems); more workers than cores gain nothing.
+What that costs, measured on the 2-core development machine under load 6-10 (64 MB store in the page
+cache, batches of 32x1024 tokens, CPU microseconds per batch): one gather into a worker's uint16 slot
+13-18 (a Python loop over rows: 30-38); `make_batch` 34-36 (68); the thread path 55-65 of this
+process's CPU (94-115), the extra over `make_batch` being the thread hand-off; with two workers this
+process spends 16-27 (the widening copy and the pipe notices) and the workers 24-37 (25 and 55 with
+the row loop and 2-slot rings). `benchmarks/bench_data_loader.py` compares both with a plain numpy
+reader of the same blocks. Workers pay off whenever the training loop keeps this process's core busy,
+or reads stall (cold page cache, network file systems); more workers than cores gain nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scalelab.data.blockmap import BlockMap
 from scalelab.data.prefetch import PrefetchThread, WorkerRing, fork_available
 from scalelab.data.store import TokenStore
 from scalelab.errors import DataError
@@ -45,6 +51,8 @@ from scalelab.errors import DataError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+RING_DEPTH = 8  # worker slots per worker when they fit in RING_BYTES (never fewer than `prefetch`)
+RING_BYTES = 4 << 20
 
 
 class BlockIndex:
@@ -155,11 +163,14 @@ class BlockLoader:
         self.epoch = 0
         self.batch = 0  # next global batch within the epoch
         self._views: list[np.ndarray | None] = [None] * len(store.shards(split))
+        self._mapped: BlockMap | None | bool = False  # False: not looked up yet in this process
+        self._rows_of: tuple[int, np.ndarray] | None = None  # (epoch, its permutation as map rows)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Shard views are reopened (and verified) lazily in the receiving process.
+        # Shard views and the block map are reopened (and verified) lazily in the receiving process.
         state = dict(self.__dict__)
         state["_views"] = [None] * len(self._views)
+        state["_mapped"], state["_rows_of"] = False, None
         return state
 
     # -- position and state
@@ -207,10 +218,13 @@ class BlockLoader:
     # -- batch assembly
     def rows(self, position: int) -> np.ndarray:
         """Block ids of this rank's rows of global batch number `position` (counted over epochs)."""
+        epoch, start = self._locate_batch(position)
+        return self.blocks.permutation(epoch)[start : start + self.local_batch_size]
+
+    def _locate_batch(self, position: int) -> tuple[int, int]:
+        """(epoch, index of this rank's first row in that epoch's permutation) of batch `position`."""
         epoch, batch = divmod(position, self.batches_per_epoch)
-        perm = self.blocks.permutation(epoch)
-        start = batch * self.global_batch_size + self.rank * self.local_batch_size
-        return perm[start : start + self.local_batch_size]
+        return epoch, batch * self.global_batch_size + self.rank * self.local_batch_size
 
     def fill(self, position: int, out: np.ndarray) -> np.ndarray:
         """Write this rank's part of global batch `position` into `out` and return it.
@@ -218,6 +232,10 @@ class BlockLoader:
         `out` has shape ``(local_batch_size, block_tokens)`` and any integer dtype wide enough for
         the store's ids (the store's own narrow dtype in worker slots, int64 for finished batches).
         """
+        mapped = self._block_map()
+        if mapped is not None:  # one gather over the whole split (Linux)
+            epoch, start = self._locate_batch(position)
+            return mapped.gather(self._epoch_rows(epoch, mapped)[start : start + self.local_batch_size], out)
         ids = self.rows(position)
         shard, offset = self.blocks.locate(ids)
         T = self.block_tokens
@@ -230,6 +248,21 @@ class BlockLoader:
                 v = views[s] = self.store.shard_array(self.split, s).view(np.ndarray)
             out[i] = v[o : o + T]
         return out
+
+    def _block_map(self) -> BlockMap | None:
+        """The split's `BlockMap` (None where the platform cannot map one)."""
+        if self._mapped is False:
+            self._mapped = self.store.block_map(self.split, self.block_tokens)
+        return self._mapped
+
+    def _epoch_rows(self, epoch: int, block_map: BlockMap) -> np.ndarray:
+        """`BlockMap` rows of `epoch`'s permutation, computed once per epoch (the last one is kept)."""
+        cached = self._rows_of
+        if cached is None or cached[0] != epoch:
+            perm = self.blocks.permutation(epoch)
+            shard = np.searchsorted(self.blocks.ends, perm, side="right")
+            cached = self._rows_of = (epoch, perm + (block_map.first_row - self.blocks.starts)[shard])
+        return cached[1]
 
     def make_array(self, position: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
         """This rank's part of global batch `position` as a numpy array (no prefetch, no state change)."""
@@ -258,6 +291,7 @@ class BlockLoader:
 
     def _source(self, start: int) -> Iterator[torch.Tensor]:
         if self.num_workers > 0 and fork_available():
+            self._block_map()  # mapped and verified once here; the forked workers inherit it
             return WorkerRing(
                 fill=self.fill,
                 take=self._take,
@@ -265,7 +299,7 @@ class BlockLoader:
                 dtype=self.store.dtype,
                 start=start,
                 num_workers=self.num_workers,
-                depth=max(1, self.prefetch),
+                depth=self._ring_depth(),
                 init=self.blocks.after_fork,
             )
         if self.num_workers > 0:
@@ -273,6 +307,12 @@ class BlockLoader:
         if self.prefetch > 0:
             return PrefetchThread(self._make_owned, start, self.prefetch)
         return (self._make_owned(k) for k in itertools.count(start))
+
+    def _ring_depth(self) -> int:
+        """Slots per worker: `prefetch`, raised up to `RING_DEPTH` while they fit in `RING_BYTES`, so
+        a worker refills several slots per wake-up (credits go back half its slots at a time)."""
+        slot_bytes = self.local_batch_size * self.block_tokens * self.store.dtype.itemsize
+        return max(1, self.prefetch, min(RING_DEPTH, RING_BYTES // slot_bytes))
 
     def _empty_batch(self) -> torch.Tensor:
         shape = (self.local_batch_size, self.block_tokens)

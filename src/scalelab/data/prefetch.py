@@ -12,7 +12,7 @@ notices (9 and 1 bytes) cross plain pipes, so no batch is ever pickled. Worker `
 positions ``start + w + j*num_workers`` into its own `depth` slots, slot ``j % depth``, and may refill
 a slot only after the consumer has copied it out, so the consumer reads batch ``k`` from a slot it
 can compute itself. Credits for copied slots go back half a worker's slots at a time, so a worker
-refills several slots per wake-up. Why these choices:
+refills several slots per wake-up, and the consumer reads every notice already in a pipe at once. Why these choices:
 
 - ``fork``, like torch's DataLoader on Linux: workers share the parent's open memmaps, its verified
   shard checksums and the anonymous mapping, and start in milliseconds (no re-import, nothing
@@ -164,6 +164,7 @@ class WorkerRing(Generic[T]):
         self._slots: np.ndarray | None = slots
         ctx = mp.get_context("fork")
         self._notices: list[int] = []  # read ends: worker w -> us
+        self._unread: list[bytearray] = [bytearray() for _ in range(num_workers)]  # read, not yet used
         self._credits: list[int] = []  # write ends: us -> worker w
         self._procs: list[BaseProcess] = []
         try:
@@ -204,7 +205,7 @@ class WorkerRing(Generic[T]):
             raise StopIteration
         w, j = self._k % self._workers, self._k // self._workers
         position = self._start + self._k
-        head = _read_exact(self._notices[w], _HEAD.size)
+        head = self._read(w, _HEAD.size)
         if not head:
             proc = self._procs[w]
             proc.join(timeout=1.0)
@@ -215,7 +216,7 @@ class WorkerRing(Generic[T]):
             )
         tag, value = _HEAD.unpack(head)
         if tag == _ERROR:
-            payload = _read_exact(self._notices[w], value)
+            payload = self._read(w, value)
             self.close()
             raise _unpickled_error(payload, w)
         if tag != _READY or value != position:  # cannot happen unless the protocol is broken
@@ -230,6 +231,19 @@ class WorkerRing(Generic[T]):
         self._k += 1
         return out
 
+    def _read(self, w: int, n: int) -> bytes:
+        """`n` bytes from worker `w`'s notices, or b"" at end of file. One read takes every notice
+        already there, so a worker that is ahead costs one system call per several batches."""
+        buf = self._unread[w]
+        while len(buf) < n:
+            chunk = os.read(self._notices[w], max(n, _HEAD.size * self._depth))
+            if not chunk:
+                return b""
+            buf += chunk
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+
     def close(self) -> None:
         """Stop and reap the workers and release the ring (idempotent)."""
         self._slots = None  # drop our view of the mapping so it can be unmapped
@@ -240,17 +254,6 @@ class WorkerRing(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    """`n` bytes from `fd`, or b"" at end of file."""
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            return b""
-        data += chunk
-    return data
 
 
 def _serve(

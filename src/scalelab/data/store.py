@@ -8,7 +8,9 @@ waits and then opens what the first built.
 
 Shard reads are checked: the first time a process opens a shard it re-hashes the file and compares
 against the index (`ShardChecksumError` on mismatch). Verified shards are remembered per process,
-keyed by the file's identity (device, inode, size, mtime), so later opens are free.
+keyed by the file's identity (device, inode, size, mtime), so later opens are free. `block_map`
+(the loader's one-gather view of a whole split) verifies every shard of the split the same way before
+it maps them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scalelab.data.blockmap import BlockMap
 from scalelab.data.corpus import Source, sources_from_spec
 from scalelab.data.ingest import ingest
 from scalelab.data.shards import (
@@ -86,6 +89,7 @@ class TokenStore:
         self.heldout_fraction: float = index["heldout_fraction"]
         self.shard_tokens: int = index["shard_tokens"]
         self._maps: dict[str, np.memmap] = {}
+        self._block_maps: dict[tuple[str, int], BlockMap | None] = {}
         self._tokenizer: Tokenizer | None = None
 
     @classmethod
@@ -141,6 +145,24 @@ class TokenStore:
             mm = np.memmap(file, dtype=self.dtype.newbyteorder("<"), mode="r", shape=(info.tokens,))
             self._maps[key] = mm
         return mm
+
+    def block_map(self, split: str, block_tokens: int) -> BlockMap | None:
+        """Every shard of `split` as one ``(rows, block_tokens)`` array (`scalelab.data.blockmap`),
+        each shard checksum-verified first as `shard_array` does; None where the platform cannot map
+        it so (then read through `shard_array`). Made once per process and block size."""
+        key = (split, block_tokens)
+        if key not in self._block_maps:
+            infos = self.shards(split)
+            for info in infos:
+                self.check_shard(info)
+            try:
+                made = BlockMap.create(
+                    [self.path / i.file for i in infos], [i.tokens for i in infos], self.dtype, block_tokens
+                )
+            except OSError as err:
+                raise DataError(f"{self.path}: cannot map split '{split}' ({err})") from None
+            self._block_maps.setdefault(key, made)
+        return self._block_maps[key]
 
     def check_shard(self, info: ShardInfo) -> None:
         """Verify one shard's size and SHA-256 unless already verified in this process."""

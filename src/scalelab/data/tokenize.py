@@ -185,7 +185,13 @@ class BPETokenizer(Tokenizer):
     def _encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
         # encode_batch_fast (tokenizers >= 0.21) skips character offsets: same ids, ~15% less CPU.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encode(list(texts))]
+        # In the stored dtype (every id fits it); np.fromiter converts the id list ~2x faster than asarray.
+        dtype = self.dtype
+        out = []
+        for e in encode(list(texts)):
+            ids = e.ids
+            out.append(np.fromiter(ids, dtype=dtype, count=len(ids)))
+        return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         arr = np.asarray(ids, dtype=np.int64)
