@@ -510,11 +510,27 @@ class StudySpec(_Spec):
     fit: FitSpec = Field(default_factory=FitSpec)
     target: TargetSpec = Field(default_factory=TargetSpec)
     hypotheses: list[str] = Field(default_factory=list)
+    sources: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")], Annotated[list[SourceSpec], Field(min_length=1)]] = (
+        Field(
+            default_factory=dict,
+            description="a design axis over data sources: name → data.sources; the design runs once per "
+            "name, and each run's group (the fit's `group` column) is that name",
+        )
+    )
+    group_by: str | None = Field(
+        None, description="a design axis (dotted path) whose value names each run's group, for grouped fits"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _execution_into_train(cls, data: Any) -> Any:
         return _merge_execution(data)
+
+    @model_validator(mode="after")
+    def _one_group_axis(self) -> StudySpec:
+        if self.sources and self.group_by:
+            raise ValueError("group_by: the runs are grouped by `sources` already; set one of the two")
+        return self
 
     def base_run(self) -> RunSpec:
         sections = ("model", "data", "train", "debug", "execution", "hashed_execution")

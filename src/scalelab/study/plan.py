@@ -215,8 +215,7 @@ def link_branches(runs: list[PlannedRun], source: str = "<study>") -> list[Plann
     return out
 
 
-def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
-    """Every run the study's design makes, validated; duplicate configs appear once."""
+def _expand_design(study: StudySpec, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
     design = study.design
     if isinstance(design, GridDesign):
         pairs = _expand_grid(study, design, source)
@@ -226,6 +225,35 @@ def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
         pairs = _expand_wsd(study, design, source)
     else:
         pairs = _expand_isoflop(study, design, source)
+    return pairs
+
+
+def _grouped(study: StudySpec, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """The design once per data source of `study.sources` (each run's point naming it as `group`), or
+    once with the group read off the `study.group_by` axis, or once ungrouped."""
+    if study.sources:
+        pairs = []
+        for name, sources in study.sources.items():
+            sub = study.model_copy(update={"data": study.data.model_copy(update={"sources": sources})})
+            pairs += [(spec, {**point, "group": name}) for spec, point in _expand_design(sub, source)]
+        return pairs
+    pairs = _expand_design(study, source)
+    if study.group_by:
+        missing = [p for _, p in pairs if study.group_by not in p]
+        if missing:
+            axes = sorted({k for _, p in pairs for k in p})
+            raise SpecError(
+                f"{source}: study.group_by: {study.group_by!r} is not a design axis (axes: {', '.join(axes)})"
+            )
+        pairs = [(spec, {**point, "group": str(point[study.group_by])}) for spec, point in pairs]
+    return pairs
+
+
+def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
+    """Every run the study's design makes (once per data source of `study.sources`), validated; duplicate
+    configs appear once."""
+    design = study.design
+    pairs = _grouped(study, source)
     seen: set[str] = set()
     runs = []
     for spec, point in pairs:
