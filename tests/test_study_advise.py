@@ -52,12 +52,21 @@ def _study_dir(root: Path) -> Path:
     rng = np.random.default_rng(0)
     with Registry(d / "registry.sqlite") as reg:
         for r in expand_runs(spec):
-            loss = float(chinchilla_loss(TRUTH, r.n_params, r.tokens)) * float(np.exp(0.01 * rng.standard_normal()))
+            loss = float(chinchilla_loss(TRUTH, r.n_params, r.tokens)) * float(
+                np.exp(0.01 * rng.standard_normal())
+            )
             reg.add_planned(r.run_id, r.spec.canonical_json(), "h", point=r.point)
             reg.record_result(
                 r.run_id,
-                {"status": "done", "n_params": r.n_params, "n_params_total": r.n_params_total,
-                 "tokens": r.tokens, "flops": r.flops, "eval_loss": loss, "final_train_loss": loss},
+                {
+                    "status": "done",
+                    "n_params": r.n_params,
+                    "n_params_total": r.n_params_total,
+                    "tokens": r.tokens,
+                    "flops": r.flops,
+                    "eval_loss": loss,
+                    "final_train_loss": loss,
+                },
             )
     return d
 
@@ -84,8 +93,15 @@ def test_advise_cli_json_keeps_within_the_budget(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["target_flops"] == 1e14 and out["ranked"] and out["chosen"]
-    ranked = [Scored(Candidate(r["N"], r["D"], r["flops"], r["label"]), r["width_before"], r["width_after"],
-                     r["shrink"]) for r in out["ranked"]]
+    ranked = [
+        Scored(
+            Candidate(r["N"], r["D"], r["flops"], r["label"]),
+            r["width_before"],
+            r["width_after"],
+            r["shrink"],
+        )
+        for r in out["ranked"]
+    ]
     budget = min(s.candidate.flops for s in ranked if s.shrink > 0) * 1.01
     chosen = choose(ranked, budget, top=3)
     assert chosen and sum(s.candidate.flops for s in chosen) <= budget

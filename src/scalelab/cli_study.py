@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -127,7 +126,9 @@ def advise_view(advice: Any, shown: int = 10) -> Group:
         f"next runs for the {advice.quantity} interval at {_flops(advice.target_flops)} FLOPs "
         f"(now ±{100 * now:.1f} %)" + (f" · group {advice.group}" if advice.group else "")
     )
-    table = _table(title, ["candidate", "N", "D", "FLOPs", "interval after", "shrink/PFLOP"], left=("candidate",))
+    table = _table(
+        title, ["candidate", "N", "D", "FLOPs", "interval after", "shrink/PFLOP"], left=("candidate",)
+    )
     chosen = {id(s) for s in advice.chosen}
     for s in ranked[:shown]:
         c = s.candidate
@@ -191,7 +192,12 @@ def study_advise(
     from scalelab.study.advise_study import advise_study
 
     advice = advise_study(
-        study_dir, target_compute, budget_flops=budget, quantity=quantity, width=width, draws=draws,
+        study_dir,
+        target_compute,
+        budget_flops=budget,
+        quantity=quantity,
+        width=width,
+        draws=draws,
         bootstrap=bootstrap,
     )
     if as_json:

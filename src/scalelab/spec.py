@@ -470,6 +470,29 @@ class WSDDesign(_Spec):
         )
 
 
+class OFATDesign(_Spec):
+    """One factor at a time: each factor grows alone from the base run while the others stay at the base.
+
+    A factor is a dotted run field (e.g. ``train.tokens`` for data, ``model.width`` for the model) with the
+    values it takes, or ``compute`` with multipliers of the base run's compute (width × m^¼ rounded to a
+    multiple of n_heads and tokens × m^½, so both N ≈ width² and D grow by about √m). `threshold` is the
+    marginal loss gain per doubling under which a factor counts as exhausted (the report's
+    diminishing-returns analysis)."""
+
+    kind: Literal["ofat"] = "ofat"
+    factors: dict[str, list[Any]] = Field(min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    threshold: float = Field(0.01, gt=0, description="loss gain per doubling below which returns diminish")
+
+    @field_validator("factors")
+    @classmethod
+    def _factors_nonempty(cls, factors: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in _check_axes(factors).items():
+            if name == "compute" and not all(isinstance(v, int | float) and v > 0 for v in values):
+                raise ValueError("factor 'compute': multipliers of the base run's compute must be > 0")
+        return factors
+
+
 class FitSpec(_Spec):
     """How the study's runs are fitted (see scalelab.fit)."""
 
@@ -504,7 +527,9 @@ class StudySpec(_Spec):
     debug: DebugSpec = Field(default_factory=DebugSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # type: ignore[valid-type]
     hashed_execution: dict[str, Any] = Field(default_factory=dict, description=_HASHED_EXECUTION_DOC)
-    design: Annotated[GridDesign | ListDesign | IsoFLOPDesign | WSDDesign, Field(discriminator="kind")] = (
+    design: Annotated[
+        GridDesign | ListDesign | IsoFLOPDesign | WSDDesign | OFATDesign, Field(discriminator="kind")
+    ] = (
         Field(default_factory=GridDesign)
     )
     fit: FitSpec = Field(default_factory=FitSpec)

@@ -1,9 +1,9 @@
 """Design advice: which next runs shrink the calibrated interval of the study's target the most per FLOP,
 and how many runs (and where) reach a stated interval width.
 
-A candidate run is scored by refitting the law with it added, its loss drawn ``draws`` times from the
-current fit (point prediction × log-normal noise with the larger of the fit's residual scatter and the
-seed-to-seed spread; the same noise draws for every candidate). The score is the expected reduction of
+A candidate run is scored by refitting the law with it added, its loss taken from the current fit at
+``draws`` Gauss–Hermite nodes of its noise (point prediction × log-normal noise with the larger of the
+fit's residual scatter and the seed-to-seed spread; one draw: the point prediction alone). The score is the expected reduction of
 the log width of the target's interval — the *calibrated* loss interval at the compute-optimal
 allocation for the target compute (or N_opt's bootstrap interval) — divided by the candidate's FLOPs.
 Refitting through the real estimator is what makes this work: the calibrated width depends on the
@@ -100,8 +100,13 @@ def target_width(law: ChinchillaLaw, compute: float, quantity: str = "loss") -> 
     return math.log(hi / lo)
 
 
-def with_runs(table: RunTable, N: Sequence[float], D: Sequence[float], loss: Sequence[float],
-              C: Sequence[float] | None = None) -> RunTable:
+def with_runs(
+    table: RunTable,
+    N: Sequence[float],
+    D: Sequence[float],
+    loss: Sequence[float],
+    C: Sequence[float] | None = None,
+) -> RunTable:
     """`table` with runs appended (a fresh seed label each, so replicates of a config stay distinct)."""
     n_new = len(N)
     C_new = list(C) if C is not None else [6.0 * n * d for n, d in zip(N, D, strict=True)]
@@ -133,6 +138,15 @@ def _predicted(law: ChinchillaLaw, cand: Candidate) -> float:
     return float(np.asarray(law.predict(cand.N, cand.D)).ravel()[0])
 
 
+def outcome_nodes(draws: int) -> tuple[np.ndarray, np.ndarray]:
+    """Standard-normal nodes and weights for the expected width over a new run's noise: Gauss–Hermite
+    quadrature with `draws` points (0 or 1: the point prediction alone)."""
+    if draws <= 1:
+        return np.zeros(1), np.ones(1)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(draws)
+    return nodes, weights / weights.sum()
+
+
 def score_candidates(
     table: RunTable,
     candidates: Sequence[Candidate],
@@ -141,7 +155,6 @@ def score_candidates(
     quantity: str = "loss",
     draws: int = 2,
     settings: FitSettings | None = None,
-    seed: int = 0,
 ) -> list[Scored]:
     """Each candidate's expected target width after it runs, best shrink per FLOP first."""
     if not candidates:
@@ -150,9 +163,7 @@ def score_candidates(
     law = settings.fit(table)
     before = target_width(law, compute, quantity)
     sd = outcome_noise(law, table)
-    eps = np.random.default_rng(seed).standard_normal(max(draws, 1))
-    if draws <= 0:
-        eps = np.zeros(1)
+    eps, weights = outcome_nodes(draws)
     out = []
     for cand in candidates:
         mu = _predicted(law, cand)
@@ -164,7 +175,7 @@ def score_candidates(
             except FitError as err:
                 log.info("candidate %s: refit failed (%s)", cand.label, err)
                 widths.append(before)
-        after = float(np.mean(widths))
+        after = float(np.dot(weights, widths))
         out.append(Scored(cand, before, after, before - after))
     out.sort(key=lambda s: -s.shrink_per_flop)
     return out

@@ -55,10 +55,9 @@ def judge(
     compute: float,
     settings: FitSettings,
     draws: int,
-    seed: int,
 ) -> Trial:
     """Rank `candidates` with advise, then refit with each one's true loss and compare."""
-    ranked = score_candidates(table, candidates, compute, draws=draws, settings=settings, seed=seed)
+    ranked = score_candidates(table, candidates, compute, draws=draws, settings=settings)
     before = ranked[0].width_before
     actual = {}
     for c in candidates:
@@ -93,17 +92,25 @@ def simulated_trial(
     table = make_table(N, D, loss, source="<simulated pilot>")
     compute = float(table.C.max() * 10 ** rng.uniform(2, 3))
     ladder = ladder_candidates(table)
-    cands = [ladder[i] for i in sorted(rng.choice(len(ladder), min(n_candidates, len(ladder)), replace=False))]
+    cands = [
+        ladder[i] for i in sorted(rng.choice(len(ladder), min(n_candidates, len(ladder)), replace=False))
+    ]
 
     def outcome(c: Candidate) -> float:
-        return float(chinchilla_loss(truth, np.array([c.N]), np.array([c.D]))[0] * math.exp(
-            noise * rng.standard_normal()))
+        return float(
+            chinchilla_loss(truth, np.array([c.N]), np.array([c.D]))[0]
+            * math.exp(noise * rng.standard_normal())
+        )
 
-    return judge(table, cands, outcome, compute, settings or FitSettings(), draws, seed)
+    return judge(table, cands, outcome, compute, settings or FitSettings(), draws)
 
 
 def reference_trial(
-    table: RunTable, seed: int, pilot_runs: int = 14, n_candidates: int = 8, draws: int = 1,
+    table: RunTable,
+    seed: int,
+    pilot_runs: int = 14,
+    n_candidates: int = 8,
+    draws: int = 1,
     settings: FitSettings | None = None,
 ) -> Trial:
     """From public runs: a pilot of `pilot_runs` drawn from the lower half of compute, candidates drawn
@@ -122,7 +129,7 @@ def reference_trial(
     cands = [Candidate(float(table.N[i]), float(table.D[i]), float(table.C[i]), f"run{i}") for i in picks]
     loss = {f"run{i}": float(table.loss[i]) for i in picks}
     compute = float(table.C.max() * 10)
-    return judge(sub, cands, lambda c: loss[c.label], compute, settings or FitSettings(), draws, seed)
+    return judge(sub, cands, lambda c: loss[c.label], compute, settings or FitSettings(), draws)
 
 
 def win_rate(trials: Sequence[Trial]) -> dict[str, Any]:

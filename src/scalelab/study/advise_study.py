@@ -52,7 +52,9 @@ def load_study_json(study_dir: Path) -> StudySpec:
     try:
         return StudySpec.model_validate(json.loads(path.read_text()))
     except OSError as err:
-        raise SpecError(f"{path}: cannot read ({err.strerror or err}); is {study_dir} a study directory?") from None
+        raise SpecError(
+            f"{path}: cannot read ({err.strerror or err}); is {study_dir} a study directory?"
+        ) from None
     except ValueError as err:
         raise SpecError(f"{path}: not a valid study ({str(err).splitlines()[0]})") from None
 
@@ -91,7 +93,9 @@ def study_candidates(study: StudySpec, n_params: str = "non_embedding") -> list[
     big = max(planned, key=lambda r: r.flops)
     seed = max(r.spec.train.seed for r in planned) + 1
     ov = {"model.width": big.spec.model.width, "train.tokens": big.spec.train.tokens, "train.seed": seed}
-    out.append(_candidate(set_path(big.spec, "train.seed", seed), ov, n_params, f"seed {seed} of {big.run_id}"))
+    out.append(
+        _candidate(set_path(big.spec, "train.seed", seed), ov, n_params, f"seed {seed} of {big.run_id}")
+    )
     return out
 
 
@@ -138,7 +142,6 @@ def advise_study(
     top: int = 3,
     draws: int = 2,
     bootstrap: int = 0,
-    seed: int = 0,
 ) -> Advice:
     """Rank the study's candidate next runs for its target, choose some within `budget_flops`, write them
     to DIR/report/advice.toml, and (given `width`, a ± fraction) say what reaches that interval."""
@@ -162,8 +165,12 @@ def advise_study(
         bootstrap=bootstrap, delta=study.fit.huber_delta, confidence=0.9, seed=study.fit.seed
     )
     ranked = score_candidates(
-        table, study_candidates(study, study.fit.n_params), compute, quantity=quantity, draws=draws,
-        settings=settings, seed=seed,
+        table,
+        study_candidates(study, study.fit.n_params),
+        compute,
+        quantity=quantity,
+        draws=draws,
+        settings=settings,
     )
     chosen = choose(ranked, budget_flops, top)
     sample = sample_size(table, compute, width, quantity=quantity, settings=settings) if width else None
