@@ -30,7 +30,7 @@ def group_curves_png(
     """One panel per group: final loss against N (one colour per D) with that group's own fitted law."""
     from scalelab.report import figures
 
-    groups = sorted({g for r in runs if (g := _group_of(r)) is not None})
+    groups = list(dict.fromkeys(g for r in runs if (g := _group_of(r)) is not None))
     rows = [r for r in runs if r.get(loss_key) and r.get(n_key) and r.get("tokens")]
     if not groups or not rows:
         return None
@@ -52,6 +52,7 @@ def group_curves_png(
                 ax.plot(grid, fit, color=color(d), lw=1)
         title = g if not p else f"{g}: α={p['alpha']:.2f}, β={p['beta']:.2f}"
         figures._style(ax, "N (parameters)", "final loss", title)
+        ax.xaxis.set_minor_formatter(figures.matplotlib.ticker.NullFormatter())
     return figures._png(fig)
 
 
@@ -63,7 +64,7 @@ def groups_section(s: Any, figure: Figure, table: Table) -> Section | None:
     grp = (s.fit or {}).get("groups") or {}
     params = (grp.get("separate") or {}).get("params") or {}
     rows: list[tuple[str, Any]] = []
-    for g in sorted({_group_of(r) for r in runs if _group_of(r) is not None}):
+    for g in dict.fromkeys(g for r in runs if (g := _group_of(r)) is not None):
         n = sum(1 for r in runs if _group_of(r) == g)
         iv = ((grp.get("separate") or {}).get("intervals") or {}).get(g, {})
         p = params.get(g)

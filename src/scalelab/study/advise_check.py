@@ -37,6 +37,7 @@ class Trial:
     median_actual: float
     win: bool
     percentile: float  # share of candidates whose actual shrink per FLOP is below the pick's
+    random_win: float  # share of candidates above the median: a random pick's chance to win
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +46,7 @@ class Trial:
             "median_actual": self.median_actual,
             "win": self.win,
             "percentile": self.percentile,
+            "random_win": self.random_win,
         }
 
 
@@ -71,7 +73,7 @@ def judge(
     values = np.array(list(actual.values()))
     med = float(np.median(values))
     pick = float(actual[top])
-    return Trial(top, pick, med, bool(pick > med), float(np.mean(values < pick)))
+    return Trial(top, pick, med, bool(pick > med), float(np.mean(values < pick)), float(np.mean(values > med)))
 
 
 def simulated_trial(
@@ -139,4 +141,5 @@ def win_rate(trials: Sequence[Trial]) -> dict[str, Any]:
         "wins": int(wins),
         "win_rate": wins / len(trials) if trials else float("nan"),
         "mean_percentile": float(np.mean([t.percentile for t in trials])) if trials else float("nan"),
+        "random_pick_win_rate": float(np.mean([t.random_win for t in trials])) if trials else float("nan"),
     }
