@@ -2,10 +2,14 @@
 and how many runs (and where) reach a stated interval width.
 
 A candidate run is scored by refitting the law with it added, its loss taken from the current fit at
-``draws`` Gauss–Hermite nodes of its noise (point prediction × log-normal noise with the larger of the
-fit's residual scatter and the seed-to-seed spread; one draw: the point prediction alone). The score is the expected reduction of
-the log width of the target's interval — the *calibrated* loss interval at the compute-optimal
-allocation for the target compute (or N_opt's bootstrap interval) — divided by the candidate's FLOPs.
+``draws`` Gauss–Hermite nodes of its predictive distribution (point prediction × log-normal noise whose
+sd is the largest of the fit's calibrated one-sigma interval at the candidate, the residual scatter and
+the seed-to-seed spread; one draw: the point prediction alone) — so a candidate far from the runs, whose
+outcome the fit knows least, may reveal a misfit and widen the interval. The target is
+the *calibrated* loss interval at the compute-optimal allocation for the target compute (or N_opt's
+bootstrap interval); the score is the expected reduction of its log width, less `risk` times that
+width's spread over the outcomes (a cheap run whose effect is within its own noise is no bargain),
+divided by the candidate's FLOPs.
 Refitting through the real estimator is what makes this work: the calibrated width depends on the
 extrapolation distance and on the rolling-origin folds a new run creates, which a local (Fisher)
 approximation does not see. `docs/studies.md` gives the measured win rate.
@@ -29,6 +33,8 @@ from scalelab.fit.table import RunTable, make_table
 log = logging.getLogger(__name__)
 
 QUANTITIES = ("loss", "N_opt")
+#: a normal's probability within one sd: the level whose interval half-width is one sd
+ONE_SIGMA = 0.6826894921370859
 
 
 @dataclass(frozen=True)
@@ -44,16 +50,25 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Scored:
-    """A candidate with its expected target width after it runs and the shrink per FLOP."""
+    """A candidate with its expected target width after it runs, how much that width varies with the
+    run's outcome, and the shrink per FLOP it is ranked by (a risk-adjusted one: the shrink an outcome
+    `risk` standard deviations on the bad side would still give)."""
 
     candidate: Candidate
     width_before: float  # log(hi/lo) of the target's interval now
     width_after: float  # expected log width with the candidate added
     shrink: float  # width_before − width_after (log units)
+    spread: float = 0.0  # sd of the width after over the run's possible outcomes
+    risk: float = 1.0
 
     @property
     def shrink_per_flop(self) -> float:
         return self.shrink / self.candidate.flops
+
+    @property
+    def safe_shrink_per_flop(self) -> float:
+        """(shrink − risk · spread) / FLOPs: the ranking key."""
+        return (self.shrink - self.risk * self.spread) / self.candidate.flops
 
     def to_dict(self) -> dict[str, Any]:
         c = self.candidate
@@ -66,7 +81,9 @@ class Scored:
             "width_before": self.width_before,
             "width_after": self.width_after,
             "shrink": self.shrink,
+            "spread": self.spread,
             "shrink_per_pflop": self.shrink_per_flop * 1e15,
+            "safe_shrink_per_pflop": self.safe_shrink_per_flop * 1e15,
         }
 
 
@@ -138,6 +155,16 @@ def _predicted(law: ChinchillaLaw, cand: Candidate) -> float:
     return float(np.asarray(law.predict(cand.N, cand.D)).ravel()[0])
 
 
+def predictive_sd(law: ChinchillaLaw, cand: Candidate) -> float:
+    """Log-space sd of the candidate's loss under the current fit's calibrated predictive interval (its
+    one-sigma half-width: wide where the candidate extrapolates; 0 without a calibration)."""
+    try:
+        lo, hi = law.predict_interval(cand.N, cand.D, kind="calibrated", level=ONE_SIGMA)
+    except FitError:
+        return 0.0
+    return float(np.log(np.asarray(hi) / np.asarray(lo)).ravel()[0] / 2)
+
+
 def outcome_nodes(draws: int) -> tuple[np.ndarray, np.ndarray]:
     """Standard-normal nodes and weights for the expected width over a new run's noise: Gauss–Hermite
     quadrature with `draws` points (0 or 1: the point prediction alone)."""
@@ -155,8 +182,10 @@ def score_candidates(
     quantity: str = "loss",
     draws: int = 2,
     settings: FitSettings | None = None,
+    risk: float = 1.0,
 ) -> list[Scored]:
-    """Each candidate's expected target width after it runs, best shrink per FLOP first."""
+    """Each candidate's expected target width after it runs (and its sd over the run's outcomes), best
+    risk-adjusted shrink per FLOP first."""
     if not candidates:
         raise FitError("no candidate runs to score")
     settings = settings or FitSettings()
@@ -167,17 +196,19 @@ def score_candidates(
     out = []
     for cand in candidates:
         mu = _predicted(law, cand)
+        sd_c = max(sd, predictive_sd(law, cand))
         widths = []
         for e in eps:
-            t = with_runs(table, [cand.N], [cand.D], [mu * math.exp(sd * e)], [cand.flops])
+            t = with_runs(table, [cand.N], [cand.D], [mu * math.exp(sd_c * e)], [cand.flops])
             try:
                 widths.append(target_width(settings.fit(t), compute, quantity))
             except FitError as err:
                 log.info("candidate %s: refit failed (%s)", cand.label, err)
                 widths.append(before)
         after = float(np.dot(weights, widths))
-        out.append(Scored(cand, before, after, before - after))
-    out.sort(key=lambda s: -s.shrink_per_flop)
+        spread = float(np.sqrt(np.dot(weights, (np.asarray(widths) - after) ** 2)))
+        out.append(Scored(cand, before, after, before - after, spread, risk))
+    out.sort(key=lambda s: -s.safe_shrink_per_flop)
     return out
 
 

@@ -21,7 +21,9 @@ from scalelab.fit.table import RunTable, make_table
 from scalelab.study.advise import (
     Candidate,
     FitSettings,
+    half_width,
     ladder_candidates,
+    sample_size,
     score_candidates,
     target_width,
     with_runs,
@@ -73,26 +75,19 @@ def judge(
     values = np.array(list(actual.values()))
     med = float(np.median(values))
     pick = float(actual[top])
-    return Trial(top, pick, med, bool(pick > med), float(np.mean(values < pick)), float(np.mean(values > med)))
+    return Trial(
+        top, pick, med, bool(pick > med), float(np.mean(values < pick)), float(np.mean(values > med))
+    )
 
 
 def simulated_trial(
-    seed: int, draws: int = 1, settings: FitSettings | None = None, n_candidates: int = 8
+    seed: int, draws: int = 2, settings: FitSettings | None = None, n_candidates: int = 8
 ) -> Trial:
     """A pilot of 3 sizes × 3 tokens-per-parameter ratios from a perturbed Chinchilla law with 1–3 %
     log-normal noise; target 100–1000× the pilot's largest compute; `n_candidates` drawn from the
     ladder candidates."""
     rng = np.random.default_rng(seed)
-    truth = dict(HOFFMANN)
-    truth["alpha"] += rng.uniform(-0.06, 0.06)
-    truth["beta"] += rng.uniform(-0.06, 0.06)
-    truth["E"] *= rng.uniform(0.8, 1.2)
-    noise = rng.uniform(0.01, 0.03)
-    n0 = 10 ** rng.uniform(6.5, 8)
-    N, D = grid_design(n0 * np.array([1.0, 2.5, 6.0]), (5, 20, 80))
-    loss = chinchilla_loss(truth, N, D) * np.exp(noise * rng.standard_normal(N.size))
-    table = make_table(N, D, loss, source="<simulated pilot>")
-    compute = float(table.C.max() * 10 ** rng.uniform(2, 3))
+    truth, noise, table, compute = _simulated_pilot(rng)
     ladder = ladder_candidates(table)
     cands = [
         ladder[i] for i in sorted(rng.choice(len(ladder), min(n_candidates, len(ladder)), replace=False))
@@ -107,12 +102,53 @@ def simulated_trial(
     return judge(table, cands, outcome, compute, settings or FitSettings(), draws)
 
 
+def _simulated_pilot(rng: np.random.Generator) -> tuple[dict[str, float], float, RunTable, float]:
+    """A perturbed Chinchilla truth, its noise, a 3 × 3 pilot drawn from it and a target compute."""
+    truth = dict(HOFFMANN)
+    truth["alpha"] += rng.uniform(-0.06, 0.06)
+    truth["beta"] += rng.uniform(-0.06, 0.06)
+    truth["E"] *= rng.uniform(0.8, 1.2)
+    noise = rng.uniform(0.01, 0.03)
+    n0 = 10 ** rng.uniform(6.5, 8)
+    N, D = grid_design(n0 * np.array([1.0, 2.5, 6.0]), (5, 20, 80))
+    loss = chinchilla_loss(truth, N, D) * np.exp(noise * rng.standard_normal(N.size))
+    table = make_table(N, D, loss, source="<simulated pilot>")
+    return truth, noise, table, float(table.C.max() * 10 ** rng.uniform(2, 3))
+
+
+def sample_size_trial(seed: int, settings: FitSettings | None = None) -> dict[str, Any]:
+    """Ask for 30–70 % of the pilot's current half-width, run the answer's rung with true (noisy) losses,
+    refit, and compare the half-width reached with the one asked for."""
+    rng = np.random.default_rng(10_000 + seed)
+    truth, noise, table, compute = _simulated_pilot(rng)
+    settings = settings or FitSettings()
+    now = half_width(target_width(settings.fit(table), compute))
+    goal = now * rng.uniform(0.3, 0.7)
+    answer = sample_size(table, compute, goal, settings=settings, iterations=6)
+    if not answer.reachable:
+        return {"goal": goal, "reached": None, "ratio": None, "reachable": False}
+    runs = answer.runs
+    loss = chinchilla_loss(truth, np.array([r.N for r in runs]), np.array([r.D for r in runs]))
+    loss = loss * np.exp(noise * rng.standard_normal(len(runs)))
+    t = with_runs(table, [r.N for r in runs], [r.D for r in runs], list(loss), [r.flops for r in runs])
+    reached = half_width(target_width(settings.fit(t), compute))
+    return {
+        "goal": goal,
+        "reached": reached,
+        "ratio": reached / goal,
+        "reachable": True,
+        "expected": answer.half_width_expected,
+        "runs": len(runs),
+        "rung_flops": answer.rung_flops,
+    }
+
+
 def reference_trial(
     table: RunTable,
     seed: int,
     pilot_runs: int = 14,
     n_candidates: int = 8,
-    draws: int = 1,
+    draws: int = 2,
     settings: FitSettings | None = None,
 ) -> Trial:
     """From public runs: a pilot of `pilot_runs` drawn from the lower half of compute, candidates drawn
