@@ -529,18 +529,17 @@ class StudySpec(_Spec):
     hashed_execution: dict[str, Any] = Field(default_factory=dict, description=_HASHED_EXECUTION_DOC)
     design: Annotated[
         GridDesign | ListDesign | IsoFLOPDesign | WSDDesign | OFATDesign, Field(discriminator="kind")
-    ] = (
-        Field(default_factory=GridDesign)
-    )
+    ] = Field(default_factory=GridDesign)
     fit: FitSpec = Field(default_factory=FitSpec)
     target: TargetSpec = Field(default_factory=TargetSpec)
     hypotheses: list[str] = Field(default_factory=list)
-    sources: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")], Annotated[list[SourceSpec], Field(min_length=1)]] = (
-        Field(
-            default_factory=dict,
-            description="a design axis over data sources: name → data.sources; the design runs once per "
-            "name, and each run's group (the fit's `group` column) is that name",
-        )
+    sources: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")],
+        Annotated[list[SourceSpec], Field(min_length=1)],
+    ] = Field(
+        default_factory=dict,
+        description="a design axis over data sources: name → data.sources; the design runs once per "
+        "name, and each run's group (the fit's `group` column) is that name",
     )
     group_by: str | None = Field(
         None, description="a design axis (dotted path) whose value names each run's group, for grouped fits"

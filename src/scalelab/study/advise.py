@@ -284,10 +284,11 @@ def sample_size(
     settings: FitSettings | None = None,
     max_factor: float | None = None,
     iterations: int = 10,
+    draws: int = 2,
 ) -> SampleSize:
     """The smallest rung compute (bisection in log C, between the largest run and the target) whose
-    rung of `sizes` runs, with losses at the current fit's predictions, brings the target's interval
-    to ± `goal_half_width`."""
+    rung of `sizes` runs, with losses drawn from the current fit's calibrated predictive distribution
+    (`draws` nodes), is expected to bring the target's interval to ± `goal_half_width`."""
     if not 0 < goal_half_width < 10:
         raise FitError(f"--width: a fraction such as 0.05 (±5 %), got {goal_half_width}")
     settings = settings or FitSettings()
@@ -296,11 +297,21 @@ def sample_size(
     c_lo = float(table.C.max())
     c_hi = float(compute if max_factor is None else min(compute, c_lo * max_factor))
 
+    noise = outcome_noise(law, table)
+    eps, weights = outcome_nodes(draws)
+
     def expected(c: float) -> float:
+        """Expected half-width with the rung at `c`: its losses shifted together (a misfit of the law is
+        shared by the whole rung) at the nodes of the calibrated predictive sd at its centre."""
         runs = rung(law, c, sizes)
-        loss = [_predicted(law, r) for r in runs]
-        t = with_runs(table, [r.N for r in runs], [r.D for r in runs], loss, [r.flops for r in runs])
-        return half_width(target_width(settings.fit(t), compute, quantity))
+        mu = np.array([_predicted(law, r) for r in runs])
+        sd = max(noise, predictive_sd(law, runs[len(runs) // 2]))
+        widths = []
+        for e in eps:
+            loss = list(mu * math.exp(sd * e))
+            t = with_runs(table, [r.N for r in runs], [r.D for r in runs], loss, [r.flops for r in runs])
+            widths.append(target_width(settings.fit(t), compute, quantity))
+        return half_width(float(np.dot(weights, widths)))
 
     if now <= goal_half_width:
         return SampleSize(goal_half_width, now, now, 0.0, [], True)
