@@ -14,6 +14,7 @@ drawn from the lower half of compute, 8 candidates among the measured runs up to
 measured losses are the truth), target 10× the largest run.
 
 Usage: python benchmarks/bench_study_advise.py [--studies 50] [--reference-trials 10] [--only sim|reference]
+       [--jobs J]
 Prints one JSON line per set {name, value, baseline, ratio, unit, studies, wins, load, wall_seconds, cpu_seconds}.
 """
 
@@ -28,6 +29,8 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from harness import cpu_seconds, emit, load  # noqa: E402
@@ -50,9 +53,18 @@ def reference_tables() -> list[tuple[str, RunTable]]:
     return out
 
 
-def measure(name: str, trial: Callable[[int], Trial], n: int) -> dict:
+def _reference(table: RunTable, seed: int) -> Trial:
+    return reference_trial(table, seed)
+
+
+def measure(name: str, trial: Callable[[int], Trial], n: int, jobs: int = 1) -> dict:
+    """Run `n` backtests (seeds 0..n-1; in `jobs` processes, same results) and emit the win rate."""
     t0, c0, load0 = time.perf_counter(), cpu_seconds(), load()
-    trials = [trial(seed) for seed in range(n)]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            trials = list(pool.map(trial, range(n)))
+    else:
+        trials = [trial(seed) for seed in range(n)]
     rate = win_rate(trials)
     result = {
         "name": f"study advise: top pick beats the median candidate per FLOP, {name}",
@@ -77,16 +89,17 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=50, help="simulated studies")
     ap.add_argument("--reference-trials", type=int, default=10, help="backtests per public ladder")
     ap.add_argument("--only", choices=("sim", "reference"), default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="backtests in parallel processes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.only in (None, "sim"):
-        measure("simulated ladders", simulated_trial, args.studies)
+        measure("simulated ladders", simulated_trial, args.studies, args.jobs)
     if args.only in (None, "reference"):
         tables = reference_tables()
         if not tables:
             print(f"note: {REF} absent; public-ladder backtests skipped")
         for name, table in tables:
-            measure(name, lambda s, t=table: reference_trial(t, s), args.reference_trials)
+            measure(name, partial(_reference, table), args.reference_trials, args.jobs)
 
 
 if __name__ == "__main__":
