@@ -26,7 +26,7 @@ from scalelab.study.advise import (
     score_candidates,
     target_width,
 )
-from scalelab.study.advise_check import simulated_trial, win_rate
+from scalelab.study.advise_check import sample_size_trial, simulated_trial, win_rate
 from scalelab.study.advise_study import advise_study, choose
 from scalelab.study.plan import expand_runs
 from scalelab.study.registry import Registry
@@ -134,6 +134,17 @@ def test_sample_size_answers_a_reachable_width() -> None:
     assert ss.half_width_now == pytest.approx(now)
     assert ss.reachable and len(ss.runs) == 3
     assert ss.half_width_expected <= goal and table.C.max() < ss.rung_flops < 1e21
+
+
+@pytest.mark.slow
+def test_sample_size_answer_reaches_the_asked_width_in_simulation() -> None:
+    """Following the answer (true, noisy losses) reaches the asked half-width: the median ratio within
+    ±25 %, and no answer off by more than 2×."""
+    results = [sample_size_trial(seed) for seed in range(20)]
+    ratios = np.array([r["ratio"] for r in results if r["reachable"]])
+    assert ratios.size >= 15
+    assert abs(float(np.median(ratios)) - 1) <= 0.25, ratios
+    assert np.all((ratios > 0.5) & (ratios < 2.0)), ratios
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ Also the `study advise` command and its view."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -139,7 +140,7 @@ def advise_view(advice: Any, shown: int = 10) -> Group:
             si(c.D),
             _flops(c.flops),
             f"±{100 * half_width(s.width_after):.1f} %",
-            f"{s.shrink_per_flop * 1e15:.3g}",
+            f"{s.safe_shrink_per_flop * 1e15:.3g}",
         )
     parts: list[Any] = [table]
     if advice.design_path:
@@ -158,11 +159,23 @@ def advise_view(advice: Any, shown: int = 10) -> Group:
                 f"expected ±{100 * ss.half_width_expected:.1f} %"
             )
         else:
+            left = (
+                f"still leaves ±{100 * ss.half_width_expected:.1f} %"
+                if math.isfinite(ss.half_width_expected)
+                else "leaves a fit with no finite interval"
+            )
             line = (
-                f"{goal} is not reached by one rung below the target compute: at "
-                f"{_flops(ss.rung_flops)} FLOPs a rung still leaves ±{100 * ss.half_width_expected:.1f} %"
+                f"{goal} is not reached by one rung below the target compute: at {_flops(ss.rung_flops)} "
+                f"FLOPs a rung {left}"
             )
         parts.append(Text(line))
+    parts.append(
+        Text(
+            "score: the expected shrink of the interval's log width less its spread over the run's possible "
+            "outcomes, per PFLOP",
+            style="dim",
+        )
+    )
     return Group(*parts)
 
 

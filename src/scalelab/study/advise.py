@@ -108,7 +108,10 @@ def target_width(law: ChinchillaLaw, compute: float, quantity: str = "loss") -> 
     optimal allocation for `compute`, or N_opt's (parameter-only, needs a bootstrap)."""
     if quantity not in QUANTITIES:
         raise FitError(f"--quantity: one of {', '.join(QUANTITIES)}, got {quantity!r}")
-    iv = law.optimal(compute)["intervals"].get(quantity)
+    try:
+        iv = law.optimal(compute)["intervals"].get(quantity)
+    except FitError:  # a refit whose optimum is undefined (an exponent at its bound): no usable interval
+        return math.inf
     if not iv:
         raise FitError(f"no interval for {quantity} at {compute:.3g} FLOPs (N_opt needs --bootstrap > 0)")
     lo, hi = float(iv[0]), float(iv[1])
@@ -191,6 +194,11 @@ def score_candidates(
     settings = settings or FitSettings()
     law = settings.fit(table)
     before = target_width(law, compute, quantity)
+    if not math.isfinite(before):
+        raise FitError(
+            f"{table.source}: the current fit gives no finite {quantity} interval at {compute:.3g} FLOPs (a "
+            "parameter at its bound or unidentified): nothing to shrink; add runs over a wider range first"
+        )
     sd = outcome_noise(law, table)
     eps, weights = outcome_nodes(draws)
     out = []
