@@ -14,7 +14,7 @@ drawn from the lower half of compute, 8 candidates among the measured runs up to
 measured losses are the truth), target 10× the largest run.
 
 Usage: python benchmarks/bench_study_advise.py [--studies 50] [--reference-trials 10] [--only sim|reference]
-       [--jobs J]
+       [--jobs J] [--draws 2] [--first-seed 0]
 Prints one JSON line per set {name, value, baseline, ratio, unit, studies, wins, load, wall_seconds, cpu_seconds}.
 """
 
@@ -53,18 +53,22 @@ def reference_tables() -> list[tuple[str, RunTable]]:
     return out
 
 
-def _reference(table: RunTable, seed: int) -> Trial:
-    return reference_trial(table, seed)
+def _reference(table: RunTable, draws: int, seed: int) -> Trial:
+    return reference_trial(table, seed, draws=draws)
 
 
-def measure(name: str, trial: Callable[[int], Trial], n: int, jobs: int = 1) -> dict:
-    """Run `n` backtests (seeds 0..n-1; in `jobs` processes, same results) and emit the win rate."""
+def _simulated(draws: int, seed: int) -> Trial:
+    return simulated_trial(seed, draws=draws)
+
+
+def measure(name: str, trial: Callable[[int], Trial], seeds: range, jobs: int = 1) -> dict:
+    """Run one backtest per seed (in `jobs` processes, same results) and emit the win rate."""
     t0, c0, load0 = time.perf_counter(), cpu_seconds(), load()
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            trials = list(pool.map(trial, range(n)))
+            trials = list(pool.map(trial, seeds))
     else:
-        trials = [trial(seed) for seed in range(n)]
+        trials = [trial(seed) for seed in seeds]
     rate = win_rate(trials)
     result = {
         "name": f"study advise: top pick beats the median candidate per FLOP, {name}",
@@ -74,6 +78,7 @@ def measure(name: str, trial: Callable[[int], Trial], n: int, jobs: int = 1) -> 
         "unit": "fraction of studies",
         "higher_is_better": True,
         "studies": rate["studies"],
+        "seeds": f"{seeds.start}..{seeds.stop - 1}",
         "wins": rate["wins"],
         "mean_percentile": rate["mean_percentile"],
         "load": [load0, load()],
@@ -90,16 +95,20 @@ def main() -> None:
     ap.add_argument("--reference-trials", type=int, default=10, help="backtests per public ladder")
     ap.add_argument("--only", choices=("sim", "reference"), default=None)
     ap.add_argument("--jobs", type=int, default=1, help="backtests in parallel processes")
+    ap.add_argument("--draws", type=int, default=2, help="advise's outcome nodes (1: point prediction only)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.only in (None, "sim"):
-        measure("simulated ladders", simulated_trial, args.studies, args.jobs)
+        seeds = range(args.first_seed, args.first_seed + args.studies)
+        measure(f"simulated ladders, draws={args.draws}", partial(_simulated, args.draws), seeds, args.jobs)
     if args.only in (None, "reference"):
         tables = reference_tables()
         if not tables:
             print(f"note: {REF} absent; public-ladder backtests skipped")
         for name, table in tables:
-            measure(name, partial(_reference, table), args.reference_trials, args.jobs)
+            seeds = range(args.first_seed, args.first_seed + args.reference_trials)
+            measure(f"{name}, draws={args.draws}", partial(_reference, table, args.draws), seeds, args.jobs)
 
 
 if __name__ == "__main__":
