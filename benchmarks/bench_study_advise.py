@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--reference-trials", type=int, default=10, help="backtests per public ladder")
     ap.add_argument("--only", choices=("sim", "reference"), default=None)
     ap.add_argument("--jobs", type=int, default=1, help="backtests in parallel processes")
-    ap.add_argument("--draws", type=int, default=2, help="advise's outcome nodes (1: point prediction only)")
+    ap.add_argument("--draws", type=int, default=1, help="advise's outcome nodes (1: point prediction only)")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)

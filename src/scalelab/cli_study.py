@@ -192,7 +192,15 @@ def study_advise(
         typer.Option("--width", help="Also say what reaches an interval of ± this fraction (e.g. 0.05)."),
     ] = None,
     quantity: Annotated[str, typer.Option("--quantity", help="loss (at the target) or N_opt.")] = "loss",
-    draws: Annotated[int, typer.Option("--draws", min=0, help="Simulated outcomes per candidate.")] = 2,
+    draws: Annotated[
+        int,
+        typer.Option(
+            "--draws",
+            min=0,
+            help="Outcomes per candidate: 1 = the fit's prediction (measured best); K > 1 = K nodes of the "
+            "calibrated predictive distribution, ranked by expected shrink less its spread.",
+        ),
+    ] = 1,
     bootstrap: Annotated[
         int, typer.Option("--bootstrap", min=0, help="Bootstrap draws per refit (N_opt needs some).")
     ] = 0,

@@ -1,15 +1,14 @@
 """Design advice: which next runs shrink the calibrated interval of the study's target the most per FLOP,
 and how many runs (and where) reach a stated interval width.
 
-A candidate run is scored by refitting the law with it added, its loss taken from the current fit at
-``draws`` Gauss–Hermite nodes of its predictive distribution (point prediction × log-normal noise whose
-sd is the largest of the fit's calibrated one-sigma interval at the candidate, the residual scatter and
-the seed-to-seed spread; one draw: the point prediction alone) — so a candidate far from the runs, whose
-outcome the fit knows least, may reveal a misfit and widen the interval. The target is
-the *calibrated* loss interval at the compute-optimal allocation for the target compute (or N_opt's
-bootstrap interval); the score is the expected reduction of its log width, less `risk` times that
-width's spread over the outcomes (a cheap run whose effect is within its own noise is no bargain),
-divided by the candidate's FLOPs.
+A candidate run is scored by refitting the law with it added and measuring the target's interval: the
+*calibrated* loss interval at the compute-optimal allocation for the target compute (or N_opt's bootstrap
+interval). By default (``draws=1``) the run's loss is the current fit's prediction, and the score is the
+shrink of the interval's log width per FLOP. With ``draws=K > 1`` its loss is taken at K Gauss–Hermite
+nodes of the fit's calibrated predictive distribution at the candidate (sd: the largest of the one-sigma
+calibrated interval, the residual scatter and the seed spread), and the score is the expected shrink
+less `risk` times its spread over those outcomes. On simulated ladders the plain prediction won more
+often (docs/studies.md gives both figures), hence the default.
 Refitting through the real estimator is what makes this work: the calibrated width depends on the
 extrapolation distance and on the rolling-origin folds a new run creates, which a local (Fisher)
 approximation does not see. `docs/studies.md` gives the measured win rate.
@@ -183,7 +182,7 @@ def score_candidates(
     compute: float,
     *,
     quantity: str = "loss",
-    draws: int = 2,
+    draws: int = 1,
     settings: FitSettings | None = None,
     risk: float = 1.0,
 ) -> list[Scored]:

@@ -81,7 +81,7 @@ def judge(
 
 
 def simulated_trial(
-    seed: int, draws: int = 2, settings: FitSettings | None = None, n_candidates: int = 8
+    seed: int, draws: int = 1, settings: FitSettings | None = None, n_candidates: int = 8
 ) -> Trial:
     """A pilot of 3 sizes × 3 tokens-per-parameter ratios from a perturbed Chinchilla law with 1–3 %
     log-normal noise; target 100–1000× the pilot's largest compute; `n_candidates` drawn from the
@@ -148,7 +148,7 @@ def reference_trial(
     seed: int,
     pilot_runs: int = 14,
     n_candidates: int = 8,
-    draws: int = 2,
+    draws: int = 1,
     settings: FitSettings | None = None,
 ) -> Trial:
     """From public runs: a pilot of `pilot_runs` drawn from the lower half of compute, candidates drawn

@@ -140,7 +140,7 @@ def advise_study(
     quantity: str = "loss",
     width: float | None = None,
     top: int = 3,
-    draws: int = 2,
+    draws: int = 1,
     bootstrap: int = 0,
 ) -> Advice:
     """Rank the study's candidate next runs for its target, choose some within `budget_flops`, write them
