@@ -151,3 +151,19 @@ def test_sample_size_answer_reaches_the_asked_width_in_simulation() -> None:
 def test_top_suggestion_beats_the_median_candidate_in_80_percent_of_50_simulated_studies() -> None:
     rate = win_rate([simulated_trial(seed) for seed in range(50)])
     assert rate["studies"] == 50 and rate["win_rate"] >= 0.8, rate
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chinchilla_epoch.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="../shared/reference/chinchilla_epoch.csv is absent")
+def test_top_suggestion_beats_the_median_candidate_on_chinchillas_measured_runs() -> None:
+    """Pilots of 14 runs from the lower half of Chinchilla's compute; candidates among the measured runs
+    above them, their published losses the truth (measured: 14 of 15)."""
+    from scalelab.fit.reference import chinchilla_epoch
+    from scalelab.study.advise_check import reference_trial
+
+    table = chinchilla_epoch(REFERENCE)
+    rate = win_rate([reference_trial(table, seed) for seed in range(15)])
+    assert rate["win_rate"] >= 0.8, rate
