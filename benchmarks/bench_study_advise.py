@@ -13,7 +13,12 @@ Simulated ladders: 3 sizes × 3 tokens-per-parameter ratios from a perturbed Chi
 drawn from the lower half of compute, 8 candidates among the measured runs up to 30× above it (their
 measured losses are the truth), target 10× the largest run.
 
-Usage: python benchmarks/bench_study_advise.py [--studies 50] [--reference-trials 10] [--only sim|reference]
+Sample size (`--width`): in 20 simulated studies ask for 30–70 % of the current half-width, follow the
+answer with true (noisy) losses, refit, and report the reached/asked ratio (median, spread, share within
+±25 %); the baseline is 1, exactly the width asked for.
+
+Usage: python benchmarks/bench_study_advise.py [--studies 50] [--reference-trials 10]
+       [--only sim|reference|sample-size]
        [--jobs J] [--draws 2] [--first-seed 0]
 Prints one JSON line per set {name, value, baseline, ratio, unit, studies, wins, load, wall_seconds, cpu_seconds}.
 """
@@ -33,11 +38,18 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 from harness import cpu_seconds, emit, load  # noqa: E402
 
 from scalelab.fit import reference  # noqa: E402
 from scalelab.fit.table import RunTable  # noqa: E402
-from scalelab.study.advise_check import Trial, reference_trial, simulated_trial, win_rate  # noqa: E402
+from scalelab.study.advise_check import (  # noqa: E402
+    Trial,
+    reference_trial,
+    sample_size_trial,
+    simulated_trial,
+    win_rate,
+)
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -89,11 +101,37 @@ def measure(name: str, trial: Callable[[int], Trial], seeds: range, jobs: int = 
     return result
 
 
+def measure_sample_size(n: int, jobs: int = 1) -> dict:
+    """Follow the sample-size answer in `n` simulated studies; emit the reached/asked half-width ratio."""
+    t0, c0, load0 = time.perf_counter(), cpu_seconds(), load()
+    with ProcessPoolExecutor(max(jobs, 1)) as pool:
+        results = list(pool.map(sample_size_trial, range(n)))
+    ratios = np.array([r["ratio"] for r in results if r["reachable"]])
+    result = {
+        "name": "study advise --width: reached / asked half-width after following the answer, simulated",
+        "value": float(np.median(ratios)),
+        "baseline": 1.0,
+        "ratio": float(np.median(ratios)),
+        "unit": "median ratio (1 = exactly the width asked for)",
+        "studies": n,
+        "reachable": int(ratios.size),
+        "within_25_percent": float(np.mean(np.abs(ratios - 1) <= 0.25)),
+        "ratio_min": float(ratios.min()),
+        "ratio_max": float(ratios.max()),
+        "load": [load0, load()],
+        "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": cpu_seconds() - c0,
+    }
+    emit(result)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=50, help="simulated studies")
     ap.add_argument("--reference-trials", type=int, default=10, help="backtests per public ladder")
-    ap.add_argument("--only", choices=("sim", "reference"), default=None)
+    ap.add_argument("--only", choices=("sim", "reference", "sample-size"), default=None)
+    ap.add_argument("--sample-size-studies", type=int, default=20, help="simulated studies for --width")
     ap.add_argument("--jobs", type=int, default=1, help="backtests in parallel processes")
     ap.add_argument("--draws", type=int, default=1, help="advise's outcome nodes (1: point prediction only)")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here")
@@ -102,6 +140,8 @@ def main() -> None:
     if args.only in (None, "sim"):
         seeds = range(args.first_seed, args.first_seed + args.studies)
         measure(f"simulated ladders, draws={args.draws}", partial(_simulated, args.draws), seeds, args.jobs)
+    if args.only in (None, "sample-size"):
+        measure_sample_size(args.sample_size_studies, args.jobs)
     if args.only in (None, "reference"):
         tables = reference_tables()
         if not tables:
