@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import scalelab
+from scalelab.cli_study import study_advise
 from scalelab.errors import ScalelabError
 from scalelab.units import binary_bytes, duration, si
 
@@ -46,6 +47,7 @@ study_app = typer.Typer(
     help="Plan, run and inspect scaling studies (grids and IsoFLOP designs).", no_args_is_help=True
 )
 app.add_typer(study_app, name="study")
+study_app.command("advise")(study_advise)
 
 SetOption = Annotated[
     list[str] | None,

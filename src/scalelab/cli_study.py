@@ -1,17 +1,24 @@
 """Tables of a study's runs for `study watch` and `study status`, laid out to fit an 80-column terminal:
-each run named by id, width, N (non-embedding parameters) and D (tokens); failures listed under the table."""
+each run named by id, width, N (non-embedding parameters) and D (tokens); failures listed under the table.
+Also the `study advise` command and its view."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
+import typer
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from scalelab.study.watch import RunProgress, run_size
 from scalelab.units import duration, si
+
+if TYPE_CHECKING:
+    from scalelab.study.watch import RunProgress
 
 COLORS = {"done": "green", "failed": "red", "diverged": "magenta", "timeout": "yellow", "running": "cyan"}
 
@@ -88,6 +95,8 @@ def watch_view(title: str, rows: Sequence[RunProgress]) -> Group:
 
 def status_view(title: str, rows: Sequence[dict[str, Any]]) -> Group:
     """`study status`: per run its shape, FLOPs, losses, forecast and actual time (registry rows)."""
+    from scalelab.study.watch import run_size
+
     cols = ["run id", "status", "width", "N", "D", "FLOPs", "eval", "train", "fcst", "wall"]
     table = _table(title, cols)
     for r in rows:
@@ -106,3 +115,113 @@ def status_view(title: str, rows: Sequence[dict[str, Any]]) -> Group:
         )
     failures = _failures([(r["run_id"], r.get("error")) for r in rows])
     return Group(table, *([failures] if failures else []))
+
+
+def advise_view(advice: Any, shown: int = 10) -> Group:
+    """`study advise`: candidates by shrink of the target's interval per FLOP; the chosen runs; sample size."""
+    from scalelab.study.advise import half_width
+
+    ranked = advice.ranked
+    now = half_width(ranked[0].width_before) if ranked else None
+    title = (
+        f"next runs for the {advice.quantity} interval at {_flops(advice.target_flops)} FLOPs "
+        f"(now ±{100 * now:.1f} %)" + (f" · group {advice.group}" if advice.group else "")
+    )
+    table = _table(
+        title, ["candidate", "N", "D", "FLOPs", "interval after", "shrink/PFLOP"], left=("candidate",)
+    )
+    chosen = {id(s) for s in advice.chosen}
+    for s in ranked[:shown]:
+        c = s.candidate
+        mark = "[green]✓[/] " if id(s) in chosen else "  "
+        table.add_row(
+            mark + c.label,
+            si(c.N),
+            si(c.D),
+            _flops(c.flops),
+            f"±{100 * half_width(s.width_after):.1f} %",
+            f"{s.safe_shrink_per_flop * 1e15:.3g}",
+        )
+    parts: list[Any] = [table]
+    if advice.design_path:
+        parts.append(Text(f"chosen runs (✓) written as a list design to {advice.design_path}"))
+    else:
+        parts.append(Text("no candidate is expected to shrink the interval; nothing written", style="yellow"))
+    ss = advice.sample
+    if ss is not None:
+        goal = f"±{100 * ss.goal_half_width:.1f} %"
+        if not ss.runs:
+            line = f"the interval is already within {goal}"
+        elif ss.reachable:
+            line = (
+                f"to reach {goal}: {len(ss.runs)} runs at {_flops(ss.rung_flops)} FLOPs each "
+                f"(N = {', '.join(si(r.N) for r in ss.runs)}; {_flops(ss.total_flops)} FLOPs in all), "
+                f"expected ±{100 * ss.half_width_expected:.1f} %"
+            )
+        else:
+            left = (
+                f"still leaves ±{100 * ss.half_width_expected:.1f} %"
+                if math.isfinite(ss.half_width_expected)
+                else "leaves a fit with no finite interval"
+            )
+            line = (
+                f"{goal} is not reached by one rung below the target compute: at {_flops(ss.rung_flops)} "
+                f"FLOPs a rung {left}"
+            )
+        parts.append(Text(line))
+    parts.append(
+        Text(
+            "score: the expected shrink of the interval's log width less its spread over the run's possible "
+            "outcomes, per PFLOP",
+            style="dim",
+        )
+    )
+    return Group(*parts)
+
+
+def study_advise(
+    study_dir: Annotated[Path, typer.Argument(help="Study directory (with finished runs).")],
+    target_compute: Annotated[
+        float | None, typer.Option("--target-compute", help="FLOPs of the target (default: [study.target]).")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option("--budget", help="FLOPs to spend on the next runs (default: the top 3).")
+    ] = None,
+    width: Annotated[
+        float | None,
+        typer.Option("--width", help="Also say what reaches an interval of ± this fraction (e.g. 0.05)."),
+    ] = None,
+    quantity: Annotated[str, typer.Option("--quantity", help="loss (at the target) or N_opt.")] = "loss",
+    draws: Annotated[
+        int,
+        typer.Option(
+            "--draws",
+            min=0,
+            help="Outcomes per candidate: 1 = the fit's prediction (measured best); K > 1 = K nodes of the "
+            "calibrated predictive distribution, ranked by expected shrink less its spread.",
+        ),
+    ] = 1,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap draws per refit (N_opt needs some).")
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Which next runs shrink the target's calibrated interval the most per FLOP (each candidate refitted
+    with simulated outcomes); writes the chosen ones to DIR/report/advice.toml as a list design."""
+    from rich.console import Console
+
+    from scalelab.study.advise_study import advise_study
+
+    advice = advise_study(
+        study_dir,
+        target_compute,
+        budget_flops=budget,
+        quantity=quantity,
+        width=width,
+        draws=draws,
+        bootstrap=bootstrap,
+    )
+    if as_json:
+        print(json.dumps(advice.to_dict(), indent=2, default=float))
+        return
+    Console().print(advise_view(advice))

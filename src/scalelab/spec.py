@@ -591,6 +591,29 @@ class WSDDesign(_Spec):
         )
 
 
+class OFATDesign(_Spec):
+    """One factor at a time: each factor grows alone from the base run while the others stay at the base.
+
+    A factor is a dotted run field (e.g. ``train.tokens`` for data, ``model.width`` for the model) with the
+    values it takes, or ``compute`` with multipliers of the base run's compute (width × m^¼ rounded to a
+    multiple of n_heads and tokens × m^½, so both N ≈ width² and D grow by about √m). `threshold` is the
+    marginal loss gain per doubling under which a factor counts as exhausted (the report's
+    diminishing-returns analysis)."""
+
+    kind: Literal["ofat"] = "ofat"
+    factors: dict[str, list[Any]] = Field(min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    threshold: float = Field(0.01, gt=0, description="loss gain per doubling below which returns diminish")
+
+    @field_validator("factors")
+    @classmethod
+    def _factors_nonempty(cls, factors: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in _check_axes(factors).items():
+            if name == "compute" and not all(isinstance(v, int | float) and v > 0 for v in values):
+                raise ValueError("factor 'compute': multipliers of the base run's compute must be > 0")
+        return factors
+
+
 class FitSpec(_Spec):
     """How the study's runs are fitted (see scalelab.fit)."""
 
@@ -670,19 +693,36 @@ class StudySpec(_Spec):
     debug: DebugSpec = Field(default_factory=DebugSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)  # type: ignore[valid-type]
     hashed_execution: dict[str, Any] = Field(default_factory=dict, description=_HASHED_EXECUTION_DOC)
-    design: Annotated[GridDesign | ListDesign | IsoFLOPDesign | WSDDesign, Field(discriminator="kind")] = (
-        Field(default_factory=GridDesign)
-    )
+    design: Annotated[
+        GridDesign | ListDesign | IsoFLOPDesign | WSDDesign | OFATDesign, Field(discriminator="kind")
+    ] = Field(default_factory=GridDesign)
     fit: FitSpec = Field(default_factory=FitSpec)
     target: TargetSpec = Field(default_factory=TargetSpec)
     forecast: ForecastSpec = Field(default_factory=ForecastSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     hypotheses: list[str] = Field(default_factory=list)
+    sources: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")],
+        Annotated[list[SourceSpec], Field(min_length=1)],
+    ] = Field(
+        default_factory=dict,
+        description="a design axis over data sources: name → data.sources; the design runs once per "
+        "name, and each run's group (the fit's `group` column) is that name",
+    )
+    group_by: str | None = Field(
+        None, description="a design axis (dotted path) whose value names each run's group, for grouped fits"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _execution_into_train(cls, data: Any) -> Any:
         return _merge_execution(data)
+
+    @model_validator(mode="after")
+    def _one_group_axis(self) -> StudySpec:
+        if self.sources and self.group_by:
+            raise ValueError("group_by: the runs are grouped by `sources` already; set one of the two")
+        return self
 
     def base_run(self) -> RunSpec:
         sections = ("model", "data", "train", "debug", "execution", "hashed_execution")

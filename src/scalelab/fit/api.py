@@ -228,7 +228,8 @@ def _study_fit_defaults(study_dir: Path) -> dict[str, Any]:
 
 
 def table_from_study(study_dir: str | Path, n_params: str = "non_embedding", loss: str = "eval") -> RunTable:
-    """Runs with status "done" from a study's registry as a `RunTable` (C from models/flops.py)."""
+    """Runs with status "done" from a study's registry as a `RunTable` (C from models/flops.py; a `group`
+    column when the design grouped its runs: `study.sources` or `study.group_by`)."""
     study_dir = Path(study_dir)
     db = study_dir / "registry.sqlite"
     if not db.is_file():
@@ -260,12 +261,14 @@ def table_from_study(study_dir: str | Path, n_params: str = "non_embedding", los
         cols["loss"].append(r[l_key])
         cols["seed"].append(r.get("seed") if r.get("seed") is not None else 0)
         cols["run_id"].append(rid)
+    groups = [(r.get("point") or {}).get("group") for r in rows]
     return make_table(
         cols["N"],
         cols["D"],
         cols["loss"],
         cols["C"],
         seed=cols["seed"],
+        group=[g if g is not None else "" for g in groups] if any(g is not None for g in groups) else None,
         run_id=cols["run_id"],
         compute_source=COMPUTE_TABLE,
         source=str(db),

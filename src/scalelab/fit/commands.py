@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from scalelab.errors import FitError
@@ -108,9 +109,9 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
                 f"beta {_fmt(p['beta'], '.3f')}{_iv(iv.get('beta'), '.3f')}"
             )
         if grp.get("verdict"):
-            console.print(grp["verdict"], highlight=False)
+            console.print(escape(grp["verdict"]), highlight=False)
     for w in d.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def calibration_line(cal: dict[str, Any]) -> str:
@@ -187,7 +188,7 @@ def render_recommendation(rec: dict[str, Any], console: Console) -> None:
     if cal and cal.get("verdict"):
         console.print(f"loss interval: {cal['verdict']}", highlight=False)
     for w in rec.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from scalelab.errors import ScalelabError
 from scalelab.io import atomic_write_bytes, atomic_write_text
 from scalelab.report import figures
+from scalelab.report.design import design_sections
 from scalelab.report.lag import lag_sections
 from scalelab.report.summary import StudySummary, summarize
 from scalelab.units import count, duration, flops
@@ -241,6 +242,7 @@ def render_html(s: StudySummary, out_dir: Path) -> str:
             )
         )
     sections.extend(lag_sections(s.runs))
+    sections += design_sections(s, out_dir, lambda png, i, c: _figure(png, i, c, out_dir), _kv_table)
     sections.append(("provenance", "Data and provenance", _kv_table(s.provenance_rows)))
     if s.failures:
         fail = "".join(

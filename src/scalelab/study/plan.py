@@ -15,7 +15,16 @@ from typing import Any
 
 from scalelab.errors import SpecError
 from scalelab.models.flops import ModelShape
-from scalelab.spec import GridDesign, IsoFLOPDesign, ListDesign, RunSpec, StudySpec, WSDDesign, set_path
+from scalelab.spec import (
+    GridDesign,
+    IsoFLOPDesign,
+    ListDesign,
+    OFATDesign,
+    RunSpec,
+    StudySpec,
+    WSDDesign,
+    set_path,
+)
 
 #: vocabulary assumed for planning when the spec leaves it to the tokenizer (byte-level: 256 + EOD).
 BYTE_VOCAB = 257
@@ -162,6 +171,26 @@ def _expand_isoflop(
     return out
 
 
+def _expand_ofat(study: StudySpec, design: OFATDesign, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """Each factor alone over its values (the others at the base run); the point's `factors` maps each
+    factor a run belongs to (a run at the base values belongs to several) to its value there."""
+    base = study.base_run()
+    out: dict[str, tuple[RunSpec, dict[str, Any]]] = {}
+    for factor, values in design.factors.items():
+        where = f"{source}: study.design.factors.{factor}"
+        for value in values:
+            if factor == "compute":
+                heads = base.model.n_heads
+                width = max(heads, round(base.model.width * value**0.25 / heads) * heads)
+                overrides = {"model.width": width, "train.tokens": round(base.train.tokens * value**0.5)}
+            else:
+                overrides = {factor: value}
+            for spec, point in _with_overrides(base, overrides, design.seeds, where):
+                spec, first = out.setdefault(spec.run_id, (spec, {**point, "factors": {}}))
+                first["factors"][factor] = value
+    return list(out.values())
+
+
 def _expand_wsd(study: StudySpec, design: WSDDesign, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
     """Per size (axes × seeds) one WSD run per token count, longest first, sharing an absolute warmup."""
     where = f"{source}: study.design"
@@ -215,8 +244,7 @@ def link_branches(runs: list[PlannedRun], source: str = "<study>") -> list[Plann
     return out
 
 
-def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
-    """Every run the study's design makes, validated; duplicate configs appear once."""
+def _expand_design(study: StudySpec, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
     design = study.design
     if isinstance(design, GridDesign):
         pairs = _expand_grid(study, design, source)
@@ -224,8 +252,39 @@ def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
         pairs = _expand_list(study, design, source)
     elif isinstance(design, WSDDesign):
         pairs = _expand_wsd(study, design, source)
+    elif isinstance(design, OFATDesign):
+        pairs = _expand_ofat(study, design, source)
     else:
         pairs = _expand_isoflop(study, design, source)
+    return pairs
+
+
+def _grouped(study: StudySpec, source: str) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """The design once per data source of `study.sources` (each run's point naming it as `group`), or
+    once with the group read off the `study.group_by` axis, or once ungrouped."""
+    if study.sources:
+        pairs = []
+        for name, sources in study.sources.items():
+            sub = study.model_copy(update={"data": study.data.model_copy(update={"sources": sources})})
+            pairs += [(spec, {**point, "group": name}) for spec, point in _expand_design(sub, source)]
+        return pairs
+    pairs = _expand_design(study, source)
+    if study.group_by:
+        missing = [p for _, p in pairs if study.group_by not in p]
+        if missing:
+            axes = sorted({k for _, p in pairs for k in p})
+            raise SpecError(
+                f"{source}: study.group_by: {study.group_by!r} is not a design axis (axes: {', '.join(axes)})"
+            )
+        pairs = [(spec, {**point, "group": str(point[study.group_by])}) for spec, point in pairs]
+    return pairs
+
+
+def expand_runs(study: StudySpec, source: str = "<study>") -> list[PlannedRun]:
+    """Every run the study's design makes (once per data source of `study.sources`), validated; duplicate
+    configs appear once."""
+    design = study.design
+    pairs = _grouped(study, source)
     seen: set[str] = set()
     runs = []
     for spec, point in pairs:

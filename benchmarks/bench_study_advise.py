@@ -1,0 +1,155 @@
+"""Does `study advise`'s top suggestion shrink the target's interval more per FLOP than the median candidate?
+
+For each backtested study (`scalelab.study.advise_check`): rank the candidates with advise (refits with
+simulated outcomes at the point prediction), then refit with each candidate's *true* loss added and
+compare the pick's actual shrink of the calibrated loss interval at the target, per FLOP, with the
+median candidate's. Value: the share of studies where the pick beats the median (the issue's bar: 0.80).
+Baseline: a random pick's chance of beating the median, measured on the same candidates and outcomes
+(the share of candidates above the median, averaged) — the fair yardstick because it is what choosing
+without advise gets from exactly the same runs.
+
+Simulated ladders: 3 sizes × 3 tokens-per-parameter ratios from a perturbed Chinchilla law, 1–3 % noise,
+8 ladder candidates, target 100–1000× the pilot. Public ladders (../shared/reference): a 14-run pilot
+drawn from the lower half of compute, 8 candidates among the measured runs up to 30× above it (their
+measured losses are the truth), target 10× the largest run.
+
+Sample size (`--width`): in 20 simulated studies ask for 30–70 % of the current half-width, follow the
+answer with true (noisy) losses, refit, and report the reached/asked ratio (median, spread, share within
+±25 %); the baseline is 1, exactly the width asked for.
+
+Usage: python benchmarks/bench_study_advise.py [--studies 50] [--reference-trials 10]
+       [--only sim|reference|sample-size]
+       [--jobs J] [--draws 2] [--first-seed 0]
+Prints one JSON line per set {name, value, baseline, ratio, unit, studies, wins, load, wall_seconds, cpu_seconds}.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+    os.environ[_k] = "1"
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from harness import cpu_seconds, emit, load  # noqa: E402
+
+from scalelab.fit import reference  # noqa: E402
+from scalelab.fit.table import RunTable  # noqa: E402
+from scalelab.study.advise_check import (  # noqa: E402
+    Trial,
+    reference_trial,
+    sample_size_trial,
+    simulated_trial,
+    win_rate,
+)
+
+REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def reference_tables() -> list[tuple[str, RunTable]]:
+    out = []
+    if (REF / "chinchilla_epoch.csv").is_file():
+        out.append(("chinchilla (Epoch)", reference.chinchilla_epoch(REF / "chinchilla_epoch.csv")))
+    if (REF / "li2025_openlm_last_ckpt.csv").is_file():
+        out.append(("open_lm (Li 2025)", reference.openlm_li2025(REF / "li2025_openlm_last_ckpt.csv")))
+    if (REF / "gadre2024").is_dir():
+        out.append(("Gadre 2024 c4_original", reference.gadre2024(REF / "gadre2024", "c4_original")))
+    return out
+
+
+def _reference(table: RunTable, draws: int, seed: int) -> Trial:
+    return reference_trial(table, seed, draws=draws)
+
+
+def _simulated(draws: int, seed: int) -> Trial:
+    return simulated_trial(seed, draws=draws)
+
+
+def measure(name: str, trial: Callable[[int], Trial], seeds: range, jobs: int = 1) -> dict:
+    """Run one backtest per seed (in `jobs` processes, same results) and emit the win rate."""
+    t0, c0, load0 = time.perf_counter(), cpu_seconds(), load()
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            trials = list(pool.map(trial, seeds))
+    else:
+        trials = [trial(seed) for seed in seeds]
+    rate = win_rate(trials)
+    result = {
+        "name": f"study advise: top pick beats the median candidate per FLOP, {name}",
+        "value": rate["win_rate"],
+        "baseline": rate["random_pick_win_rate"],
+        "ratio": rate["win_rate"] / rate["random_pick_win_rate"] if rate["random_pick_win_rate"] else None,
+        "unit": "fraction of studies",
+        "higher_is_better": True,
+        "studies": rate["studies"],
+        "seeds": f"{seeds.start}..{seeds.stop - 1}",
+        "wins": rate["wins"],
+        "mean_percentile": rate["mean_percentile"],
+        "load": [load0, load()],
+        "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": cpu_seconds() - c0,
+    }
+    emit(result)
+    return result
+
+
+def measure_sample_size(n: int, jobs: int = 1) -> dict:
+    """Follow the sample-size answer in `n` simulated studies; emit the reached/asked half-width ratio."""
+    t0, c0, load0 = time.perf_counter(), cpu_seconds(), load()
+    with ProcessPoolExecutor(max(jobs, 1)) as pool:
+        results = list(pool.map(sample_size_trial, range(n)))
+    ratios = np.array([r["ratio"] for r in results if r["reachable"]])
+    result = {
+        "name": "study advise --width: reached / asked half-width after following the answer, simulated",
+        "value": float(np.median(ratios)),
+        "baseline": 1.0,
+        "ratio": float(np.median(ratios)),
+        "unit": "median ratio (1 = exactly the width asked for)",
+        "studies": n,
+        "reachable": int(ratios.size),
+        "within_25_percent": float(np.mean(np.abs(ratios - 1) <= 0.25)),
+        "ratio_min": float(ratios.min()),
+        "ratio_max": float(ratios.max()),
+        "load": [load0, load()],
+        "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": cpu_seconds() - c0,
+    }
+    emit(result)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, default=50, help="simulated studies")
+    ap.add_argument("--reference-trials", type=int, default=10, help="backtests per public ladder")
+    ap.add_argument("--only", choices=("sim", "reference", "sample-size"), default=None)
+    ap.add_argument("--sample-size-studies", type=int, default=20, help="simulated studies for --width")
+    ap.add_argument("--jobs", type=int, default=1, help="backtests in parallel processes")
+    ap.add_argument("--draws", type=int, default=1, help="advise's outcome nodes (1: point prediction only)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    if args.only in (None, "sim"):
+        seeds = range(args.first_seed, args.first_seed + args.studies)
+        measure(f"simulated ladders, draws={args.draws}", partial(_simulated, args.draws), seeds, args.jobs)
+    if args.only in (None, "sample-size"):
+        measure_sample_size(args.sample_size_studies, args.jobs)
+    if args.only in (None, "reference"):
+        tables = reference_tables()
+        if not tables:
+            print(f"note: {REF} absent; public-ladder backtests skipped")
+        for name, table in tables:
+            seeds = range(args.first_seed, args.first_seed + args.reference_trials)
+            measure(f"{name}, draws={args.draws}", partial(_reference, table, args.draws), seeds, args.jobs)
+
+
+if __name__ == "__main__":
+    main()

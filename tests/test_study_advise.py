@@ -1,0 +1,169 @@
+"""`study advise`: candidates ranked by the expected shrink of the target's calibrated interval per FLOP,
+the chosen runs written as a list design, the sample-size answer, and backtests of both (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from scalelab.cli import app
+from scalelab.fit.synthetic import chinchilla_loss, grid_design, simulate
+from scalelab.spec import study_from_dict
+from scalelab.study.advise import (
+    Candidate,
+    FitSettings,
+    Scored,
+    half_width,
+    ladder_candidates,
+    sample_size,
+    score_candidates,
+    target_width,
+)
+from scalelab.study.advise_check import sample_size_trial, simulated_trial, win_rate
+from scalelab.study.advise_study import advise_study, choose
+from scalelab.study.plan import expand_runs
+from scalelab.study.registry import Registry
+
+TRUTH = {"E": 1.2, "A": 40.0, "B": 60.0, "alpha": 0.32, "beta": 0.3}
+
+
+def _study_dir(root: Path) -> Path:
+    """A grid study (3 widths × 3 token budgets) whose runs 'finished' with losses from TRUTH."""
+    data = {
+        "name": "adv",
+        "train": {"tokens": 65536},
+        "design": {
+            "kind": "grid",
+            "axes": {"model.width": [32, 64, 128], "train.tokens": [65536, 262144, 1048576]},
+        },
+        "target": {"compute_flops": 1e14},
+    }
+    spec = study_from_dict({"study": data})
+    d = root / "study"
+    d.mkdir()
+    (d / "study.json").write_text(spec.model_dump_json())
+    rng = np.random.default_rng(0)
+    with Registry(d / "registry.sqlite") as reg:
+        for r in expand_runs(spec):
+            loss = float(chinchilla_loss(TRUTH, r.n_params, r.tokens)) * float(
+                np.exp(0.01 * rng.standard_normal())
+            )
+            reg.add_planned(r.run_id, r.spec.canonical_json(), "h", point=r.point)
+            reg.record_result(
+                r.run_id,
+                {
+                    "status": "done",
+                    "n_params": r.n_params,
+                    "n_params_total": r.n_params_total,
+                    "tokens": r.tokens,
+                    "flops": r.flops,
+                    "eval_loss": loss,
+                    "final_train_loss": loss,
+                },
+            )
+    return d
+
+
+def test_advise_ranks_candidates_and_writes_a_list_design(tmp_path: Path) -> None:
+    d = _study_dir(tmp_path)
+    advice = advise_study(d, budget_flops=None, draws=1, width=0.5)
+    per_flop = [s.shrink_per_flop for s in advice.ranked]
+    assert per_flop == sorted(per_flop, reverse=True)
+    assert advice.chosen and all(s.shrink > 0 for s in advice.chosen)
+    design = tomllib.loads(advice.design_path.read_text())["advice"]
+    runs = [run for table in design for run in table["runs"]]
+    assert len(runs) == len(advice.chosen)
+    assert all(table["kind"] == "list" for table in design)
+    # the written overrides plan into valid runs of the study
+    spec = study_from_dict({"study": {**json.loads((d / "study.json").read_text()), "design": design[0]}})
+    assert len(expand_runs(spec)) == len(design[0]["runs"])
+    assert advice.sample is not None and advice.sample.goal_half_width == 0.5
+
+
+def test_advise_cli_json_keeps_within_the_budget(tmp_path: Path) -> None:
+    d = _study_dir(tmp_path)
+    res = CliRunner().invoke(app, ["study", "advise", str(d), "--draws", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["target_flops"] == 1e14 and out["ranked"] and out["chosen"]
+    ranked = [
+        Scored(
+            Candidate(r["N"], r["D"], r["flops"], r["label"]),
+            r["width_before"],
+            r["width_after"],
+            r["shrink"],
+        )
+        for r in out["ranked"]
+    ]
+    budget = min(s.candidate.flops for s in ranked if s.shrink > 0) * 1.01
+    chosen = choose(ranked, budget, top=3)
+    assert chosen and sum(s.candidate.flops for s in chosen) <= budget
+    assert len(choose(ranked, None, top=2)) == 2
+
+
+def test_advise_on_a_directory_that_is_no_study_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalelab", "study", "advise", str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "study.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_nearer_the_target_shrinks_the_interval_more_than_a_replicate() -> None:
+    N, D = grid_design(np.geomspace(1e7, 6e7, 3), (5, 20, 80))
+    table = simulate(TRUTH, N, D, noise=0.01, seed=3)
+    ladder = ladder_candidates(table)
+    biggest = max(ladder, key=lambda c: c.flops)
+    scored = {s.candidate.label: s for s in score_candidates(table, [biggest, ladder[-1]], 1e21, draws=0)}
+    assert ladder[-1].label == "replicate"
+    assert scored[biggest.label].shrink > scored["replicate"].shrink > -1e-3
+
+
+def test_sample_size_answers_a_reachable_width() -> None:
+    N, D = grid_design(np.geomspace(1e7, 6e7, 3), (5, 20, 80))
+    table = simulate(TRUTH, N, D, noise=0.01, seed=3)
+    now = half_width(target_width(FitSettings().fit(table), 1e21))
+    goal = now / 2
+    ss = sample_size(table, 1e21, goal, iterations=3)
+    assert ss.half_width_now == pytest.approx(now)
+    assert ss.reachable and len(ss.runs) == 3
+    assert ss.half_width_expected <= goal and table.C.max() < ss.rung_flops < 1e21
+
+
+@pytest.mark.slow
+def test_sample_size_answer_reaches_the_asked_width_in_simulation() -> None:
+    """Following the answer (true, noisy losses) reaches the asked half-width in the median within ±25 %
+    (measured: 0.98). Single studies scatter widely (measured 0.54–3.5×; 26 % within ±25 %): the
+    calibrated width after a rung depends on the errors that rung happens to reveal."""
+    results = [sample_size_trial(seed) for seed in range(20)]
+    ratios = np.array([r["ratio"] for r in results if r["reachable"]])
+    assert ratios.size >= 15
+    assert abs(float(np.median(ratios)) - 1) <= 0.25, ratios
+
+
+@pytest.mark.slow
+def test_top_suggestion_beats_the_median_candidate_in_80_percent_of_50_simulated_studies() -> None:
+    rate = win_rate([simulated_trial(seed) for seed in range(50)])
+    assert rate["studies"] == 50 and rate["win_rate"] >= 0.8, rate
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chinchilla_epoch.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="../shared/reference/chinchilla_epoch.csv is absent")
+def test_top_suggestion_beats_the_median_candidate_on_chinchillas_measured_runs() -> None:
+    """Pilots of 14 runs from the lower half of Chinchilla's compute; candidates among the measured runs
+    above them, their published losses the truth (measured: 14 of 15)."""
+    from scalelab.fit.reference import chinchilla_epoch
+    from scalelab.study.advise_check import reference_trial
+
+    table = chinchilla_epoch(REFERENCE)
+    rate = win_rate([reference_trial(table, seed) for seed in range(15)])
+    assert rate["win_rate"] >= 0.8, rate
