@@ -22,9 +22,9 @@ from pathlib import Path
 
 from harness import emit, emit_value, report
 
+from scalelab.registry import Registry
 from scalelab.spec import load_study
 from scalelab.study.executors import prepare_run_dirs, write_study_files
-from scalelab.study.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "scalelab"]

@@ -19,9 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from scalelab.registry import Registry
 from scalelab.spec import StudySpec, load_study
 from scalelab.study.executors import LocalExecutor, prepare_run_dirs, run_study, write_study_files
-from scalelab.study.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from scalelab.fit.api import fit_table
 from scalelab.fit.synthetic import simulate
-from scalelab.study.registry import Registry
+from scalelab.registry import Registry
 
 TRUTH = {"E": 1.8, "A": 60.0, "B": 90.0, "alpha": 0.3, "beta": 0.3}
 

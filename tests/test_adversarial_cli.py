@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scalelab.study.registry import Registry
+from scalelab.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TOML = ROOT / "examples" / "run_tiny.toml"

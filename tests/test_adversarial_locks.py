@@ -15,7 +15,7 @@ import pytest
 
 from scalelab.errors import LockedError
 from scalelab.io import file_lock
-from scalelab.study.registry import Registry
+from scalelab.registry import Registry
 from tiny_study import tiny_study
 
 FOREIGN = {"notes.tmp": b"mine", "other.bin": b"also mine", "train-notes.txt": b"keep", ".hidden.tmp": b"x"}

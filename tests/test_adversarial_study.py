@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from scalelab.errors import RegistryError, SpecError
+from scalelab.registry import Registry
 from scalelab.spec import RunSpec, config_hash, load_study
 from scalelab.study.add_run import add_run
 from scalelab.study.executors import prepare_run_dirs, write_study_files
-from scalelab.study.registry import Registry
 from tiny_study import tiny_study
 
 STUDY = tiny_study(

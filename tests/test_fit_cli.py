@@ -82,7 +82,7 @@ def test_commands_raise_fit_errors(app, csv_path, tmp_path):
 
 
 def _make_study(tmp_path, n_seeds: int = 1):
-    registry = pytest.importorskip("scalelab.study.registry")
+    registry = pytest.importorskip("scalelab.registry")
     study = tmp_path / "study"
     study.mkdir()
     reg = registry.Registry(study / "registry.sqlite")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scalelab.record import FIT_FIELDS, REGISTRY_COLUMNS, RunRecord
-from scalelab.study.registry import Registry
+from scalelab.registry import Registry
 
 
 def test_registry_columns_are_the_record_fields_marked_column(tmp_path: Path) -> None:

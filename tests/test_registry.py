@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scalelab.errors import RegistryError
-from scalelab.study.registry import SCHEMA_VERSION, Registry
+from scalelab.registry import SCHEMA_VERSION, Registry
 
 
 def _writer(path: str, worker: int, n: int) -> None:

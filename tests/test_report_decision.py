@@ -17,11 +17,11 @@ import pytest
 from report_fixtures import TRUTH
 from scalelab.fit.synthetic import chinchilla_loss
 from scalelab.models.flops import ModelShape
+from scalelab.registry import Registry
 from scalelab.report.anomalies import find_anomalies, loss_spikes
 from scalelab.report.decision import ScalingRule, shape_for_params
 from scalelab.report.toml_out import dumps
 from scalelab.spec import ModelSpec, RunSpec, load_run, run_from_dict
-from scalelab.study.registry import Registry
 from scalelab.units import count, flops
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

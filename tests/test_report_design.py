@@ -12,11 +12,11 @@ import pytest
 from scalelab.fit.api import FitReport, fit_table, table_from_study
 from scalelab.fit.returns import factor_returns
 from scalelab.fit.synthetic import chinchilla_loss
+from scalelab.registry import Registry
 from scalelab.report.design import seed_spread
 from scalelab.report.html import build_report
 from scalelab.spec import study_from_dict
 from scalelab.study.plan import expand_runs
-from scalelab.study.registry import Registry
 
 LAWS = {
     "python": {"E": 1.0, "A": 30.0, "B": 50.0, "alpha": 0.3, "beta": 0.3},

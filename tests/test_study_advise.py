@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from scalelab.cli import app
 from scalelab.fit.synthetic import chinchilla_loss, grid_design, simulate
+from scalelab.registry import Registry
 from scalelab.spec import study_from_dict
 from scalelab.study.advise import (
     Candidate,
@@ -29,7 +30,6 @@ from scalelab.study.advise import (
 from scalelab.study.advise_check import sample_size_trial, simulated_trial, win_rate
 from scalelab.study.advise_study import advise_study, choose
 from scalelab.study.plan import expand_runs
-from scalelab.study.registry import Registry
 
 TRUTH = {"E": 1.2, "A": 40.0, "B": 60.0, "alpha": 0.32, "beta": 0.3}
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from scalelab.registry import Registry
 from scalelab.spec import load_study
 from scalelab.study.executors import LocalExecutor, run_study
-from scalelab.study.registry import Registry
 from tiny_study import tiny_study
 
 STUDY = tiny_study(

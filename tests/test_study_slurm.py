@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from scalelab.errors import ScalelabError
+from scalelab.registry import Registry
 from scalelab.spec import SlurmSpec, load_study
 from scalelab.study.executors import LocalExecutor, run_study
 from scalelab.study.plan import expand_runs
-from scalelab.study.registry import Registry
 from scalelab.study.slurm import (
     SlurmExecutor,
     SlurmRunTask,

@@ -13,10 +13,10 @@ import torch
 
 from scalelab.energy import busy_watts
 from scalelab.errors import SpecError
+from scalelab.registry import Registry
 from scalelab.spec import load_study
 from scalelab.study.forecast import Forecaster, Pricing, plan_rows
 from scalelab.study.plan import expand_runs
-from scalelab.study.registry import Registry
 from scalelab.study.spend import spend_sentence, study_spend
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scalelab.study.registry import Registry
+from scalelab.registry import Registry
 from scalelab.study.watch import study_progress
 
 

@@ -86,8 +86,8 @@ def test_mup_optimum_is_flat_and_sp_optimum_falls(analysis):
 
 
 def test_analyze_reads_a_study_registry_and_plots(sweep, analysis, tmp_path):
+    from scalelab.registry import Registry
     from scalelab.spec import config_hash
-    from scalelab.study.registry import Registry
 
     study, results = sweep
     with Registry(tmp_path / "registry.sqlite") as reg:

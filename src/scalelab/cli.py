@@ -336,7 +336,7 @@ def study_status(
     as_json: JsonOption = False,
 ) -> None:
     """Each run's status, size, losses and time from the registry; failures with their reason."""
-    from scalelab.study.registry import Registry
+    from scalelab.registry import Registry
 
     with Registry(study_dir / "registry.sqlite", create=False) as reg:
         rows = reg.runs()

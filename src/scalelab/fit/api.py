@@ -235,7 +235,7 @@ def table_from_study(study_dir: str | Path, n_params: str = "non_embedding", los
     if not db.is_file():
         raise FitError(f"{study_dir}: no registry.sqlite here (is this a study directory?)")
     try:
-        from scalelab.study.registry import Registry
+        from scalelab.registry import Registry
     except ImportError as err:  # pragma: no cover - depends on the checkout
         raise FitError(f"cannot read {db}: the study registry is unavailable ({err})") from None
     reg = Registry(db, create=False)

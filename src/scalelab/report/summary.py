@@ -18,7 +18,7 @@ import numpy as np
 from scalelab import __version__
 from scalelab.errors import ScalelabError
 from scalelab.provenance import utc_now
-from scalelab.study.registry import Registry
+from scalelab.registry import Registry
 from scalelab.study.spend import spend_sentence
 from scalelab.units import count
 

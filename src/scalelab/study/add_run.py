@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.errors import RegistryError, SpecError
+from scalelab.registry import ROLES, Registry
 from scalelab.spec import RunSpec, StudySpec, config_hash, load_run
-from scalelab.study.registry import ROLES, Registry
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

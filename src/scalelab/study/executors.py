@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from scalelab.errors import SpecError
 from scalelab.extras import require_sinks
 from scalelab.io import atomic_write_text, file_lock, read_tail
+from scalelab.registry import Registry
 from scalelab.spec import StudySpec, config_hash
 from scalelab.study.gpus import GpuSlots, slot_gpus, visible_gpus
 from scalelab.study.plan import PlannedRun, expand_runs
-from scalelab.study.registry import Registry
 from scalelab.train.parallel.launch import TORCHRUN_ENV, torchrun_command
 from scalelab.units import si
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.errors import ScalelabError
+from scalelab.registry import Registry
 from scalelab.spec import SlurmSpec
 from scalelab.study.executors import (
     Dependencies,
@@ -50,7 +51,6 @@ from scalelab.study.executors import (
     wsd_args,
 )
 from scalelab.study.plan import PlannedRun
-from scalelab.study.registry import Registry
 from scalelab.train.parallel.launch import torchrun_command
 
 log = logging.getLogger(__name__)

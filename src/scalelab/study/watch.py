@@ -15,9 +15,9 @@ from typing import Any
 from scalelab.errors import RegistryError
 from scalelab.io import read_tail
 from scalelab.models.flops import ModelShape
+from scalelab.registry import Registry
 from scalelab.spec import RunSpec
 from scalelab.study.eta import StudyEta
-from scalelab.study.registry import Registry
 
 TAIL_BYTES = 16_384
 

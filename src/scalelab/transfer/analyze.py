@@ -67,7 +67,7 @@ def _row_from_config(cfg: dict[str, Any], status: str, loss: float | None) -> Sw
 
 def rows_from_registry(study_dir: str | Path, loss: str = "eval") -> tuple[list[SweepRow], dict[str, int]]:
     """Rows of every finished run (done, diverged, failed, timeout) of a study and the status counts."""
-    from scalelab.study.registry import Registry
+    from scalelab.registry import Registry
 
     path = Path(study_dir) / "registry.sqlite"
     if not path.exists():
