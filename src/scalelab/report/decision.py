@@ -300,7 +300,7 @@ def next_actions(s: StudySummary) -> list[str]:
         n_max = max(r[s.n_key] for r in runs)
         d_max = max(r["tokens"] for r in runs if r.get("tokens"))
         out.append(
-            f"The irreducible loss E is poorly pinned (interval [{e_iv[0]:.3g}, {e_iv[1]:.3g}]): add two runs at "
+            f"The irreducible loss E is poorly pinned (interval [{_loss_bound(e_iv[0])}, {_loss_bound(e_iv[1])}]): add two runs at "
             f"4× the largest N (N≈{count(4 * n_max)} {_n_name(s.n_key)}), one at D≈{count(d_max)} and one at "
             f"D≈{count(4 * d_max)} tokens, to pin it."
         )
@@ -323,3 +323,11 @@ def next_actions(s: StudySummary) -> list[str]:
             "`scalelab study add-run STUDY_DIR RUN_DIR` and `scalelab report STUDY_DIR`."
         )
     return out
+
+
+def _loss_bound(value: float) -> str:
+    """A loss interval's end without e-notation: '0.00' below 0.005 (a fit's E can reach 1e-12), whole
+    numbers with separators from 1000 up, else 3 significant digits."""
+    if abs(value) < 0.005:
+        return "0.00"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
