@@ -57,3 +57,10 @@ def flops(x: Any) -> str:
         return "—"
     mantissa, exponent = f"{float(x):.2g}e0".split("e")[:2]
     return f"{mantissa}e{int(exponent)} FLOPs" if int(exponent) else f"{mantissa} FLOPs"
+
+
+def factor(x: float) -> str:
+    """A ratio for a reader, never in e-notation: 25.3, 2.62k, 311G; 'over 10^15' beyond that."""
+    if x < 1000:
+        return f"{x:.3g}"
+    return si(x) if x < 1e15 else "over 10^15"

@@ -39,6 +39,7 @@ from scalelab.fit.laws import (
 )
 from scalelab.fit.optimal import Accounting, check_budget
 from scalelab.fit.table import RunTable
+from scalelab.units import factor
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ class IsoFLOPLaw(ScalingLaw):
         iv = self.intervals_.get("E")
         if iv and iv[0] > 0 and iv[1] / iv[0] > 20:
             out.append(
-                f"E of L*(C) is poorly identified: its interval spans a factor {iv[1] / iv[0]:.3g} "
+                f"E of L*(C) is poorly identified: its interval spans a factor {factor(iv[1] / iv[0])} "
                 f"([{iv[0]:.3g}, {iv[1]:.3g}]); read the predicted loss as a rough guide"
             )
         return out

@@ -19,6 +19,7 @@ import numpy as np
 
 from scalelab.errors import FitError
 from scalelab.fit.table import RunTable
+from scalelab.units import factor
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def fit_warnings(law: Any) -> list[str]:
     for name in ("E", "B"):
         iv = getattr(law, "intervals_", {}).get(name)
         if iv and iv[0] > 0 and iv[1] / max(iv[0], 1e-300) > 20 and name not in getattr(law, "at_bound_", []):
-            out.append(f"{name} is poorly identified: its interval spans a factor {iv[1] / iv[0]:.3g}")
+            out.append(f"{name} is poorly identified: its interval spans a factor {factor(iv[1] / iv[0])}")
     if table is not None and table.notes:
         out.extend(table.notes)
     return out
