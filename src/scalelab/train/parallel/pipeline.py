@@ -254,9 +254,10 @@ class PipelineStrategy(Strategy):
         self, model: nn.Module, mesh: Any, train: TrainSpec, device: torch.device
     ) -> dict[str, Any]:
         """The schedule replaces the trainer's micro-batch loop, eval, and gradient-norm reduction."""
+        from scalelab.train.parallel import unwrap
         from scalelab.train.parallel.gradnorm import local_grad_norm_source
 
-        stage = model.module if hasattr(model, "module") else model
+        stage = unwrap(model)
         runner = PipelineRunner(
             stage,  # type: ignore[arg-type]
             mesh,
