@@ -34,8 +34,9 @@ from scalelab.study.plan import expand_runs
 TRUTH = {"E": 1.2, "A": 40.0, "B": 60.0, "alpha": 0.32, "beta": 0.3}
 
 
-def _study_dir(root: Path) -> Path:
-    """A grid study (3 widths × 3 token budgets) whose runs 'finished' with losses from TRUTH."""
+def _study_dir(root: Path, truths: dict[str, dict[str, float]] | None = None, **extra: object) -> Path:
+    """A grid study (3 widths × 3 token budgets) whose runs 'finished' with losses from TRUTH (or, for a
+    grouped study, from `truths[group]`)."""
     data = {
         "name": "adv",
         "train": {"tokens": 65536},
@@ -44,15 +45,17 @@ def _study_dir(root: Path) -> Path:
             "axes": {"model.width": [32, 64, 128], "train.tokens": [65536, 262144, 1048576]},
         },
         "target": {"compute_flops": 1e14},
+        **extra,
     }
     spec = study_from_dict({"study": data})
     d = root / "study"
-    d.mkdir()
+    d.mkdir(parents=True)
     (d / "study.json").write_text(spec.model_dump_json())
     rng = np.random.default_rng(0)
     with Registry(d / "registry.sqlite") as reg:
         for r in expand_runs(spec):
-            loss = float(chinchilla_loss(TRUTH, r.n_params, r.tokens)) * float(
+            truth = truths[r.point["group"]] if truths else TRUTH
+            loss = float(chinchilla_loss(truth, r.n_params, r.tokens)) * float(
                 np.exp(0.01 * rng.standard_normal())
             )
             reg.add_planned(r.run_id, r.spec.canonical_json(), "h", point=r.point)
@@ -130,10 +133,75 @@ def test_sample_size_answers_a_reachable_width() -> None:
     table = simulate(TRUTH, N, D, noise=0.01, seed=3)
     now = half_width(target_width(FitSettings().fit(table), 1e21))
     goal = now / 2
-    ss = sample_size(table, 1e21, goal, iterations=3)
+    ss = sample_size(table, 1e21, goal, iterations=1, draws=4)
     assert ss.half_width_now == pytest.approx(now)
     assert ss.reachable and len(ss.runs) == 3
     assert ss.half_width_expected <= goal and table.C.max() < ss.rung_flops < 1e21
+    lo, hi = ss.half_width_range
+    assert lo <= ss.half_width_expected <= hi  # the median of the simulated outcomes, inside their range
+
+
+SOURCES = {"a": [{"kind": "text", "path": "x/a"}], "b": [{"kind": "text", "path": "x/b"}]}
+
+
+def test_a_grouped_study_is_advised_per_group_and_ranked_across_groups(tmp_path: Path) -> None:
+    # group b's law is steeper in D: its runs are far from b's target in a way a's are not
+    truths = {"a": TRUTH, "b": {**TRUTH, "B": 400.0, "beta": 0.4}}
+    d = _study_dir(tmp_path, truths, sources=SOURCES)
+    advice = advise_study(d, draws=1)
+    assert advice.group is None and advice.groups == ["a", "b"]
+    assert {s.candidate.group for s in advice.ranked} == {"a", "b"}
+    per_flop = [s.safe_shrink_per_flop for s in advice.ranked]
+    assert per_flop == sorted(per_flop, reverse=True)
+    # each group is scored against its own interval: the widths before differ by group
+    now = advice.width_now()
+    assert set(now) == {"a", "b"} and now["a"] != now["b"]
+    text = advice.design_path.read_text()
+    for s in advice.chosen:
+        assert f'# group "{s.candidate.group}"' in text
+    out = advice.to_dict()
+    assert out["groups"] == ["a", "b"] and all(r["group"] in ("a", "b") for r in out["ranked"])
+    assert all(r["label"].startswith(f"[{r['group']}]") for r in out["ranked"])
+
+    only_b = advise_study(d, draws=1, group="b")
+    assert only_b.group == "b" and {s.candidate.group for s in only_b.ranked} == {"b"}
+    # the same group's candidates score the same alone as when ranked with the other group's
+    across = {s.candidate.label: s.shrink for s in advice.ranked if s.candidate.group == "b"}
+    assert {s.candidate.label: s.shrink for s in only_b.ranked} == pytest.approx(across)
+
+
+def test_group_by_advice_pins_the_groups_axis_value(tmp_path: Path) -> None:
+    d = _study_dir(
+        tmp_path,
+        {"1": TRUTH, "2": {**TRUTH, "E": 1.4}},
+        group_by="model.depth",
+        design={
+            "kind": "grid",
+            "axes": {
+                "model.width": [32, 64, 128],
+                "train.tokens": [65536, 262144, 1048576],
+                "model.depth": [1, 2],
+            },
+        },
+    )
+    advice = advise_study(d, draws=1, group="2")
+    assert advice.chosen
+    assert all(s.candidate.overrides["model.depth"] == 2 for s in advice.ranked)
+    design = tomllib.loads(advice.design_path.read_text())["advice"]
+    assert all(run["model.depth"] == 2 for table in design for run in table["runs"])
+
+
+def test_advise_with_an_unknown_group_exits_2_naming_the_flag(tmp_path: Path) -> None:
+    d = _study_dir(tmp_path, {"a": TRUTH, "b": TRUTH}, sources=SOURCES)
+    plain = _study_dir(tmp_path / "plain")
+    for study, words in ((d, ("'c'", "groups: a, b")), (plain, ("no groups",))):
+        proc = subprocess.run(
+            [sys.executable, "-m", "scalelab", "study", "advise", str(study), "--group", "c"],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and "--group" in proc.stderr, proc.stderr
+        assert all(w in proc.stderr for w in words) and "Traceback" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow

@@ -117,15 +117,45 @@ def status_view(title: str, rows: Sequence[dict[str, Any]]) -> Group:
     return Group(table, *([failures] if failures else []))
 
 
+def _sample_line(ss: Any, group: str | None) -> Text:
+    """The sample-size answer in one line (of one group, when named)."""
+    goal = f"±{100 * ss.goal_half_width:.1f} %"
+    who = f"[{group}] " if group is not None else ""
+    if not ss.runs:
+        return Text(f"{who}the interval is already within {goal}")
+    if ss.reachable:
+        lo, hi = ss.half_width_range
+        spread = (
+            f" (10–90 % of simulated outcomes: ±{100 * lo:.1f}–{100 * hi:.1f} %)" if math.isfinite(hi) else ""
+        )
+        return Text(
+            f"{who}to reach {goal}: {len(ss.runs)} runs at {_flops(ss.rung_flops)} FLOPs each "
+            f"(N = {', '.join(si(r.N) for r in ss.runs)}; {_flops(ss.total_flops)} FLOPs in all), "
+            f"expected ±{100 * ss.half_width_expected:.1f} %{spread}"
+        )
+    left = (
+        f"still leaves ±{100 * ss.half_width_expected:.1f} %"
+        if math.isfinite(ss.half_width_expected)
+        else "leaves a fit with no finite interval"
+    )
+    return Text(
+        f"{who}{goal} is not reached by one rung below the target compute: at {_flops(ss.rung_flops)} "
+        f"FLOPs a rung {left}"
+    )
+
+
 def advise_view(advice: Any, shown: int = 10) -> Group:
     """`study advise`: candidates by shrink of the target's interval per FLOP; the chosen runs; sample size."""
     from scalelab.study.advise import half_width
 
     ranked = advice.ranked
-    now = half_width(ranked[0].width_before) if ranked else None
+    now = ", ".join(
+        f"{'' if g is None or advice.group else g + ' '}±{100 * half_width(w):.1f} %"
+        for g, w in advice.width_now().items()
+    )
     title = (
         f"next runs for the {advice.quantity} interval at {_flops(advice.target_flops)} FLOPs "
-        f"(now ±{100 * now:.1f} %)" + (f" · group {advice.group}" if advice.group else "")
+        f"(now {now})" + (f" · group {advice.group}" if advice.group else "")
     )
     table = _table(
         title, ["candidate", "N", "D", "FLOPs", "interval after", "shrink/PFLOP"], left=("candidate",)
@@ -147,32 +177,17 @@ def advise_view(advice: Any, shown: int = 10) -> Group:
         parts.append(Text(f"chosen runs (✓) written as a list design to {advice.design_path}"))
     else:
         parts.append(Text("no candidate is expected to shrink the interval; nothing written", style="yellow"))
-    ss = advice.sample
-    if ss is not None:
-        goal = f"±{100 * ss.goal_half_width:.1f} %"
-        if not ss.runs:
-            line = f"the interval is already within {goal}"
-        elif ss.reachable:
-            line = (
-                f"to reach {goal}: {len(ss.runs)} runs at {_flops(ss.rung_flops)} FLOPs each "
-                f"(N = {', '.join(si(r.N) for r in ss.runs)}; {_flops(ss.total_flops)} FLOPs in all), "
-                f"expected ±{100 * ss.half_width_expected:.1f} %"
-            )
-        else:
-            left = (
-                f"still leaves ±{100 * ss.half_width_expected:.1f} %"
-                if math.isfinite(ss.half_width_expected)
-                else "leaves a fit with no finite interval"
-            )
-            line = (
-                f"{goal} is not reached by one rung below the target compute: at {_flops(ss.rung_flops)} "
-                f"FLOPs a rung {left}"
-            )
-        parts.append(Text(line))
+    for g, ss in advice.samples.items():
+        parts.append(_sample_line(ss, None if advice.group else g))
     parts.append(
         Text(
             "score: the expected shrink of the interval's log width less its spread over the run's possible "
-            "outcomes, per PFLOP",
+            "outcomes, per PFLOP"
+            + (
+                "; a grouped study's groups are fitted and ranked together"
+                if advice.groups and not advice.group
+                else ""
+            ),
             style="dim",
         )
     )
@@ -204,6 +219,10 @@ def study_advise(
     bootstrap: Annotated[
         int, typer.Option("--bootstrap", min=0, help="Bootstrap draws per refit (N_opt needs some).")
     ] = 0,
+    group: Annotated[
+        str | None,
+        typer.Option("--group", help="Advise one group of a grouped study (default: all, ranked together)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Which next runs shrink the target's calibrated interval the most per FLOP (each candidate refitted
@@ -220,6 +239,7 @@ def study_advise(
         width=width,
         draws=draws,
         bootstrap=bootstrap,
+        group=group,
     )
     if as_json:
         print(json.dumps(advice.to_dict(), indent=2, default=float))

@@ -26,6 +26,7 @@ import numpy as np
 
 from scalelab.errors import FitError
 from scalelab.fit.calibrate import residual_scatter, seed_noise
+from scalelab.fit.estimate import power_sum_log_predict
 from scalelab.fit.laws import ChinchillaLaw
 from scalelab.fit.table import RunTable, make_table
 
@@ -45,6 +46,7 @@ class Candidate:
     flops: float
     label: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None  # the study group (data source or group_by value) the run belongs to
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Scored:
             "D": c.D,
             "flops": c.flops,
             "overrides": c.overrides,
+            "group": c.group,
             "width_before": self.width_before,
             "width_after": self.width_after,
             "shrink": self.shrink,
@@ -244,7 +247,8 @@ def ladder_candidates(
 # ---------------------------------------------------------------------------------------- sample size
 @dataclass(frozen=True)
 class SampleSize:
-    """Runs that reach a target interval: one IsoFLOP rung of `runs` sizes at `rung_flops` per run."""
+    """Runs that reach a target interval: one IsoFLOP rung of `runs` sizes at `rung_flops` per run, the
+    half-width expected after it (the median over simulated outcomes) and the range those outcomes span."""
 
     goal_half_width: float  # the stated ± fraction (e.g. 0.05)
     half_width_now: float
@@ -252,6 +256,7 @@ class SampleSize:
     rung_flops: float
     runs: list[Candidate]
     reachable: bool
+    half_width_range: tuple[float, float] = (math.nan, math.nan)  # 10th–90th percentile over outcomes
 
     @property
     def total_flops(self) -> float:
@@ -262,6 +267,7 @@ class SampleSize:
             "goal_half_width": self.goal_half_width,
             "half_width_now": self.half_width_now,
             "half_width_expected": self.half_width_expected,
+            "half_width_range": list(self.half_width_range),
             "rung_flops": self.rung_flops,
             "total_flops": self.total_flops,
             "reachable": self.reachable,
@@ -281,6 +287,60 @@ def half_width(width: float) -> float:
     return math.expm1(width / 2)
 
 
+@dataclass(frozen=True)
+class OutcomeModel:
+    """Where a rung's losses may land: `draws` laws drawn from the pilot's bootstrap (parameter noise,
+    which makes a rung miss the fit with a tilt across sizes, not only a shift), stratified by their
+    prediction at the target, plus independent run noise (fixed normal draws, shared by every rung
+    location so that the bisection compares like with like)."""
+
+    thetas: np.ndarray  # (draws, P) natural parameters of ChinchillaLaw draws
+    eps: np.ndarray  # (draws, sizes) standard-normal run noise
+    noise: float  # log-space sd of one run's loss
+
+    @classmethod
+    def from_table(
+        cls,
+        table: RunTable,
+        law: ChinchillaLaw,
+        compute: float,
+        settings: FitSettings,
+        draws: int,
+        sizes: int,
+    ) -> OutcomeModel:
+        boot = ChinchillaLaw(
+            delta=settings.delta,
+            n_bootstrap=max(8 * draws, 64),
+            seed=settings.seed,
+            calibrate=False,
+            n_jobs=1,
+        ).fit(table)
+        opt = law.optimal(compute)
+        at = np.log(np.array([[opt["N_opt"], opt["D_opt"]]]))
+        pred = np.array([power_sum_log_predict(t, at)[0] for t in boot.samples_])
+        ok = np.flatnonzero(np.isfinite(pred))
+        if ok.size < draws:
+            raise FitError(f"{table.source}: too few usable bootstrap draws to simulate a rung's outcomes")
+        order = ok[np.argsort(pred[ok])]
+        pick = order[((np.arange(draws) + 0.5) / draws * order.size).astype(int)]
+        eps = np.random.default_rng(settings.seed + 7).standard_normal((draws, sizes))
+        return cls(boot.samples_[pick], eps, max(outcome_noise(law, table), _residual_sd(law)))
+
+    def losses(self, runs: Sequence[Candidate]) -> np.ndarray:
+        """(draws, len(runs)) simulated losses of `runs`."""
+        logX = np.log(np.array([[r.N, r.D] for r in runs]))
+        logp = np.stack([power_sum_log_predict(t, logX) for t in self.thetas])
+        return np.exp(logp + self.noise * self.eps[:, : len(runs)])
+
+
+def _residual_sd(law: ChinchillaLaw) -> float:
+    """Root-mean-square residual corrected for the parameters fitted (a 5-parameter fit of a few runs
+    interpolates them, and the raw scatter then understates a new run's noise)."""
+    r = np.asarray(law.residuals_, dtype=np.float64)
+    dof = r.size - len(law.param_names)
+    return float(np.sqrt(np.sum(r * r) / dof)) if dof > 0 else 0.0
+
+
 def sample_size(
     table: RunTable,
     compute: float,
@@ -290,48 +350,54 @@ def sample_size(
     sizes: int = 3,
     settings: FitSettings | None = None,
     max_factor: float | None = None,
-    iterations: int = 10,
-    draws: int = 2,
+    iterations: int = 8,
+    draws: int = 8,
 ) -> SampleSize:
     """The smallest rung compute (bisection in log C, between the largest run and the target) whose
-    rung of `sizes` runs, with losses drawn from the current fit's calibrated predictive distribution
-    (`draws` nodes), is expected to bring the target's interval to ± `goal_half_width`."""
+    rung of `sizes` runs is expected to bring the target's interval to ± `goal_half_width`: the median
+    half-width over `draws` simulated outcomes of the rung (`OutcomeModel`), each refitted."""
     if not 0 < goal_half_width < 10:
         raise FitError(f"--width: a fraction such as 0.05 (±5 %), got {goal_half_width}")
     settings = settings or FitSettings()
     law = settings.fit(table)
     now = half_width(target_width(law, compute, quantity))
+    if now <= goal_half_width:
+        return SampleSize(goal_half_width, now, now, 0.0, [], True, (now, now))
     c_lo = float(table.C.max())
     c_hi = float(compute if max_factor is None else min(compute, c_lo * max_factor))
+    model = OutcomeModel.from_table(table, law, compute, settings, max(draws, 1), sizes)
 
-    noise = outcome_noise(law, table)
-    eps, weights = outcome_nodes(draws)
-
-    def expected(c: float) -> float:
-        """Expected half-width with the rung at `c`: its losses shifted together (a misfit of the law is
-        shared by the whole rung) at the nodes of the calibrated predictive sd at its centre."""
+    def outcomes(c: float) -> tuple[float, tuple[float, float]]:
+        """Median half-width with the rung at `c` over the simulated outcomes, and their 10–90 % range (the
+        median, not the mean: a few outcomes that miss the fit widely make the width's distribution skewed,
+        and the median is what a single study most likely reaches)."""
         runs = rung(law, c, sizes)
-        mu = np.array([_predicted(law, r) for r in runs])
-        sd = max(noise, predictive_sd(law, runs[len(runs) // 2]))
-        widths = []
-        for e in eps:
-            loss = list(mu * math.exp(sd * e))
-            t = with_runs(table, [r.N for r in runs], [r.D for r in runs], loss, [r.flops for r in runs])
-            widths.append(target_width(settings.fit(t), compute, quantity))
-        return half_width(float(np.dot(weights, widths)))
+        hws = []
+        for loss in model.losses(runs):
+            t = with_runs(
+                table, [r.N for r in runs], [r.D for r in runs], list(loss), [r.flops for r in runs]
+            )
+            try:
+                hws.append(half_width(target_width(settings.fit(t), compute, quantity)))
+            except FitError as err:
+                log.info("sample size: a simulated rung at %.3g FLOPs did not refit (%s)", c, err)
+                hws.append(math.inf)
+        h = np.asarray(hws)
+        if np.isfinite(h).sum() <= h.size / 2:
+            return math.inf, (math.inf, math.inf)
+        lo, mid, hi = np.percentile(h, [10, 50, 90])  # inf sorts last: the median stays finite
+        return float(mid), (float(lo), float(hi))
 
-    if now <= goal_half_width:
-        return SampleSize(goal_half_width, now, now, 0.0, [], True)
-    top = expected(c_hi)
+    top, top_range = outcomes(c_hi)
     if top > goal_half_width:
-        return SampleSize(goal_half_width, now, top, c_hi, rung(law, c_hi, sizes), False)
-    lo, hi, best = math.log(c_lo), math.log(c_hi), top
+        return SampleSize(goal_half_width, now, top, c_hi, rung(law, c_hi, sizes), False, top_range)
+    lo, hi, best = math.log(c_lo), math.log(c_hi), (top, top_range)
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
-        w = expected(math.exp(mid))
-        if w <= goal_half_width:
+        w = outcomes(math.exp(mid))
+        if w[0] <= goal_half_width:
             hi, best = mid, w
         else:
             lo = mid
     c = math.exp(hi)
-    return SampleSize(goal_half_width, now, best, c, rung(law, c, sizes), True)
+    return SampleSize(goal_half_width, now, best[0], c, rung(law, c, sizes), True, best[1])

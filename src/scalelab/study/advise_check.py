@@ -116,9 +116,10 @@ def _simulated_pilot(rng: np.random.Generator) -> tuple[dict[str, float], float,
     return truth, noise, table, float(table.C.max() * 10 ** rng.uniform(2, 3))
 
 
-def sample_size_trial(seed: int, settings: FitSettings | None = None) -> dict[str, Any]:
-    """Ask for 30–70 % of the pilot's current half-width, run the answer's rung with true (noisy) losses,
-    refit, and compare the half-width reached with the one asked for."""
+def sample_size_trial(seed: int, settings: FitSettings | None = None, repeats: int = 4) -> dict[str, Any]:
+    """Ask for 30–70 % of the pilot's current half-width, run the answer's rung with true losses under
+    `repeats` independent noise draws (the same design each time), refit, and compare the half-widths
+    reached with the one asked for and the one expected."""
     rng = np.random.default_rng(10_000 + seed)
     truth, noise, table, compute = _simulated_pilot(rng)
     settings = settings or FitSettings()
@@ -128,16 +129,28 @@ def sample_size_trial(seed: int, settings: FitSettings | None = None) -> dict[st
     if not answer.reachable:
         return {"goal": goal, "reached": None, "ratio": None, "reachable": False}
     runs = answer.runs
-    loss = chinchilla_loss(truth, np.array([r.N for r in runs]), np.array([r.D for r in runs]))
-    loss = loss * np.exp(noise * rng.standard_normal(len(runs)))
-    t = with_runs(table, [r.N for r in runs], [r.D for r in runs], list(loss), [r.flops for r in runs])
-    reached = half_width(target_width(settings.fit(t), compute))
+    N, D = np.array([r.N for r in runs]), np.array([r.D for r in runs])
+    true_loss = chinchilla_loss(truth, N, D)
+    reached = []
+    for _ in range(repeats):
+        loss = true_loss * np.exp(noise * rng.standard_normal(len(runs)))
+        t = with_runs(table, list(N), list(D), list(loss), [r.flops for r in runs])
+        try:
+            reached.append(half_width(target_width(settings.fit(t), compute)))
+        except FitError:
+            reached.append(math.inf)
+    ratios = np.asarray(reached) / goal
+    lo, hi = answer.half_width_range
     return {
         "goal": goal,
-        "reached": reached,
-        "ratio": reached / goal,
-        "reachable": True,
         "expected": answer.half_width_expected,
+        "expected_range": [lo, hi],
+        "reached": reached,
+        "ratios": ratios.tolist(),
+        "ratio": float(ratios[0]),
+        "mean_ratio": float(np.mean(ratios)),
+        "in_range": float(np.mean((np.asarray(reached) >= lo) & (np.asarray(reached) <= hi))),
+        "reachable": True,
         "runs": len(runs),
         "rung_flops": answer.rung_flops,
     }

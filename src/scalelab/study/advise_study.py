@@ -4,7 +4,7 @@ by `study.advise`, the chosen ones written as a `list` design, and the sample-si
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +24,40 @@ from scalelab.study.plan import describe, expand_runs
 
 @dataclass(frozen=True)
 class Advice:
-    """Ranked candidates, the runs chosen within the budget, the sample-size answer and the design file."""
+    """Ranked candidates (of every group advised), the runs chosen within the budget, the sample-size
+    answer per group and the design file."""
 
     target_flops: float
     quantity: str
     ranked: list[Scored]
     chosen: list[Scored]
-    sample: SampleSize | None
+    samples: dict[str | None, SampleSize]
     design_path: Path | None
-    group: str | None
+    group: str | None  # the one group advised (--group, or a grouped study's only group); None: all
+    groups: list[str] = field(default_factory=list)  # every group advised, in the study's order
+
+    @property
+    def sample(self) -> SampleSize | None:
+        """The sample-size answer when one group (or none) was advised."""
+        return next(iter(self.samples.values())) if len(self.samples) == 1 else None
+
+    def width_now(self) -> dict[str | None, float]:
+        """The target's log width now, per group advised."""
+        out: dict[str | None, float] = {}
+        for s in self.ranked:
+            out.setdefault(s.candidate.group, s.width_before)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "target_flops": self.target_flops,
             "quantity": self.quantity,
             "group": self.group,
+            "groups": self.groups,
             "ranked": [s.to_dict() for s in self.ranked],
             "chosen": [s.to_dict() for s in self.chosen],
             "sample_size": None if self.sample is None else self.sample.to_dict(),
+            "sample_size_by_group": {g: v.to_dict() for g, v in self.samples.items() if g is not None},
             "design": None if self.design_path is None else str(self.design_path),
         }
 
@@ -59,20 +75,28 @@ def load_study_json(study_dir: Path) -> StudySpec:
         raise SpecError(f"{path}: not a valid study ({str(err).splitlines()[0]})") from None
 
 
-def _candidate(spec: RunSpec, overrides: dict[str, Any], n_key: str, label: str) -> Candidate:
+def _candidate(
+    spec: RunSpec, overrides: dict[str, Any], n_key: str, label: str, group: str | None
+) -> Candidate:
     p = describe(spec, overrides)
     n = p.n_params if n_key == "non_embedding" else p.n_params_total
-    return Candidate(float(n), float(p.tokens), float(p.flops), label, overrides)
+    return Candidate(float(n), float(p.tokens), float(p.flops), label, overrides, group)
 
 
-def study_candidates(study: StudySpec, n_params: str = "non_embedding") -> list[Candidate]:
+def study_candidates(
+    study: StudySpec, n_params: str = "non_embedding", group: str | None = None
+) -> list[Candidate]:
     """Widths of the design and twice the largest, at its token counts and 2×/4× the largest, minus the
-    runs already planned, plus a new seed of the largest-compute run."""
+    runs already planned, plus a new seed of the largest-compute run; of one `group` of a grouped study
+    (its runs carry the group's `group_by` value; a data-source group is named, not overridden)."""
     planned = expand_runs(study)
-    if study.sources:
-        first = next(iter(study.sources))
-        planned = [r for r in planned if r.point.get("group") == first]
+    if group is not None:
+        planned = [r for r in planned if r.point.get("group") == group]
+        if not planned:
+            raise SpecError(f"--group: {group!r} is not a group of study {study.name!r}")
     base = planned[0].spec
+    pin = {study.group_by: planned[0].point[study.group_by]} if group is not None and study.group_by else {}
+    prefix = f"[{group}] " if group is not None else ""
     widths = sorted({r.spec.model.width for r in planned})
     heads = base.model.n_heads
     widths.append(2 * widths[-1] // heads * heads)
@@ -84,18 +108,22 @@ def study_candidates(study: StudySpec, n_params: str = "non_embedding") -> list[
         for t in tokens:
             if (w, t) in done:
                 continue
-            ov = {"model.width": w, "train.tokens": t}
+            ov = {**pin, "model.width": w, "train.tokens": t}
             try:
                 spec = set_path(set_path(base, "model.width", w), "train.tokens", t)
             except SpecError:
                 continue
-            out.append(_candidate(spec, ov, n_params, f"width {w}, {t} tokens"))
+            out.append(_candidate(spec, ov, n_params, f"{prefix}width {w}, {t} tokens", group))
     big = max(planned, key=lambda r: r.flops)
     seed = max(r.spec.train.seed for r in planned) + 1
-    ov = {"model.width": big.spec.model.width, "train.tokens": big.spec.train.tokens, "train.seed": seed}
-    out.append(
-        _candidate(set_path(big.spec, "train.seed", seed), ov, n_params, f"seed {seed} of {big.run_id}")
-    )
+    ov = {
+        **pin,
+        "model.width": big.spec.model.width,
+        "train.tokens": big.spec.train.tokens,
+        "train.seed": seed,
+    }
+    label = f"{prefix}seed {seed} of {big.run_id}"
+    out.append(_candidate(set_path(big.spec, "train.seed", seed), ov, n_params, label, group))
     return out
 
 
@@ -117,15 +145,18 @@ def choose(ranked: list[Scored], budget_flops: float | None, top: int) -> list[S
 
 
 def design_toml(chosen: list[Scored], study: StudySpec, header: str) -> str:
-    """The chosen runs as `list` designs (one per seed), ready to append to the study."""
-    by_seed: dict[int, list[dict[str, Any]]] = {}
+    """The chosen runs as `list` designs (one per group and seed), ready to append to the study."""
+    by_key: dict[tuple[str | None, int], list[dict[str, Any]]] = {}
     for s in chosen:
         ov = dict(s.candidate.overrides)
         seed = int(ov.pop("train.seed", study.design.seeds[0]))
-        by_seed.setdefault(seed, []).append(ov)
+        by_key.setdefault((s.candidate.group, seed), []).append(ov)
     lines = [f"# {line}" for line in header.splitlines()]
-    for seed, runs in by_seed.items():
-        lines += ["", "[[advice]]", 'kind = "list"', f"seeds = [{seed}]", "runs = ["]
+    for (group, seed), runs in by_key.items():
+        lines.append("")
+        if group is not None:
+            lines.append(f"# group {json.dumps(group)}")
+        lines += ["[[advice]]", 'kind = "list"', f"seeds = [{seed}]", "runs = ["]
         for ov in runs:
             lines.append("  { " + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in ov.items()) + " },")
         lines.append("]")
@@ -142,9 +173,14 @@ def advise_study(
     top: int = 3,
     draws: int = 1,
     bootstrap: int = 0,
+    group: str | None = None,
 ) -> Advice:
     """Rank the study's candidate next runs for its target, choose some within `budget_flops`, write them
-    to DIR/report/advice.toml, and (given `width`, a ± fraction) say what reaches that interval."""
+    to DIR/report/advice.toml, and (given `width`, a ± fraction) say what reaches that interval.
+
+    A grouped study (`study.sources` or `study.group_by`) is advised per group: each group's runs are
+    fitted alone and its candidates scored against its own interval; the rankings of all groups are
+    merged (shrink of the log width per FLOP is comparable across groups), or only `group` is advised."""
     from scalelab.fit.api import table_from_study
 
     study_dir = Path(study_dir)
@@ -155,34 +191,61 @@ def advise_study(
             f"{study_dir}: no target compute: pass --target-compute or set [study.target] compute_flops"
         )
     table = table_from_study(study_dir, n_params=study.fit.n_params, loss=study.fit.loss)
-    group = None
-    if table.group is not None and len(table.groups) > 1:
-        group = table.groups[0] if not study.sources else next(iter(study.sources))
-        table = table.subset(table.group == group)
-    if len(table) < 6:
-        raise FitError(f"{study_dir}: {len(table)} finished runs; advice needs a fit (at least 6 runs)")
+    grouped = table.group is not None and (len(table.groups) > 1 or bool(study.sources or study.group_by))
+    if group is not None and not grouped:
+        raise SpecError(f"--group: study {study.name!r} has no groups (no [study.sources] or group_by)")
+    order = list(study.sources) if study.sources else []  # the study's order of data sources
+    names: list[str | None] = (
+        sorted(table.groups, key=lambda g: order.index(g) if g in order else len(order))
+        if grouped
+        else [None]
+    )
+    if group is not None:
+        if group not in names:
+            raise SpecError(f"--group: {group!r} is not a group of {study_dir} (groups: {', '.join(names)})")
+        names = [group]
     settings = FitSettings(
         bootstrap=bootstrap, delta=study.fit.huber_delta, confidence=0.9, seed=study.fit.seed
     )
-    ranked = score_candidates(
-        table,
-        study_candidates(study, study.fit.n_params),
-        compute,
-        quantity=quantity,
-        draws=draws,
-        settings=settings,
-    )
+    ranked: list[Scored] = []
+    samples: dict[str | None, SampleSize] = {}
+    for name in names:
+        sub = table if name is None else table.subset(table.group == name)
+        where = study_dir if name is None else f"{study_dir} (group {name!r})"
+        if len(sub) < 6:
+            raise FitError(f"{where}: {len(sub)} finished runs; advice needs a fit (at least 6 runs)")
+        try:
+            ranked += score_candidates(
+                sub,
+                study_candidates(study, study.fit.n_params, name),
+                compute,
+                quantity=quantity,
+                draws=draws,
+                settings=settings,
+            )
+        except FitError as err:
+            raise FitError(f"{where}: {err}") from None
+        if width:
+            samples[name] = sample_size(sub, compute, width, quantity=quantity, settings=settings)
+    ranked.sort(key=lambda s: -s.safe_shrink_per_flop)
     chosen = choose(ranked, budget_flops, top)
-    sample = sample_size(table, compute, width, quantity=quantity, settings=settings) if width else None
+    one = names[0] if len(names) == 1 else None
     path = None
     if chosen:
         path = study_dir / "report" / "advice.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
+        note = ""
+        if grouped:
+            note = f"\nFitted per group ({', '.join(str(n) for n in names)}); each run's group is named above its table."
+            if study.sources:
+                note += (
+                    "\nA list design in a study with [study.sources] runs on every source: to add a run to one "
+                    "group only, run its table in a copy of the study whose [study.sources] keeps that group."
+                )
         header = (
             f"scalelab study advise: the runs that shrink the {quantity} interval at {compute:.3g} FLOPs the "
             f"most per FLOP.\nCopy an [[advice]] table into a study's [study.design] (or run it as a list "
-            f"design into the same --out) to add them."
-            + (f"\nFitted on group {group!r} only." if group else "")
+            f"design into the same --out) to add them." + note
         )
         atomic_write_text(path, design_toml(chosen, study, header))
-    return Advice(compute, quantity, ranked, chosen, sample, path, group)
+    return Advice(compute, quantity, ranked, chosen, samples, path, one, [n for n in names if n is not None])
