@@ -59,15 +59,16 @@ def judge(
     compute: float,
     settings: FitSettings,
     draws: int,
+    quantity: str = "loss",
 ) -> Trial:
     """Rank `candidates` with advise, then refit with each one's true loss and compare."""
-    ranked = score_candidates(table, candidates, compute, draws=draws, settings=settings)
+    ranked = score_candidates(table, candidates, compute, quantity=quantity, draws=draws, settings=settings)
     before = ranked[0].width_before
     actual = {}
     for c in candidates:
         t = with_runs(table, [c.N], [c.D], [truth(c)], [c.flops])
         try:
-            w = target_width(settings.fit(t), compute)
+            w = target_width(settings.fit(t), compute, quantity)
         except FitError:
             w = before
         actual[c.label] = (before - w) / c.flops * 1e15
@@ -81,11 +82,15 @@ def judge(
 
 
 def simulated_trial(
-    seed: int, draws: int = 1, settings: FitSettings | None = None, n_candidates: int = 8
+    seed: int,
+    draws: int = 1,
+    settings: FitSettings | None = None,
+    n_candidates: int = 8,
+    quantity: str = "loss",
 ) -> Trial:
     """A pilot of 3 sizes × 3 tokens-per-parameter ratios from a perturbed Chinchilla law with 1–3 %
     log-normal noise; target 100–1000× the pilot's largest compute; `n_candidates` drawn from the
-    ladder candidates."""
+    ladder candidates. `quantity` N_opt needs `settings` with a bootstrap (its interval is the draws')."""
     rng = np.random.default_rng(seed)
     truth, noise, table, compute = _simulated_pilot(rng)
     ladder = ladder_candidates(table)
@@ -99,7 +104,7 @@ def simulated_trial(
             * math.exp(noise * rng.standard_normal())
         )
 
-    return judge(table, cands, outcome, compute, settings or FitSettings(), draws)
+    return judge(table, cands, outcome, compute, settings or FitSettings(), draws, quantity)
 
 
 def _simulated_pilot(rng: np.random.Generator) -> tuple[dict[str, float], float, RunTable, float]:
