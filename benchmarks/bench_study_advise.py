@@ -46,6 +46,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from harness import cpu_seconds, emit, load  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 from scalelab.fit import reference  # noqa: E402
 from scalelab.fit.table import RunTable  # noqa: E402
@@ -138,6 +139,8 @@ def measure_sample_size(n: int, jobs: int = 1) -> dict:
         "ratio_min": float(ratios.min()),
         "ratio_max": float(ratios.max()),
         "per_study_mean_ratio": [round(float(m), 3) for m in means],
+        # does the study-to-study scatter follow how far the pilot's fit misses the rung?
+        "spearman_ratio_vs_rung_miss": float(spearmanr(means, [r["rung_miss"] for r in results])[0]),
         "load": [load0, load()],
         "wall_seconds": time.perf_counter() - t0,
         "cpu_seconds": cpu_seconds() - c0,

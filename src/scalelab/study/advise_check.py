@@ -128,7 +128,8 @@ def sample_size_trial(seed: int, settings: FitSettings | None = None, repeats: i
     rng = np.random.default_rng(10_000 + seed)
     truth, noise, table, compute = _simulated_pilot(rng)
     settings = settings or FitSettings()
-    now = half_width(target_width(settings.fit(table), compute))
+    law = settings.fit(table)
+    now = half_width(target_width(law, compute))
     goal = now * rng.uniform(0.3, 0.7)
     answer = sample_size(table, compute, goal, settings=settings, iterations=6)
     if not answer.reachable:
@@ -155,6 +156,8 @@ def sample_size_trial(seed: int, settings: FitSettings | None = None, repeats: i
         "ratio": float(ratios[0]),
         "mean_ratio": float(np.mean(ratios)),
         "in_range": float(np.mean((np.asarray(reached) >= lo) & (np.asarray(reached) <= hi))),
+        # how far the pilot's fit misses the rung (rms log error): what the rung reveals, unknown before
+        "rung_miss": float(np.sqrt(np.mean(np.log(true_loss / np.asarray(law.predict(N, D))) ** 2))),
         "reachable": True,
         "runs": len(runs),
         "rung_flops": answer.rung_flops,
