@@ -206,13 +206,17 @@ def test_advise_with_an_unknown_group_exits_2_naming_the_flag(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_sample_size_answer_reaches_the_asked_width_in_simulation() -> None:
-    """Following the answer (true, noisy losses) reaches the asked half-width in the median within ±25 %
-    (measured: 0.98). Single studies scatter widely (measured 0.54–3.5×; 26 % within ±25 %): the
-    calibrated width after a rung depends on the errors that rung happens to reveal."""
+    """Following the answer (the rung run with the true law, 4 noise draws each, seeds 0–19: the
+    benchmark's set) reaches the asked half-width in the median within ±15 % (measured 0.98) and within
+    ±25 % in at least half of the draws (measured 58 %; the previous method 26 %). Not in every study:
+    the pilot's miss at the rung, which only the rung reveals, scatters single studies (docs/studies.md)."""
     results = [sample_size_trial(seed) for seed in range(20)]
-    ratios = np.array([r["ratio"] for r in results if r["reachable"]])
-    assert ratios.size >= 15
-    assert abs(float(np.median(ratios)) - 1) <= 0.25, ratios
+    ratios = np.array([r["ratios"] for r in results if r["reachable"]])
+    assert len(ratios) >= 18
+    assert abs(float(np.median(ratios)) - 1) <= 0.15, ratios
+    assert float(np.mean(np.abs(ratios - 1) <= 0.25)) >= 0.5, ratios
+    # the rung's own noise is not what scatters them: draws of one design stay close
+    assert float(np.median(ratios.std(axis=1))) <= 0.2, ratios
 
 
 @pytest.mark.slow
