@@ -12,6 +12,10 @@ often (docs/studies.md gives both figures), hence the default.
 Refitting through the real estimator is what makes this work: the calibrated width depends on the
 extrapolation distance and on the rolling-origin folds a new run creates, which a local (Fisher)
 approximation does not see. `docs/studies.md` gives the measured win rate.
+
+The sample-size answer (`sample_size`) places one rung of runs by bisection in compute; its outcomes are
+laws drawn from the runs' bootstrap plus run noise (`OutcomeModel`), each refitted, and the answer is the
+median half-width over them with their 10–90 % range.
 """
 
 from __future__ import annotations
