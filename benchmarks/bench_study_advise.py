@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from harness import cpu_seconds, emit, load  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from scalelab.errors import FitError  # noqa: E402
 from scalelab.fit import reference  # noqa: E402
 from scalelab.fit.table import RunTable  # noqa: E402
 from scalelab.study.advise import FitSettings  # noqa: E402
@@ -77,19 +78,26 @@ def _reference(table: RunTable, draws: int, seed: int) -> Trial:
     return reference_trial(table, seed, draws=draws)
 
 
-def _simulated(draws: int, quantity: str, bootstrap: int, seed: int) -> Trial:
+def _simulated(draws: int, quantity: str, bootstrap: int, seed: int) -> Trial | None:
+    """One simulated backtest; None where advise declines (the pilot's fit gives no finite interval of
+    the quantity, e.g. N_opt's bootstrap draws running to a bound: nothing to shrink)."""
     settings = FitSettings(bootstrap=bootstrap if quantity == "N_opt" else 0)
-    return simulated_trial(seed, draws=draws, settings=settings, quantity=quantity)
+    try:
+        return simulated_trial(seed, draws=draws, settings=settings, quantity=quantity)
+    except FitError:
+        return None
 
 
-def measure(name: str, trial: Callable[[int], Trial], seeds: range, jobs: int = 1) -> dict:
-    """Run one backtest per seed (in `jobs` processes, same results) and emit the win rate."""
+def measure(name: str, trial: Callable[[int], Trial | None], seeds: range, jobs: int = 1) -> dict:
+    """Run one backtest per seed (in `jobs` processes, same results) and emit the win rate (of the
+    studies advise did not decline)."""
     t0, c0, load0 = time.perf_counter(), cpu_seconds(), load()
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            trials = list(pool.map(trial, seeds))
+            everything = list(pool.map(trial, seeds))
     else:
-        trials = [trial(seed) for seed in seeds]
+        everything = [trial(seed) for seed in seeds]
+    trials = [t for t in everything if t is not None]
     rate = win_rate(trials)
     result = {
         "name": f"study advise: top pick beats the median candidate per FLOP, {name}",
@@ -99,6 +107,7 @@ def measure(name: str, trial: Callable[[int], Trial], seeds: range, jobs: int = 
         "unit": "fraction of studies",
         "higher_is_better": True,
         "studies": rate["studies"],
+        "declined": len(everything) - len(trials),
         "seeds": f"{seeds.start}..{seeds.stop - 1}",
         "wins": rate["wins"],
         "mean_percentile": rate["mean_percentile"],
