@@ -225,6 +225,23 @@ def test_top_suggestion_beats_the_median_candidate_in_80_percent_of_50_simulated
     assert rate["studies"] == 50 and rate["win_rate"] >= 0.8, rate
 
 
+@pytest.mark.slow
+def test_n_opt_top_suggestion_beats_a_random_pick_in_simulated_studies() -> None:
+    """Target N_opt (bootstrap of 64 per refit): measured 33 of 48 wins (0.69; 2 studies declined: no
+    finite N_opt interval), against 0.50 for a random pick; below the loss target's 80 % (docs/studies.md).
+    Tolerance: at least 0.6 of the studies advised."""
+    from scalelab.errors import FitError
+
+    trials = []
+    for seed in range(50):
+        try:
+            trials.append(simulated_trial(seed, settings=FitSettings(bootstrap=64), quantity="N_opt"))
+        except FitError:
+            continue
+    rate = win_rate(trials)
+    assert rate["studies"] >= 45 and rate["win_rate"] >= 0.6, rate
+
+
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chinchilla_epoch.csv"
 
 
