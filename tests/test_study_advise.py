@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from scalelab.cli import app
+from scalelab.cli_study import advise_view
 from scalelab.fit.synthetic import chinchilla_loss, grid_design, simulate
 from scalelab.registry import Registry
 from scalelab.spec import study_from_dict
@@ -162,6 +164,11 @@ def test_a_grouped_study_is_advised_per_group_and_ranked_across_groups(tmp_path:
     out = advice.to_dict()
     assert out["groups"] == ["a", "b"] and all(r["group"] in ("a", "b") for r in out["ranked"])
     assert all(r["label"].startswith(f"[{r['group']}]") for r in out["ranked"])
+    console = Console(record=True, width=160)
+    console.print(advise_view(advice))
+    shown = console.export_text()
+    assert "[a] width" in shown and "[b] width" in shown  # the group label is text, not rich markup
+    assert "now a ±" in shown and ", b ±" in shown
 
     only_b = advise_study(d, draws=1, group="b")
     assert only_b.group == "b" and {s.candidate.group for s in only_b.ranked} == {"b"}

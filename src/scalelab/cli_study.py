@@ -146,6 +146,8 @@ def _sample_line(ss: Any, group: str | None) -> Text:
 
 def advise_view(advice: Any, shown: int = 10) -> Group:
     """`study advise`: candidates by shrink of the target's interval per FLOP; the chosen runs; sample size."""
+    from rich.markup import escape
+
     from scalelab.study.advise import half_width
 
     ranked = advice.ranked
@@ -165,7 +167,7 @@ def advise_view(advice: Any, shown: int = 10) -> Group:
         c = s.candidate
         mark = "[green]✓[/] " if id(s) in chosen else "  "
         table.add_row(
-            mark + c.label,
+            mark + escape(c.label),  # a grouped candidate's "[group]" is text, not markup
             si(c.N),
             si(c.D),
             _flops(c.flops),
