@@ -548,6 +548,7 @@ def recommend(
         )
     out["law"] = data["fit"]["law"]
     out["fit_json"] = str(fit_json_path)
+    out["n_params"] = data.get("settings", {}).get("n_params")
     out["warnings"] = warnings
     return _floats(out)
 

@@ -93,7 +93,7 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
             )
         console.print(b)
     if d.get("recommendation"):
-        render_recommendation(d["recommendation"], console)
+        render_recommendation(d["recommendation"], console, d.get("settings", {}).get("n_params"))
     grp = d.get("groups")
     if grp and "shared" in grp:
         console.print(
@@ -137,7 +137,18 @@ def prior_lines(f: dict[str, Any]) -> list[str]:
     return out
 
 
-def render_recommendation(rec: dict[str, Any], console: Console) -> None:
+def n_label(n_params: str | None) -> str:
+    """What a fit's N counts, for a table row: a study's non-embedding or total parameters, or the
+    N column of a table as given."""
+    if n_params == "total":
+        return "total params"
+    if n_params == "non_embedding":
+        return "non-embedding params"
+    return "params, the table's N"
+
+
+def render_recommendation(rec: dict[str, Any], console: Console, n_params: str | None = None) -> None:
+    """The recommendation as a table; `n_params` is the fit's N setting when `rec` does not carry it."""
     iv = rec.get("intervals", {})
     conf = int(round(100 * rec.get("confidence", 0.9)))
     t = Table(title=f"recommendation ({conf} % intervals)")
@@ -146,7 +157,11 @@ def render_recommendation(rec: dict[str, Any], console: Console) -> None:
     t.add_column("interval", justify="right")
     if "N_opt" in rec:
         t.add_row("compute (FLOPs)", _fmt(rec["compute_flops"], ".3g"), "")
-        t.add_row("N_opt (parameters)", _fmt(rec["N_opt"], ".3g"), _iv(iv.get("N_opt"), ".3g").strip())
+        t.add_row(
+            f"N_opt ({n_label(rec.get('n_params', n_params))})",
+            _fmt(rec["N_opt"], ".3g"),
+            _iv(iv.get("N_opt"), ".3g").strip(),
+        )
         t.add_row("D_opt (tokens)", _fmt(rec["D_opt"], ".3g"), _iv(iv.get("D_opt"), ".3g").strip())
         t.add_row(
             "tokens per parameter",
