@@ -88,6 +88,11 @@ def fit_warnings(law: Any) -> list[str]:
     return out
 
 
+def _small(x: float) -> str:
+    """A loss-scale value as the reader takes it in: "≈ 0" for the 1e-9 a collapsed E reaches, else "= 1.23"."""
+    return "≈ 0" if abs(x) < 1e-4 else f"= {x:.3g}"
+
+
 def _pin_action(name: str) -> str:
     """What pins a parameter of L = E + A/N^alpha + B/D^beta down: runs that move its term."""
     if name in ("E", "A", "alpha"):
@@ -130,7 +135,7 @@ def degeneracy_warnings(law: Any) -> list[str]:
         floor = E_COLLAPSE_FRACTION * float(table.loss.min())
         if params["E"] < floor:
             out.append(
-                f"E collapses towards 0 (E = {params['E']:.3g}, below {100 * E_COLLAPSE_FRACTION:.0f} % of the "
+                f"E collapses towards 0 (E {_small(params['E'])}, below {100 * E_COLLAPSE_FRACTION:.0f} % of the "
                 "smallest loss): no loss floor is visible in these runs, so predictions far beyond them fall "
                 "without limit; add runs at larger N and D, or fit with a prior on E"
             )
