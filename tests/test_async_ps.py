@@ -7,7 +7,11 @@ What must hold (losses per update from metrics.jsonl):
     its loss curve stays within ASYNC_CURVE_REL (held-out loss ASYNC_EVAL_REL) of the synchronous run's;
   * a run resumed from a checkpoint continues the same updates (bound 0: still ≡ synchronous);
   * a worker whose process exits mid-run is restarted, its share recomputed (so bound 0 still equals
-    synchronous training); with no restarts allowed the run fails with WorkerLostError instead of hanging.
+    synchronous training); with no restarts allowed the run fails with WorkerLostError instead of hanging;
+  * a worker that hangs (sleeps far past train.async_ps.timeout_seconds) fails the run with AsyncPSTimeout
+    shortly after the timeout, instead of hanging;
+  * every worker reads its own shard of the token store (rank i of `workers` of each global batch, as DDP
+    rank i would), which is why bound 0 equals the one-process run.
 """
 
 from __future__ import annotations
@@ -153,6 +157,20 @@ def test_killed_worker_without_restarts_fails_by_name(work, store):
     assert json.loads((work / "lost" / "record.json").read_text())["status"] == "failed"
 
 
+def test_hung_worker_fails_the_run_by_name_within_the_timeout(work, store):
+    """Worker 1 sleeps ~10^6 × its compute time in its first share (a hang); at bound 0 nothing else can
+    finish, so the run must fail with AsyncPSTimeout about `timeout_seconds` later and stop its actors."""
+    t0 = time.monotonic()
+    record = _async(
+        store, work / "hung", {"slow_worker": 1, "slow_factor": 1e6}, max_staleness=0, timeout_seconds=4
+    )
+    elapsed = time.monotonic() - t0
+    assert record["status"] == "failed"
+    assert record["error"].startswith("AsyncPSTimeout: no async_ps share finished in 4 s"), record["error"]
+    assert 4 <= elapsed < 60, elapsed  # waited for the timeout, then did not hang on the sleeping worker
+    assert json.loads((work / "hung" / "record.json").read_text())["status"] == "failed"
+
+
 def test_spec_checks():
     data = json.loads(json.dumps(BASE))
     data["train"].update(strategy="async_ps", async_ps={"workers": 3})
@@ -167,6 +185,25 @@ def test_spec_checks():
     plain = run_from_dict(data)
     data["train"]["async_ps"] = {"workers": 2, "max_staleness": 1}  # the defaults: same id
     assert run_from_dict(data).run_id == plain.run_id
+
+
+def test_each_worker_reads_its_own_shard_of_every_global_batch(store):
+    """Worker i's loader gives rows [i·B/W, (i+1)·B/W) of the run's global batch j, as DDP rank i reads."""
+    from scalelab.data.store import TokenStore
+    from scalelab.errors import TrainingError
+    from scalelab.train.build import default_loader_factory
+    from scalelab.train.parallel.async_ps import ShardSource
+
+    whole = default_loader_factory(TokenStore.open(store), "train", 17, 8, 3)
+    source = ShardSource.of(whole, workers=2)
+    assert (source.store, source.block_tokens, source.global_batch_size, source.seed) == (str(store), 17, 8, 3)
+    shards = [source.loader(i) for i in range(2)]
+    for position in (0, 5, whole.batches_per_epoch + 1):  # across an epoch boundary too
+        batch = whole.make_batch(position)
+        for i, shard in enumerate(shards):
+            assert shard.make_batch(position).equal(batch[4 * i : 4 * (i + 1)])
+    with pytest.raises(TrainingError, match="loader_factory"):
+        ShardSource.of([batch], workers=2)
 
 
 def test_staleness_lr_factor():
