@@ -148,6 +148,11 @@ def test_slowed_worker_runs_stale_and_completes(work, store, sync_long):
     assert max(r["staleness_max"] for r in rows) > 0
     assert all(r["staleness_max"] <= 2 for r in rows)
     assert all(r["staleness_lr_factor"] == 1.0 for r in rows)  # staleness_lr = "none"
+    last = sorted((out / "checkpoint").iterdir())[-1]
+    state = json.loads((last / "state.json").read_text())
+    fast, slow = state["async_ps_positions"]  # each worker's next row of its own shard
+    assert fast + slow == 2 * LONG and fast > slow  # every share read once; the fast worker further on
+    assert (state["loader"]["epoch"], state["loader"]["batch"]) == (0, slow)  # the least advanced shard's
     assert _close(_evals(out), _evals(sync_long), rel=ASYNC_EVAL_REL)
     assert len(_evals(out)) == LONG // BASE["train"]["eval_interval_steps"]
     assert _close(_windows(losses(out)), _windows(losses(sync_long)), rel=ASYNC_CURVE_REL)
