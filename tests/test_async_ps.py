@@ -213,7 +213,12 @@ def test_each_worker_reads_its_own_shard_of_every_global_batch(store):
 
     whole = default_loader_factory(TokenStore.open(store), "train", 17, 8, 3)
     source = ShardSource.of(whole, workers=2)
-    assert (source.store, source.block_tokens, source.global_batch_size, source.seed) == (str(store), 17, 8, 3)
+    assert (source.store, source.block_tokens, source.global_batch_size, source.seed) == (
+        str(store),
+        17,
+        8,
+        3,
+    )
     shards = [source.loader(i) for i in range(2)]
     for position in (0, 5, whole.batches_per_epoch + 1):  # across an epoch boundary too
         batch = whole.make_batch(position)

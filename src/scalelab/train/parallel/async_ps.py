@@ -106,7 +106,9 @@ class ShardSource:
         from scalelab.train.build import block_loader_factory
 
         make = block_loader_factory(rank=index, world_size=self.workers)
-        return make(TokenStore.open(self.store), self.split, self.block_tokens, self.global_batch_size, self.seed)
+        return make(
+            TokenStore.open(self.store), self.split, self.block_tokens, self.global_batch_size, self.seed
+        )
 
 
 class GradientWorker:
