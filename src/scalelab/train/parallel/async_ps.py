@@ -23,10 +23,10 @@ working while a slow one finishes, instead of waiting for it every step as DDP d
 Parameters are split over `servers` actors (balanced by size). Each update's staleness (max, mean over its
 shares) goes to metrics.jsonl. A worker whose process dies is replaced (up to `worker_restarts` times; the
 replacement recomputes its share from the same shard) or the run fails with `WorkerLostError`; no share
-finishing within `timeout_seconds` fails it with `AsyncPSTimeout`: never a hang. The driver ships only
-weights and (position) numbers; the token store must be at the same path for every worker (a shared file
-system on a multi-node Ray cluster, as for DDP). Checkpoints keep each shard's position after the last
-applied update. CPU only.
+finishing within `timeout_seconds` fails it with `AsyncPSTimeout`: never a hang. The driver sends a worker
+only a position number and references to the servers' weights; the token store must be at the same path
+for every worker (a shared file system on a multi-node Ray cluster, as for DDP). Checkpoints keep each
+shard's position after the last applied update. CPU only.
 """
 
 from __future__ import annotations
