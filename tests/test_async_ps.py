@@ -124,6 +124,8 @@ def test_bound_zero_equals_synchronous_training(bound0_run, sync_run):
     for name in ("config.json", "provenance.json", "metrics.jsonl", "record.json"):
         assert (out / name).is_file()
     assert sorted(p.name for p in (out / "checkpoint").iterdir())[-1] == "step-000012"
+    state = json.loads((out / "checkpoint" / "step-000012" / "state.json").read_text())
+    assert state["async_ps_positions"] == [12, 12]  # bound 0: each worker read its rows of batches 0…11
 
 
 def test_resume_continues_the_same_updates(work, store, bound0_run, sync_run):
