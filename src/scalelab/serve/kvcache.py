@@ -151,8 +151,6 @@ def extend(
         # q (B, T, H, dh); k, v (B, T, Hkv, dh): store the real rows' k/v, attend over the slot's cache
         store(pool.k[layer], k)
         store(pool.v[layer], v)
-        if t == 1:
-            return _attend_one(q, rows_of(pool.k[layer]), rows_of(pool.v[layer]), mask, scale)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             rows_of(pool.k[layer]),
@@ -169,20 +167,6 @@ def extend(
         last = there((lengths - 1).clamp(min=0))
         return family.readout(x[torch.arange(b, device=device), last][:, None])[:, 0]
     return family.readout(x)
-
-
-def _attend_one(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None
-) -> torch.Tensor:
-    """Attention of one new token per row (a decode step): q (B, 1, H, dh) over k, v (B, Hkv, end, dh)
-    with the additive mask (B, 1, 1, end); (B, 1, H·dh). Two matmuls and a softmax: for a single query
-    SDPA's CPU kernel (built for blocks of queries) cost more, most of it at batch 32 (see docs/serving.md).
-    Grouped-query heads are the consecutive query heads of one key/value head, as in SDPA's enable_gqa."""
-    b, _, h, dh = q.shape
-    hkv = k.shape[1]
-    s = torch.matmul(q.reshape(b, hkv, h // hkv, dh), k.transpose(-1, -2))  # (B, Hkv, H/Hkv, end)
-    s = s.mul_(dh**-0.5 if scale is None else scale).add_(mask)
-    return torch.matmul(torch.softmax(s, dim=-1), v).reshape(b, 1, h * dh)
 
 
 @torch.inference_mode()
