@@ -67,3 +67,18 @@ def test_a_failing_call_does_not_drop_the_next_ones() -> None:
         return got
 
     assert asyncio.run(main()) == [1, 2]
+
+
+def test_a_finished_event_loop_is_not_kept_alive_by_its_mailbox() -> None:
+    import gc
+    import weakref
+
+    async def main() -> weakref.ref[asyncio.AbstractEventLoop]:
+        loop = asyncio.get_running_loop()
+        mailbox(loop).call(lambda: None)
+        await asyncio.sleep(0)
+        return weakref.ref(loop)
+
+    ref = asyncio.run(main())
+    gc.collect()
+    assert ref() is None

@@ -22,7 +22,9 @@ class LoopMailbox:
     """`call(fn, *args)` from any thread runs `fn(*args)` on `loop`, in call order."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # a weak reference: the registry below maps loops weakly, and a strong one here would keep every
+        # loop that ever had a mailbox alive (each `asyncio.run` makes one)
+        self._loop = weakref.ref(loop)
         self._calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._lock = threading.Lock()
 
@@ -32,7 +34,10 @@ class LoopMailbox:
             if len(self._calls) > 1:
                 return  # a drain is already scheduled and will run this call too
             try:
-                self.loop.call_soon_threadsafe(self._drain)
+                loop = self._loop()
+                if loop is None:
+                    raise RuntimeError("the event loop of this mailbox is gone")
+                loop.call_soon_threadsafe(self._drain)
             except BaseException:
                 self._calls.clear()  # the loop is closed: nothing will drain, so schedule afresh next time
                 raise
