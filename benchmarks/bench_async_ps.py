@@ -3,7 +3,8 @@
 Prints one JSON line (harness.compare): value = `train.strategy = "async_ps"` (2 Ray worker actors, 1
 server, max_staleness 2, worker 1 slowed by debug.slow_worker), baseline = DDP on 2 gloo processes whose
 rank 1 sleeps (factor − 1) × its own step time after every step — the same 2× slowdown, the same spec, global
-batch, model, data and 1 torch thread per process — so the ratio is what letting the fast worker run
+batch, model, data (on both sides every worker reads its own shard of the token store) and 1 torch
+thread per process — so the ratio is what letting the fast worker run
 ahead (stale gradients) buys over waiting for the slow one every step. A second line compares against
 async_ps itself at max_staleness 0 (synchronous: every update waits for the slow worker), the same Ray
 machinery, which separates the gain of staleness from the difference between the two implementations

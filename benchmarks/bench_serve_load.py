@@ -55,6 +55,10 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(p * len(s)) - 1))] if s else float("nan")
 
 
+#: pooled connections idle longer than this are closed, not reused (uvicorn closes them after 5 s)
+MAX_IDLE_SECONDS = 2.0
+
+
 class RawHTTP:
     """Keep-alive HTTP/1.1 connections on raw asyncio streams, one per concurrent client.
 
@@ -66,13 +70,17 @@ class RawHTTP:
     def __init__(self, url: str) -> None:
         host, port = url.removeprefix("http://").split(":")
         self.host, self.port = host, int(port)
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # + when last used
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        while self.idle and self.idle[-1][0].at_eof():  # closed by the server's keep-alive timeout
+        # a connection the server closed (its keep-alive timeout) or is about to close is not reused: one
+        # closing just as a request went out failed a run (empty status line) when a slow lone phase
+        # left the loaded phase's connections idle for ~5 s
+        while self.idle and (
+            self.idle[-1][0].at_eof() or time.monotonic() - self.idle[-1][2] > MAX_IDLE_SECONDS
+        ):
             self.idle.pop()[1].close()
-        conn = self.idle.pop() if self.idle else await self._connect()
-        reader, writer = conn
+        reader, writer = self.idle.pop()[:2] if self.idle else await self._connect()
         data = json.dumps(body).encode()
         head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
         writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
@@ -83,7 +91,7 @@ class RawHTTP:
             if name.strip().lower() == b"content-length":
                 length = int(value)
         payload = await reader.readexactly(length)
-        self.idle.append(conn)
+        self.idle.append((reader, writer, time.monotonic()))
         return int(status_line.split()[1]), json.loads(payload)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -92,7 +100,7 @@ class RawHTTP:
         return reader, writer
 
     def close(self) -> None:
-        for _, writer in self.idle:
+        for _, writer, _ in self.idle:
             writer.close()
 
 

@@ -106,6 +106,9 @@ def main() -> None:
                 [sys.executable, str(script)], capture_output=True, text=True, timeout=args.timeout
             )
             found = parse_results(proc.stdout)
+            if not found and not proc.returncode:  # e.g. a CUDA-only benchmark on a CPU machine
+                why = proc.stderr.strip().splitlines()[-1:] or ["printed no result"]
+                found.append({"name": script.stem, "skipped": why[0]})
             if proc.returncode:
                 tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
                 found.append({"name": script.stem, "failed": tail[0]})

@@ -13,7 +13,7 @@ from scalelab.report.lag import lag_sections, lag_summary
 from scalelab.spec import RunSpec
 from scalelab.train.lag import LossCurve
 from scalelab.train.run import run_training
-from train_synthetic import SyntheticStore, synthetic_factory
+from train_synthetic import SyntheticStore, synthetic_factory, tiny_run_spec
 
 torch.set_num_threads(1)
 
@@ -24,17 +24,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def spec(steps: int = 16, **extra) -> RunSpec:
-    train = {
-        "tokens": 32 * 4 * steps,
-        "global_batch_size": 4,
-        "threads": 1,
-        "eval_interval_steps": 1000,
-        "eval_tokens": 128,
-        "checkpoint_interval_steps": 1000,
-        "lr": 1e-2,
-    }
-    model = {"width": 32, "depth": 1, "n_heads": 4, "context_tokens": 32}
-    return RunSpec.model_validate({"model": model, "train": train, **extra})
+    return tiny_run_spec(steps, **extra)
 
 
 def rows(out: Path) -> list[dict]:

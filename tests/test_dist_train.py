@@ -295,9 +295,11 @@ def test_elastic_job_grows_from_one_to_two_ranks_and_keeps_the_data_order(
     spec = make_spec(store, debug={"sleep_seconds_per_step": 1.0})
     config, out = write_config(work / "elastic.json", spec), work / "elastic"
     endpoint, conf = f"127.0.0.1:{free_port()}", "last_call_timeout=1"
-    first = elastic_agent(config, out, endpoint, conf)
+    # the first agent hosts the rendezvous store (is_host=1), the joiner is only its client: left to
+    # guess, the joiner also tried to host on the endpoint, and once lost its store connection
+    first = elastic_agent(config, out, endpoint, conf + ",is_host=1")
     _wait_for_rows(out, [first], lambda rows: len(rows) >= 2)
-    second = elastic_agent(config, out, endpoint, conf)
+    second = elastic_agent(config, out, endpoint, conf + ",is_host=0")
     logs = _finish([first, second])
     assert first.returncode == 0 and second.returncode == 0, logs
     rows = _same_run_as(out, ddp_run, world_size=2)

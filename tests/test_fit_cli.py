@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from scalelab.errors import FitError
 from scalelab.fit import synthetic
 from scalelab.fit.api import fit_study, recommend
-from scalelab.fit.commands import register
+from scalelab.fit.commands import register, render_recommendation
 
 
 @pytest.fixture()
@@ -69,6 +70,9 @@ def test_fit_and_recommend_commands(app, csv_path, tmp_path):
     res = r.invoke(app, ["recommend", str(out), "--target-loss", "2.4"])
     assert res.exit_code == 0, res.output
     assert "compute needed" in res.output
+    res = r.invoke(app, ["recommend", str(out), "--compute", "1e21"])
+    assert res.exit_code == 0, res.output
+    assert "N_opt (params, the table's N)" in res.output  # a CSV's N is whatever its column holds
 
 
 def test_commands_raise_fit_errors(app, csv_path, tmp_path):
@@ -128,3 +132,10 @@ def test_fit_study_directory(tmp_path):
     assert (study / "report" / "fit.json").is_file()
     rec = recommend(study / "report" / "fit.json", compute=1e21)
     assert "6.3" in rec["accounting"] and rec["N_opt"] * rec["D_opt"] * 6.3 == pytest.approx(1e21, rel=1e-6)
+    assert rec["n_params"] == "non_embedding"
+    console = Console(record=True, width=200)
+    render_recommendation(rec, console)
+    assert "N_opt (non-embedding params)" in console.export_text()
+    console = Console(record=True, width=200)
+    render_recommendation({**rec, "n_params": "total"}, console)
+    assert "N_opt (total params)" in console.export_text()

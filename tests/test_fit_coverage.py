@@ -58,6 +58,10 @@ def test_warnings_are_honest():
     t2 = synthetic.simulate(TRUTH, n8, n8 * np.array([10, 40] * 4), 0.005, 0)
     law2 = ChinchillaLaw().fit(t2)
     assert any("only 8 runs for 5 parameters" in w for w in law2.warnings_)
+    # each warning says what to do next, not only what is wrong (a lead acts on it)
+    actions = ("add ", "aim for", "fit with", "train ", "widen", "vary ", "do not use")
+    for w in law.warnings_ + law2.warnings_:
+        assert any(a in w for a in actions), w
     # far extrapolation is flagged by optimal()
     rec = law.optimal(1e26)
     assert rec["extrapolation"]["far"] and rec["extrapolation"]["factor"] > 100

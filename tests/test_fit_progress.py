@@ -1,11 +1,10 @@
 """A fit reports its progress (stages, bootstrap refits done) to a callback; the library never prints; the
-CLI shows a bar on a terminal and stays quiet otherwise."""
+CLI shows a bar on a terminal and plain lines otherwise (a stage's start, every few seconds, its end)."""
 
 from __future__ import annotations
 
 import io
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +48,21 @@ def test_terminal_view_shows_the_stage_and_count() -> None:
     assert "bootstrap refits" in buf.getvalue() and "250/1000" in buf.getvalue()
 
 
-def test_cli_fit_is_quiet_when_not_a_terminal(tmp_path: Path) -> None:
+def test_plain_view_prints_stage_starts_ends_and_at_most_one_line_per_interval() -> None:
+    buf = io.StringIO()
+    now = [0.0]
+    view = FitProgressView(Console(file=buf, width=80), live=False, interval_seconds=5, clock=lambda: now[0])
+    with view:
+        view(FitProgress("fitting chinchilla", 0, 0))
+        for done in range(0, 1001, 50):
+            now[0] += 1.0  # 50 refits a second: a line every 5 s, i.e. every 250 refits
+            view(FitProgress("bootstrap refits", done, 1000))
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "fit: fitting chinchilla" and lines[-1] == "fit: bootstrap refits 1000/1000"
+    assert lines[1:] == [f"fit: bootstrap refits {d}/1000" for d in (0, 250, 500, 750, 1000)]
+
+
+def test_cli_fit_prints_plain_progress_lines_when_not_a_terminal(tmp_path: Path) -> None:
     table = tmp_path / "runs.csv"
     t = simulate(N=N, D=D, seed=0)
     table.write_text(
@@ -63,4 +76,5 @@ def test_cli_fit_is_quiet_when_not_a_terminal(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": SRC},
     )
     assert proc.returncode == 0, proc.stderr
-    assert not re.search(r"\b\d+/50\b|━", proc.stderr) and "fit:" in proc.stdout  # no bar (it goes to stderr)
+    assert "━" not in proc.stderr and "fit: bootstrap refits 50/50" in proc.stderr  # lines, not a bar
+    assert "fit:" in proc.stdout and "fit: bootstrap refits" not in proc.stdout  # stdout keeps the result

@@ -8,7 +8,8 @@ What runs, and what is only checked:
 - every command in the command table: its `--help` works and lists every option the table shows for it;
 - `make demo` / `make test` (they rebuild .venv and run for minutes): their targets exist in the Makefile
   and `make demo`'s recipe is the three quickstart commands the README lists;
-- the Python block (an OpenAI client) needs a live server: tests/test_serve_openai.py runs that client.
+- the Python block (an OpenAI client) needs a live server: tests/test_serve_openai.py runs it verbatim
+  against one (only the port differs).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from readme_text import README, blocks
 from tiny_study import tiny_study
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
 SRC = str(ROOT / "src")
 
 TINY = tiny_study(
@@ -49,22 +50,6 @@ bootstrap = 20
 compute_flops = 1e9
 """,
 )
-
-
-def blocks(lang: str) -> list[str]:
-    """The text of every fenced block of README.md in language `lang` ("" for none)."""
-    out, current, in_lang = [], None, None
-    for line in README.splitlines():
-        if line.startswith("```"):
-            if current is None:
-                current, in_lang = [], line[3:].strip()
-            else:
-                if in_lang == lang:
-                    out.append("\n".join(current) + "\n")
-                current = None
-        elif current is not None:
-            current.append(line)
-    return out
 
 
 def commands(block: str) -> list[str]:

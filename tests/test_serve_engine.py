@@ -185,3 +185,37 @@ def test_a_lone_request_does_not_wait_out_the_batching_window(run: LoadedRun) ->
         scheduler.stop()
     assert job.finish_reason == "length" and job.admitted_at is not None
     assert job.admitted_at - job.submitted_at < 2.0
+
+
+def test_a_burst_that_fills_the_slots_is_admitted_at_once(
+    run: LoadedRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arrivals within a burst do not wake the engine thread, but the one that fills the free slots does:
+    with a 10 s arrival gap and window, four requests on four slots are admitted together right away."""
+    import threading
+    import time
+
+    from scalelab.serve import scheduler as scheduler_module
+    from scalelab.serve.scheduler import Scheduler
+
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_SECONDS", 10.0)
+    engine = Engine(run.model, max_batch=4)  # type: ignore[arg-type]
+    batches: list[int] = []
+    admit = engine.admit
+    monkeypatch.setattr(engine, "admit", lambda js: (batches.append(len(js)) if js else None, admit(js)))
+    scheduler = Scheduler(engine, max_batch=4, max_wait_ms=10_000, max_queue=4)
+    finished = threading.Semaphore(0)
+    jobs = [
+        Job("generate", p, SamplingParams(max_tokens=2), on_done=lambda _j: finished.release())
+        for p in _prompts(run)[:4]
+    ]
+    scheduler.start()
+    try:
+        scheduler.submit(jobs[0])
+        time.sleep(0.3)  # the engine thread now waits out the (10 s) gap for more arrivals
+        for job in jobs[1:]:
+            scheduler.submit(job)
+        assert all(finished.acquire(timeout=5.0) for _ in jobs), "the full burst waited for the gap"
+    finally:
+        scheduler.stop()
+    assert batches == [4]  # one admission: one batched prefill

@@ -15,6 +15,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from readme_text import blocks  # noqa: E402
 from scalelab.serve._testing import serve_process, train_tiny_run  # noqa: E402
 from scalelab.serve.openai import CHAT_STOP, ChatMessage, render_chat  # noqa: E402
 
@@ -46,6 +47,13 @@ def client(url: str) -> Iterator[openai.OpenAI]:
 @pytest.fixture(scope="module")
 def model(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
+
+
+def test_the_readme_client_block_runs_as_written(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (block,) = [b for b in blocks("python") if "OpenAI(" in b]
+    assert "http://127.0.0.1:8000/v1" in block  # the README's default address; this server's port differs
+    exec(compile(block.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n")  # it printed the completion's text
 
 
 def test_models_list_names_the_run(client: openai.OpenAI, url: str) -> None:

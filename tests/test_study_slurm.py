@@ -188,10 +188,19 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
 
 
+def _idle_nodes() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, check=False)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.split()[1:] == ["idle"]]
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """slurmctld + slurmd on this machine (auth/none, one node with this machine's CPUs), SLURM_CONF set.
-    KillWait=2: a cancelled job is killed 2 s after its SIGTERM (default 30 s, longer than these runs)."""
+    """slurmctld and two slurmd on this machine, SLURM_CONF set: auth/none, nodes `HOST` and `HOST-b`
+    (each with this machine's CPUs, its own slurmd port, spool, pid and log: `slurmd -N NAME`), both at
+    127.0.0.1. A job on both is a real 2-node job (two slurmd, one step daemon each) whose processes share
+    this host. The tests that need one node run wherever Slurm puts them; the 2-node test skips when the
+    second slurmd does not come up. KillWait=2: a cancelled job is killed 2 s after its SIGTERM (default
+    30 s, longer than these runs)."""
     missing = [d for d in DAEMONS if _which(d) is None]
     if missing:
         pytest.skip(f"Slurm is not installed here ({', '.join(missing)} not found; Debian: slurmctld slurmd)")
@@ -200,8 +209,15 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("submitit")
     root = tmp_path_factory.mktemp("slurm")
     host = socket.gethostname().split(".")[0]
+    nodes = [host, f"{host}-b"]  # the first sorts first: the rendezvous host, a name that resolves
     (root / "state").mkdir()
-    (root / "spool").mkdir()
+    for node in nodes:
+        (root / "spool" / node).mkdir(parents=True)
+    node_lines = "\n".join(
+        f"NodeName={n} NodeHostname={n} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={os.cpu_count() or 1} "
+        "State=UNKNOWN"
+        for n in nodes
+    )
     conf = root / "slurm.conf"
     conf.write_text(
         f"""ClusterName=scalelabtest
@@ -211,13 +227,12 @@ CredType=cred/none
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -228,23 +243,23 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MinJobAge=600
 KillWait=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """
     )
     before = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     try:
         subprocess.run([_which("slurmctld"), "-c", "-f", str(conf)], check=True, timeout=60)
-        subprocess.run([_which("slurmd"), "-f", str(conf)], check=True, timeout=60)
+        for node in nodes:  # a second slurmd failing to start is the 2-node test's skip, not an error here
+            subprocess.run([_which("slurmd"), "-f", str(conf), "-N", node], check=node == host, timeout=60)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False)
-            if out.stdout.strip() == "idle":
-                break
+        while time.monotonic() < deadline and len(_idle_nodes()) < len(nodes):
             time.sleep(0.5)
-        else:
+        if host not in _idle_nodes():
             pytest.skip(f"Slurm did not come up: {(root / 'slurmctld.log').read_text()[-2000:]}")
+        if len(_idle_nodes()) < len(nodes):  # one node will do for the others: keep jobs off the dead one
+            subprocess.run(["scontrol", "update", f"NodeName={nodes[1]}", "State=DOWN", "Reason=no slurmd"])
         yield root
     finally:
         jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=False)
@@ -252,7 +267,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             subprocess.run(["scancel", *jobs.stdout.split()], capture_output=True, check=False)
             time.sleep(5)
         subprocess.run(["scontrol", "shutdown"], capture_output=True, check=False, timeout=60)
-        for name in ("slurmd.pid", "slurmctld.pid"):  # whichever did not stop
+        for name in (*(f"slurmd-{n}.pid" for n in nodes), "slurmctld.pid"):  # whichever did not stop
             try:
                 pid = int((root / name).read_text())
                 os.kill(pid, 15)
@@ -288,6 +303,35 @@ def test_a_two_run_study_on_slurm_equals_the_local_executor(
     assert worlds == {1, 2}
     with Registry(tmp_path / "slurm" / "registry.sqlite") as reg:
         assert any("Slurm job" in (e["message"] or "") for e in reg.events())
+
+
+@pytest.mark.slow
+def test_a_ddp_run_across_two_slurm_nodes_equals_two_ranks_on_one(
+    slurm_cluster: Path, tmp_path: Path, tiny_corpus: Path
+) -> None:
+    """[study.slurm] nodes = 2, one rank per node: the job's srun starts one submitit task per node, each
+    runs torchrun --nnodes 2 with the rendezvous at the job's first node (`node_command`, from Slurm's
+    environment), and the two agents form one 2-rank DDP group. Its record equals a 2-rank torchrun on
+    one node (LocalExecutor). Both slurmd run on this host, so the group's traffic goes over loopback, but
+    everything above the network (Slurm's node allocation and step launch, the environment torchrun's
+    rendezvous is built from, c10d rendezvous between two agents) is the multi-node path."""
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True).stdout
+    if len(_idle_nodes()) < 2:
+        pytest.skip(f"the second slurmd did not come up (slurmd -N; node states: {states.strip()!r})")
+    study = _study(tmp_path, tiny_corpus, axes='"train.strategy" = ["ddp"]', extra="[study.slurm]\nnodes = 2")
+    one_per_node = SlurmExecutor(study.slurm, nproc_per_run=1, poll_seconds=1)  # world 2 only as 2 × 1
+    slurm = run_study(study, tmp_path / "slurm", executor=one_per_node)
+    local = run_study(study, tmp_path / "local", executor=LocalExecutor(nproc_per_run=2))
+    assert [o.status for o in slurm.outcomes] == ["done"] and local.count("done") == 1
+    run_id = slurm.outcomes[0].run_id
+    ours = json.loads((tmp_path / "slurm" / "runs" / run_id / "record.json").read_text())
+    theirs = json.loads((tmp_path / "local" / "runs" / run_id / "record.json").read_text())
+    assert ours["world_size"] == theirs["world_size"] == 2
+    assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
+    logs = sorted((tmp_path / "slurm" / "runs" / run_id / "slurm").glob("*_log.out"))
+    assert len(logs) == 2, logs  # one task per node (submitit's %j_%t logs)
+    text = "\n".join(p.read_text() for p in logs)
+    assert "node=0(2)" in text and "node=1(2)" in text, text[-2000:]
 
 
 @pytest.mark.slow

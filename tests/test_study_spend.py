@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,9 @@ def test_cli_plan_price_flag_totals_cost(tmp_path: Path) -> None:
     assert total["forecast_cost"] == pytest.approx(4.0 * total["forecast_run_seconds"] / 3600)
     assert total["forecast_energy_joules"] > 0
     shown = subprocess.run([*cmd, "--price", "4"], capture_output=True, text=True, env=env, timeout=300)
-    assert shown.returncode == 0 and "kWh" in shown.stdout and "USD" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "USD" in shown.stdout, shown.stderr
+    assert re.search(r"energy [\d.,]+ (J|Wh|kWh|MWh)\b", shown.stdout), shown.stdout  # no e-notation
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 80  # subprocess output: 80 columns
     bad = subprocess.run([*cmd, "--price", "-1"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "--price" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -93,3 +96,10 @@ def test_spend_totals_recorded_energy_by_source_and_prices_device_hours(tmp_path
     assert "1.5 kWh" in line and "1 unavailable" in line and "6.00 EUR" in line
     assert "cost" not in spend_sentence(runs, None)
     reg.close()
+
+
+def test_energy_reads_without_e_notation() -> None:
+    from scalelab.units import energy
+
+    assert [energy(j) for j in (68, 5.4e4, 7.2e7, 9e9, None)] == ["68 J", "15 Wh", "20 kWh", "2.5 MWh", "—"]
+    assert energy(3.6e12) == "1,000 MWh"

@@ -15,7 +15,7 @@ from scalelab.spec import RunSpec, run_from_dict
 from scalelab.train.batching import NoiseScaleBatchController
 from scalelab.train.run import run_training
 from scalelab.train.trainer import TrainState
-from train_synthetic import SyntheticStore, synthetic_factory
+from train_synthetic import SyntheticStore, synthetic_factory, tiny_run_spec
 
 torch.set_num_threads(1)
 
@@ -26,19 +26,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def spec(steps: int = 12, **train) -> RunSpec:
-    t = {
-        "tokens": 32 * 4 * steps,
-        "global_batch_size": 4,
-        "threads": 1,
-        "eval_interval_steps": 1000,
-        "eval_tokens": 128,
-        "checkpoint_interval_steps": 1000,
-        "lr": 1e-2,
-        **train,
-    }
-    return RunSpec.model_validate(
-        {"model": {"width": 32, "depth": 1, "n_heads": 4, "context_tokens": 32}, "train": t}
-    )
+    return tiny_run_spec(steps, train)
 
 
 def run(s: RunSpec, out):

@@ -70,3 +70,22 @@ class SyntheticLoader:
 
 def synthetic_factory(store: Any, split: str, block_tokens: int, global_batch_size: int, seed: int):
     return SyntheticLoader(store, split, block_tokens, global_batch_size, seed)
+
+
+def tiny_run_spec(steps: int, train: dict[str, Any] | None = None, **sections: Any) -> Any:
+    """A RunSpec of a 1-block width-32 model trained `steps` steps of 4 × 32 tokens on one thread (no
+    evals or checkpoints on the way); `train` overrides [train] keys, `sections` adds other sections."""
+    from scalelab.spec import RunSpec
+
+    t = {
+        "tokens": 32 * 4 * steps,
+        "global_batch_size": 4,
+        "threads": 1,
+        "eval_interval_steps": 1000,
+        "eval_tokens": 128,
+        "checkpoint_interval_steps": 1000,
+        "lr": 1e-2,
+        **(train or {}),
+    }
+    model = {"width": 32, "depth": 1, "n_heads": 4, "context_tokens": 32}
+    return RunSpec.model_validate({"model": model, "train": t, **sections})

@@ -26,7 +26,7 @@ from rich.table import Table
 import scalelab
 from scalelab.cli_study import study_advise
 from scalelab.errors import ScalelabError
-from scalelab.units import binary_bytes, duration, si
+from scalelab.units import binary_bytes, duration, energy, flops, si
 
 console = Console()
 err_console = Console(stderr=True)
@@ -149,42 +149,14 @@ def study_plan(
         print(json.dumps({"study": study.name, **plan}, indent=2))
         return
     rows, total = plan["runs"], plan["total"]
-    table = Table(title=f"study '{study.name}': {len(rows)} runs")
-    cols = (
-        "run id",
-        "width",
-        "depth",
-        "seed",
-        "N (non-emb)",
-        "N (total)",
-        "D (tokens)",
-        "FLOPs",
-        "branch",
-        "forecast s",
-        "peak mem",
-    )
-    for col in cols:
-        table.add_column(col, justify="left" if col == "run id" else "right", no_wrap=col == "run id")
-    for r in rows:
-        table.add_row(
-            r["run_id"],
-            str(r["width"]),
-            str(r["depth"]),
-            str(r["seed"]),
-            _fmt_int(r["n_params"]),
-            _fmt_int(r["n_params_total"]),
-            _fmt_int(r["tokens"]),
-            f"{r['flops']:.3g}",
-            f"{r['branch_of'][:6]}@{r['branch_step']}" if r["branch_of"] else "—",
-            _fmt_float(r["forecast_seconds"], ".0f"),
-            _fmt_bytes(r["forecast_peak_memory_bytes"]),
-        )
-    console.print(table)
-    line = f"total: {total['runs']} runs, {_fmt_int(total['tokens'])} tokens, {total['flops']:.3g} FLOPs"
+    from scalelab.cli_study import plan_view
+
+    console.print(plan_view(f"study '{study.name}': {len(rows)} runs", rows))
+    line = f"total: {total['runs']} runs, {_fmt_int(total['tokens'])} tokens, {flops(total['flops'])}"
     if total["flops_to_spend"] < total["flops"]:
         line += (
             f" as a grid; WSD branches train {_fmt_int(total['tokens_to_train'])} tokens, "
-            f"{total['flops_to_spend']:.3g} FLOPs ({1 - total['flops_to_spend'] / total['flops']:.0%} saved)"
+            f"{flops(total['flops_to_spend'])} ({1 - total['flops_to_spend'] / total['flops']:.0%} saved)"
         )
     if total["forecast_wall_seconds"] is not None:
         line += (
@@ -192,7 +164,7 @@ def study_plan(
             f"{total['forecast_wall_seconds'] / 60:.1f} minutes wall with --parallel {parallel}"
         )
     if total["forecast_energy_joules"] is not None:
-        line += f"; energy {total['forecast_energy_joules'] / 3.6e6:.3g} kWh"
+        line += f"; energy {energy(total['forecast_energy_joules'])}"
     if total["forecast_cost"] is not None:
         line += f"; cost {total['forecast_cost']:.2f} {total['currency']}"
     console.print(line)

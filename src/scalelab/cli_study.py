@@ -15,7 +15,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from scalelab.units import duration, si
+from scalelab.units import binary_bytes, duration, si
 
 if TYPE_CHECKING:
     from scalelab.study.watch import RunProgress
@@ -115,6 +115,32 @@ def status_view(title: str, rows: Sequence[dict[str, Any]]) -> Group:
         )
     failures = _failures([(r["run_id"], r.get("error")) for r in rows])
     return Group(table, *([failures] if failures else []))
+
+
+def plan_view(title: str, rows: Sequence[dict[str, Any]]) -> Group:
+    """`study plan`: per planned run its shape, N (non-embedding and total), D, FLOPs, WSD branch point,
+    forecast time and peak memory, in 80 columns; a legend names the N columns."""
+    cols = ["run id", "width", "depth", "seed", "N", "N total", "D", "FLOPs", "branch", "fcst", "mem"]
+    table = _table(title, cols, left=("run id", "branch"))
+    for r in rows:
+        table.add_row(
+            r["run_id"],
+            _num(r["width"], ".0f"),
+            _num(r["depth"], ".0f"),
+            _num(r["seed"], ".0f"),
+            si(r["n_params"]),
+            si(r["n_params_total"]),
+            si(r["tokens"]),
+            _flops(r["flops"]),
+            f"{r['branch_of'][:6]}@{r['branch_step']}" if r["branch_of"] else "—",
+            duration(r["forecast_seconds"]),
+            binary_bytes(r["forecast_peak_memory_bytes"]).replace(" ", "").replace("iB", ""),
+        )
+    legend = Text(
+        "N: non-embedding parameters; D: training tokens; fcst: forecast wall time; mem: forecast peak memory",
+        style="dim",
+    )
+    return Group(table, legend)
 
 
 def _sample_line(ss: Any, group: str | None) -> Text:

@@ -131,9 +131,10 @@ class DataSpec(_Spec):
 
 
 class AsyncPSSpec(_Spec):
-    """Asynchronous data parallelism on Ray actors (train/parallel/async_ps.py): each update is one global
-    batch in `workers` shares, computed by whichever worker is free on weights up to `max_staleness`
-    versions old; parameter-server actors apply the updates with the run's optimizer."""
+    """Asynchronous data parallelism on Ray actors (train/parallel/async_ps.py): each worker reads its own
+    shard of the token store (the rows DDP's rank would) and computes shares on weights up to
+    `max_staleness` versions old; each update combines `workers` shares and parameter-server actors apply
+    it with the run's optimizer. At bound 0 an update is exactly one global batch (synchronous training)."""
 
     workers: int = Field(2, ge=1, description="worker actors (and shares per global batch)")
     servers: int = Field(1, ge=1, description="parameter-server actors the parameters are split over")

@@ -59,6 +59,20 @@ def flops(x: Any) -> str:
     return f"{mantissa}e{int(exponent)} FLOPs" if int(exponent) else f"{mantissa} FLOPs"
 
 
+def energy(joules: Any) -> str:
+    """Energy for a reader, never in e-notation: 68 → '68 J', 5.4e4 → '15 Wh', 7.2e7 → '20 kWh',
+    9e9 → '2.5 MWh'; None → '—'."""
+    if joules is None:
+        return "—"
+    j = float(joules)
+    if abs(j) < 3600:
+        return f"{j:.3g} J"
+    for unit, div in (("MWh", 3.6e9), ("kWh", 3.6e6), ("Wh", 3600.0)):
+        if abs(j) >= div:
+            return f"{j / div:,.3g} {unit}" if j / div < 1000 else f"{j / div:,.0f} {unit}"
+    return f"{j:.3g} J"  # pragma: no cover - every j >= 3600 matched above
+
+
 def factor(x: float) -> str:
     """A ratio for a reader, never in e-notation: 25.3, 2.62k, 311G; 'over 10^15' beyond that."""
     if x < 1000:

@@ -91,7 +91,8 @@ class FitReport:
         if self.backtest and self.backtest.get("coverage") is not None and self.backtest["coverage"] < 0.5:
             out.append(
                 f"backtest: only {100 * self.backtest['coverage']:.0f}% of held-out runs fall inside their "
-                f"{self.backtest.get('interval_kind') or ''} intervals"
+                f"{self.backtest.get('interval_kind') or ''} intervals: read every interval as too narrow; "
+                "add runs between the largest and the target compute and fit again"
             )
         return out
 
@@ -163,7 +164,8 @@ def extrapolation_warning(rec: dict[str, Any]) -> str:
             parts.append(f"{ext[f'factor_{k}']:.3g}x in {k}")
     msg = f"the recommendation extrapolates beyond the largest run: {', '.join(parts)}"
     verdict = (rec.get("calibration") or {}).get("verdict")
-    return f"{msg}; {verdict}" if verdict else msg
+    msg = f"{msg}; {verdict}" if verdict else msg
+    return f"{msg}; to narrow it, add a run half-way to the target in log compute (`scalelab study advise`)"
 
 
 def preferred_law_warning(
@@ -548,6 +550,7 @@ def recommend(
         )
     out["law"] = data["fit"]["law"]
     out["fit_json"] = str(fit_json_path)
+    out["n_params"] = data.get("settings", {}).get("n_params")
     out["warnings"] = warnings
     return _floats(out)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -93,7 +95,7 @@ def render_fit(d: dict[str, Any], console: Console) -> None:
             )
         console.print(b)
     if d.get("recommendation"):
-        render_recommendation(d["recommendation"], console)
+        render_recommendation(d["recommendation"], console, d.get("settings", {}).get("n_params"))
     grp = d.get("groups")
     if grp and "shared" in grp:
         console.print(
@@ -137,7 +139,18 @@ def prior_lines(f: dict[str, Any]) -> list[str]:
     return out
 
 
-def render_recommendation(rec: dict[str, Any], console: Console) -> None:
+def n_label(n_params: str | None) -> str:
+    """What a fit's N counts, for a table row: a study's non-embedding or total parameters, or the
+    N column of a table as given."""
+    if n_params == "total":
+        return "total params"
+    if n_params == "non_embedding":
+        return "non-embedding params"
+    return "params, the table's N"
+
+
+def render_recommendation(rec: dict[str, Any], console: Console, n_params: str | None = None) -> None:
+    """The recommendation as a table; `n_params` is the fit's N setting when `rec` does not carry it."""
     iv = rec.get("intervals", {})
     conf = int(round(100 * rec.get("confidence", 0.9)))
     t = Table(title=f"recommendation ({conf} % intervals)")
@@ -146,7 +159,11 @@ def render_recommendation(rec: dict[str, Any], console: Console) -> None:
     t.add_column("interval", justify="right")
     if "N_opt" in rec:
         t.add_row("compute (FLOPs)", _fmt(rec["compute_flops"], ".3g"), "")
-        t.add_row("N_opt (parameters)", _fmt(rec["N_opt"], ".3g"), _iv(iv.get("N_opt"), ".3g").strip())
+        t.add_row(
+            f"N_opt ({n_label(rec.get('n_params', n_params))})",
+            _fmt(rec["N_opt"], ".3g"),
+            _iv(iv.get("N_opt"), ".3g").strip(),
+        )
         t.add_row("D_opt (tokens)", _fmt(rec["D_opt"], ".3g"), _iv(iv.get("D_opt"), ".3g").strip())
         t.add_row(
             "tokens per parameter",
@@ -233,8 +250,9 @@ def register(app: typer.Typer) -> None:
         from scalelab.fit.progress import reporting
 
         console = Console()
-        view = FitProgressView(Console(stderr=True)) if console.is_terminal and not json_ else None
-        with view or _null(), reporting(view):
+        err = Console(stderr=True)
+        view = FitProgressView(err, live=err.is_terminal and console.is_terminal and not json_)
+        with view, reporting(view):
             rep = fit_source(
                 source,
                 law=law or None,
@@ -274,37 +292,57 @@ def register(app: typer.Typer) -> None:
 
 
 class FitProgressView:
-    """A rich bar for a fit on a terminal: the current stage, and refits done of total for a bootstrap."""
+    """A fit's progress on stderr: a rich bar on a terminal (the stage, refits done of total); otherwise a
+    plain line when a stage begins, at most one every `interval_seconds`, and when it completes, so a
+    logged `scalelab fit` is never silent for the seconds a bootstrap takes."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(
+        self,
+        console: Console,
+        *,
+        live: bool = True,
+        interval_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-            transient=True,
+        self.console = console
+        self.interval_seconds = interval_seconds
+        self.clock = clock
+        self._last: tuple[str, float] | None = None
+        self.progress = (
+            Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=console,
+                transient=True,
+            )
+            if live
+            else None
         )
-        self.task = self.progress.add_task("fitting", total=None)
+        self.task = self.progress.add_task("fitting", total=None) if self.progress is not None else None
 
     def __enter__(self) -> FitProgressView:
-        self.progress.start()
+        if self.progress is not None:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
     def __call__(self, p: Any) -> None:  # fit.progress.FitProgress
-        self.progress.update(
-            self.task, description=p.stage, completed=p.done, total=p.total if p.total else None
-        )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        if self.progress is not None:
+            self.progress.update(
+                self.task, description=p.stage, completed=p.done, total=p.total if p.total else None
+            )
+            return
+        now = self.clock()
+        new_stage = self._last is None or self._last[0] != p.stage
+        finished = bool(p.total) and p.done >= p.total
+        if new_stage or finished or now - self._last[1] >= self.interval_seconds:  # type: ignore[index]
+            self._last = (p.stage, now)
+            done = f" {p.done}/{p.total}" if p.total else ""
+            self.console.print(f"fit: {p.stage}{done}", markup=False, highlight=False, soft_wrap=True)

@@ -204,11 +204,15 @@ class IsoFLOPLaw(ScalingLaw):
                 self.intervals_[k] = (float(lo), float(hi))
         self.warnings_ = list(notes) + boot_notes
         if minima.shape[0] < 3:
-            self.warnings_.append(f"only {minima.shape[0]} usable budgets: the exponents rest on 2 points")
+            self.warnings_.append(
+                f"only {minima.shape[0]} usable budgets: the exponents rest on 2 points; add a third compute "
+                "budget (an IsoFLOP curve of 5+ sizes)"
+            )
         self.warnings_ += self._identifiability_warnings(table)
         if self.bootstrap_failed_ > 0.05 * max(self.n_bootstrap, 1):
             self.warnings_.append(
-                f"{self.bootstrap_failed_} of {self.n_bootstrap} bootstrap draws had too few usable budgets"
+                f"{self.bootstrap_failed_} of {self.n_bootstrap} bootstrap draws had too few usable budgets: "
+                "add sizes on each side of every budget's minimum"
             )
         self.warnings_ += list(table.notes)
         return self
@@ -303,13 +307,15 @@ class IsoFLOPLaw(ScalingLaw):
         E = float(np.exp(self.theta_[4]))
         if E < 0.05 * float(self.minima_[:, 3].min()):
             out.append(
-                f"E of L*(C) collapses towards 0 (E = {E:.3g}): no loss floor is visible in the minima"
+                f"E of L*(C) collapses towards 0 (E = {E:.3g}): no loss floor is visible in the minima; add larger "
+                "budgets, or read losses far beyond the budgets as unbounded below"
             )
         iv = self.intervals_.get("E")
         if iv and iv[0] > 0 and iv[1] / iv[0] > 20:
             out.append(
                 f"E of L*(C) is poorly identified: its interval spans a factor {factor(iv[1] / iv[0])} "
-                f"([{iv[0]:.3g}, {iv[1]:.3g}]); read the predicted loss as a rough guide"
+                f"([{iv[0]:.3g}, {iv[1]:.3g}]); read the predicted loss as a rough guide, and add larger budgets to "
+                "pin it"
             )
         return out
 

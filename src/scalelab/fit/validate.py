@@ -40,22 +40,31 @@ def fit_warnings(law: Any) -> list[str]:
         )
     res = getattr(law, "result_", None)
     if res is not None and not res.converged:
-        out.append(f"the optimizer did not report convergence ({res.message}); treat the fit with care")
+        out.append(
+            f"the optimizer did not report convergence ({res.message}): do not use the intervals; add runs "
+            "or fit a law with fewer parameters (--law kaplan, or a prior with --prior published:chinchilla)"
+        )
     for name in getattr(law, "at_bound_", []):
         out.append(
             f"parameter {name} is at its bound: the data do not constrain it "
-            + ("(no loss floor is visible: E -> 0)" if name == "E" else "(widen the range of runs)")
+            + (
+                "(no loss floor is visible: E -> 0); add runs at larger N and D, or fit with "
+                "--prior published:chinchilla"
+                if name == "E"
+                else "; widen the range of runs (model sizes and token budgets)"
+            )
         )
     for name, frac in getattr(law, "samples_at_bound_", {}).items():
         if frac > 0.05 and name not in getattr(law, "at_bound_", []):
             out.append(
                 f"the interval of {name} reaches its bound ({100 * frac:.0f}% of bootstrap refits end at the "
-                "bound): its upper/lower end is not determined by the data"
+                f"bound): its upper/lower end is not determined by the data; {_pin_action(name)}"
             )
     boot = getattr(law, "bootstrap_", None)
     if boot is not None and boot.converged_fraction < 0.95:
         out.append(
-            f"{100 * (1 - boot.converged_fraction):.0f}% of bootstrap refits did not report convergence"
+            f"{100 * (1 - boot.converged_fraction):.0f}% of bootstrap refits did not report convergence: "
+            "the intervals are wider than they look; add runs, or fit with a prior (--prior published:chinchilla)"
         )
     table = getattr(law, "table_", None)
     if table is not None and "D" in getattr(law, "variables", ()) and "N" in getattr(law, "variables", ()):
@@ -70,10 +79,27 @@ def fit_warnings(law: Any) -> list[str]:
     for name in ("E", "B"):
         iv = getattr(law, "intervals_", {}).get(name)
         if iv and iv[0] > 0 and iv[1] / max(iv[0], 1e-300) > 20 and name not in getattr(law, "at_bound_", []):
-            out.append(f"{name} is poorly identified: its interval spans a factor {factor(iv[1] / iv[0])}")
+            out.append(
+                f"{name} is poorly identified: its interval spans a factor {factor(iv[1] / iv[0])}; "
+                f"{_pin_action(name)}"
+            )
     if table is not None and table.notes:
         out.extend(table.notes)
     return out
+
+
+def _small(x: float) -> str:
+    """A loss-scale value as the reader takes it in: "≈ 0" for the 1e-9 a collapsed E reaches, else "= 1.23"."""
+    return "≈ 0" if abs(x) < 1e-4 else f"= {x:.3g}"
+
+
+def _pin_action(name: str) -> str:
+    """What pins a parameter of L = E + A/N^alpha + B/D^beta down: runs that move its term."""
+    if name in ("E", "A", "alpha"):
+        return "add runs at larger N (4x the largest) on two token budgets, or fit with --prior published:chinchilla"
+    if name in ("B", "beta"):
+        return "train some model sizes on more token budgets (4x apart), or fit with --prior published:chinchilla"
+    return "widen the range of runs, or fit with a prior (--prior)"
 
 
 #: E below this fraction of the smallest observed loss counts as collapsed (no floor visible)
@@ -109,7 +135,7 @@ def degeneracy_warnings(law: Any) -> list[str]:
         floor = E_COLLAPSE_FRACTION * float(table.loss.min())
         if params["E"] < floor:
             out.append(
-                f"E collapses towards 0 (E = {params['E']:.3g}, below {100 * E_COLLAPSE_FRACTION:.0f} % of the "
+                f"E collapses towards 0 (E {_small(params['E'])}, below {100 * E_COLLAPSE_FRACTION:.0f} % of the "
                 "smallest loss): no loss floor is visible in these runs, so predictions far beyond them fall "
                 "without limit; add runs at larger N and D, or fit with a prior on E"
             )

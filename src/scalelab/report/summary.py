@@ -313,7 +313,8 @@ def _add_fit(s: StudySummary, fit_path: Path) -> None:
         s.warnings.append(
             f"backtest: fitted without the {bt['test_runs']} largest-compute runs, the law missed them by "
             f"{100 * bt['mean_abs_relative_error']:.1f} % on average (max {100 * bt['max_abs_relative_error']:.1f} %)"
-            f"{inside}, extrapolating {bt['extrapolation_factor']:.3g}×"
+            f"{inside}, extrapolating {bt['extrapolation_factor']:.3g}×; expect misses of this size at the "
+            "target, or narrow them with runs nearer to it (`scalelab study advise STUDY_DIR`)"
         )
     s.warnings += view.warnings()
     s.predict = view.predictor()
@@ -324,7 +325,8 @@ def _add_fit(s: StudySummary, fit_path: Path) -> None:
         if row.get("inside") is False:
             s.warnings.append(
                 f"the big run {row['run_id']} reached loss {row['actual']:.4g}, OUTSIDE the predicted interval "
-                f"[{row['interval'][0]:.4g}, {row['interval'][1]:.4g}]: the law did not transfer to its scale"
+                f"[{row['interval'][0]:.4g}, {row['interval'][1]:.4g}]: the law did not transfer to its scale; "
+                "refit with this run included (`scalelab fit STUDY_DIR`) before sizing anything larger"
             )
 
 

@@ -152,33 +152,36 @@ class Engine:
     def _accept_all(self, jobs: Sequence[Job], logits: torch.Tensor) -> None:
         """Sample the next token of each job from its row of (B, V) logits."""
         tokens = sample_tokens(logits, [j.params for j in jobs], [j.generator for j in jobs])  # type: ignore[misc]
-        before = sum(len(j.generated) for j in jobs)
+        now = time.monotonic()  # one clock read a step, not one a request
+        accepted = 0
         for row, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
             if job.top_logprobs is not None and token != job.stop_id:
                 _record_logprobs(job, logits[row], token)
-            self._accept(job, token)
+            accepted += self._accept(job, token, now)
         if self.metrics is not None:
-            self.metrics.tokens_generated(sum(len(j.generated) for j in jobs) - before)
+            self.metrics.tokens_generated(accepted)
 
-    def _accept(self, job: Job, token: int) -> None:
-        """Append `token` to `job`; finish it when a stop condition holds."""
-        now = time.monotonic()
+    def _accept(self, job: Job, token: int, now: float) -> bool:
+        """Append `token` to `job` (False: it was the stop token, not appended); finish the job when a stop
+        condition holds."""
         if job.first_token_at is None:
             job.first_token_at = now
             if self.metrics is not None:
                 self.metrics.time_to_first_token.observe(now - job.submitted_at)
         if job.stop_id is not None and token == job.stop_id:
             self.finish(job, "stop")
-            return
-        job.generated.append(token)
+            return False
+        generated = job.generated
+        generated.append(token)
         if job.on_token is not None:
             job.on_token(job)
         if job.should_stop is not None and job.should_stop(job):
             self.finish(job, "stop")
-        elif len(job.generated) >= job.params.max_tokens:
+        elif len(generated) >= job.params.max_tokens:
             self.finish(job, "length")
-        elif len(job.ids) + len(job.generated) >= self.context_tokens:
+        elif len(job.ids) + len(generated) >= self.context_tokens:
             self.finish(job, "context")
+        return True
 
     # ---------------------------------------------------------------------------------- steps
     @torch.inference_mode()

@@ -95,7 +95,8 @@ def sample_tokens(
     for b, p in enumerate(params):
         if not p.greedy and (p.top_k is not None or p.top_p < 1.0):
             out[b] = _sample_row(rows[b], p, generators[b])
-    return [int(t) for t in out]
+    chosen: list[int] = out.tolist()  # Python ints
+    return chosen
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: np.random.Generator) -> int:

@@ -21,6 +21,7 @@ from scalelab.errors import ScalelabError
 from scalelab.serve.cache import LRUCache, PrefixCache
 from scalelab.serve.engine import Engine, Job
 from scalelab.serve.loading import LoadedRun, load_run
+from scalelab.serve.mailbox import mailbox
 from scalelab.serve.metrics import Metrics
 from scalelab.serve.quantize import model_size_bytes, quantize_model
 from scalelab.serve.sampling import SamplingParams
@@ -201,9 +202,10 @@ class InferenceServer:
     def _submit(self, jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> list[asyncio.Future[Job]]:
         """Queue all of `jobs` or none of them (QueueFull withdraws the ones already queued)."""
         futures: list[asyncio.Future[Job]] = []
+        box = mailbox(loop)  # one wake-up of the loop for all the jobs that finish in one engine step
         for job in jobs:
             fut: asyncio.Future[Job] = loop.create_future()
-            job.on_done = lambda j, f=fut: loop.call_soon_threadsafe(_resolve, f, j)
+            job.on_done = lambda j, f=fut: box.call(_resolve, f, j)
             try:
                 self.scheduler.submit(job)
             except QueueFull:
@@ -399,10 +401,9 @@ class TextStream:
         self.stops = [stops for _, stops in prepared]
         # (choice, tokens generated so far) after each token; (choice, None) once it has finished
         self._queue: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+        box = mailbox(loop)
         for i, job in enumerate(self.jobs):
-            job.on_token = lambda j, i=i: loop.call_soon_threadsafe(
-                self._queue.put_nowait, (i, len(j.generated))
-            )
+            job.on_token = lambda j, i=i: box.call(self._queue.put_nowait, (i, len(j.generated)))
         futures = server._submit(self.jobs, loop)
         for i, fut in enumerate(futures):
             fut.add_done_callback(lambda _f, i=i: self._queue.put_nowait((i, None)))

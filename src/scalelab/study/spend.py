@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from scalelab.units import energy
+
 
 @dataclass(frozen=True)
 class Spend:
@@ -55,7 +57,7 @@ def spend_sentence(runs: list[dict[str, Any]], forecast: dict[str, Any] | None =
     if not s.by_source:
         return ""
     sources = ", ".join(f"{n} {src}" for src, n in sorted(s.by_source.items()))
-    line = f" Energy: {s.energy_joules / 3.6e6:.3g} kWh ({sources})"
+    line = f" Energy: {energy(s.energy_joules)} ({sources})"
     if s.cost is not None:
         line += f"; cost {s.cost:.2f} {s.currency} for {s.device_hours:.3g} device-hours"
     return line + "."

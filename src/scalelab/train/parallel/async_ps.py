@@ -4,23 +4,29 @@ Not a torch.distributed layout: `AsyncPSTrainer` replaces the training loop of `
 for `train.strategy = "async_ps"`), and everything else of a run (claim, store, provenance, metrics.jsonl,
 checkpoints, record.json) is run.py's as usual.
 
-The scheme is K-batch asynchronous SGD (Dutta et al. 2018, "Slow and stale gradients can win the race"):
-update k is global batch k of the run's loader, cut into `workers` shares. Worker actors take shares
-from one queue in (update, share) order — whoever is free takes the next — fetch the weights the
-parameter-server actors serve at that moment, and return the share's gradient. A share of update k may
-start only while the servers' version v ≥ k − max_staleness, so its gradient is at most max_staleness
-versions old when applied; with max_staleness = 0 every share is computed on the weights it updates and
-the run equals synchronous training on the same global batches (float tolerance: shares are summed in
-another order). When all shares of update k are in, the driver combines the servers' gradient norms for
-clipping and the servers apply the update with the run's optimizer groups (AdamW, schedule, clipping as in
-trainer.py); its LR is scaled by 1 / (1 + mean staleness) with `staleness_lr = "inverse"`. A fast worker
-thus keeps working while a slow one finishes, instead of waiting for it every step as DDP does.
+The scheme is K-batch asynchronous SGD (Dutta et al. 2018, "Slow and stale gradients can win the race")
+over data shards: worker i reads rank i of `workers` of the run's deterministic loader order (the rows a
+DDP rank i would read, `scalelab.data.loader.BlockLoader`) from the token store itself, one share of
+global batch j after another. Update k takes `workers` shares; whoever is free takes the next one, from
+its own shard, on the weights the parameter-server actors serve at that moment, and returns the share's
+gradient. A share of update k may start only while the servers' version v ≥ k − max_staleness, so its
+gradient is at most max_staleness versions old when applied. With max_staleness = 0 every worker gives
+each update exactly one share, its rows of global batch k, computed on the weights it updates: the run
+equals synchronous training on the same global batches (float tolerance: the shares' mean is taken in
+another order than one process's accumulation). With a bound above 0 a fast worker takes more shares and
+so walks further through its own shard than a slow one (as in any asynchronous data parallelism). When
+all shares of update k are in, the driver combines the servers' gradient norms for clipping and the
+servers apply the update with the run's optimizer groups (AdamW, schedule, clipping as in trainer.py);
+its LR is scaled by 1 / (1 + mean staleness) with `staleness_lr = "inverse"`. A fast worker thus keeps
+working while a slow one finishes, instead of waiting for it every step as DDP does.
 
 Parameters are split over `servers` actors (balanced by size). Each update's staleness (max, mean over its
-shares) goes to metrics.jsonl. A worker whose process dies is replaced (up to `worker_restarts` times; its
-share is recomputed) or the run fails with `WorkerLostError`; no share finishing within `timeout_seconds`
-fails it with `AsyncPSTimeout`: never a hang. The driver reads the batches (one loader, as a
-single-process run) and ships each share through Ray's object store. CPU only.
+shares) goes to metrics.jsonl. A worker whose process dies is replaced (up to `worker_restarts` times; the
+replacement recomputes its share from the same shard) or the run fails with `WorkerLostError`; no share
+finishing within `timeout_seconds` fails it with `AsyncPSTimeout`: never a hang. The driver sends a worker
+only a position number and references to the servers' weights; the token store must be at the same path
+for every worker (a shared file system on a multi-node Ray cluster, as for DDP). Checkpoints keep each
+shard's position after the last applied update. CPU only.
 """
 
 from __future__ import annotations
@@ -62,29 +68,83 @@ def _build_model(spec_json: str, vocab: int) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class ShardSource:
+    """Where the workers read their shards: the driver's loader order (store, split, block and batch size,
+    seed), each worker taking rank `index` of `workers` of every global batch."""
+
+    store: str
+    split: str
+    block_tokens: int
+    global_batch_size: int
+    seed: int
+    workers: int
+
+    @classmethod
+    def of(cls, loader: Any, workers: int) -> ShardSource:
+        """The order of the run's (single-process) `BlockLoader`; TrainingError for any other loader."""
+        from scalelab.data.loader import BlockLoader
+
+        if not isinstance(loader, BlockLoader) or loader.world_size != 1 or not loader.shuffle:
+            raise TrainingError(
+                "train.strategy='async_ps': workers read their shards of the token store with the run's "
+                f"BlockLoader order, but the trainer was given {type(loader).__name__}; train without a "
+                "custom loader_factory"
+            )
+        return cls(
+            str(loader.store.path),
+            loader.split,
+            loader.block_tokens,
+            loader.global_batch_size,
+            loader.seed,
+            workers,
+        )
+
+    def loader(self, index: int) -> Any:
+        """Worker `index`'s loader: rank `index` of `workers`, as DDP rank `index` would read."""
+        from scalelab.data.store import TokenStore
+        from scalelab.train.build import block_loader_factory
+
+        make = block_loader_factory(rank=index, world_size=self.workers)
+        return make(
+            TokenStore.open(self.store), self.split, self.block_tokens, self.global_batch_size, self.seed
+        )
+
+
 class GradientWorker:
-    """A Ray actor: loads served weights, returns the mean-loss gradient of one share of a global batch."""
+    """A Ray actor: reads its shard of a global batch from the token store, loads served weights, returns
+    the share's mean-loss gradient."""
 
     def __init__(
-        self, spec_json: str, vocab: int, index: int, threads: int, slow_factor: float, kill_at: int | None
+        self,
+        spec_json: str,
+        vocab: int,
+        index: int,
+        threads: int,
+        source: ShardSource,
+        slow_factor: float,
+        kill_at: int | None,
     ) -> None:
         torch.set_num_threads(threads)
         self.model = _build_model(spec_json, vocab)
         self.params = dict(self.model.named_parameters())
+        self.loader = source.loader(index)
         self.index, self.slow_factor, self.kill_at, self.done = index, slow_factor, kill_at, 0
 
     def ready(self) -> bool:
         return True
 
     def compute(
-        self, share: torch.Tensor, micro: int, partition: list[list[str]], *weights: dict[str, torch.Tensor]
+        self, position: int, micro: int, partition: list[list[str]], *weights: dict[str, torch.Tensor]
     ) -> tuple[Any, ...]:
-        """({"loss", "seconds"}, then one {name: grad} per server in `partition`) for `share`."""
+        """({"loss", "seconds"}, then one {name: grad} per server in `partition`) for this worker's rows of
+        global batch `position` (read here, counted in "seconds")."""
         self.done += 1
         if self.kill_at is not None and self.done >= self.kill_at:
             log.warning("debug.kill_worker_at_share: worker %d exits", self.index)
             os._exit(1)  # a real process death, as an OOM kill or a lost node would be
         t0 = time.perf_counter()
+        share = self.loader.make_batch(position)
         with torch.no_grad():
             for part in weights:
                 for name, value in part.items():
@@ -195,13 +255,12 @@ def server_groups(model: nn.Module, groups: list[dict[str, Any]], names: list[st
 
 @dataclass
 class _Share:
-    """One share of one update, dispatched to a worker."""
+    """One share of one update: worker `worker`'s rows of global batch `position`."""
 
     update: int
-    index: int
-    data: Any  # ObjectRef of the share's token rows
+    worker: int
+    position: int
     version: int = 0  # the servers' version its weights have
-    worker: int = 0
     grads: list[Any] = field(default_factory=list)
 
 
@@ -237,12 +296,14 @@ class AsyncPSTrainer(Trainer):
                 f"(global_batch_size / async_ps.workers = {self.share_size})"
             )
         self.partition = partition_params(self.raw_model, self.cfg.servers)
+        self.source = ShardSource.of(self.train_loader, workers)
+        #: per worker, the next position of its shard after the applied updates (what a checkpoint keeps)
+        self.positions = [self.train_loader.position] * workers
         self.servers: list[Any] = []
         self.workers: list[Any] = []
         self.restarts = 0
         self._own_ray = False
         self._server_states: dict[str, Any] | None = None
-        self._loader_after: dict[int, Any] = {}  # update → loader position after its batch
         for cb in self.callbacks:  # an update's interval is not its compute (shares run ahead): no MFU
             if getattr(cb, "peak_flops", None):
                 cb.peak_flops = None  # type: ignore[attr-defined]
@@ -288,7 +349,7 @@ class AsyncPSTrainer(Trainer):
         kill = debug.kill_worker_at_share if first and index == 0 else None
         Worker = ray.remote(num_cpus=0, max_restarts=0)(GradientWorker)
         return Worker.remote(
-            self.spec.model_dump_json(), self.vocab, index, self.train.threads or 1, slow, kill
+            self.spec.model_dump_json(), self.vocab, index, self.train.threads or 1, self.source, slow, kill
         )
 
     def _stop(self) -> None:
@@ -316,34 +377,37 @@ class AsyncPSTrainer(Trainer):
         state, workers = self.state, self.cfg.workers
         first = state.step  # the version the servers start at (a resumed run's step)
         idle = deque(range(workers))
-        retry: deque[_Share] = deque()
+        retry: dict[int, _Share] = {}  # worker → its share to recompute (a replaced worker's)
+        reading = list(self.positions)  # per worker, the next position of its shard to hand out
         flying: dict[Any, _Share] = {}
-        finished: dict[int, dict[int, tuple[_Share, dict[str, float]]]] = {}
-        next_update, next_index = first, 0
+        finished: dict[int, list[tuple[_Share, dict[str, float]]]] = {}
+        next_update, slots = first, 0  # the update the next new share goes to; its shares handed out
         weights = [s.weights.remote() for s in self.servers]
-        shares_of: dict[int, list[Any]] = {}
         t_last = time.perf_counter()
         while state.step < state.total_steps and not state.stop:
             version = state.step
+            waiting: deque[int] = deque()
             while idle:
-                if retry:
-                    share = retry.popleft()
-                elif next_update < state.total_steps and version >= next_update - self.cfg.max_staleness:
-                    if next_index == 0:
-                        shares_of[next_update] = self._read_shares(next_update)
-                    share = _Share(next_update, next_index, shares_of[next_update][next_index])
-                    next_index = (next_index + 1) % workers
-                    next_update += next_index == 0
-                else:
-                    break
-                share.worker, share.version = idle.popleft(), version
+                w = idle.popleft()
+                share = retry.pop(w, None)
+                if share is None:
+                    if next_update >= state.total_steps or version < next_update - self.cfg.max_staleness:
+                        waiting.append(w)
+                        continue
+                    share = _Share(next_update, w, reading[w])
+                    reading[w] += 1
+                    slots += 1
+                    if slots == workers:
+                        next_update, slots = next_update + 1, 0
+                share.version = version
                 refs = (
-                    self.workers[share.worker]
+                    self.workers[w]
                     .compute.options(num_returns=1 + len(self.servers))
-                    .remote(share.data, self.share_micro, self.partition, *weights)
+                    .remote(share.position, self.share_micro, self.partition, *weights)
                 )
                 share.grads = list(refs[1:])
                 flying[refs[0]] = share
+            idle = waiting
             ready, _ = ray.wait(list(flying), num_returns=1, timeout=self.cfg.timeout_seconds)
             if not ready:
                 raise AsyncPSTimeout(
@@ -355,29 +419,18 @@ class AsyncPSTrainer(Trainer):
                 stats = ray.get(ready[0])
             except RayActorError as err:
                 self._replace(share.worker, err)
-                retry.append(share)
+                retry[share.worker] = share  # only its replacement reads that shard
                 idle.append(share.worker)
                 continue
             idle.append(share.worker)
-            finished.setdefault(share.update, {})[share.index] = (share, stats)
+            finished.setdefault(share.update, []).append((share, stats))
             while len(finished.get(state.step, ())) == workers and not state.stop:
-                done = finished.pop(state.step)
-                shares_of.pop(state.step, None)
-                self._apply([done[i] for i in range(workers)])
+                done = sorted(finished.pop(state.step), key=lambda d: (d[0].worker, d[0].position))
+                self._apply(done)
                 weights = [s.weights.remote() for s in self.servers]
                 now = time.perf_counter()
-                self._loader_after.pop(state.step - 2, None)
                 self._after_update(now - t_last)
                 t_last = time.perf_counter()
-
-    def _read_shares(self, update: int) -> list[Any]:
-        """Global batch `update` from the loader, cut into one object-store share per worker."""
-        import ray
-
-        batch = next(self._iterator)
-        if hasattr(self.train_loader, "state_dict"):
-            self._loader_after[update] = self.train_loader.state_dict()
-        return [ray.put(part.contiguous()) for part in batch.split(self.share_size)]
 
     def _replace(self, index: int, err: Exception) -> None:
         """Start a new worker in place of dead worker `index`, or fail when restarts are spent."""
@@ -411,6 +464,8 @@ class AsyncPSTrainer(Trainer):
         factor = staleness_lr_factor(self.cfg.staleness_lr, stale)
         lr_scale = self.schedule(state.tokens / self.base_step_tokens)
         ray.get([srv.step.remote(total, lr_scale * factor) for srv in self.servers])
+        for s, _ in shares:  # a shard's shares go to updates in its order: its applied ones are a prefix
+            self.positions[s.worker] = max(self.positions[s.worker], s.position + 1)
         state.loss = sum(st["loss"] for _, st in shares) / len(shares)
         if self.debug.nan_at_step is not None and state.step + 1 == self.debug.nan_at_step:
             state.loss = math.nan
@@ -462,10 +517,12 @@ class AsyncPSTrainer(Trainer):
         return {"servers": {f"server{i}": st for i, st in enumerate(states)}}
 
     def json_state(self) -> dict[str, Any]:
+        """The base state, the loader at the least advanced shard's position, and every shard's."""
         js = super().json_state()
-        after = self._loader_after.get(self.state.step - 1)
-        if after is not None:  # the position after the last applied batch, not the read-ahead one
-            js["loader"] = after
+        loader = self.train_loader.state_dict()
+        loader["epoch"], loader["batch"] = divmod(min(self.positions), self.train_loader.batches_per_epoch)
+        js["loader"] = loader
+        js["async_ps_positions"] = list(self.positions)
         return js
 
     def load_state(self, tensor_state: dict[str, Any], json_state: dict[str, Any]) -> None:
@@ -473,4 +530,13 @@ class AsyncPSTrainer(Trainer):
         if not isinstance(servers, dict) or len(servers) != self.cfg.servers:
             raise TrainingError("checkpoint: no async_ps server states for this many servers; resume=False")
         self._server_states = servers
-        self.load_json_state(json_state)
+        self.load_json_state(json_state)  # checks the loader state against this run's store and order
+        saved = json_state.get("async_ps_positions")
+        if saved is None:  # a checkpoint of the driver-read scheme: every shard at the loader's position
+            saved = [self.train_loader.position] * self.cfg.workers
+        if len(saved) != self.cfg.workers or any(not isinstance(x, int) or x < 0 for x in saved):
+            raise TrainingError(
+                f"checkpoint: async_ps_positions={saved!r} does not hold one position per worker "
+                f"(train.async_ps.workers={self.cfg.workers}); resume=False"
+            )
+        self.positions = list(saved)
