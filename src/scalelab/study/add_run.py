@@ -93,4 +93,3 @@ def add_run(study_dir: str | Path, run_dir: str | Path, role: str = "target") ->
         )
         reg.record_result(spec.run_id, record, provenance)
         return reg.get(spec.run_id) or {}
-
