@@ -1,5 +1,4 @@
-"""Benchmark `BlockLoader` against MosaicML `streaming` and `litdata`; prints JSON lines
-``{name, value, baseline, ratio, unit}``.
+"""Benchmark `BlockLoader` against MosaicML `streaming` and `litdata`; prints harness JSON lines.
 
 The same token blocks (every ``block_tokens``-token block of our store's train split, blocks never
 crossing a shard) are written once in each library's own format — MDS (``ndarray:uint16:T`` column,
@@ -13,8 +12,12 @@ Besides throughput it prints the order guarantees it observes: whether the first
 same with 0 and 2 workers (ours and `streaming` promise it; `litdata` does not), and whether our
 loader resumed from `state_dict()` continues with exactly the batches an uninterrupted one yields.
 
+The baselines are the fair ones because each library reads the same blocks in its own recommended
+format with its own loader, shuffled, at the same batch size and worker count, in the same kind of
+fresh process; rounds interleave the libraries (min/median/max, tokens per wall and CPU second, load).
+
 The libraries are the optional ``bench`` extra and are never needed by CI; without them the script
-prints one ``{"name": "..._skipped", ...}`` line per missing library and measures what it can.
+prints one skip line (``{"name", "skipped", "load"}``) per missing library and measures what it can.
 
     .venv/bin/python benchmarks/bench_data_compare.py                 # 32 MB store, quick
     .venv/bin/python benchmarks/bench_data_compare.py --size-gb 1 --steps 1000   # the real one
@@ -41,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -57,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data_loader import RepeatedCorpus  # noqa: E402
-from harness import CpuMeter, emit, emit_value, report  # noqa: E402
+from harness import CpuMeter, emit, emit_value, measured, report, skip  # noqa: E402
 
 from scalelab.data.ingest import ingest  # noqa: E402
 from scalelab.data.store import TokenStore  # noqa: E402
@@ -314,7 +316,7 @@ def main() -> None:
             emit_value("write_mds_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
             loaders["streaming"] = lambda w, seed: mosaic(root / "mds", T, B, w, seed)
         except ImportError as err:
-            print(json.dumps({"name": "streaming_skipped", "reason": str(err)}))
+            emit(skip("streaming", str(err)))
         try:
             if "litdata" not in args.baselines:
                 raise ImportError("not asked for (--baselines)")
@@ -331,28 +333,31 @@ def main() -> None:
             emit_value("write_litdata_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
             loaders["litdata"] = lambda w, seed: lit(root / "litdata", T, B, w, seed)
         except ImportError as err:
-            print(json.dumps({"name": "litdata_skipped", "reason": str(err)}))
+            emit(skip("litdata", str(err)))
 
         # Order guarantee: first batches with 0 vs 2 workers (same seed).
         for name, make in loaders.items():
             d0 = digest(lambda make=make: make(0, 7), args.order_batches)
             d2 = digest(lambda make=make: make(2, 7), args.order_batches)
             same = d0 == d2
-            print(
-                json.dumps(
-                    {
-                        "name": f"{name}_order_independent_of_workers",
-                        "value": same,
-                        "batches_compared": args.order_batches,
-                        "first_batches_workers0": d0[:3],
-                        "first_batches_workers2": d2[:3],
-                        "version": versions.get(name, "this repo"),
-                    }
+            emit(
+                measured(
+                    f"{name}_order_independent_of_workers",
+                    float(same),
+                    1.0,
+                    "1 = the same first batches with 0 and 2 workers",
+                    batches_compared=args.order_batches,
+                    first_batches_workers0=d0[:3],
+                    first_batches_workers2=d2[:3],
+                    version=versions.get(name, "this repo"),
                 )
             )
-        print(
-            json.dumps(
-                {"name": "scalelab_exact_resume_across_worker_counts", "value": resume_exact(store, T, B, 5)}
+        emit(
+            measured(
+                "scalelab_exact_resume_across_worker_counts",
+                float(resume_exact(store, T, B, 5)),
+                1.0,
+                "1 = a resumed loader yields exactly the uninterrupted batches",
             )
         )
 

@@ -2,8 +2,8 @@
 
 Prints a harness JSON line per message size: the bus bandwidth of a sum all-reduce over W processes
 (busbw = 2(W-1)/W · bytes / seconds, the NCCL-tests convention, so it is comparable across W) against
-the bandwidth of ``dst.copy_(src)`` of that size in one process (this one, one thread), measured in the
-same run. The copy is the fair floor: an all-reduce must at least read and write its buffer once, and
+the bandwidth of ``dst.copy_(src)`` of that size in one process (this one, one thread), the baseline
+measured in the same run. The copy is the fair floor: an all-reduce must at least read and write its buffer once, and
 a copy does nothing else. The ratio says how close the all-reduce comes to that floor.
 
 The W ranks start once and keep their process group (connection set-up is not what the figure claims;

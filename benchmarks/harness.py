@@ -338,20 +338,53 @@ def report(
     return out | extra
 
 
-def measured(name: str, value: float, baseline: float | None, unit: str, **extra: Any) -> dict[str, Any]:
-    """The result of one measured figure that is not a rate over rounds (a size, an error, a memory peak)."""
-    ratio = value / baseline if baseline else float("nan")
-    return {
+def measured(
+    name: str,
+    value: float,
+    baseline: float | None,
+    unit: str,
+    *,
+    values: Sequence[float] = (),
+    baselines: Sequence[float] = (),
+    higher_is_better: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The result of a figure that is not a rate over interleaved rounds (a size, an error, a count, a
+    memory peak, a time measured once): `values` / `baselines` are its rounds where it has several
+    (min/median/max of those, else of the one figure); `cpu_ratio` is None (no CPU time was compared)."""
+    vs = list(values) or [value]
+    bs = list(baselines) or ([] if baseline is None else [baseline])
+    out: dict[str, Any] = {
         "name": name,
         "value": value,
         "baseline": baseline,
-        "ratio": ratio,
+        "ratio": value / baseline if baseline else float("nan"),
         "unit": unit,
-        "rounds": 1,
+        "rounds": len(vs),
+        "cpu_ratio": None,
         "load": [load()],
         "cpus": os.cpu_count(),
-        **extra,
+        "higher_is_better": higher_is_better,
+        **min_median_max("value", vs),
     }
+    if bs:
+        out |= min_median_max("baseline", bs)
+    return out | extra
+
+
+#: the fields every result line carries (`missing_fields`); `skip` lines carry name, skipped and load
+FIELDS = ("name", "value", "baseline", "ratio", "unit", "rounds", "cpu_ratio", "load")
+FIELDS += tuple(f"{k}_{s}" for k in ("value", "baseline") for s in ("min", "median", "max"))
+
+
+def missing_fields(result: dict[str, Any]) -> list[str]:
+    """The harness fields `result` lacks (a figure without a baseline lacks only the baseline range)."""
+    if "skipped" in result or "failed" in result:
+        return [f for f in ("name", "load") if f not in result and "failed" not in result]
+    optional = (
+        {f"baseline_{s}" for s in ("min", "median", "max")} if result.get("baseline") is None else set()
+    )
+    return [f for f in FIELDS if f not in result and f not in optional]
 
 
 def skip(name: str, reason: str) -> dict[str, Any]:
