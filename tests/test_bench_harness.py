@@ -48,8 +48,8 @@ def test_every_kind_of_result_has_the_harness_fields(harness):
         assert harness.missing_fields(r) == [], r["name"]
     assert results[0]["rounds"] == 3 and results[0]["cpu_ratio"] == pytest.approx(1.0)
     assert (results[3]["value_min"], results[3]["value_median"], results[3]["value_max"]) == (2.0, 3.0, 5.0)
-    assert harness.missing_fields({"name": "f", "value": 1.0}) == [
-        f for f in harness.FIELDS if f not in ("name", "value")
+    assert harness.missing_fields({"name": "f", "value": 1.0, "baseline": 2.0}) == [
+        f for f in harness.FIELDS if f not in ("name", "value", "baseline")
     ]
     assert harness.missing_fields(harness.skip("g", "no GPU")) == []
 
