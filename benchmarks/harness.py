@@ -185,14 +185,29 @@ class SpawnedGroup:
             p.start()
 
     def __call__(self, message: Any = True, timeout: float = 900) -> list[tuple]:
+        import queue
+
         for g in self.go:
             g.put(message)
-        return sorted(self.replies.get(timeout=timeout) for _ in self.go)
+        got: list[tuple] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.go):
+            try:
+                got.append(self.replies.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close(kill=True)
+                    why = f"rank exited with {dead[0].exitcode}" if dead else f"no reply in {timeout:g} s"
+                    raise SystemExit(f"spawned group: {why}") from None
+        return sorted(got)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         for g in self.go:
             g.put(None)
         for p in self.procs:
+            if kill:
+                p.kill()
             p.join()
 
 
