@@ -1,5 +1,4 @@
-"""Benchmark `BlockLoader` against MosaicML `streaming` and `litdata`; prints JSON lines
-``{name, value, baseline, ratio, unit}``.
+"""Benchmark `BlockLoader` against MosaicML `streaming` and `litdata`; prints harness JSON lines.
 
 The same token blocks (every ``block_tokens``-token block of our store's train split, blocks never
 crossing a shard) are written once in each library's own format — MDS (``ndarray:uint16:T`` column,
@@ -13,10 +12,14 @@ Besides throughput it prints the order guarantees it observes: whether the first
 same with 0 and 2 workers (ours and `streaming` promise it; `litdata` does not), and whether our
 loader resumed from `state_dict()` continues with exactly the batches an uninterrupted one yields.
 
-The libraries are the optional ``bench`` extra and are never needed by CI; without them the script
-prints one ``{"name": "..._skipped", ...}`` line per missing library and measures what it can.
+The baselines are the fair ones because each library reads the same blocks in its own recommended
+format with its own loader, shuffled, at the same batch size and worker count, in the same kind of
+fresh process; rounds interleave the libraries (min/median/max, tokens per wall and CPU second, load).
 
-    .venv/bin/python benchmarks/bench_data_compare.py                 # 32 MB store, quick
+The libraries are the optional ``bench`` extra and are never needed by CI; without them the script
+prints one skip line (``{"name", "skipped", "load"}``) per missing library and measures what it can.
+
+    .venv/bin/python benchmarks/bench_data_compare.py                 # 160 MB store, 2,000 batches
     .venv/bin/python benchmarks/bench_data_compare.py --size-gb 1 --steps 1000   # the real one
 
 Installing them: with torch pinned, ``pip install -c constraints.txt mosaicml-streaming litdata``
@@ -41,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -57,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data_loader import RepeatedCorpus  # noqa: E402
-from harness import CpuMeter, emit, emit_value, report  # noqa: E402
+from harness import CpuMeter, emit, emit_value, measured, report, skip  # noqa: E402
 
 from scalelab.data.ingest import ingest  # noqa: E402
 from scalelab.data.store import TokenStore  # noqa: E402
@@ -226,7 +228,7 @@ def throughput(make: Callable[[], Iterator[np.ndarray]], steps: int, warmup: int
     wall = time.perf_counter() - t0
     cpu = meter.stop()
     it.close()
-    return tokens / wall, tokens / cpu
+    return tokens / wall, tokens / cpu if cpu > 0 else float("nan")  # under one clock tick: unmeasured
 
 
 def digest(make: Callable[[], Iterator[np.ndarray]], k: int) -> list[str]:
@@ -261,11 +263,16 @@ def resume_exact(store: TokenStore, block: int, batch: int, k: int) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=float, default=32, help="token store size (uint16 bytes)")
+    ap.add_argument("--size-mb", type=float, default=160, help="token store size (uint16 bytes)")
     ap.add_argument("--size-gb", type=float, default=None, help="overrides --size-mb")
     ap.add_argument("--block-tokens", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=200, help="timed batches per loader and worker count")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=2000,
+        help="timed batches per loader and worker count (within one epoch; CPU time has 10 ms ticks)",
+    )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--order-batches", type=int, default=8, help="batches compared for the order check")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
@@ -314,7 +321,7 @@ def main() -> None:
             emit_value("write_mds_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
             loaders["streaming"] = lambda w, seed: mosaic(root / "mds", T, B, w, seed)
         except ImportError as err:
-            print(json.dumps({"name": "streaming_skipped", "reason": str(err)}))
+            emit(skip("streaming", str(err)))
         try:
             if "litdata" not in args.baselines:
                 raise ImportError("not asked for (--baselines)")
@@ -331,28 +338,31 @@ def main() -> None:
             emit_value("write_litdata_seconds", time.perf_counter() - t0, float("nan"), "seconds", **common)
             loaders["litdata"] = lambda w, seed: lit(root / "litdata", T, B, w, seed)
         except ImportError as err:
-            print(json.dumps({"name": "litdata_skipped", "reason": str(err)}))
+            emit(skip("litdata", str(err)))
 
         # Order guarantee: first batches with 0 vs 2 workers (same seed).
         for name, make in loaders.items():
             d0 = digest(lambda make=make: make(0, 7), args.order_batches)
             d2 = digest(lambda make=make: make(2, 7), args.order_batches)
             same = d0 == d2
-            print(
-                json.dumps(
-                    {
-                        "name": f"{name}_order_independent_of_workers",
-                        "value": same,
-                        "batches_compared": args.order_batches,
-                        "first_batches_workers0": d0[:3],
-                        "first_batches_workers2": d2[:3],
-                        "version": versions.get(name, "this repo"),
-                    }
+            emit(
+                measured(
+                    f"{name}_order_independent_of_workers",
+                    float(same),
+                    1.0,
+                    "1 = the same first batches with 0 and 2 workers",
+                    batches_compared=args.order_batches,
+                    first_batches_workers0=d0[:3],
+                    first_batches_workers2=d2[:3],
+                    version=versions.get(name, "this repo"),
                 )
             )
-        print(
-            json.dumps(
-                {"name": "scalelab_exact_resume_across_worker_counts", "value": resume_exact(store, T, B, 5)}
+        emit(
+            measured(
+                "scalelab_exact_resume_across_worker_counts",
+                float(resume_exact(store, T, B, 5)),
+                1.0,
+                "1 = a resumed loader yields exactly the uninterrupted batches",
             )
         )
 

@@ -8,7 +8,9 @@ file line by line, ``Tokenizer.encode_batch_fast`` (``encode_batch`` on tokenize
 uint16 shard files of the same ``--shard-tokens`` (no checksums, no index, no resume state, no held-out
 split). Its parallelism is the tokenizer's own Rust thread pool with ``RAYON_NUM_THREADS=N``, so both sides
 have N threads of tokenizing: scalelab runs N processes (this one and N−1 pool workers, tokenizer
-threads off) plus its fingerprint process and writer thread. It is the fair baseline because it is the
+threads off) plus its fingerprint process and writer thread; with N = 1 it tokenizes in one process
+with the tokenizer's own threads, so it runs under the same ``RAYON_NUM_THREADS=1`` (both sides get the
+same environment). It is the fair baseline because it is the
 fastest direct use of the same tokenizer on the same bytes producing the same arrays: the check
 ``identical_output`` compares the baseline's token stream with the store's (``--heldout-fraction 1e-9``, so
 every document is in the train split, in order).
@@ -152,7 +154,7 @@ def main() -> None:
 
             result = compare(
                 f"ingest_bpe_j{n}_vs_direct_tokenizers",
-                fresh(ours, store),
+                fresh(ours, store, threads_env),
                 fresh(theirs, direct, threads_env),
                 "MB/s",
                 rounds=args.rounds,

@@ -6,8 +6,8 @@ into a temp directory and deleted afterwards. Then one full shuffled epoch is it
 process's ``RssAnon`` (``/proc/self/status``: resident memory not backed by a file — what the
 loader really costs; memmapped shard pages are ``RssFile``, reclaimable page cache) is sampled
 every `--sample-every` batches. With workers, the workers' ``RssAnon`` is added. The baseline is
-``RssAnon`` just before the loader is built (interpreter + numpy + torch), so ``value - baseline``
-is the loader's own share. Workers count with what they have written themselves
+``RssAnon`` just before the loader is built (interpreter + numpy + torch) — the fair baseline, since
+it is the same process with everything but the loader — so ``value - baseline`` is the loader's own share. Workers count with what they have written themselves
 (``Private_Dirty``), not the pages they share copy-on-write with this process.
 
     .venv/bin/python benchmarks/bench_data_memory.py                  # 256 MB store, quick

@@ -1,11 +1,17 @@
 """All-reduce bandwidth on CPU gloo between local processes, against a memory copy of the same size.
 
-Prints JSON lines {name, value, baseline, ratio, unit}: for each message size, the bus bandwidth of a
-sum all-reduce over W processes (busbw = 2(W-1)/W · bytes / seconds, the NCCL-tests convention, so it is
-comparable across W) and, as the baseline measured in the same run, the bandwidth of `dst.copy_(src)` of
-that size in one process, min/median/max over --rounds timings of each (`harness.report`; medians as
-value and baseline). The copy is the fair floor: an all-reduce must at least read and write its buffer.
-CUDA/NCCL is not measured here.
+Prints a harness JSON line per message size: the bus bandwidth of a sum all-reduce over W processes
+(busbw = 2(W-1)/W · bytes / seconds, the NCCL-tests convention, so it is comparable across W) against
+the bandwidth of ``dst.copy_(src)`` of that size in one process (this one, one thread), the baseline
+measured in the same run. The copy is the fair floor: an all-reduce must at least read and write its buffer once, and
+a copy does nothing else. The ratio says how close the all-reduce comes to that floor.
+
+The W ranks start once and keep their process group (connection set-up is not what the figure claims;
+`harness.SpawnedGroup`) and wait between rounds; a round of the all-reduce is `--iters` all-reduces
+after a barrier, timed by rank 0 (wall) and by every rank (CPU, summed); a round of the copy is
+`--iters` copies here. After one untimed round each, the sides alternate (A B, B A, …) for `--rounds`
+rounds (`harness.compare`): min/median/max of GB/s per wall second and per CPU second, and the machine
+load. With fewer free cores than W the all-reduce is bounded by the cores. CUDA/NCCL is not measured.
 
   .venv/bin/python benchmarks/bench_dist_allreduce.py [--world 2] [--sizes-mib 1,8,32] [--iters 10]
 """
@@ -13,46 +19,54 @@ CUDA/NCCL is not measured here.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from harness import emit, report
+from harness import Sample, SpawnedGroup, compare, emit
 
 
-def _worker(rank: int, world: int, store_path: str, sizes: list[int], iters: int, rounds: int, q) -> None:
+def _worker(rank: int, world: int, store_path: str, go, replies, iters: int) -> None:
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    results = {}
-    for size in sizes:
-        t = torch.ones(size // 4, dtype=torch.float32)
-        dist.all_reduce(t)  # warm up the connections
-        results[size] = []
-        for _ in range(rounds):
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                dist.all_reduce(t)
-            results[size].append((time.perf_counter() - t0) / iters)
-    if rank == 0:
-        q.put(results)
+    buffers: dict[int, torch.Tensor] = {}
+    while (size := go.get()) is not None:  # one round of `iters` all-reduces of `size` bytes a message
+        if size not in buffers:
+            buffers[size] = torch.ones(size // 4, dtype=torch.float32)
+            dist.all_reduce(buffers[size])  # warm up the connections at this size
+        t = buffers[size]
+        dist.barrier()
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(iters):
+            dist.all_reduce(t)
+        replies.put((rank, time.perf_counter() - w0, time.process_time() - c0))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _copy_seconds(size: int, iters: int, rounds: int) -> list[float]:
+def allreduce_side(group: SpawnedGroup, world: int, size: int, iters: int):
+    """A round of the all-reduce: bus bytes (GB) in rank 0's wall time and all ranks' CPU time."""
+
+    def run() -> Sample:
+        got = group(size)
+        return Sample(2 * (world - 1) / world * size * iters / 1e9, got[0][1], sum(c for _, _, c in got))
+
+    return run
+
+
+def copy_side(size: int, iters: int):
+    """A round of the baseline: `iters` copies of `size` bytes in this process (GB copied; this process's
+    CPU time alone, as the idle ranks' clock ticks would swamp a millisecond copy)."""
     src, dst = torch.ones(size // 4), torch.empty(size // 4)
-    dst.copy_(src)
-    out = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+
+    def run() -> Sample:
+        w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(iters):
             dst.copy_(src)
-        out.append((time.perf_counter() - t0) / iters)
-    return out
+        return Sample(size * iters / 1e9, time.perf_counter() - w0, time.process_time() - c0)
+
+    return run
 
 
 def main() -> None:
@@ -64,31 +78,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(float(s) * 2**20) for s in args.sizes_mib.split(",")]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    store = os.path.join(tempfile.mkdtemp(prefix="scalelab-bench-"), "store")
-    procs = [
-        ctx.Process(target=_worker, args=(r, args.world, store, sizes, args.iters, args.rounds, q))
-        for r in range(args.world)
-    ]
-    for p in procs:
-        p.start()
-    seconds = q.get(timeout=600)
-    for p in procs:
-        p.join()
     w = args.world
-    for size in sizes:
-        busbw = [2 * (w - 1) / w * size / t / 1e9 for t in seconds[size]]
-        copy_bw = [size / t / 1e9 for t in _copy_seconds(size, args.iters, args.rounds)]
-        emit(
-            report(
-                f"gloo_allreduce_busbw_{size >> 20}MiB_world{w}",
-                busbw,
-                copy_bw,
-                "GB/s",
-                baseline_name="dst.copy_(src) of the same size, one process",
+    group = SpawnedGroup(_worker, w, args.iters)
+    try:
+        for size in sizes:
+            emit(
+                compare(
+                    f"gloo_allreduce_busbw_{size >> 20}MiB_world{w}",
+                    allreduce_side(group, w, size, args.iters),
+                    copy_side(size, args.iters),
+                    "GB/s",
+                    rounds=args.rounds,
+                    warmup=True,
+                    baseline_name="dst.copy_(src) of the same size, one process, one thread",
+                    world=w,
+                    message_bytes=size,
+                )
             )
-        )
+    finally:
+        group.close()
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import torch
-import torch.multiprocessing as mp
-from harness import Sample, compare, emit
+from harness import Sample, SpawnedGroup, compare, emit
 
 
-def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, go, q) -> None:
+def _worker(rank: int, world: int, store_path: str, go, q, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from scalelab.models.gpt import build_model
@@ -94,34 +92,10 @@ def _worker(rank: int, world: int, store_path: str, args: argparse.Namespace, go
     dist.destroy_process_group()
 
 
-class Group:
-    """`world` spawned training processes (started once, idle between rounds); calling it runs one round
-    and returns the Sample of rank 0's wall time and all ranks' CPU time over the timed steps."""
-
-    def __init__(self, world: int, args: argparse.Namespace) -> None:
-        ctx = mp.get_context("spawn")
-        self.args, self.q = args, ctx.Queue()
-        self.go = [ctx.Queue() for _ in range(world)]
-        store = os.path.join(tempfile.mkdtemp(prefix="scalelab-bench-"), "store")
-        self.procs = [
-            ctx.Process(target=_worker, args=(r, world, store, args, self.go[r], self.q))
-            for r in range(world)
-        ]
-        for p in self.procs:
-            p.start()
-
-    def __call__(self) -> Sample:
-        for g in self.go:
-            g.put(True)
-        got = sorted(self.q.get(timeout=900) for _ in self.go)
-        a = self.args
-        return Sample(a.steps * a.batch * a.context, got[0][1], sum(c for _, _, c in got))
-
-    def close(self) -> None:
-        for g in self.go:
-            g.put(None)
-        for p in self.procs:
-            p.join()
+def round_sample(group: SpawnedGroup, args: argparse.Namespace) -> Sample:
+    """One round of `group`: rank 0's wall time and all ranks' CPU time over the timed steps."""
+    got = group()
+    return Sample(args.steps * args.batch * args.context, got[0][1], sum(c for _, _, c in got))
 
 
 def main() -> None:
@@ -135,12 +109,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    many, one = Group(args.world, args), Group(1, args)
+    many, one = SpawnedGroup(_worker, args.world, args), SpawnedGroup(_worker, 1, args)
     try:
         result = compare(
             f"ddp_scaling_efficiency_1to{args.world}_width{args.width}",
-            many,
-            one,
+            lambda: round_sample(many, args),
+            lambda: round_sample(one, args),
             "tokens/s",
             rounds=args.rounds,
             warmup=True,

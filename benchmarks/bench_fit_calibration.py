@@ -31,12 +31,11 @@ for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_N
     os.environ[_k] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from harness import Side, compare, emit, timed  # noqa: E402
+from harness import Side, compare, emit, measured, skip, timed  # noqa: E402
 
 from scalelab.fit import coverage, reference  # noqa: E402
 from scalelab.fit.laws import ChinchillaLaw  # noqa: E402
@@ -132,31 +131,27 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print the per-case table")
     args = ap.parse_args()
     if not REF.is_dir():
-        print(json.dumps({"name": "fit_calibration", "skipped": f"{REF} not present"}))
+        emit(skip("fit_calibration", f"{REF} not present"))
         return
     logging.getLogger("scalelab").setLevel(logging.ERROR)
     results, lines = coverage_results(args)
     s = coverage.summarize(results)
     for level, goal in (("0.95", 0.90), ("0.8", 0.70)):
         row = s[level]
-        print(
-            json.dumps(
-                {
-                    "name": f"fit_interval_coverage_{level}",
-                    "value": row["calibrated"]["coverage"],
-                    "baseline": row["prediction"]["coverage"],
-                    "ratio": row["calibrated"]["coverage"] / max(row["prediction"]["coverage"], 1e-12),
-                    "unit": "fraction of held-out larger runs inside (calibrated vs parameter-only)",
-                    "held_out_runs": s["held_out_runs"],
-                    "cases": len(results),
-                    "median_abs_relative_error": s["median_abs_relative_error"],
-                    "half_width_over_error": row["calibrated"]["half_width_over_error"],
-                    "goal": f"coverage >= {goal}, half_width_over_error <= 3",
-                    "met": bool(
-                        row["calibrated"]["coverage"] >= goal
-                        and row["calibrated"]["half_width_over_error"] <= 3
-                    ),
-                }
+        emit(
+            measured(
+                f"fit_interval_coverage_{level}",
+                row["calibrated"]["coverage"],
+                row["prediction"]["coverage"],
+                "fraction of held-out larger runs inside (calibrated vs parameter-only)",
+                held_out_runs=s["held_out_runs"],
+                cases=len(results),
+                median_abs_relative_error=s["median_abs_relative_error"],
+                half_width_over_error=row["calibrated"]["half_width_over_error"],
+                goal=f"coverage >= {goal}, half_width_over_error <= 3",
+                met=bool(
+                    row["calibrated"]["coverage"] >= goal and row["calibrated"]["half_width_over_error"] <= 3
+                ),
             )
         )
     emit(speed(args))

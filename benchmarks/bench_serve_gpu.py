@@ -8,7 +8,10 @@ Prints harness JSON lines:
      of each.
   2. the held-out loss of a small trained run, int8 and int4 on CUDA against fp32 on CUDA
      (`quantization_report`).
-Needs CUDA; prints a note and exits 0 without it.
+The bf16 model in the same engine is the fair baseline for speed and size: same engine, batch, prompts
+and decode length, only the weights' format differs, so the ratio is what quantizing buys on its own;
+fp32 on the same device is the fair baseline for the loss, the reference a quantized model must stay
+near. Needs CUDA; prints a skip line and exits 0 without it.
 
   python benchmarks/bench_serve_gpu.py [--width 768] [--depth 12] [--vocab 50304] [--new-tokens 64]
 """
@@ -17,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from harness import Sample, Side, compare, cpu_seconds, emit, emit_value
+from harness import Sample, Side, compare, cpu_seconds, emit, emit_value, skip
 
 
 def decode_side(model, batch: int, new_tokens: int) -> Side:  # noqa: ANN001
@@ -60,7 +62,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("skipping: bench_serve_gpu needs a CUDA device", file=sys.stderr)
+        emit(skip("serve_gpu", "needs a CUDA device"))
         return
     from scalelab.models.gpt import build_model
     from scalelab.models.parametrization import apply_parametrization

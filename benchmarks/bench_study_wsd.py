@@ -1,10 +1,11 @@
-"""WSD design cost vs the equivalent grid, for the same (N, D) points; prints JSON lines
-{name, value, baseline, ratio, unit}.
+"""WSD design cost vs the equivalent grid, for the same (N, D) points; prints harness JSON lines.
 
 Runs examples/wsd.toml (scaled down by default: widths 32/64, token budgets ÷ 8) twice through the local
 executor: as a WSD study (trunks + cooldown branches from snapshots) and as the grid of the same runs each
-trained from scratch. Reports wall time and FLOPs of both and checks that every run's eval loss is the
-same bitwise (the branches are exact, not an approximation).
+trained from scratch — the fair baseline, since it is what the same (N, D) points cost without WSD's
+reuse: the same runs, specs, executor and parallelism. Reports wall time (with the CPU time of the whole
+process tree beside it) and FLOPs of both, and checks that every run's eval loss is the same bitwise
+(the branches are exact, not an approximation). One round each (a pass takes minutes; rounds = 1).
 
 Usage: python benchmarks/bench_study_wsd.py [--full] [--parallel 1]
 """
@@ -12,12 +13,13 @@ Usage: python benchmarks/bench_study_wsd.py [--full] [--parallel 1]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from harness import CpuMeter, emit, measured, report
 
 from scalelab.registry import Registry
 from scalelab.spec import StudySpec, load_study
@@ -35,15 +37,6 @@ def small(study: StudySpec) -> StudySpec:
     return StudySpec.model_validate(data)
 
 
-def emit(name: str, value: float, baseline: float, unit: str, **extra: object) -> None:
-    ratio = value / baseline if baseline else None
-    print(
-        json.dumps(
-            {"name": name, "value": value, "baseline": baseline, "ratio": ratio, "unit": unit, **extra}
-        )
-    )
-
-
 def eval_losses(study_dir: Path) -> dict[str, float | None]:
     with Registry(study_dir / "registry.sqlite") as reg:
         return {r["run_id"]: r["eval_loss"] for r in reg.runs()}
@@ -59,9 +52,9 @@ def main() -> None:
         study = small(study)
     with tempfile.TemporaryDirectory(prefix="bench-wsd-") as tmp:
         wsd_dir, grid_dir = Path(tmp) / "wsd", Path(tmp) / "grid"
-        t0 = time.perf_counter()
+        t0, meter = time.perf_counter(), CpuMeter()
         result = run_study(study, wsd_dir, executor=LocalExecutor(parallel=args.parallel))
-        wsd_seconds = time.perf_counter() - t0
+        wsd_seconds, wsd_cpu = time.perf_counter() - t0, meter.stop()
         if not result.ok:
             sys.exit(f"WSD study failed: {[o for o in result.outcomes if o.status != 'done']}")
 
@@ -69,9 +62,9 @@ def main() -> None:
         with Registry(grid_dir / "registry.sqlite") as reg:
             runs, todo = prepare_run_dirs(study, grid_dir, reg)
             grid_todo = [(replace(p, branch_of=None, branch_step=0, snapshot_steps=()), d) for p, d in todo]
-            t0 = time.perf_counter()
+            t0, meter = time.perf_counter(), CpuMeter()
             outcomes = LocalExecutor(parallel=args.parallel).execute(grid_todo, reg)
-            grid_seconds = time.perf_counter() - t0
+            grid_seconds, grid_cpu = time.perf_counter() - t0, meter.stop()
         if any(o.status != "done" for o in outcomes):
             sys.exit(f"grid failed: {[o for o in outcomes if o.status != 'done']}")
 
@@ -80,9 +73,24 @@ def main() -> None:
         spend = sum(p.flops_to_spend for p in runs)
         grid_flops = sum(p.flops for p in runs)
         points = len(runs)
-        emit("wsd_vs_grid_wall", wsd_seconds, grid_seconds, "s", runs=points, parallel=args.parallel)
-        emit("wsd_vs_grid_flops", spend, grid_flops, "FLOP", runs=points)
-        emit("wsd_branch_equals_scratch", same, points, "runs with bitwise-equal eval loss")
+        emit(
+            report(
+                "wsd_vs_grid_studies_per_second",
+                [1 / wsd_seconds],
+                [1 / grid_seconds],
+                "studies/s",
+                cpu_values=[1 / wsd_cpu],
+                cpu_baselines=[1 / grid_cpu],
+                runs=points,
+                parallel=args.parallel,
+                seconds=wsd_seconds,
+                baseline_seconds=grid_seconds,
+                cpu_seconds=wsd_cpu,
+                baseline_cpu_seconds=grid_cpu,
+            )
+        )
+        emit(measured("wsd_vs_grid_flops", spend, grid_flops, "FLOP", higher_is_better=False, runs=points))
+        emit(measured("wsd_branch_equals_scratch", same, points, "runs with bitwise-equal eval loss"))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
 Runs the trainer as `bench_train_strategies` builds it (unwrapped, or ``--strategy ddp|fsdp`` on a
 world of one; compiled, bf16 by default, a GPT-2-small shape) under `torch.profiler`, sorts every CUDA
-kernel into a category by its name, and prints JSON lines {name, value, baseline, ratio, unit}: each category's share of the step's wall time
-(value) and its kernel time per step (baseline, ms), then the GPU's idle share (wall time no kernel
-covers), and the FLOP rate inside the matrix-multiply and attention kernels against the device peak —
-so MFU = Σ (share × rate) over the categories that do the model's FLOPs, and the rest of the gap is
-idle time, memory-bound kernels and the optimizer. Needs CUDA; prints a note and exits 0 without it.
+kernel into a category by its name, and prints harness JSON lines (`harness.measured`): each category's
+share of the step's wall time (its kernel time per step in ``ms_per_step``), the GPU's idle share (wall
+time no kernel covers), and the FLOP rate inside the matrix-multiply and attention kernels as a fraction
+of the device peak — so MFU = Σ (share × rate) over the categories that do the model's FLOPs, and the
+rest of the gap is idle time, memory-bound kernels and the optimizer. A breakdown has no competing
+implementation: each figure's baseline is the whole it is a part of (1.0 = the step's wall time, or the
+peak FLOP/s measured at the model's own GEMM shapes, `hw.peak_flops`), the one fair yardstick, which
+cannot flatter it. One profiled window of `--steps` steps after 5 warm-up steps (rounds = 1). Needs CUDA;
+prints a skip line and exits 0 without it.
 
   python benchmarks/bench_train_profile.py [--width 768] [--depth 12] [--context 1024] [--batch 16]
       [--vocab 50304] [--precision bf16] [--no-compile] [--steps 10] [--strategy none|ddp|fsdp]
@@ -15,7 +19,6 @@ idle time, memory-bound kernels and the optimizer. Needs CUDA; prints a note and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -25,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_strategies import add_shape_args, build_variant, world_of_one_mesh  # noqa: E402
+from harness import emit, measured, skip  # noqa: E402
 
 # first match wins; names are lower-cased kernel names
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
@@ -66,7 +70,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("skipping: bench_train_profile needs a CUDA device", file=sys.stderr)
+        emit(skip("train_profile", "needs a CUDA device"))
         return
     from torch.profiler import ProfilerActivity, profile
 
@@ -122,33 +126,34 @@ def main() -> None:
     tag += f"_t{args.context}_b{args.batch}_v{args.vocab}"
     common = {"device": torch.cuda.get_device_name(), "steps": steps}
 
-    def emit(name: str, value: float, baseline: float, unit: str, **extra) -> None:
-        ratio = value / baseline if baseline else None
-        rec = {
-            "name": f"train_profile_{name}_{tag}",
-            "value": round(value, 4),
-            "baseline": round(baseline, 4),
-        }
-        rec.update(ratio=None if ratio is None else round(ratio, 4), unit=unit, **common, **extra)
-        print(json.dumps(rec))
+    def emit_share(name: str, value: float, unit: str, **extra) -> None:
+        emit(measured(f"train_profile_{name}_{tag}", value, 1.0, unit, **common, **extra))
 
-    emit(
-        "mfu", mfu, 1.0, f"fraction of {peak:.3g} FLOP/s ({source})", step_ms=round(wall_us / steps / 1e3, 2)
-    )
+    emit_share("mfu", mfu, f"fraction of {peak:.3g} FLOP/s ({source})", step_ms=wall_us / steps / 1e3)
     for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
-        emit(f"share_{cat}", us / wall_us, us / steps / 1e3, "fraction of wall time (baseline: ms/step)")
-    emit("share_gpu_idle", idle / wall_us, idle / steps / 1e3, "fraction of wall time (baseline: ms/step)")
+        emit_share(f"share_{cat}", us / wall_us, "fraction of wall time", ms_per_step=us / steps / 1e3)
+    emit_share("share_gpu_idle", idle / wall_us, "fraction of wall time", ms_per_step=idle / steps / 1e3)
     for cat, f in flops.items():
         if per_cat.get(cat):
             rate = f / (per_cat[cat] * 1e-6)
-            emit(f"{cat}_flop_rate", rate / peak, rate / 1e12, "fraction of peak (baseline: TFLOP/s)")
+            emit_share(f"{cat}_flop_rate", rate / peak, "fraction of peak FLOP/s", tflops=rate / 1e12)
     from torch._dynamo.utils import counters
 
     compiled = {"graph_breaks": sum(counters["graph_break"].values()), **dict(counters["stats"])}
-    print(json.dumps({"name": f"train_profile_dynamo_{tag}", **compiled}))
+    emit(
+        measured(
+            f"train_profile_dynamo_graph_breaks_{tag}",
+            compiled["graph_breaks"],
+            0,
+            "graph breaks",
+            **compiled,
+        )
+    )
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
     ms = {f"{category(k)}: {k[:80]}": round(v / steps / 1e3, 3) for k, v in top}
-    print(json.dumps({"name": f"train_profile_top_kernels_{tag}", "kernels_ms_per_step": ms}))
+    emit_share(
+        "top15_kernels", sum(v for _, v in top) / wall_us, "fraction of wall time", kernels_ms_per_step=ms
+    )
     sys.stdout.flush()
 
 

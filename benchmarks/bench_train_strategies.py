@@ -1,14 +1,22 @@
 """One GPU: the trainer under DDP and FSDP (world of one, NCCL) against the same trainer unwrapped.
 
-Prints JSON lines {name, value, baseline, ratio, unit}: tokens/s and MFU of each strategy (value)
-against the single-process trainer on the same model, data and settings (baseline), so the ratio is
-what the wrapper costs on one device (1.0 = nothing). Every variant is built as a run builds it:
-μP/SP groups, `parallelize` and `compile_for_training` (``--compile-scope blocks`` compiles only the
-blocks, for comparison), the trainer with clipping, the divergence guard and the cross-rank metrics
-callback; the unwrapped baseline is compiled whole, as `scalelab train` does for a single process. Each variant runs in a fresh process
-(variants compiled in one process were seen to slow each other: the same unwrapped baseline measured
-25 % apart), the baseline before and after the others (its rounds pooled); min/median/max of each
-variant's rounds are reported (`harness.report`), medians as value and baseline. Needs CUDA; prints a note and exits 0 without it.
+Prints harness JSON lines: tokens per wall second and per CPU second of each strategy (value) against
+the single-process trainer on the same model, data and settings (baseline), so the ratio is what the
+wrapper costs on one device (1.0 = nothing), and the MFU of each. The baseline is the fair one because
+it is the same trainer doing the same arithmetic on the same batches, built as `scalelab train` builds a
+single-process run (compiled whole), with only the wrapper taken away. Every variant is built as a run
+builds it: μP/SP groups, `parallelize` and `compile_for_training` (``--compile-scope blocks`` compiles
+only the blocks, for comparison), the trainer with clipping, the divergence guard and the cross-rank
+metrics callback.
+
+Each variant lives in its own process (variants compiled in one process were seen to slow each other:
+the same unwrapped baseline measured 25 % apart), built and warmed up once (compilation is not what the
+ratio claims) and then asked for one round at a time (`harness.ServedSide`); a round is `--steps`
+trainer steps, device synchronised around, and the process's CPU time over them. The baseline process
+lives throughout; each strategy's process in turn runs beside it (at most two on the device), the sides
+alternating (A B, B A, …) for `--rounds` rounds after one untimed round each (`harness.compare`):
+min/median/max of wall and CPU rates, and the machine load. Needs CUDA; prints a note and exits 0
+without it (``--device cpu`` smoke-tests the script with gloo).
 
   python benchmarks/bench_train_strategies.py [--width 768] [--depth 12] [--context 1024] [--batch 16]
       [--vocab 50304] [--precision bf16] [--no-compile] [--steps 20] [--rounds 3]
@@ -18,9 +26,8 @@ variant's rounds are reported (`harness.report`), medians as value and baseline.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
@@ -122,12 +129,21 @@ def world_of_one_mesh(strategy: str, device: str, batch: int):  # noqa: ANN201
     return init_distributed(train, DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)).mesh
 
 
-def measure_variant(args: argparse.Namespace) -> dict:
-    """{"variant", "rates"}: tokens/s of `args.variant` over `args.rounds` rounds, after a warm-up round."""
+def serve_variant(args: argparse.Namespace) -> None:
+    """This process is `args.variant`: built and warmed up once, then one timed round per request."""
+    from harness import Sample, serve_rounds
+
     torch.backends.cuda.matmul.allow_tf32 = True
     run = build_variant(args.variant, args, world_of_one_mesh(args.variant, args.device, args.batch))
     run()  # warm-up: compilation, allocator, cuBLAS heuristics
-    return {"variant": args.variant, "rates": [run() for _ in range(args.rounds)]}
+    tokens = args.steps * args.batch * args.context
+
+    def one_round() -> Sample:
+        c0 = time.process_time()
+        rate = run()
+        return Sample(tokens, tokens / rate, time.process_time() - c0)
+
+    serve_rounds(one_round)
 
 
 def add_shape_args(ap: argparse.ArgumentParser, steps: int) -> None:
@@ -162,56 +178,69 @@ def main() -> None:
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant, this process
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("skipping: bench_train_strategies needs a CUDA device", file=sys.stderr)
+        from harness import emit, skip
+
+        emit(skip("train_strategies_world1_vs_single", "needs a CUDA device"))
         return
     if args.variant:
-        print(json.dumps(measure_variant(args)))
+        serve_variant(args)
         return
-    from harness import emit, measured, report
+    from harness import Sample, ServedSide, compare, emit, measured
 
     from scalelab.hw import peak_flops, step_gemms
     from scalelab.models.flops import ModelShape
     from scalelab.spec import ModelSpec
 
-    order = ["none", *args.strategies.split(","), "none"]  # the baseline again: drift shows up
-    rates: dict[str, list[float]] = {s: [] for s in order}
-    for s in order:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", s]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rates[s] += json.loads(out.strip().splitlines()[-1])["rates"]
     shape = ModelShape.from_spec(
         ModelSpec(width=args.width, depth=args.depth, n_heads=args.width // 64, context_tokens=args.context),
         args.vocab,
     )
-    gemms = step_gemms(shape, args.batch)
-    peak, source = peak_flops(torch.device(args.device), args.precision, gemms)
+    peak, source = peak_flops(torch.device(args.device), args.precision, step_gemms(shape, args.batch))
     fpt = shape.training_flops_per_token
-    base = rates["none"]
     tag = f"{args.precision}{'' if args.no_compile else '_compiled'}_w{args.width}_d{args.depth}"
     tag += f"_t{args.context}_b{args.batch}_v{args.vocab}"
     tag += "_blocks" if args.compile_scope == "blocks" and not args.no_compile else ""
     tag += "_keepparams" if args.fsdp_keep_params else ""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     common = {"params": shape.total_params, "device": device_name, "peak_flops": peak, "peak_source": source}
-    mfu = [fpt * r / peak for r in base]
+
+    def served(variant: str) -> ServedSide:
+        return ServedSide([sys.executable, __file__, *sys.argv[1:], "--variant", variant])
+
+    base_samples: list[Sample] = []
+    single = served("none")
+
+    def baseline() -> Sample:
+        base_samples.append(single())
+        return base_samples[-1]
+
+    try:
+        for s in args.strategies.split(","):
+            wrapped = served(s)
+            try:
+                result = compare(
+                    f"train_{s}_world1_vs_single_tokens_per_second_{tag}",
+                    wrapped,
+                    baseline,
+                    "tokens/s",
+                    rounds=args.rounds,
+                    warmup=True,
+                    baseline_name="the same trainer unwrapped, compiled whole, in its own process",
+                    **common,
+                )
+            finally:
+                wrapped.close()
+            result["mfu_median"] = fpt * result["value"] / peak
+            result["baseline_mfu_median"] = fpt * result["baseline"] / peak
+            emit(result)
+    finally:
+        single.close()
+    mfu = [fpt * b.work / b.wall / peak for b in base_samples]
     emit(
         measured(
             f"train_mfu_single_{tag}", median(mfu), 1.0, "fraction of peak FLOP/s", rounds_mfu=mfu, **common
         )
     )
-    for s in order[1:-1]:
-        emit(
-            report(
-                f"train_{s}_world1_vs_single_tokens_per_second_{tag}",
-                rates[s],
-                base,
-                "tokens/s",
-                baseline_name="the same trainer unwrapped (rounds before and after)",
-                mfu_median=fpt * median(rates[s]) / peak,
-                baseline_mfu_median=fpt * median(base) / peak,
-                **common,
-            )
-        )
     sys.stdout.flush()
 
 

@@ -6,6 +6,8 @@ paired wall ratios' spread ((max − min) / median) is within `spread` or `max_r
 change in the machine's load hits both sides. Rates are work per wall second and work per CPU second
 (`cpu_seconds`: this process, its waited-for children and its live descendants). Where start-up matters a
 side is `fresh_process(argv)`: the command runs in a new interpreter and the parent times all of it.
+Where start-up is not what is claimed but the sides must not share a process, a side is a long-lived
+child asked for one round at a time (`ServedSide` + `serve_rounds`, or `SpawnedGroup` for W ranks).
 
 `emit` prints one JSON line per result —
   {name, value, baseline, ratio, unit, rounds, cpu_ratio, load, higher_is_better,
@@ -161,6 +163,93 @@ def side_in_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -
     return run
 
 
+class SpawnedGroup:
+    """`world` spawned processes that live across rounds (start-up and connection set-up are not what is
+    measured): ``target(rank, world, store_path, go, replies, *args)`` loops on ``go.get()`` until it gets
+    None, putting one ``(rank, ...)`` reply on `replies` per message. Calling the group sends `message` to
+    every rank and returns the replies sorted by rank."""
+
+    def __init__(self, target: Callable[..., None], world: int, *args: Any) -> None:
+        import multiprocessing as mp
+        import tempfile
+
+        ctx = mp.get_context("spawn")
+        self.replies = ctx.Queue()
+        self.go = [ctx.Queue() for _ in range(world)]
+        store = os.path.join(tempfile.mkdtemp(prefix="scalelab-bench-"), "store")
+        self.procs = [
+            ctx.Process(target=target, args=(r, world, store, self.go[r], self.replies, *args))
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def __call__(self, message: Any = True, timeout: float = 900) -> list[tuple]:
+        import queue
+
+        for g in self.go:
+            g.put(message)
+        got: list[tuple] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.go):
+            try:
+                got.append(self.replies.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close(kill=True)
+                    why = f"rank exited with {dead[0].exitcode}" if dead else f"no reply in {timeout:g} s"
+                    raise SystemExit(f"spawned group: {why}") from None
+        return sorted(got)
+
+    def close(self, kill: bool = False) -> None:
+        for g in self.go:
+            g.put(None)
+        for p in self.procs:
+            if kill:
+                p.kill()
+            p.join()
+
+
+class ServedSide:
+    """A side served by one long-lived child process (`serve_rounds` at its end): built once, so its
+    set-up (compilation, warm-up) stays out of the rounds and out of the other sides' processes; each
+    call asks the child for one round and reads back the Sample it timed."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(
+            self.argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._read()  # the child's "ready" line: built and warmed up
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise SystemExit(f"{' '.join(self.argv)} exited with {self.proc.wait()}")
+
+    def __call__(self) -> Sample:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        got = self._read()
+        return Sample(float(got["work"]), float(got["wall"]), float(got["cpu"]))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+def serve_rounds(one_round: Side) -> None:
+    """The child's end of `ServedSide`: says it is ready, then runs and prints one round per stdin line."""
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        print_sample(one_round())
+
+
 def print_sample(sample: Sample) -> None:
     """The last stdout line of a `side_in_subprocess` child."""
     print(json.dumps({"work": sample.work, "wall": sample.wall, "cpu": sample.cpu}), flush=True)
@@ -264,20 +353,53 @@ def report(
     return out | extra
 
 
-def measured(name: str, value: float, baseline: float | None, unit: str, **extra: Any) -> dict[str, Any]:
-    """The result of one measured figure that is not a rate over rounds (a size, an error, a memory peak)."""
-    ratio = value / baseline if baseline else float("nan")
-    return {
+def measured(
+    name: str,
+    value: float,
+    baseline: float | None,
+    unit: str,
+    *,
+    values: Sequence[float] = (),
+    baselines: Sequence[float] = (),
+    higher_is_better: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The result of a figure that is not a rate over interleaved rounds (a size, an error, a count, a
+    memory peak, a time measured once): `values` / `baselines` are its rounds where it has several
+    (min/median/max of those, else of the one figure); `cpu_ratio` is None (no CPU time was compared)."""
+    vs = list(values) or [value]
+    bs = list(baselines) or ([] if baseline is None else [baseline])
+    out: dict[str, Any] = {
         "name": name,
         "value": value,
         "baseline": baseline,
-        "ratio": ratio,
+        "ratio": value / baseline if baseline else float("nan"),
         "unit": unit,
-        "rounds": 1,
+        "rounds": len(vs),
+        "cpu_ratio": None,
         "load": [load()],
         "cpus": os.cpu_count(),
-        **extra,
+        "higher_is_better": higher_is_better,
+        **min_median_max("value", vs),
     }
+    if bs:
+        out |= min_median_max("baseline", bs)
+    return out | extra
+
+
+#: the fields every result line carries (`missing_fields`); `skip` lines carry name, skipped and load
+FIELDS = ("name", "value", "baseline", "ratio", "unit", "rounds", "cpu_ratio", "load")
+FIELDS += tuple(f"{k}_{s}" for k in ("value", "baseline") for s in ("min", "median", "max"))
+
+
+def missing_fields(result: dict[str, Any]) -> list[str]:
+    """The harness fields `result` lacks (a figure without a baseline lacks only the baseline range)."""
+    if "skipped" in result or "failed" in result:
+        return [f for f in ("name", "load") if f not in result and "failed" not in result]
+    optional = (
+        {f"baseline_{s}" for s in ("min", "median", "max")} if result.get("baseline") is None else set()
+    )
+    return [f for f in FIELDS if f not in result and f not in optional]
 
 
 def skip(name: str, reason: str) -> dict[str, Any]:

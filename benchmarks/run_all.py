@@ -1,7 +1,8 @@
 """Runs every benchmarks/bench_*.py and writes one table of their results (`make bench`).
 
 Each benchmark runs in its own process with a time limit; every JSON line it prints with a "name" is a
-result (see `harness.py`). Writes <out>/results.json (all lines, plus failures) and <out>/results.md.
+result (see `harness.py`); a result lacking one of the harness fields (`harness.FIELDS`) is named so in
+the table and on stderr. Writes <out>/results.json (all lines, plus failures) and <out>/results.md.
 
     .venv/bin/python benchmarks/run_all.py --out bench [--only data_loader,data_ingest] [--timeout 900]
 """
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import here, load
+from harness import here, load, missing_fields
 
 
 def parse_results(stdout: str) -> list[dict[str, Any]]:
@@ -74,8 +75,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ratio = _fmt(r.get("ratio"))
         if r.get("higher_is_better") is False:
             ratio += " (lower is better)"
+        missing = missing_fields(r)
+        name = f"{r['name']} (lacks {', '.join(missing)})" if missing else r["name"]
         out.append(
-            f"| {r['bench']} | {r['name']} | {_range(r, 'value') or _fmt(r.get('value'))} "
+            f"| {r['bench']} | {name} | {_range(r, 'value') or _fmt(r.get('value'))} "
             f"| {_range(r, 'baseline') or _fmt(r.get('baseline'))} | {r.get('unit', '')} | {ratio} "
             f"| {_fmt(r.get('cpu_ratio'))} | {_fmt(r.get('rounds'))} | {load_s} |"
         )
@@ -119,6 +122,8 @@ def main() -> None:
         for row in found:
             row["bench"] = bench
             row["bench_seconds"] = seconds
+            if missing := missing_fields(row):
+                print(f"{script.name}: {row['name']} lacks {', '.join(missing)}", file=sys.stderr)
             print(json.dumps(row, default=str), flush=True)
         rows.extend(found)
     meta["load_after"] = load()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -121,3 +122,17 @@ def test_prefetch_thread_order_and_error():
     assert [next(t) for _ in range(3)] == [1, 2, 3]
     with pytest.raises(KeyError):
         next(t)
+
+
+def test_dropped_prefetch_thread_stops_its_thread():
+    def prefetching() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "scalelab-prefetch"]
+
+    before = prefetching()
+    t = PrefetchThread(lambda k: k, 0, 2)
+    assert next(t) == 0
+    (started,) = [x for x in prefetching() if x not in before]
+    del t
+    gc.collect()
+    started.join(timeout=5)
+    assert not started.is_alive()

@@ -592,28 +592,49 @@ def report(
 
 
 # -------------------------------------------------------------------------------- mounted modules
-def _mount_optional() -> None:
-    """Sub-commands owned by other modules; each module registers its own (`app` sub-apps or `register`)."""
+_GROUPS = (("scalelab.data.commands", "data"), ("scalelab.transfer.commands", "transfer"))
+_REGISTERING = (
+    "scalelab.fit.commands",
+    "scalelab.serve.commands",
+    "scalelab.train.commands",
+    "scalelab.export.commands",
+)
+
+
+def _mount_optional(only: str | None = None) -> None:
+    """Sub-commands owned by other modules; each module registers its own (`app` sub-apps or `register`).
+
+    With `only` (a sub-app's name), just that sub-app: a command line under it needs no other module,
+    and typer then builds no other command (~0.1 s of each `scalelab data …` process)."""
     import importlib
 
-    for module, name in (("scalelab.data.commands", "data"), ("scalelab.transfer.commands", "transfer")):
+    for module, name in _GROUPS:
+        if only not in (None, name):
+            continue
         try:
             app.add_typer(importlib.import_module(module).app, name=name)
         except (ImportError, AttributeError) as err:  # pragma: no cover - a module still being built
             logging.getLogger(__name__).debug("%s commands unavailable: %s", name, err)
-    for module in (
-        "scalelab.fit.commands",
-        "scalelab.serve.commands",
-        "scalelab.train.commands",
-        "scalelab.export.commands",
-    ):
+    for module in _REGISTERING if only is None else ():
         try:
             importlib.import_module(module).register(app)
         except (ImportError, AttributeError) as err:  # pragma: no cover
             logging.getLogger(__name__).debug("%s unavailable: %s", module, err)
 
 
-_mount_optional()
+def _group_on_command_line() -> str | None:
+    """The mounted sub-app this process's command line runs, when this process is the `scalelab`
+    command (``python -m scalelab`` or the console script) and its first word names one; else None
+    (importers such as tests get every command)."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    as_command = (main_spec is not None and main_spec.name == "scalelab.__main__") or (
+        Path(sys.argv[0]).name == "scalelab"
+    )
+    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    return first if as_command and first in {name for _, name in _GROUPS} else None
+
+
+_mount_optional(_group_on_command_line())
 
 
 INTERRUPTED = "interrupted; re-run the same command to continue where it stopped"
@@ -629,9 +650,21 @@ def _from_ctrl_c(err: BaseException) -> bool:
     return False
 
 
+def _console_script_is_package_main() -> None:
+    """The `scalelab` console script is ``python -m scalelab``: say so on its ``__main__`` module, as
+    ``-m`` does. Otherwise every spawn or forkserver child (each ingest or stats worker) re-runs the
+    script on start, importing this whole CLI (~0.2 CPU-s each) for nothing it uses."""
+    main_module = sys.modules.get("__main__")
+    if getattr(main_module, "__spec__", True) is None and Path(sys.argv[0]).name == "scalelab":
+        import importlib.util
+
+        main_module.__spec__ = importlib.util.find_spec("scalelab.__main__")  # type: ignore[union-attr]
+
+
 def main() -> None:
     """Entry point: run the app; expected errors become one paragraph and exit code 2, Ctrl-C says how to
     continue and exits 130."""
+    _console_script_is_package_main()
     try:
         app()
     except ScalelabError as err:
