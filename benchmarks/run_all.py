@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import here, load, missing_fields
+from harness import here, load, missing_fields, skip
 
 
 def parse_results(stdout: str) -> list[dict[str, Any]]:
@@ -111,7 +111,7 @@ def main() -> None:
             found = parse_results(proc.stdout)
             if not found and not proc.returncode:  # e.g. a CUDA-only benchmark on a CPU machine
                 why = proc.stderr.strip().splitlines()[-1:] or ["printed no result"]
-                found.append({"name": script.stem, "skipped": why[0]})
+                found.append(skip(script.stem, why[0]))
             if proc.returncode:
                 tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
                 found.append({"name": script.stem, "failed": tail[0]})
