@@ -121,11 +121,20 @@ class FitReport:
 
     def save(self, path: str | Path) -> Path:
         """Write fit.json atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        if not path.name or path.is_dir():
-            raise FitError(f"--out {str(path)!r}: a directory, not a file; give a file path such as fit.json")
+        path = check_output_path(path)
         atomic_write_text(path, self.to_json())
         return path
+
+
+def check_output_path(path: str | Path) -> Path:
+    """`path` as a place for fit.json, or a FitError naming --out (checked before a fit, and at saving)."""
+    path = Path(path)
+    if not path.name or path.is_dir():
+        raise FitError(f"--out {str(path)!r}: a directory, not a file; give a file path such as fit.json")
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise FitError(f"--out {str(path)!r}: {str(folder)!r} is a file, not a folder; give a path in a folder")
+    return path
 
 
 def check_prediction(law: Any, n: float, d: float, actual: float) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -247,12 +248,16 @@ def register(app: typer.Typer) -> None:
             raise FitError(f"--bootstrap must be >= 0, got {bootstrap}")
         if bootstrap is None and not source.is_dir():
             bootstrap = 1000
+        from scalelab.fit.api import check_output_path
         from scalelab.fit.progress import reporting
 
+        if out is not None:
+            check_output_path(out)  # before the fit's seconds, not after them
         console = Console()
         err = Console(stderr=True)
-        view = FitProgressView(err, live=err.is_terminal and console.is_terminal and not json_)
-        with view, reporting(view):
+        # --json: a machine reads the output, so no progress at all; else a bar on a terminal, lines otherwise
+        view = None if json_ else FitProgressView(err, live=err.is_terminal and console.is_terminal)
+        with view or contextlib.nullcontext(), reporting(view):
             rep = fit_source(
                 source,
                 law=law or None,
