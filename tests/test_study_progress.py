@@ -3,10 +3,12 @@ store) and an overall ETA from forecasts corrected by actual run times."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,33 @@ def test_study_run_log_says_what_it_does_and_the_study_eta(tmp_path: Path, tiny_
     )
     assert re.fullmatch(r"[0-9a-f]{12}: done in [\d.]+ s · 2/2 · study ETA 0s", lines[5]), lines[5]
     assert lines[6].startswith("done: 2 trained, 0 skipped, 0 not done")
+
+
+def test_ctrl_c_on_study_run_says_how_to_continue(tmp_path: Path, tiny_corpus: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole foreground group (driver and training children): the driver
+    stops its runs, says how to continue and exits 130, without a traceback."""
+    import signal
+
+    spec = tmp_path / "study.toml"
+    spec.write_text(STUDY.format(corpus=tiny_corpus).replace("tokens = 1024", "tokens = 4000000"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalelab", "study", "run", str(spec), "--out", str(tmp_path / "s")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job has
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the first run is training
+            if line.startswith("token store ready"):
+                break
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "interrupted; re-run the same command to continue where it stopped" in err
+    assert "Traceback" not in err
