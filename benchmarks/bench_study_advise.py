@@ -45,7 +45,7 @@ from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from harness import cpu_seconds, emit, load  # noqa: E402
+from harness import cpu_seconds, emit, load, measured  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from scalelab.errors import FitError  # noqa: E402
@@ -99,13 +99,12 @@ def measure(name: str, trial: Callable[[int], Trial | None], seeds: range, jobs:
         everything = [trial(seed) for seed in seeds]
     trials = [t for t in everything if t is not None]
     rate = win_rate(trials)
-    result = {
-        "name": f"study advise: top pick beats the median candidate per FLOP, {name}",
-        "value": rate["win_rate"],
-        "baseline": rate["random_pick_win_rate"],
-        "ratio": rate["win_rate"] / rate["random_pick_win_rate"] if rate["random_pick_win_rate"] else None,
-        "unit": "fraction of studies",
-        "higher_is_better": True,
+    result = measured(
+        f"study advise: top pick beats the median candidate per FLOP, {name}",
+        rate["win_rate"],
+        rate["random_pick_win_rate"],
+        "fraction of studies",
+    ) | {
         "studies": rate["studies"],
         "declined": len(everything) - len(trials),
         "seeds": f"{seeds.start}..{seeds.stop - 1}",
@@ -128,12 +127,13 @@ def measure_sample_size(n: int, jobs: int = 1) -> dict:
     ratios = np.array([r["ratios"] for r in results])  # (studies, draws)
     means = ratios.mean(axis=1)
     within = np.abs(ratios - 1) <= 0.25
-    result = {
-        "name": "study advise --width: reached / asked half-width after following the answer, simulated",
-        "value": float(np.median(ratios)),
-        "baseline": 1.0,
-        "ratio": float(np.median(ratios)),
-        "unit": "median ratio over all draws (1 = exactly the width asked for)",
+    result = measured(
+        "study advise --width: reached / asked half-width after following the answer, simulated",
+        float(np.median(ratios)),
+        1.0,
+        "median ratio over all draws (1 = exactly the width asked for)",
+        values=[float(x) for x in ratios.ravel()],  # min/median/max over every draw
+    ) | {
         "studies": n,
         "reachable": len(results),
         "draws_per_study": int(ratios.shape[1]),
