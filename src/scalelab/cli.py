@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import scalelab
 from scalelab.cli_study import study_advise
 from scalelab.errors import ScalelabError
-from scalelab.units import binary_bytes, duration, energy, flops, si
+from scalelab.units import duration, energy, flops, si
 
 console = Console()
 err_console = Console(stderr=True)
@@ -79,9 +79,6 @@ def _root(
 
 def _fmt_int(x: Any) -> str:
     return si(x) if x is None or abs(float(x)) >= 1000 else f"{float(x):.0f}"
-
-
-_fmt_bytes = binary_bytes
 
 
 def _fmt_float(x: Any, spec: str = ".4f") -> str:
